@@ -1,0 +1,97 @@
+"""The ``zkgate`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from dispatcher.zk.engine import Engine, EngineConfig
+from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER
+from dispatcher.zk.server import ServerLimits, ZooKeeperServer, parse_listen
+from dispatcher.zk.store import TreeStore
+
+log = logging.getLogger("zkgate")
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_RUNTIME = 1
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "zkgate"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zkgate",
+        description="A ZooKeeper-compatible service-registry gateway.",
+    )
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the ZooKeeper protocol on the embedded tree",
+        description="Serve the ZooKeeper wire protocol. With no registry configured, "
+        "zkgate is a single-node ZooKeeper-compatible registry on a durable embedded tree.",
+    )
+    serve.add_argument("--listen", default="127.0.0.1:2181", metavar="HOST:PORT",
+                       help="address of the ZooKeeper port (default: %(default)s)")
+    serve.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                       help="where the embedded tree is kept (default: $XDG_DATA_HOME/zkgate)")
+    serve.add_argument("--tick-ms", type=int, default=2000, metavar="MS",
+                       help="ZooKeeper's tickTime; session timeouts are clamped to "
+                       "2x..20x of it (default: %(default)s)")
+    serve.add_argument("--max-buffer", type=int, default=DEFAULT_MAX_BUFFER, metavar="BYTES",
+                       help="largest frame accepted, as jute.maxbuffer (default: %(default)s)")
+    serve.add_argument("--super-digest", default=None, metavar="USER:BASE64SHA1",
+                       help="digest id allowed everything, as ZooKeeper's superDigest")
+    return parser
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    host, port = parse_listen(args.listen)
+    data_dir = args.data_dir or _default_data_dir()
+    store = TreeStore(data_dir)
+    try:
+        engine = Engine(store, EngineConfig(tick_ms=args.tick_ms, super_digest=args.super_digest))
+        server = ZooKeeperServer(
+            engine,
+            ServerLimits(max_buffer=args.max_buffer),
+            settings={"dataDir": data_dir, "clientPortAddress": host,
+                      "jute.maxbuffer": args.max_buffer},
+        )
+        await server.serve(host, port)
+    finally:
+        store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "serve":
+        try:
+            parse_listen(args.listen)
+        except ValueError as exc:
+            parser.error(f"--listen: {exc}")
+        try:
+            trio.run(_serve, args)
+        except KeyboardInterrupt:
+            return EXIT_OK
+        except OSError as exc:
+            log.error("cannot serve: %s", exc)
+            return EXIT_RUNTIME
+    return EXIT_OK

@@ -1,0 +1,102 @@
+"""Sans-I/O framing of one ZooKeeper server connection.
+
+Bytes go in with :meth:`ServerConnection.receive_data`; typed events come out
+of :meth:`ServerConnection.next_event`. No sockets, no trio: the server around
+it owns those. The first frame of a connection is a ConnectRequest, unless its
+first four bytes spell a four-letter word, in which case that word is the whole
+conversation.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import attrs
+
+from dispatcher.zk.jute import DecodeError, Reader
+from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER
+from dispatcher.zk.records import ConnectRequest
+
+_LENGTH = struct.Struct(">i")
+_HEADER = struct.Struct(">ii")
+
+#: Every four-letter word ZooKeeper 3.8 knows; anything else is a frame length.
+FOUR_LETTER_WORDS = frozenset({
+    "conf", "cons", "crst", "dirs", "dump", "envi", "gtmk", "hash", "isro", "mntr",
+    "ruok", "srst", "srvr", "stat", "stmk", "wchc", "wchp", "wchs",
+})  # fmt: skip
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection must close."""
+
+
+@attrs.frozen
+class FourLetterWord:
+    word: str
+
+
+@attrs.frozen
+class ConnectRequested:
+    request: ConnectRequest
+
+
+@attrs.frozen
+class RequestReceived:
+    xid: int
+    opcode: int
+    body: bytes
+
+
+Event = FourLetterWord | ConnectRequested | RequestReceived
+
+
+class ServerConnection:
+    """Turns a byte stream from a client into events, one frame at a time."""
+
+    def __init__(self, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+        self.max_buffer = max_buffer
+        self._buffer = bytearray()
+        self._offset = 0
+        self._connected = False
+        self._finished = False
+
+    def receive_data(self, data: bytes) -> None:
+        if self._offset:
+            del self._buffer[: self._offset]
+            self._offset = 0
+        self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer) - self._offset
+
+    def next_event(self) -> Event | None:
+        """The next complete event, or None until more bytes arrive."""
+        if self._finished:
+            return None
+        buf, start = self._buffer, self._offset
+        if len(buf) - start < 4:
+            return None
+        if not self._connected:
+            word = bytes(buf[start : start + 4])
+            if word.isascii() and word.decode("ascii") in FOUR_LETTER_WORDS:
+                self._finished = True
+                return FourLetterWord(word.decode("ascii"))
+        (length,) = _LENGTH.unpack_from(buf, start)
+        if length < 0 or length > self.max_buffer:
+            raise ProtocolError(f"frame length {length} outside 0..{self.max_buffer}")
+        end = start + 4 + length
+        if len(buf) < end:
+            return None
+        self._offset = end
+        if not self._connected:
+            self._connected = True
+            try:
+                return ConnectRequested(ConnectRequest.read(Reader(bytes(buf[start + 4 : end]))))
+            except DecodeError as exc:
+                raise ProtocolError(f"undecodable ConnectRequest: {exc}") from exc
+        if length < _HEADER.size:
+            raise ProtocolError(f"frame of {length} bytes is shorter than a request header")
+        xid, opcode = _HEADER.unpack_from(buf, start + 4)
+        return RequestReceived(xid, opcode, bytes(buf[start + 12 : end]))

@@ -1,0 +1,637 @@
+"""The ZooKeeper request processor of the embedded tree.
+
+The engine is ZooKeeper's PrepRequestProcessor and FinalRequestProcessor in
+one synchronous object: a decoded request goes in, reply bytes come out
+through the client's :class:`Peer`, and watch events go out to every other
+peer they concern before the writer's own reply. Being synchronous is the
+ordering guarantee: no other request runs between applying a write,
+committing it to disk, firing its watches and answering it, so every read
+that follows sees the write and every watcher hears of it first.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+
+from dispatcher.zk import acl as acls
+from dispatcher.zk.jute import DecodeError, Reader, Writer
+from dispatcher.zk.paths import InvalidPath, validate_path
+from dispatcher.zk.protocol import (
+    XID_NOTIFICATION,
+    CreateMode,
+    Err,
+    EventType,
+    KeeperState,
+    OpCode,
+    Perm,
+)
+from dispatcher.zk.records import (
+    ACL,
+    REQUESTS,
+    AuthPacket,
+    ConnectRequest,
+    ConnectResponse,
+    Create2Response,
+    CreateRequest,
+    CreateResponse,
+    CreateTTLRequest,
+    DeleteRequest,
+    EmptyResult,
+    ErrorResult,
+    GetACLResponse,
+    Id,
+    MultiRequest,
+    MultiResponse,
+    PathRequest,
+    PathResponse,
+    PathWatchRequest,
+    Record,
+    SetACLRequest,
+    SetDataRequest,
+    SetWatches,
+    SetWatches2,
+    StatResponse,
+    WatcherEvent,
+    encode,
+)
+from dispatcher.zk.sessions import Session, SessionTable
+from dispatcher.zk.stats import ServerStats
+from dispatcher.zk.store import TreeStore
+from dispatcher.zk.tree import CONTAINER_OWNER, DataTree, Trigger, Txn, Znode
+from dispatcher.zk.watches import Mode, WatchManager
+
+log = logging.getLogger(__name__)
+
+_FRAMED_HEADER = struct.Struct(">iiqi")
+_SPECIAL_PATHS = frozenset({"/", "/zookeeper", "/zookeeper/quota", "/zookeeper/config"})
+
+
+class Peer(Protocol):
+    """Where the engine's bytes for one connection go."""
+
+    remote_ip: str
+    remote: str
+
+    def send(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@attrs.frozen
+class EngineConfig:
+    tick_ms: int = 2000
+    min_session_timeout_ms: int | None = None
+    max_session_timeout_ms: int | None = None
+    super_digest: str | None = None
+
+    @property
+    def min_timeout(self) -> int:
+        return self.min_session_timeout_ms or 2 * self.tick_ms
+
+    @property
+    def max_timeout(self) -> int:
+        return self.max_session_timeout_ms or 20 * self.tick_ms
+
+
+@attrs.define(eq=False)
+class Client:
+    """One connection's ZooKeeper state: its session, its auth, its counters."""
+
+    peer: Peer
+    session: Session
+    auth: list[Id]
+    connected_at: float
+    received: int = 0
+    sent: int = 0
+    last_zxid: int = 0
+    last_op: str = "NA"
+    closed: bool = False
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+class ZkError(Exception):
+    def __init__(self, err: Err) -> None:
+        super().__init__(err.name)
+        self.err = err
+
+
+def frame(xid: int, zxid: int, err: int, body: bytes = b"") -> bytes:
+    return _FRAMED_HEADER.pack(16 + len(body), xid, zxid, err) + body
+
+
+class Engine:
+    """Sessions, tree, watches and durability behind the ZooKeeper protocol."""
+
+    def __init__(
+        self,
+        store: TreeStore,
+        config: EngineConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.store = store
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.tree = DataTree()
+        loaded = store.load(self.tree)
+        # zxid epochs, as ZooKeeper's: each boot starts above everything before.
+        self.zxid = store.boot << 32
+        self.sessions = SessionTable(store.boot, self.config.min_timeout, self.config.max_timeout)
+        self.watches = WatchManager()
+        self.stats = ServerStats()
+        self.clients: set[Client] = set()
+        self.started = wall_clock()
+        log.info("tree loaded: %d znodes from disk, boot %d", loaded, store.boot)
+        self._expire_orphaned_ephemerals()
+        self._handlers: dict[int, Callable[[Client, int, Record], None]] = {
+            OpCode.GET_DATA: self._get_data,  # type: ignore[dict-item]
+            OpCode.EXISTS: self._exists,  # type: ignore[dict-item]
+            OpCode.GET_CHILDREN: self._get_children,  # type: ignore[dict-item]
+            OpCode.GET_CHILDREN2: self._get_children2,  # type: ignore[dict-item]
+            OpCode.GET_ACL: self._get_acl,  # type: ignore[dict-item]
+            OpCode.SYNC: self._sync,  # type: ignore[dict-item]
+            OpCode.SET_WATCHES: self._set_watches,  # type: ignore[dict-item]
+            OpCode.SET_WATCHES2: self._set_watches,  # type: ignore[dict-item]
+            OpCode.AUTH: self._auth,  # type: ignore[dict-item]
+            OpCode.MULTI: self._multi,  # type: ignore[dict-item]
+        }
+        self._writes: dict[int, Callable[[Txn, Client, int, Record], Record | None]] = {
+            OpCode.CREATE: self._create,  # type: ignore[dict-item]
+            OpCode.CREATE2: self._create,  # type: ignore[dict-item]
+            OpCode.CREATE_CONTAINER: self._create,  # type: ignore[dict-item]
+            OpCode.CREATE_TTL: self._create,  # type: ignore[dict-item]
+            OpCode.DELETE: self._delete,  # type: ignore[dict-item]
+            OpCode.SET_DATA: self._set_data,  # type: ignore[dict-item]
+            OpCode.SET_ACL: self._set_acl,  # type: ignore[dict-item]
+            OpCode.CHECK: self._check,  # type: ignore[dict-item]
+        }
+
+    # --- sessions ---------------------------------------------------------------
+
+    def _expire_orphaned_ephemerals(self) -> None:
+        """Sessions never survive a restart; their ephemerals go, as after a failover."""
+        for owner in sorted(self.tree.ephemerals):
+            self._close_session_txn(owner)
+
+    def connect(self, peer: Peer, request: ConnectRequest) -> Client | None:
+        """Open or resume a session; None when the connection must close."""
+        now = self.clock()
+        if request.last_zxid_seen > self.zxid:
+            log.warning(
+                "refusing session for %s: it has seen zxid 0x%x, ours is 0x%x",
+                peer.remote, request.last_zxid_seen, self.zxid,
+            )
+            peer.close()
+            return None
+        if request.session_id == 0:
+            session = self.sessions.create(request.timeout, now)
+            self.zxid += 1  # createSession is a transaction in ZooKeeper too
+            log.info("session 0x%x opened for %s, timeout %d ms",
+                     session.id, peer.remote, session.timeout_ms)
+        else:
+            session = self.sessions.get(request.session_id)  # type: ignore[assignment]
+            if session is None or session.passwd != request.passwd or session.closing:
+                log.info("session 0x%x refused to %s: expired or wrong password",
+                         request.session_id, peer.remote)
+                self._send_connect(peer, request, ConnectResponse(0, 0, 0, bytes(16)))
+                peer.close()
+                return None
+            session.timeout_ms = self.sessions.negotiate(request.timeout)
+            self.sessions.touch(session, now)
+            stale = session.client
+            if isinstance(stale, Client):
+                log.info("session 0x%x moved to %s; closing its old connection",
+                         session.id, peer.remote)
+                self.disconnect(stale)
+                stale.peer.close()
+            log.info("session 0x%x resumed by %s", session.id, peer.remote)
+        client = Client(peer, session, [Id("ip", peer.remote_ip)], now)
+        session.client = client
+        self.clients.add(client)
+        self._send_connect(
+            peer, request, ConnectResponse(0, session.timeout_ms, session.id, session.passwd)
+        )
+        return client
+
+    def _send_connect(self, peer: Peer, request: ConnectRequest, response: ConnectResponse) -> None:
+        # ZooKeeper 3.8 always appends the readOnly flag; clients that predate it
+        # read a length-prefixed frame and ignore what they do not know.
+        body = encode(attrs.evolve(response, read_only=False))
+        peer.send(struct.pack(">i", len(body)) + body)
+        self.stats.packets_sent += 1
+
+    def disconnect(self, client: Client) -> None:
+        """The connection is gone; the session waits for its timeout."""
+        if client.closed:
+            return
+        client.closed = True
+        self.clients.discard(client)
+        self.watches.drop_watcher(client)
+        if client.session.client is client:
+            client.session.client = None
+
+    def expire_sessions(self) -> int:
+        """Expire every session whose deadline passed; returns how many."""
+        expired = self.sessions.expired(self.clock())
+        for session in expired:
+            log.info("session 0x%x expired", session.id)
+            self._end_session(session)
+            if isinstance(session.client, Client):
+                self._lose(session.client)
+        return len(expired)
+
+    def _end_session(self, session: Session) -> int:
+        """Delete the session and its ephemerals; returns the closeSession zxid."""
+        session.closing = True
+        zxid = self._close_session_txn(session.id)
+        self.sessions.remove(session)
+        return zxid
+
+    def _close_session_txn(self, session_id: int) -> int:
+        self.zxid += 1
+        txn = Txn(self.tree, self.zxid, self._now_ms())
+        for path in sorted(self.tree.ephemerals.get(session_id, ()), reverse=True):
+            txn.delete(path)
+        self._commit(txn)
+        return txn.zxid
+
+    def _now_ms(self) -> int:
+        return int(self.wall_clock() * 1000)
+
+    # --- requests ---------------------------------------------------------------
+
+    def handle(self, client: Client, xid: int, opcode: int, body: memoryview | bytes) -> None:
+        """Answer one request; raises :class:`DecodeError` for an undecodable one."""
+        started = self.clock()
+        client.received += 1
+        self.stats.packets_received += 1
+        self.sessions.touch(client.session, started)
+        if opcode == OpCode.PING:
+            self._reply(client, xid, Err.OK)
+        elif opcode == OpCode.CLOSE_SESSION:
+            self._close_session(client, xid)
+        else:
+            record_type = REQUESTS.get(opcode)
+            handler = self._handlers.get(opcode)
+            write = self._writes.get(opcode)
+            if record_type is None or (handler is None and write is None):
+                self._unimplemented(client, xid, opcode)
+                return
+            if opcode == OpCode.CHECK:
+                # ZooKeeper 3.8 accepts check only inside a multi: alone, its
+                # reply fails to serialize and the server drops the connection.
+                log.warning("check outside multi from %s; closing, as ZooKeeper does",
+                            client.peer.remote)
+                self.zxid += 1
+                self._lose(client)
+                return
+            record = record_type.read(Reader(body))
+            if handler is not None:
+                handler(client, xid, record)
+            else:
+                self._single_write(client, xid, opcode, record, write)  # type: ignore[arg-type]
+            client.last_op = OpCode(opcode).name
+        self.stats.record_latency((self.clock() - started) * 1000)
+
+    def _reply(self, client: Client, xid: int, err: Err, body: bytes = b"", zxid: int = -2) -> None:
+        if zxid == -2:
+            zxid = self.zxid
+        client.peer.send(frame(xid, zxid, err, body))
+        client.sent += 1
+        client.last_zxid = zxid
+        self.stats.packets_sent += 1
+
+    def _unimplemented(self, client: Client, xid: int, opcode: int) -> None:
+        log.warning("unknown opcode %d from %s; closing, as ZooKeeper does", opcode,
+                    client.peer.remote)
+        self._reply(client, xid, Err.UNIMPLEMENTED, zxid=-1)
+        self._lose(client)
+
+    def _lose(self, client: Client) -> None:
+        self.disconnect(client)
+        client.peer.close()
+
+    def _close_session(self, client: Client, xid: int) -> None:
+        log.info("session 0x%x closed by its client", client.session.id)
+        zxid = self._end_session(client.session)
+        self._reply(client, xid, Err.OK, zxid=zxid)
+        self._lose(client)
+
+    def _can(self, client: Client, node: Znode, perm: Perm) -> bool:
+        return acls.allowed(node.acl, perm, client.auth)
+
+    def _node_for_read(self, client: Client, path: str, perm: Perm) -> Znode:
+        node = self.tree.get(path)
+        if node is None:
+            raise ZkError(Err.NONODE)
+        if not self._can(client, node, perm):
+            raise ZkError(Err.NOAUTH)
+        return node
+
+    # --- reads ------------------------------------------------------------------
+
+    def _get_data(self, client: Client, xid: int, req: PathWatchRequest) -> None:
+        node = self.tree.get(req.path)
+        if node is None:
+            return self._reply(client, xid, Err.NONODE)
+        if not self._can(client, node, Perm.READ):
+            return self._reply(client, xid, Err.NOAUTH)
+        if req.watch:
+            self.watches.data.add(req.path, client)
+        self._reply(client, xid, Err.OK, node.data_body())
+
+    def _exists(self, client: Client, xid: int, req: PathWatchRequest) -> None:
+        node = self.tree.get(req.path)
+        if req.watch:
+            self.watches.data.add(req.path, client)
+        if node is None:
+            return self._reply(client, xid, Err.NONODE)
+        self._reply(client, xid, Err.OK, node.stat_bytes())
+
+    def _get_children(self, client: Client, xid: int, req: PathWatchRequest) -> None:
+        node = self._children_of(client, xid, req)
+        if node is not None:
+            self._reply(client, xid, Err.OK, node.children_body())
+
+    def _get_children2(self, client: Client, xid: int, req: PathWatchRequest) -> None:
+        node = self._children_of(client, xid, req)
+        if node is not None:
+            self._reply(client, xid, Err.OK, node.children_body() + node.stat_bytes())
+
+    def _children_of(self, client: Client, xid: int, req: PathWatchRequest) -> Znode | None:
+        node = self.tree.get(req.path)
+        if node is None:
+            self._reply(client, xid, Err.NONODE)
+            return None
+        if not self._can(client, node, Perm.READ):
+            self._reply(client, xid, Err.NOAUTH)
+            return None
+        if req.watch:
+            self.watches.child.add(req.path, client)
+        return node
+
+    def _get_acl(self, client: Client, xid: int, req: PathRequest) -> None:
+        node = self.tree.get(req.path)
+        if node is None:
+            return self._reply(client, xid, Err.NONODE)
+        if not self._can(client, node, Perm.READ | Perm.ADMIN):
+            return self._reply(client, xid, Err.NOAUTH)
+        acl = node.acl
+        if not self._can(client, node, Perm.ADMIN):
+            # Without ADMIN a client may see who has access, not the digests.
+            acl = tuple(
+                ACL(a.perms, Id("digest", a.id.id.split(":", 1)[0] + ":x"))
+                if a.id.scheme == "digest" else a
+                for a in acl
+            )  # fmt: skip
+        self._reply(client, xid, Err.OK, encode(GetACLResponse(acl, node.stat())))
+
+    def _sync(self, client: Client, xid: int, req: PathRequest) -> None:
+        self._reply(client, xid, Err.OK, encode(PathResponse(req.path)))
+
+    def _set_watches(self, client: Client, xid: int, req: SetWatches | SetWatches2) -> None:
+        relative = req.relative_zxid
+        tree, data, child = self.tree, self.watches.data, self.watches.child
+        for path in req.data:
+            node = tree.get(path)
+            if node is None:
+                self._notify(client, EventType.NODE_DELETED, path)
+            elif node.mzxid > relative:
+                self._notify(client, EventType.NODE_DATA_CHANGED, path)
+            else:
+                data.add(path, client)
+        for path in req.exist:
+            if tree.get(path) is not None:
+                self._notify(client, EventType.NODE_CREATED, path)
+            else:
+                data.add(path, client)
+        for path in req.child:
+            node = tree.get(path)
+            if node is None:
+                self._notify(client, EventType.NODE_DELETED, path)
+            elif node.pzxid > relative:
+                self._notify(client, EventType.NODE_CHILDREN_CHANGED, path)
+            else:
+                child.add(path, client)
+        if isinstance(req, SetWatches2):
+            for path in req.persistent:
+                child.add(path, client, Mode.PERSISTENT)
+                data.add(path, client, Mode.PERSISTENT)
+            for path in req.persistent_recursive:
+                data.add(path, client, Mode.PERSISTENT_RECURSIVE)
+        self._reply(client, xid, Err.OK)
+
+    def _auth(self, client: Client, xid: int, req: AuthPacket) -> None:
+        if req.scheme == "digest":
+            ident = acls.digest_id(req.auth.decode("utf-8", "replace"))
+            new = [Id("digest", ident)]
+            if self.config.super_digest is not None and ident == self.config.super_digest:
+                new.append(acls.SUPER)
+        elif req.scheme == "ip":
+            new = [Id("ip", client.peer.remote_ip)]
+        else:
+            log.warning("authentication failed for scheme %r from %s; closing",
+                        req.scheme, client.peer.remote)
+            self._reply(client, xid, Err.AUTHFAILED, zxid=0)
+            self._lose(client)
+            return
+        for ident_ in new:
+            if ident_ not in client.auth:
+                client.auth.append(ident_)
+        self._reply(client, xid, Err.OK, zxid=0)
+
+    # --- writes -----------------------------------------------------------------
+
+    def _single_write(
+        self,
+        client: Client,
+        xid: int,
+        opcode: int,
+        record: Record,
+        write: Callable[[Txn, Client, int, Record], Record | None],
+    ) -> None:
+        # A failed write still takes a zxid in ZooKeeper (it is logged as an
+        # error txn), and clients see it in the reply header.
+        self.zxid += 1
+        txn = Txn(self.tree, self.zxid, self._now_ms())
+        try:
+            result = write(txn, client, opcode, record)
+        except ZkError as exc:
+            txn.rollback()
+            return self._reply(client, xid, exc.err, zxid=txn.zxid)
+        self._commit(txn)
+        self._reply(client, xid, Err.OK, b"" if result is None else encode(result), txn.zxid)
+
+    def _multi(self, client: Client, xid: int, req: MultiRequest) -> None:
+        self.zxid += 1
+        txn = Txn(self.tree, self.zxid, self._now_ms())
+        results: list[tuple[int, Record]] = []
+        failed: ZkError | None = None
+        for opcode, record in req.ops:
+            try:
+                result = self._writes[opcode](txn, client, opcode, record)
+            except ZkError as exc:
+                failed = exc
+                break
+            results.append((opcode, result or EmptyResult()))
+        if failed is None:
+            self._commit(txn)
+        else:
+            txn.rollback()
+            # ZooKeeper's answer to a failed multi: the ops before the failure
+            # report OK (rolled back), the failed one its error, the rest
+            # RUNTIMEINCONSISTENCY; the reply header itself says OK.
+            done = len(results)
+            results = [(OpCode.ERROR, ErrorResult(Err.OK)) for _ in range(done)]
+            results.append((OpCode.ERROR, ErrorResult(failed.err)))
+            results += [
+                (OpCode.ERROR, ErrorResult(Err.RUNTIMEINCONSISTENCY))
+                for _ in range(len(req.ops) - done - 1)
+            ]
+        self._reply(client, xid, Err.OK, encode(MultiResponse(tuple(results))), txn.zxid)
+
+    def _commit(self, txn: Txn) -> None:
+        paths = txn.touched_paths
+        if paths:
+            self.store.commit(self.tree, paths)
+        self._fire(txn.triggers)
+
+    def _fire(self, triggers: list[Trigger]) -> None:
+        """Send each trigger's event to its watchers.
+
+        ZooKeeper 3.8 puts -1, not the txn's zxid, in a notification's header.
+        """
+        for trigger in triggers:
+            watchers = self.watches.fire(trigger.path, trigger.event)
+            if not watchers:
+                continue
+            # One encoding per event, however many watchers hear it.
+            body = encode(WatcherEvent(trigger.event, KeeperState.SYNC_CONNECTED, trigger.path))
+            packet = frame(XID_NOTIFICATION, -1, Err.OK, body)
+            for watcher in watchers:
+                assert isinstance(watcher, Client)
+                watcher.peer.send(packet)
+                self.stats.packets_sent += 1
+
+    def _notify(self, client: Client, event: EventType, path: str) -> None:
+        body = encode(WatcherEvent(event, KeeperState.SYNC_CONNECTED, path))
+        client.peer.send(frame(XID_NOTIFICATION, -1, Err.OK, body))
+        self.stats.packets_sent += 1
+
+    def _create(self, txn: Txn, client: Client, opcode: int, req: Record) -> Record:
+        assert isinstance(req, CreateRequest | CreateTTLRequest)
+        try:
+            mode = CreateMode(req.flags)
+        except ValueError:
+            raise ZkError(Err.BADARGUMENTS) from None
+        ttl = req.ttl if isinstance(req, CreateTTLRequest) else -1
+        if mode in (CreateMode.PERSISTENT_WITH_TTL, CreateMode.PERSISTENT_SEQUENTIAL_WITH_TTL):
+            # TTL nodes need ZooKeeper's extended types, off by default.
+            raise ZkError(Err.UNIMPLEMENTED)
+        if ttl != -1:
+            raise ZkError(Err.BADARGUMENTS)
+        path = req.path
+        cut = path.rfind("/")
+        if cut == -1 or "\0" in path:
+            raise ZkError(Err.BADARGUMENTS)
+        try:
+            acl = acls.fixup_acl(req.acl, client.auth)
+        except acls.InvalidACL:
+            raise ZkError(Err.INVALIDACL) from None
+        parent = self.tree.get(path[:cut])
+        if parent is None:
+            raise ZkError(Err.NONODE)
+        if not self._can(client, parent, Perm.CREATE):
+            raise ZkError(Err.NOAUTH)
+        if mode.is_sequential:
+            path = f"{path}{parent.cversion:010d}"
+        try:
+            validate_path(path)
+        except InvalidPath:
+            raise ZkError(Err.BADARGUMENTS) from None
+        if self.tree.get(path) is not None:
+            raise ZkError(Err.NODEEXISTS)
+        if parent.is_ephemeral:
+            raise ZkError(Err.NOCHILDRENFOREPHEMERALS)
+        if mode.is_ephemeral:
+            owner = client.session.id
+        elif mode is CreateMode.CONTAINER and opcode == OpCode.CREATE_CONTAINER:
+            # ZooKeeper 3.8 makes a container only through createContainer; the
+            # container flag on a plain create gives a persistent node.
+            owner = CONTAINER_OWNER
+        else:
+            owner = 0
+        node = txn.create(path, req.data, acl, owner)
+        if opcode == OpCode.CREATE:
+            return CreateResponse(path)
+        return Create2Response(path, node.stat())
+
+    def _delete(self, txn: Txn, client: Client, opcode: int, req: DeleteRequest) -> None:
+        path = req.path
+        cut = path.rfind("/")
+        if cut == -1 or "\0" in path or path in _SPECIAL_PATHS:
+            raise ZkError(Err.BADARGUMENTS)
+        parent = self.tree.get(path[:cut])
+        if parent is None:
+            raise ZkError(Err.NONODE)
+        if not self._can(client, parent, Perm.DELETE):
+            raise ZkError(Err.NOAUTH)
+        node = self.tree.nodes.get(path)
+        if node is None:
+            raise ZkError(Err.NONODE)
+        _check_version(node.version, req.version)
+        if node.children:
+            raise ZkError(Err.NOTEMPTY)
+        txn.delete(path)
+
+    def _validated(self, client: Client, path: str, perm: Perm) -> Znode:
+        try:
+            validate_path(path)
+        except InvalidPath:
+            raise ZkError(Err.BADARGUMENTS) from None
+        node = self.tree.nodes.get(path)
+        if node is None:
+            raise ZkError(Err.NONODE)
+        if not self._can(client, node, perm):
+            raise ZkError(Err.NOAUTH)
+        return node
+
+    def _set_data(self, txn: Txn, client: Client, opcode: int, req: SetDataRequest) -> Record:
+        node = self._validated(client, req.path, Perm.WRITE)
+        version = _check_version(node.version, req.version)
+        return StatResponse(txn.set_data(req.path, req.data, version).stat())
+
+    def _check(self, txn: Txn, client: Client, opcode: int, req: DeleteRequest) -> None:
+        node = self._validated(client, req.path, Perm.READ)
+        _check_version(node.version, req.version)
+
+    def _set_acl(self, txn: Txn, client: Client, opcode: int, req: SetACLRequest) -> Record:
+        try:
+            validate_path(req.path)
+            acl = acls.fixup_acl(req.acl, client.auth)
+        except InvalidPath:
+            raise ZkError(Err.BADARGUMENTS) from None
+        except acls.InvalidACL:
+            raise ZkError(Err.INVALIDACL) from None
+        node = self._validated(client, req.path, Perm.ADMIN)
+        aversion = _check_version(node.aversion, req.version)
+        return StatResponse(txn.set_acl(req.path, acl, aversion).stat())
+
+
+def _check_version(current: int, expected: int) -> int:
+    """ZooKeeper's checkAndIncVersion: -1 matches any version."""
+    if expected != -1 and expected != current:
+        raise ZkError(Err.BADVERSION)
+    return current + 1 if current != 0x7FFFFFFF else 1
+
+
+__all__ = ["Client", "DecodeError", "Engine", "EngineConfig", "Peer", "Writer", "frame"]

@@ -1,0 +1,190 @@
+"""Answers to ZooKeeper's four-letter words, in ZooKeeper 3.8's formats.
+
+Monitoring tools parse these texts (``mntr`` keys, ``srvr`` lines), so their
+shape follows ZooKeeper's byte for byte where tools read it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+from collections.abc import Callable, Mapping
+
+from dispatcher.zk.engine import Client, Engine
+from dispatcher.zk.protocol import SERVER_VERSION
+
+
+def _latency(engine: Engine) -> str:
+    s = engine.stats
+    return f"Latency min/avg/max: {s.min_latency:.0f}/{s.avg_latency:.4f}/{s.max_latency:.0f}\n"
+
+
+def _summary(engine: Engine) -> str:
+    s = engine.stats
+    return (
+        _latency(engine)
+        + f"Received: {s.packets_received}\n"
+        + f"Sent: {s.packets_sent}\n"
+        + f"Connections: {len(engine.clients)}\n"
+        + "Outstanding: 0\n"
+        + f"Zxid: 0x{engine.zxid:x}\n"
+        + "Mode: standalone\n"
+        + f"Node count: {len(engine.tree.nodes)}\n"
+    )
+
+
+def srvr(engine: Engine) -> str:
+    return f"Zookeeper version: {SERVER_VERSION}\n" + _summary(engine)
+
+
+def _client_line(client: Client, detailed: bool) -> str:
+    base = f" {client.peer.remote}[1](queued=0,recved={client.received},sent={client.sent}"
+    if not detailed:
+        return base + ")\n"
+    return (
+        base
+        + f",sid=0x{client.session.id:x},lop={client.last_op},est={int(client.connected_at)}"
+        + f",to={client.session.timeout_ms},lzxid=0x{client.last_zxid:x})\n"
+    )
+
+
+def stat(engine: Engine) -> str:
+    clients = "".join(_client_line(c, detailed=False) for c in engine.clients)
+    return f"Zookeeper version: {SERVER_VERSION}\nClients:\n{clients}\n" + _summary(engine)
+
+
+def cons(engine: Engine) -> str:
+    return "".join(_client_line(c, detailed=True) for c in engine.clients) + "\n"
+
+
+def mntr(engine: Engine) -> str:
+    s = engine.stats
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        open_fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_fds = -1
+    values: list[tuple[str, object]] = [
+        ("zk_version", SERVER_VERSION),
+        ("zk_server_state", "standalone"),
+        ("zk_avg_latency", f"{s.avg_latency:.4f}"),
+        ("zk_max_latency", f"{s.max_latency:.0f}"),
+        ("zk_min_latency", f"{s.min_latency:.0f}"),
+        ("zk_packets_received", s.packets_received),
+        ("zk_packets_sent", s.packets_sent),
+        ("zk_num_alive_connections", len(engine.clients)),
+        ("zk_outstanding_requests", 0),
+        ("zk_znode_count", len(engine.tree.nodes)),
+        ("zk_watch_count", engine.watches.watch_count),
+        ("zk_ephemerals_count", sum(len(p) for p in engine.tree.ephemerals.values())),
+        ("zk_approximate_data_size", engine.tree.approximate_data_size),
+        ("zk_global_sessions", len(engine.sessions)),
+        ("zk_open_file_descriptor_count", open_fds),
+        ("zk_max_file_descriptor_count", soft),
+        ("zk_uptime", int((engine.wall_clock() - engine.started) * 1000)),
+    ]
+    return "".join(f"{key}\t{value}\n" for key, value in values)
+
+
+def wchs(engine: Engine) -> str:
+    data = engine.watches.data
+    watchers = sum(1 for _ in data.watchers())
+    return (
+        f"{watchers} connections watching {data.path_count} paths\n"
+        f"Total watches:{data.watch_count}\n"
+    )
+
+
+def wchc(engine: Engine) -> str:
+    out = []
+    for watcher, paths in engine.watches.data.watchers():
+        assert isinstance(watcher, Client)
+        out.append(f"0x{watcher.session.id:x}\n" + "".join(f"\t{p}\n" for p in sorted(paths)))
+    return "".join(out) + "\n"
+
+
+def wchp(engine: Engine) -> str:
+    out = []
+    for path, watchers in sorted(engine.watches.data.items(), key=lambda item: item[0]):
+        ids = "".join(f"\t0x{w.session.id:x}\n" for w in watchers if isinstance(w, Client))
+        out.append(f"{path}\n{ids}")
+    return "".join(out) + "\n"
+
+
+def dump(engine: Engine) -> str:
+    sessions = list(engine.sessions)
+    lines = [f"SessionTracker dump:\nGlobal Sessions({len(sessions)}):\n"]
+    lines += [f"0x{s.id:x}\t{s.timeout_ms}ms\n" for s in sessions]
+    owners = engine.tree.ephemerals
+    lines.append(f"ephemeral nodes dump:\nSessions with Ephemerals ({len(owners)}):\n")
+    for owner, paths in sorted(owners.items()):
+        lines.append(f"0x{owner:x}:\n" + "".join(f"\t{p}\n" for p in sorted(paths)))
+    return "".join(lines)
+
+
+def envi(engine: Engine) -> str:
+    values = [
+        ("zookeeper.version", SERVER_VERSION),
+        ("host.name", platform.node()),
+        ("python.version", sys.version.split()[0]),
+        ("os.name", platform.system()),
+        ("os.arch", platform.machine()),
+        ("os.version", platform.release()),
+        ("user.dir", os.getcwd()),
+    ]
+    return "Environment:\n" + "".join(f"{k}={v}\n" for k, v in values)
+
+
+def conf(engine: Engine, settings: Mapping[str, object]) -> str:
+    c = engine.config
+    values = {
+        **settings,
+        "tickTime": c.tick_ms,
+        "minSessionTimeout": c.min_timeout,
+        "maxSessionTimeout": c.max_timeout,
+        "serverId": 0,
+    }
+    return "".join(f"{k}={v}\n" for k, v in values.items())
+
+
+def crst(engine: Engine) -> str:
+    for client in engine.clients:
+        client.received = client.sent = 0
+    return "Connection stats reset.\n"
+
+
+def srst(engine: Engine) -> str:
+    engine.stats.reset()
+    return "Server stats reset.\n"
+
+
+COMMANDS: dict[str, Callable[[Engine], str]] = {
+    "ruok": lambda engine: "imok",
+    "isro": lambda engine: "rw",
+    "srvr": srvr,
+    "stat": stat,
+    "cons": cons,
+    "mntr": mntr,
+    "wchs": wchs,
+    "wchc": wchc,
+    "wchp": wchp,
+    "dump": dump,
+    "envi": envi,
+    "crst": crst,
+    "srst": srst,
+}
+
+
+def answer(engine: Engine, word: str, settings: Mapping[str, object]) -> str:
+    """The reply to ``word``; words zkgate does not serve get ZooKeeper's refusal.
+
+    ``settings`` are the server's own (port, data directory, limits), for ``conf``.
+    """
+    if word == "conf":
+        return conf(engine, settings)
+    command = COMMANDS.get(word)
+    if command is None:
+        return f"{word} is not executed because it is not in the whitelist.\n"
+    return command(engine)

@@ -1,0 +1,710 @@
+"""The jute records of ZooKeeper 3.8 that zkgate reads and writes.
+
+Field order and types follow ``zookeeper.jute``. Every record can be read and
+written, so the same code serves the server and the test clients that check it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol, Self
+
+import attrs
+
+from dispatcher.zk.jute import DecodeError, Reader, Writer
+from dispatcher.zk.protocol import OpCode
+
+
+class Record(Protocol):
+    @classmethod
+    def read(cls, r: Reader) -> Self: ...
+
+    def write(self, w: Writer) -> None: ...
+
+
+def encode(record: Record) -> bytes:
+    w = Writer()
+    record.write(w)
+    return bytes(w.out)
+
+
+@attrs.frozen
+class Id:
+    scheme: str
+    id: str
+
+    @classmethod
+    def read(cls, r: Reader) -> Id:
+        return cls(r.string(), r.string())
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.scheme)
+        w.ustring(self.id)
+
+
+@attrs.frozen
+class ACL:
+    perms: int
+    id: Id
+
+    @classmethod
+    def read(cls, r: Reader) -> ACL:
+        return cls(r.int(), Id.read(r))
+
+    def write(self, w: Writer) -> None:
+        w.int(self.perms)
+        self.id.write(w)
+
+
+def read_acls(r: Reader) -> tuple[ACL, ...] | None:
+    acls = r.vector(ACL.read)
+    return None if acls is None else tuple(acls)
+
+
+def write_acls(w: Writer, acls: tuple[ACL, ...] | None) -> None:
+    w.vector(acls, lambda w, acl: acl.write(w))
+
+
+OPEN_ACL_UNSAFE = (ACL(31, Id("world", "anyone")),)
+
+
+@attrs.frozen
+class Stat:
+    czxid: int
+    mzxid: int
+    ctime: int
+    mtime: int
+    version: int
+    cversion: int
+    aversion: int
+    ephemeral_owner: int
+    data_length: int
+    num_children: int
+    pzxid: int
+
+    @classmethod
+    def read(cls, r: Reader) -> Stat:
+        return cls(
+            r.long(), r.long(), r.long(), r.long(), r.int(), r.int(), r.int(),
+            r.long(), r.int(), r.int(), r.long(),
+        )  # fmt: skip
+
+    def write(self, w: Writer) -> None:
+        w.long(self.czxid)
+        w.long(self.mzxid)
+        w.long(self.ctime)
+        w.long(self.mtime)
+        w.int(self.version)
+        w.int(self.cversion)
+        w.int(self.aversion)
+        w.long(self.ephemeral_owner)
+        w.int(self.data_length)
+        w.int(self.num_children)
+        w.long(self.pzxid)
+
+
+@attrs.frozen
+class ConnectRequest:
+    protocol_version: int
+    last_zxid_seen: int
+    timeout: int
+    session_id: int
+    passwd: bytes
+    #: None when the client sent no trailing readOnly byte (clients before 3.4).
+    read_only: bool | None = None
+
+    @classmethod
+    def read(cls, r: Reader) -> ConnectRequest:
+        proto, zxid, timeout, sid = r.int(), r.long(), r.int(), r.long()
+        passwd = r.buffer() or b""
+        read_only = r.bool() if r.remaining else None
+        return cls(proto, zxid, timeout, sid, passwd, read_only)
+
+    def write(self, w: Writer) -> None:
+        w.int(self.protocol_version)
+        w.long(self.last_zxid_seen)
+        w.int(self.timeout)
+        w.long(self.session_id)
+        w.buffer(self.passwd)
+        if self.read_only is not None:
+            w.bool(self.read_only)
+
+
+@attrs.frozen
+class ConnectResponse:
+    protocol_version: int
+    timeout: int
+    session_id: int
+    passwd: bytes
+    read_only: bool | None = False
+
+    @classmethod
+    def read(cls, r: Reader) -> ConnectResponse:
+        proto, timeout, sid = r.int(), r.int(), r.long()
+        passwd = r.buffer() or b""
+        read_only = r.bool() if r.remaining else None
+        return cls(proto, timeout, sid, passwd, read_only)
+
+    def write(self, w: Writer) -> None:
+        w.int(self.protocol_version)
+        w.int(self.timeout)
+        w.long(self.session_id)
+        w.buffer(self.passwd)
+        if self.read_only is not None:
+            w.bool(self.read_only)
+
+
+@attrs.frozen
+class RequestHeader:
+    xid: int
+    type: int
+
+    @classmethod
+    def read(cls, r: Reader) -> RequestHeader:
+        return cls(r.int(), r.int())
+
+    def write(self, w: Writer) -> None:
+        w.int(self.xid)
+        w.int(self.type)
+
+
+@attrs.frozen
+class ReplyHeader:
+    xid: int
+    zxid: int
+    err: int
+
+    @classmethod
+    def read(cls, r: Reader) -> ReplyHeader:
+        return cls(r.int(), r.long(), r.int())
+
+    def write(self, w: Writer) -> None:
+        w.int(self.xid)
+        w.long(self.zxid)
+        w.int(self.err)
+
+
+# --- requests -----------------------------------------------------------------
+
+
+@attrs.frozen
+class CreateRequest:
+    path: str
+    data: bytes | None
+    acl: tuple[ACL, ...] | None
+    flags: int
+
+    @classmethod
+    def read(cls, r: Reader) -> CreateRequest:
+        return cls(r.string(), r.buffer(), read_acls(r), r.int())
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.path)
+        w.buffer(self.data)
+        write_acls(w, self.acl)
+        w.int(self.flags)
+
+
+@attrs.frozen
+class CreateTTLRequest:
+    path: str
+    data: bytes | None
+    acl: tuple[ACL, ...] | None
+    flags: int
+    ttl: int
+
+    @classmethod
+    def read(cls, r: Reader) -> CreateTTLRequest:
+        return cls(r.string(), r.buffer(), read_acls(r), r.int(), r.long())
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.path)
+        w.buffer(self.data)
+        write_acls(w, self.acl)
+        w.int(self.flags)
+        w.long(self.ttl)
+
+
+@attrs.frozen
+class DeleteRequest:
+    path: str
+    version: int
+
+    @classmethod
+    def read(cls, r: Reader) -> DeleteRequest:
+        return cls(r.string(), r.int())
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.path)
+        w.int(self.version)
+
+
+CheckVersionRequest = DeleteRequest
+
+
+@attrs.frozen
+class PathWatchRequest:
+    """exists, getData, getChildren and getChildren2 all send (path, watch)."""
+
+    path: str
+    watch: bool
+
+    @classmethod
+    def read(cls, r: Reader) -> PathWatchRequest:
+        return cls(r.string(), r.bool())
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.path)
+        w.bool(self.watch)
+
+
+@attrs.frozen
+class PathRequest:
+    """getACL, sync, getEphemerals and getAllChildrenNumber send only a path."""
+
+    path: str
+
+    @classmethod
+    def read(cls, r: Reader) -> PathRequest:
+        return cls(r.string())
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.path)
+
+
+@attrs.frozen
+class SetDataRequest:
+    path: str
+    data: bytes | None
+    version: int
+
+    @classmethod
+    def read(cls, r: Reader) -> SetDataRequest:
+        return cls(r.string(), r.buffer(), r.int())
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.path)
+        w.buffer(self.data)
+        w.int(self.version)
+
+
+@attrs.frozen
+class SetACLRequest:
+    path: str
+    acl: tuple[ACL, ...] | None
+    version: int
+
+    @classmethod
+    def read(cls, r: Reader) -> SetACLRequest:
+        return cls(r.string(), read_acls(r), r.int())
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.path)
+        write_acls(w, self.acl)
+        w.int(self.version)
+
+
+def _read_paths(r: Reader) -> tuple[str, ...]:
+    return tuple(r.vector(Reader.string) or ())
+
+
+def _write_paths(w: Writer, paths: tuple[str, ...]) -> None:
+    w.vector(paths, Writer.ustring)
+
+
+@attrs.frozen
+class SetWatches:
+    relative_zxid: int
+    data: tuple[str, ...]
+    exist: tuple[str, ...]
+    child: tuple[str, ...]
+
+    @classmethod
+    def read(cls, r: Reader) -> SetWatches:
+        return cls(r.long(), _read_paths(r), _read_paths(r), _read_paths(r))
+
+    def write(self, w: Writer) -> None:
+        w.long(self.relative_zxid)
+        for paths in (self.data, self.exist, self.child):
+            _write_paths(w, paths)
+
+
+@attrs.frozen
+class SetWatches2:
+    relative_zxid: int
+    data: tuple[str, ...]
+    exist: tuple[str, ...]
+    child: tuple[str, ...]
+    persistent: tuple[str, ...]
+    persistent_recursive: tuple[str, ...]
+
+    @classmethod
+    def read(cls, r: Reader) -> SetWatches2:
+        return cls(r.long(), *(_read_paths(r) for _ in range(5)))
+
+    def write(self, w: Writer) -> None:
+        w.long(self.relative_zxid)
+        for paths in (
+            self.data, self.exist, self.child, self.persistent, self.persistent_recursive
+        ):
+            _write_paths(w, paths)
+
+
+@attrs.frozen
+class AuthPacket:
+    type: int
+    scheme: str
+    auth: bytes
+
+    @classmethod
+    def read(cls, r: Reader) -> AuthPacket:
+        return cls(r.int(), r.string(), r.buffer() or b"")
+
+    def write(self, w: Writer) -> None:
+        w.int(self.type)
+        w.ustring(self.scheme)
+        w.buffer(self.auth)
+
+
+@attrs.frozen
+class AddWatchRequest:
+    path: str
+    mode: int
+
+    @classmethod
+    def read(cls, r: Reader) -> AddWatchRequest:
+        return cls(r.string(), r.int())
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.path)
+        w.int(self.mode)
+
+
+@attrs.frozen
+class WatchesRequest:
+    """checkWatches and removeWatches: a path and a watcher type."""
+
+    path: str
+    type: int
+
+    @classmethod
+    def read(cls, r: Reader) -> WatchesRequest:
+        return cls(r.string(), r.int())
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.path)
+        w.int(self.type)
+
+
+@attrs.frozen
+class MultiHeader:
+    type: int
+    done: bool
+    err: int
+
+    @classmethod
+    def read(cls, r: Reader) -> MultiHeader:
+        return cls(r.int(), r.bool(), r.int())
+
+    def write(self, w: Writer) -> None:
+        w.int(self.type)
+        w.bool(self.done)
+        w.int(self.err)
+
+
+MULTI_END = MultiHeader(-1, True, -1)
+
+#: The operations a ``multi`` may carry, and the record each one sends.
+MULTI_OPS: dict[int, type[Record]] = {
+    OpCode.CREATE: CreateRequest,
+    OpCode.CREATE2: CreateRequest,
+    OpCode.CREATE_CONTAINER: CreateRequest,
+    OpCode.CREATE_TTL: CreateTTLRequest,
+    OpCode.DELETE: DeleteRequest,
+    OpCode.SET_DATA: SetDataRequest,
+    OpCode.CHECK: CheckVersionRequest,
+}
+
+#: The operations a ``multiRead`` may carry.
+MULTI_READ_OPS: dict[int, type[Record]] = {
+    OpCode.GET_CHILDREN: PathWatchRequest,
+    OpCode.GET_DATA: PathWatchRequest,
+}
+
+
+@attrs.frozen
+class MultiRequest:
+    ops: tuple[tuple[int, Record], ...]
+    allowed: ClassVar[dict[int, type[Record]]] = MULTI_OPS
+
+    @classmethod
+    def read(cls, r: Reader) -> Self:
+        ops: list[tuple[int, Record]] = []
+        while True:
+            header = MultiHeader.read(r)
+            if header.done:
+                return cls(tuple(ops))
+            record_type = cls.allowed.get(header.type)
+            if record_type is None:
+                raise DecodeError(f"operation {header.type} is not allowed in this multi")
+            ops.append((header.type, record_type.read(r)))
+
+    def write(self, w: Writer) -> None:
+        for op, record in self.ops:
+            MultiHeader(op, False, -1).write(w)
+            record.write(w)
+        MULTI_END.write(w)
+
+
+@attrs.frozen
+class MultiReadRequest(MultiRequest):
+    allowed: ClassVar[dict[int, type[Record]]] = MULTI_READ_OPS
+
+
+#: The request record of every opcode that carries one.
+REQUESTS: dict[int, type[Record]] = {
+    OpCode.CREATE: CreateRequest,
+    OpCode.CREATE2: CreateRequest,
+    OpCode.CREATE_CONTAINER: CreateRequest,
+    OpCode.CREATE_TTL: CreateTTLRequest,
+    OpCode.DELETE: DeleteRequest,
+    OpCode.DELETE_CONTAINER: PathRequest,
+    OpCode.EXISTS: PathWatchRequest,
+    OpCode.GET_DATA: PathWatchRequest,
+    OpCode.SET_DATA: SetDataRequest,
+    OpCode.GET_ACL: PathRequest,
+    OpCode.SET_ACL: SetACLRequest,
+    OpCode.GET_CHILDREN: PathWatchRequest,
+    OpCode.GET_CHILDREN2: PathWatchRequest,
+    OpCode.SYNC: PathRequest,
+    OpCode.CHECK: CheckVersionRequest,
+    OpCode.MULTI: MultiRequest,
+    OpCode.MULTI_READ: MultiReadRequest,
+    OpCode.AUTH: AuthPacket,
+    OpCode.SET_WATCHES: SetWatches,
+    OpCode.SET_WATCHES2: SetWatches2,
+    OpCode.GET_EPHEMERALS: PathRequest,
+    OpCode.GET_ALL_CHILDREN_NUMBER: PathRequest,
+    OpCode.ADD_WATCH: AddWatchRequest,
+    OpCode.CHECK_WATCHES: WatchesRequest,
+    OpCode.REMOVE_WATCHES: WatchesRequest,
+}
+
+
+# --- responses ----------------------------------------------------------------
+
+
+@attrs.frozen
+class CreateResponse:
+    path: str
+
+    @classmethod
+    def read(cls, r: Reader) -> CreateResponse:
+        return cls(r.string())
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.path)
+
+
+@attrs.frozen
+class Create2Response:
+    path: str
+    stat: Stat
+
+    @classmethod
+    def read(cls, r: Reader) -> Create2Response:
+        return cls(r.string(), Stat.read(r))
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.path)
+        self.stat.write(w)
+
+
+@attrs.frozen
+class StatResponse:
+    """exists, setData and setACL answer with a bare Stat."""
+
+    stat: Stat
+
+    @classmethod
+    def read(cls, r: Reader) -> StatResponse:
+        return cls(Stat.read(r))
+
+    def write(self, w: Writer) -> None:
+        self.stat.write(w)
+
+
+@attrs.frozen
+class GetDataResponse:
+    data: bytes | None
+    stat: Stat
+
+    @classmethod
+    def read(cls, r: Reader) -> GetDataResponse:
+        return cls(r.buffer(), Stat.read(r))
+
+    def write(self, w: Writer) -> None:
+        w.buffer(self.data)
+        self.stat.write(w)
+
+
+@attrs.frozen
+class GetACLResponse:
+    acl: tuple[ACL, ...]
+    stat: Stat
+
+    @classmethod
+    def read(cls, r: Reader) -> GetACLResponse:
+        return cls(read_acls(r) or (), Stat.read(r))
+
+    def write(self, w: Writer) -> None:
+        write_acls(w, self.acl)
+        self.stat.write(w)
+
+
+@attrs.frozen
+class GetChildrenResponse:
+    children: tuple[str, ...]
+
+    @classmethod
+    def read(cls, r: Reader) -> GetChildrenResponse:
+        return cls(_read_paths(r))
+
+    def write(self, w: Writer) -> None:
+        _write_paths(w, self.children)
+
+
+@attrs.frozen
+class GetChildren2Response:
+    children: tuple[str, ...]
+    stat: Stat
+
+    @classmethod
+    def read(cls, r: Reader) -> GetChildren2Response:
+        return cls(_read_paths(r), Stat.read(r))
+
+    def write(self, w: Writer) -> None:
+        _write_paths(w, self.children)
+        self.stat.write(w)
+
+
+@attrs.frozen
+class PathResponse:
+    """sync answers with the path it synced."""
+
+    path: str
+
+    @classmethod
+    def read(cls, r: Reader) -> PathResponse:
+        return cls(r.string())
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.path)
+
+
+@attrs.frozen
+class CountResponse:
+    """getAllChildrenNumber answers with one int."""
+
+    count: int
+
+    @classmethod
+    def read(cls, r: Reader) -> CountResponse:
+        return cls(r.int())
+
+    def write(self, w: Writer) -> None:
+        w.int(self.count)
+
+
+@attrs.frozen
+class PathsResponse:
+    """getEphemerals answers with a list of paths."""
+
+    paths: tuple[str, ...]
+
+    @classmethod
+    def read(cls, r: Reader) -> PathsResponse:
+        return cls(_read_paths(r))
+
+    def write(self, w: Writer) -> None:
+        _write_paths(w, self.paths)
+
+
+@attrs.frozen
+class ErrorResult:
+    """A failed (or rolled back) operation inside a multi."""
+
+    err: int
+
+    @classmethod
+    def read(cls, r: Reader) -> ErrorResult:
+        return cls(r.int())
+
+    def write(self, w: Writer) -> None:
+        w.int(self.err)
+
+
+@attrs.frozen
+class EmptyResult:
+    """delete and check inside a multi answer with no body."""
+
+    @classmethod
+    def read(cls, r: Reader) -> EmptyResult:
+        return cls()
+
+    def write(self, w: Writer) -> None:
+        pass
+
+
+#: What each operation inside a multi answers with on success.
+MULTI_RESULTS: dict[int, type[Record]] = {
+    OpCode.CREATE: CreateResponse,
+    OpCode.CREATE2: Create2Response,
+    OpCode.CREATE_CONTAINER: Create2Response,
+    OpCode.CREATE_TTL: Create2Response,
+    OpCode.DELETE: EmptyResult,
+    OpCode.SET_DATA: StatResponse,
+    OpCode.CHECK: EmptyResult,
+    OpCode.GET_DATA: GetDataResponse,
+    OpCode.GET_CHILDREN: GetChildrenResponse,
+    OpCode.ERROR: ErrorResult,
+}
+
+
+@attrs.frozen
+class MultiResponse:
+    results: tuple[tuple[int, Record], ...]
+
+    @classmethod
+    def read(cls, r: Reader) -> MultiResponse:
+        results: list[tuple[int, Record]] = []
+        while True:
+            header = MultiHeader.read(r)
+            if header.done:
+                return cls(tuple(results))
+            record_type = MULTI_RESULTS.get(header.type)
+            if record_type is None:
+                raise DecodeError(f"unexpected multi result type {header.type}")
+            results.append((header.type, record_type.read(r)))
+
+    def write(self, w: Writer) -> None:
+        for op, record in self.results:
+            err = record.err if isinstance(record, ErrorResult) else 0
+            MultiHeader(op, False, err).write(w)
+            record.write(w)
+        MULTI_END.write(w)
+
+
+@attrs.frozen
+class WatcherEvent:
+    type: int
+    state: int
+    path: str
+
+    @classmethod
+    def read(cls, r: Reader) -> WatcherEvent:
+        return cls(r.int(), r.int(), r.string())
+
+    def write(self, w: Writer) -> None:
+        w.int(self.type)
+        w.int(self.state)
+        w.ustring(self.path)

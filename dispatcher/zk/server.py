@@ -1,0 +1,203 @@
+"""The trio server around the sans-I/O codec and the synchronous engine.
+
+Each connection runs two tasks in its own nursery: a reader that turns bytes
+into engine calls, and a writer that flushes whatever the engine queued for
+that connection, replies and watch events alike, in one ``send_all`` per
+wake-up. Queues are bounded: a reader stops reading while its connection's
+unsent output is above a high-water mark (so one connection's outstanding
+requests are bounded), and a connection whose unsent output passes a hard cap
+(a watcher that never reads) is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import attrs
+import trio
+
+from dispatcher.zk.connection import (
+    ConnectRequested,
+    FourLetterWord,
+    ProtocolError,
+    RequestReceived,
+    ServerConnection,
+)
+from dispatcher.zk.engine import Client, Engine
+from dispatcher.zk.fourletter import answer
+from dispatcher.zk.jute import DecodeError
+from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER
+
+log = logging.getLogger(__name__)
+
+_RECEIVE_SIZE = 65536
+
+
+@attrs.frozen
+class ServerLimits:
+    max_buffer: int = DEFAULT_MAX_BUFFER
+    #: Stop reading a connection's requests while this much output is unsent.
+    output_high_water: int = 4 * 1024 * 1024
+    #: Close a connection whose unsent output grows past this.
+    output_hard_cap: int = 64 * 1024 * 1024
+    #: How long a closing connection may take to take its last bytes.
+    close_flush_timeout: float = 5.0
+
+
+class StreamPeer:
+    """One socket as the engine sees it: a bounded output queue and a close."""
+
+    def __init__(self, stream: trio.SocketStream, limits: ServerLimits) -> None:
+        self.stream = stream
+        self.limits = limits
+        host, port, *_ = stream.socket.getpeername()
+        self.remote_ip = host
+        self.remote = f"/{host}:{port}"
+        self._out = bytearray()
+        self._wake = trio.Event()
+        self._drained = trio.Event()
+        self.closing = False
+        self.reader_scope = trio.CancelScope()
+
+    def send(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self._out += data
+        self._wake.set()
+        if len(self._out) > self.limits.output_hard_cap:
+            log.warning("closing %s: %d bytes unsent, it is not reading", self.remote,
+                        len(self._out))
+            self._out.clear()
+            self.close()
+
+    def close(self) -> None:
+        self.closing = True
+        self.reader_scope.cancel()
+        self._wake.set()
+
+    @property
+    def backlogged(self) -> bool:
+        return len(self._out) > self.limits.output_high_water
+
+    async def wait_drained(self) -> None:
+        self._drained = trio.Event()
+        await self._drained.wait()
+
+    async def write_loop(self) -> None:
+        try:
+            while True:
+                if not self._out:
+                    if self.closing:
+                        return
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                    continue
+                data, self._out = self._out, bytearray()
+                if self.closing:
+                    with trio.move_on_after(self.limits.close_flush_timeout):
+                        await self.stream.send_all(data)
+                    return
+                await self.stream.send_all(data)
+                if len(self._out) <= self.limits.output_high_water:
+                    self._drained.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.close()
+        finally:
+            self._drained.set()
+            self.reader_scope.cancel()
+
+
+class ZooKeeperServer:
+    """Serves one :class:`Engine` over TCP."""
+
+    def __init__(
+        self, engine: Engine, limits: ServerLimits | None = None,
+        settings: Mapping[str, object] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.limits = limits or ServerLimits()
+        self.settings = dict(settings or {})
+
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        self.settings.setdefault("clientPort", bound)
+        log.info("serving ZooKeeper protocol on %s:%d", host, bound)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._expire_sessions)
+            task_status.started(bound)
+            await trio.serve_listeners(self._serve_connection, listeners)
+
+    async def _expire_sessions(self) -> None:
+        # Expiry runs on ZooKeeper's tick; a session lapses between its timeout
+        # and its timeout plus half a tick, as with ZooKeeper's buckets.
+        interval = max(self.engine.config.tick_ms / 2000, 0.01)
+        while True:
+            await trio.sleep(interval)
+            self.engine.expire_sessions()
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = StreamPeer(stream, self.limits)
+        except OSError:
+            return  # the client left before we could ask who it was
+        conn = ServerConnection(self.limits.max_buffer)
+        client: Client | None = None
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(peer.write_loop)
+            try:
+                with peer.reader_scope:
+                    client = await self._read_loop(stream, conn, peer)
+            finally:
+                if client is not None:
+                    self.engine.disconnect(client)
+                peer.close()
+
+    async def _read_loop(
+        self, stream: trio.SocketStream, conn: ServerConnection, peer: StreamPeer
+    ) -> Client | None:
+        engine = self.engine
+        client: Client | None = None
+        while not peer.closing:
+            if peer.backlogged:
+                await peer.wait_drained()
+                continue
+            try:
+                data = await stream.receive_some(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return client
+            if not data:
+                return client
+            conn.receive_data(data)
+            while not peer.closing:
+                try:
+                    event = conn.next_event()
+                    if event is None:
+                        break
+                    if isinstance(event, RequestReceived):
+                        if client is None or client.closed:
+                            return client
+                        engine.handle(client, event.xid, event.opcode, event.body)
+                    elif isinstance(event, ConnectRequested):
+                        client = engine.connect(peer, event.request)
+                    elif isinstance(event, FourLetterWord):
+                        peer.send(answer(engine, event.word, self.settings).encode())
+                        peer.close()
+                except (ProtocolError, DecodeError) as exc:
+                    log.warning("closing %s: %s", peer.remote, exc)
+                    peer.close()
+                    return client
+        return client
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+__all__ = ["ServerLimits", "ZooKeeperServer", "parse_listen"]

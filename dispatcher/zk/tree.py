@@ -1,0 +1,240 @@
+"""The znode tree: ZooKeeper's ``DataTree`` as plain synchronous state.
+
+Mutations go through a :class:`Txn`, which remembers every node it touched so
+that a failed ``multi`` can be rolled back and a committed one persisted and
+announced. Nothing here allocates zxids, checks permissions or knows about
+sockets: the engine does that around it.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from dispatcher.zk.jute import Writer
+from dispatcher.zk.paths import basename, parent_of
+from dispatcher.zk.protocol import EventType
+from dispatcher.zk.records import ACL, Id, Stat, encode
+
+#: ``ephemeralOwner`` of a container node (ZooKeeper's ``EphemeralType.CONTAINER``).
+CONTAINER_OWNER = -(1 << 63)
+#: TTL nodes carry their TTL in ``ephemeralOwner`` behind this marker byte (0xFF).
+TTL_MARK = 0xFF << 56
+
+READ_ONLY_WORLD = (ACL(1, Id("world", "anyone")),)
+OPEN_WORLD = (ACL(31, Id("world", "anyone")),)
+
+
+@attrs.define(slots=True, eq=False)
+class Znode:
+    data: bytes | None
+    acl: tuple[ACL, ...]
+    czxid: int
+    mzxid: int
+    ctime: int
+    mtime: int
+    version: int = 0
+    cversion: int = 0
+    aversion: int = 0
+    ephemeral_owner: int = 0
+    pzxid: int = 0
+    children: set[str] = attrs.Factory(set)
+    # What every read of an unchanged node answers with is encoded once per
+    # change instead of once per read: reads are the registry's hot path.
+    _stat_bytes: bytes | None = None
+    _data_body: bytes | None = None
+    _children_body: bytes | None = None
+
+    def stat(self) -> Stat:
+        return Stat(
+            self.czxid, self.mzxid, self.ctime, self.mtime, self.version, self.cversion,
+            self.aversion, self.ephemeral_owner, len(self.data or b""), len(self.children),
+            self.pzxid,
+        )  # fmt: skip
+
+    def stat_bytes(self) -> bytes:
+        if self._stat_bytes is None:
+            self._stat_bytes = encode(self.stat())
+        return self._stat_bytes
+
+    def data_body(self) -> bytes:
+        """The encoded getData reply body: data then Stat."""
+        if self._data_body is None:
+            w = Writer()
+            w.buffer(self.data)
+            self._data_body = bytes(w.out) + self.stat_bytes()
+        return self._data_body
+
+    def children_body(self) -> bytes:
+        """The encoded getChildren reply body: the sorted child names."""
+        if self._children_body is None:
+            w = Writer()
+            w.vector(sorted(self.children), Writer.ustring)
+            self._children_body = bytes(w.out)
+        return self._children_body
+
+    def touched(self) -> None:
+        self._stat_bytes = self._data_body = self._children_body = None
+
+    def copy(self) -> Znode:
+        return attrs.evolve(self, children=set(self.children))
+
+    @property
+    def is_ephemeral(self) -> bool:
+        return self.ephemeral_owner > 0 and (self.ephemeral_owner >> 56) != 0xFF
+
+    @property
+    def is_container(self) -> bool:
+        return self.ephemeral_owner == CONTAINER_OWNER
+
+    @property
+    def ttl(self) -> int | None:
+        if self.ephemeral_owner > 0 and (self.ephemeral_owner >> 56) == 0xFF:
+            return self.ephemeral_owner & ((1 << 56) - 1)
+        return None
+
+
+@attrs.frozen
+class Trigger:
+    """A watch to fire once the transaction that caused it commits."""
+
+    path: str
+    event: EventType
+
+
+class DataTree:
+    """Every znode by path, and the ephemerals each session owns."""
+
+    def __init__(self) -> None:
+        root = Znode(b"", OPEN_WORLD, 0, 0, 0, 0)
+        self.nodes: dict[str, Znode] = {"/": root}
+        self.ephemerals: dict[int, set[str]] = {}
+        # ZooKeeper's own subtree exists on every server and clients list it.
+        # Its odd counters (cversion -1 and -2, aversion -1) are what a fresh
+        # ZooKeeper 3.8 reports, and differential tests compare them.
+        self._insert_system("/zookeeper", OPEN_WORLD)
+        self._insert_system("/zookeeper/quota", OPEN_WORLD)
+        self._insert_system("/zookeeper/config", READ_ONLY_WORLD)
+        root.cversion = -1
+        self.nodes["/zookeeper"].cversion = -2
+        self.nodes["/zookeeper/config"].aversion = -1
+
+    def _insert_system(self, path: str, acl: tuple[ACL, ...]) -> None:
+        self.nodes[path] = Znode(b"", acl, 0, 0, 0, 0)
+        self.nodes[parent_of(path)].children.add(basename(path))
+
+    def get(self, path: str) -> Znode | None:
+        # ZooKeeper's DataTree also files the root under "", and answers it.
+        return self.nodes.get(path or "/")
+
+    @property
+    def approximate_data_size(self) -> int:
+        return sum(len(path) + len(node.data or b"") for path, node in self.nodes.items())
+
+    def load(self, path: str, node: Znode) -> None:
+        """Insert a node read back from disk; parents are loaded first."""
+        self.nodes[path] = node
+        if path != "/":
+            self.nodes[parent_of(path)].children.add(basename(path))
+        if node.is_ephemeral:
+            self.ephemerals.setdefault(node.ephemeral_owner, set()).add(path)
+
+
+class Txn:
+    """One atomic change of a :class:`DataTree`, undoable until committed."""
+
+    def __init__(self, tree: DataTree, zxid: int, time_ms: int) -> None:
+        self.tree = tree
+        self.zxid = zxid
+        self.time = time_ms
+        self.triggers: list[Trigger] = []
+        # path -> the node as it was before this txn first touched it (None: absent).
+        self._before: dict[str, Znode | None] = {}
+
+    @property
+    def touched_paths(self) -> list[str]:
+        return list(self._before)
+
+    def _remember(self, path: str) -> None:
+        if path not in self._before:
+            node = self.tree.nodes.get(path)
+            self._before[path] = None if node is None else node.copy()
+
+    def create(
+        self, path: str, data: bytes | None, acl: tuple[ACL, ...], ephemeral_owner: int
+    ) -> Znode:
+        tree = self.tree
+        parent_path = parent_of(path)
+        self._remember(path)
+        self._remember(parent_path)
+        node = Znode(data, acl, self.zxid, self.zxid, self.time, self.time,
+                     ephemeral_owner=ephemeral_owner, pzxid=self.zxid)  # fmt: skip
+        tree.nodes[path] = node
+        parent = tree.nodes[parent_path]
+        parent.children.add(basename(path))
+        parent.cversion += 1
+        parent.pzxid = self.zxid
+        parent.touched()
+        if node.is_ephemeral:
+            tree.ephemerals.setdefault(ephemeral_owner, set()).add(path)
+        self.triggers.append(Trigger(path, EventType.NODE_CREATED))
+        self.triggers.append(Trigger(parent_path, EventType.NODE_CHILDREN_CHANGED))
+        return node
+
+    def delete(self, path: str) -> None:
+        tree = self.tree
+        parent_path = parent_of(path)
+        self._remember(path)
+        self._remember(parent_path)
+        node = tree.nodes.pop(path)
+        parent = tree.nodes[parent_path]
+        parent.children.discard(basename(path))
+        parent.cversion += 1
+        parent.pzxid = self.zxid
+        parent.touched()
+        if node.is_ephemeral:
+            owned = tree.ephemerals.get(node.ephemeral_owner)
+            if owned is not None:
+                owned.discard(path)
+                if not owned:
+                    del tree.ephemerals[node.ephemeral_owner]
+        self.triggers.append(Trigger(path, EventType.NODE_DELETED))
+        self.triggers.append(Trigger(parent_path, EventType.NODE_CHILDREN_CHANGED))
+
+    def set_data(self, path: str, data: bytes | None, version: int) -> Znode:
+        self._remember(path)
+        node = self.tree.nodes[path]
+        node.data = data
+        node.version = version
+        node.mzxid = self.zxid
+        node.mtime = self.time
+        node.touched()
+        self.triggers.append(Trigger(path, EventType.NODE_DATA_CHANGED))
+        return node
+
+    def set_acl(self, path: str, acl: tuple[ACL, ...], aversion: int) -> Znode:
+        self._remember(path)
+        node = self.tree.nodes[path]
+        node.acl = acl
+        node.aversion = aversion
+        node.touched()
+        return node
+
+    def rollback(self) -> None:
+        """Put every touched node back as it was before this txn."""
+        tree = self.tree
+        for path, before in reversed(list(self._before.items())):
+            current = tree.nodes.get(path)
+            if current is not None and current.is_ephemeral:
+                owned = tree.ephemerals.get(current.ephemeral_owner)
+                if owned is not None:
+                    owned.discard(path)
+                    if not owned:
+                        del tree.ephemerals[current.ephemeral_owner]
+            if before is None:
+                tree.nodes.pop(path, None)
+            else:
+                tree.nodes[path] = before
+                if before.is_ephemeral:
+                    tree.ephemerals.setdefault(before.ephemeral_owner, set()).add(path)
+        self._before.clear()
+        self.triggers.clear()

@@ -1,0 +1,246 @@
+"""Differential tests: zkgate's answers against real ZooKeeper 3.8's.
+
+Randomized request sequences (hypothesis) run on two clients of each server;
+every answer (error code, decoded body, stats with zxids mapped to the step
+that made them, and the watch events each client received) must match.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dispatcher.zk.protocol import CreateMode, OpCode
+from dispatcher.zk.records import (
+    ACL,
+    OPEN_ACL_UNSAFE,
+    CheckVersionRequest,
+    CreateRequest,
+    DeleteRequest,
+    Id,
+    MultiRequest,
+    PathRequest,
+    PathWatchRequest,
+    Record,
+    SetACLRequest,
+    SetDataRequest,
+    SetWatches,
+)
+from tests.differential import Pair, Side
+from tests.servers import ZkgateServer, ZooKeeperServer
+
+# A small universe of names makes collisions (NODEEXISTS, NOTEMPTY, watches that
+# fire) frequent; a few illegal paths check the argument errors.
+NAMES = ["a", "b", "a/c", "a/c/d", "b/e", "a/f"]
+ILLEGAL = ["", "x", "/", "//", "/./y", "/a/"]
+
+clients = st.sampled_from(["A", "B"])
+versions = st.sampled_from([-1, -1, 0, 1, 2])
+datas = st.sampled_from([b"", b"v1", b"value-2", None])
+modes = st.sampled_from(list(CreateMode)[:4])
+watch = st.booleans()
+
+
+@st.composite
+def paths(draw: st.DrawFn) -> str:
+    if draw(st.integers(0, 19)) == 0:
+        return "!" + draw(st.sampled_from(ILLEGAL))
+    return draw(st.sampled_from(NAMES))
+
+
+def _write_ops() -> st.SearchStrategy[tuple[int, Record]]:
+    return st.one_of(
+        st.builds(lambda p, d, m: (OpCode.CREATE, CreateRequest(p, d, OPEN_ACL_UNSAFE, m)),
+                  paths(), datas, modes),
+        st.builds(lambda p, d, m: (OpCode.CREATE2, CreateRequest(p, d, OPEN_ACL_UNSAFE, m)),
+                  paths(), datas, modes),
+        st.builds(lambda p, v: (OpCode.DELETE, DeleteRequest(p, v)), paths(), versions),
+        st.builds(lambda p, d, v: (OpCode.SET_DATA, SetDataRequest(p, d, v)),
+                  paths(), datas, versions),
+    )  # fmt: skip
+
+
+def _multi_ops() -> st.SearchStrategy[tuple[int, Record]]:
+    check = st.builds(lambda p, v: (OpCode.CHECK, CheckVersionRequest(p, v)), paths(), versions)
+    sub = st.one_of(_write_ops(), check)
+    return st.builds(lambda ops: (OpCode.MULTI, MultiRequest(tuple(ops))),
+                     st.lists(sub, min_size=0, max_size=4))  # fmt: skip
+
+
+def _read_ops() -> st.SearchStrategy[tuple[int, Record]]:
+    return st.one_of(
+        st.builds(lambda p, w: (OpCode.EXISTS, PathWatchRequest(p, w)), paths(), watch),
+        st.builds(lambda p, w: (OpCode.GET_DATA, PathWatchRequest(p, w)), paths(), watch),
+        st.builds(lambda p, w: (OpCode.GET_CHILDREN, PathWatchRequest(p, w)), paths(), watch),
+        st.builds(lambda p, w: (OpCode.GET_CHILDREN2, PathWatchRequest(p, w)), paths(), watch),
+        st.builds(lambda p: (OpCode.GET_ACL, PathRequest(p)), paths()),
+        st.builds(lambda p: (OpCode.SYNC, PathRequest(p)), paths()),
+    )
+
+
+steps = st.lists(
+    st.tuples(clients, st.one_of(_write_ops(), _read_ops(), _multi_ops())),
+    min_size=1,
+    max_size=25,
+)
+
+
+def _rooted(record: Record, root: str) -> Record:
+    """Put the record's symbolic path under this example's root."""
+    import attrs
+
+    if isinstance(record, MultiRequest):
+        return MultiRequest(tuple((op, _rooted(r, root)) for op, r in record.ops))
+    path: str = record.path  # type: ignore[attr-defined]
+    real = path[1:] if path.startswith("!") else f"{root}/{path}"
+    if path.startswith("!/") and len(path) > 2:
+        real = root + path[1:]
+    return attrs.evolve(record, path=real)  # type: ignore[misc]
+
+
+def _strip(value: object, root: str) -> object:
+    """Remove the example's root from paths in an answer, so both sides compare."""
+    if isinstance(value, str):
+        return value.replace(root, "<root>")
+    if isinstance(value, dict):
+        return {k: _strip(v, root) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strip(v, root) for v in value]
+    return value
+
+
+@pytest.fixture
+def pair(zookeeper: ZooKeeperServer, zkgate: ZkgateServer) -> Iterator[Pair]:
+    p = Pair(Side(zookeeper.host, zookeeper.port), Side(zkgate.host, zkgate.port))
+    yield p
+    p.close()
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(sequence=steps)
+def test_random_sequences_match_zookeeper(pair: Pair, sequence: list) -> None:
+    root = f"/diff-{next(_roots)}"
+    for side in (pair.reference, pair.candidate):
+        side.clients["A"].call(OpCode.CREATE, CreateRequest(root, b"", OPEN_ACL_UNSAFE, 0))
+    for who, (opcode, record) in sequence:
+        request = _rooted(record, root)
+        expected, actual = pair.run(who, opcode, request)
+        assert _strip(actual, root) == _strip(expected, root), (who, opcode, request)
+
+
+_roots = itertools.count()
+
+
+def _scenario(pair: Pair, root: str, script: list[tuple[str, int, Record | None]]) -> None:
+    for who, opcode, record in script:
+        expected, actual = pair.run(who, opcode, record)
+        assert _strip(actual, root) == _strip(expected, root), (who, opcode, record)
+
+
+def test_watch_kinds_and_one_shot(pair: Pair) -> None:
+    root = "/diff-watches"
+    c = OPEN_ACL_UNSAFE
+    _scenario(pair, root, [
+        ("A", OpCode.CREATE, CreateRequest(root, b"", c, 0)),
+        ("B", OpCode.EXISTS, PathWatchRequest(f"{root}/n", True)),
+        ("B", OpCode.GET_CHILDREN, PathWatchRequest(root, True)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/n", b"1", c, 0)),
+        ("B", OpCode.GET_DATA, PathWatchRequest(f"{root}/n", True)),
+        ("B", OpCode.GET_CHILDREN, PathWatchRequest(f"{root}/n", True)),
+        ("A", OpCode.SET_DATA, SetDataRequest(f"{root}/n", b"2", -1)),
+        ("A", OpCode.SET_DATA, SetDataRequest(f"{root}/n", b"3", -1)),  # one-shot: no event
+        ("B", OpCode.GET_DATA, PathWatchRequest(f"{root}/n", True)),
+        ("A", OpCode.DELETE, DeleteRequest(f"{root}/n", -1)),  # data+child watch: one event
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/n", b"", c, 0)),  # no watch left
+    ])  # fmt: skip
+
+
+def test_set_watches_replays_what_changed(pair: Pair) -> None:
+    root = "/diff-setwatches"
+    c = OPEN_ACL_UNSAFE
+    _scenario(pair, root, [
+        ("A", OpCode.CREATE, CreateRequest(root, b"", c, 0)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/same", b"", c, 0)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/changed", b"", c, 0)),
+    ])  # fmt: skip
+    # relative zxid = the zxid of the last step, on each server: only what
+    # changed after it fires at once, the rest is re-armed.
+    expected, actual = [], []
+    for side, out in ((pair.reference, expected), (pair.candidate, actual)):
+        last = max(side.zxid_labels)
+        side.clients["A"].call(OpCode.SET_DATA, SetDataRequest(f"{root}/changed", b"x", -1))
+        reply = side.clients["B"].call(OpCode.SET_WATCHES, SetWatches(
+            last,
+            (f"{root}/same", f"{root}/changed", f"{root}/gone"),
+            (f"{root}/same", f"{root}/new"),
+            (root,),
+        ), xid=-8)  # fmt: skip
+        out.append((reply.header.err, [(e.type, e.path) for _, e in reply.events]))
+        side.clients["A"].call(OpCode.CREATE, CreateRequest(f"{root}/new", b"", c, 0))
+        side.clients["A"].call(OpCode.SET_DATA, SetDataRequest(f"{root}/same", b"y", -1))
+        ping = side.clients["B"].call(OpCode.PING)
+        out.append([(e.type, e.path) for _, e in ping.events])
+    assert actual == expected
+
+
+def _acl(scheme: str, ident: str) -> tuple[ACL, ...]:
+    return (ACL(31, Id(scheme, ident)),)
+
+
+def test_acl_answers_match(pair: Pair) -> None:
+    root = "/diff-acl"
+    c = OPEN_ACL_UNSAFE
+    read_only = (ACL(1, Id("world", "anyone")),)
+    digest = (ACL(31, Id("digest", "bob:Zm9vYmFy")),)
+    _scenario(pair, root, [
+        ("A", OpCode.CREATE, CreateRequest(root, b"", c, 0)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/ro", b"", read_only, 0)),
+        ("A", OpCode.SET_DATA, SetDataRequest(f"{root}/ro", b"x", -1)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/ro/child", b"", c, 0)),
+        ("A", OpCode.GET_ACL, PathRequest(f"{root}/ro")),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/secret", b"s", digest, 0)),
+        ("A", OpCode.GET_DATA, PathWatchRequest(f"{root}/secret", False)),
+        ("A", OpCode.GET_ACL, PathRequest(f"{root}/secret")),
+        ("A", OpCode.EXISTS, PathWatchRequest(f"{root}/secret", False)),
+        ("A", OpCode.SET_ACL, SetACLRequest(f"{root}/ro", c, 0)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/bad", b"", _acl("digest", "nocolon"), 0)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/bad", b"", _acl("auth", ""), 0)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/bad", b"", _acl("ip", "10.0.0.0/8"), 0)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/bad2", b"", _acl("ip", "not-an-ip"), 0)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/bad3", b"", _acl("world", "x"), 0)),
+        ("A", OpCode.GET_DATA, PathWatchRequest(f"{root}/bad", False)),
+    ])  # fmt: skip
+
+
+def test_session_close_removes_ephemerals_and_fires_watches(
+    zookeeper: ZooKeeperServer, zkgate: ZkgateServer
+) -> None:
+    root = "/diff-session"
+    answers = []
+    for server in (zookeeper, zkgate):
+        side = Side(server.host, server.port)
+        a, b = side.clients["A"], side.clients["B"]
+        a.call(OpCode.CREATE, CreateRequest(root, b"", OPEN_ACL_UNSAFE, 0))
+        a.call(OpCode.CREATE, CreateRequest(f"{root}/e", b"", OPEN_ACL_UNSAFE, 1))
+        a.call(OpCode.CREATE, CreateRequest(f"{root}/s-", b"", OPEN_ACL_UNSAFE, 3))
+        b.call(OpCode.GET_DATA, PathWatchRequest(f"{root}/e", True))
+        b.call(OpCode.GET_CHILDREN, PathWatchRequest(root, True))
+        closed = a.call(OpCode.CLOSE_SESSION)
+        events = []
+        while len(events) < 2:
+            got = b.read_event()
+            assert got is not None
+            events.append((got[1].type, got[1].path))
+        children = b.call(OpCode.GET_CHILDREN2, PathWatchRequest(root, False))
+        answers.append((closed.header.err, sorted(events),
+                        side.normalize(children.decode(OpCode.GET_CHILDREN2))))
+        side.close()
+    assert answers[1] == answers[0]
