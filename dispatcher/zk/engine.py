@@ -50,7 +50,6 @@ from dispatcher.zk.records import (
     MultiResponse,
     PathRequest,
     PathResponse,
-    PathWatchRequest,
     Record,
     SetACLRequest,
     SetDataRequest,
@@ -152,11 +151,13 @@ class Engine:
         self.started = wall_clock()
         log.info("tree loaded: %d znodes from disk, boot %d", loaded, store.boot)
         self._expire_orphaned_ephemerals()
+        self._reads: dict[int, Callable[[Client, int, str, bool], None]] = {
+            OpCode.GET_DATA: self._get_data,
+            OpCode.EXISTS: self._exists,
+            OpCode.GET_CHILDREN: self._get_children,
+            OpCode.GET_CHILDREN2: self._get_children2,
+        }
         self._handlers: dict[int, Callable[[Client, int, Record], None]] = {
-            OpCode.GET_DATA: self._get_data,  # type: ignore[dict-item]
-            OpCode.EXISTS: self._exists,  # type: ignore[dict-item]
-            OpCode.GET_CHILDREN: self._get_children,  # type: ignore[dict-item]
-            OpCode.GET_CHILDREN2: self._get_children2,  # type: ignore[dict-item]
             OpCode.GET_ACL: self._get_acl,  # type: ignore[dict-item]
             OpCode.SYNC: self._sync,  # type: ignore[dict-item]
             OpCode.SET_WATCHES: self._set_watches,  # type: ignore[dict-item]
@@ -275,7 +276,13 @@ class Engine:
         client.received += 1
         self.stats.packets_received += 1
         self.sessions.touch(client.session, started)
-        if opcode == OpCode.PING:
+        read = self._reads.get(opcode)
+        if read is not None:
+            # Reads of (path, watch) are the hot path: decoded in place rather
+            # than through a record object.
+            path, watch = _path_and_watch(body)
+            read(client, xid, path, watch)
+        elif opcode == OpCode.PING:
             self._reply(client, xid, Err.OK)
         elif opcode == OpCode.CLOSE_SESSION:
             self._close_session(client, xid)
@@ -327,6 +334,8 @@ class Engine:
         self._lose(client)
 
     def _can(self, client: Client, node: Znode, perm: Perm) -> bool:
+        if node.world_perms & perm == perm:
+            return True
         return acls.allowed(node.acl, perm, client.auth)
 
     def _node_for_read(self, client: Client, path: str, perm: Perm) -> Znode:
@@ -339,44 +348,44 @@ class Engine:
 
     # --- reads ------------------------------------------------------------------
 
-    def _get_data(self, client: Client, xid: int, req: PathWatchRequest) -> None:
-        node = self.tree.get(req.path)
+    def _get_data(self, client: Client, xid: int, path: str, watch: bool) -> None:
+        node = self.tree.get(path)
         if node is None:
             return self._reply(client, xid, Err.NONODE)
         if not self._can(client, node, Perm.READ):
             return self._reply(client, xid, Err.NOAUTH)
-        if req.watch:
-            self.watches.data.add(req.path, client)
+        if watch:
+            self.watches.data.add(path, client)
         self._reply(client, xid, Err.OK, node.data_body())
 
-    def _exists(self, client: Client, xid: int, req: PathWatchRequest) -> None:
-        node = self.tree.get(req.path)
-        if req.watch:
-            self.watches.data.add(req.path, client)
+    def _exists(self, client: Client, xid: int, path: str, watch: bool) -> None:
+        node = self.tree.get(path)
+        if watch:
+            self.watches.data.add(path, client)
         if node is None:
             return self._reply(client, xid, Err.NONODE)
         self._reply(client, xid, Err.OK, node.stat_bytes())
 
-    def _get_children(self, client: Client, xid: int, req: PathWatchRequest) -> None:
-        node = self._children_of(client, xid, req)
+    def _get_children(self, client: Client, xid: int, path: str, watch: bool) -> None:
+        node = self._children_of(client, xid, path, watch)
         if node is not None:
             self._reply(client, xid, Err.OK, node.children_body())
 
-    def _get_children2(self, client: Client, xid: int, req: PathWatchRequest) -> None:
-        node = self._children_of(client, xid, req)
+    def _get_children2(self, client: Client, xid: int, path: str, watch: bool) -> None:
+        node = self._children_of(client, xid, path, watch)
         if node is not None:
             self._reply(client, xid, Err.OK, node.children_body() + node.stat_bytes())
 
-    def _children_of(self, client: Client, xid: int, req: PathWatchRequest) -> Znode | None:
-        node = self.tree.get(req.path)
+    def _children_of(self, client: Client, xid: int, path: str, watch: bool) -> Znode | None:
+        node = self.tree.get(path)
         if node is None:
             self._reply(client, xid, Err.NONODE)
             return None
         if not self._can(client, node, Perm.READ):
             self._reply(client, xid, Err.NOAUTH)
             return None
-        if req.watch:
-            self.watches.child.add(req.path, client)
+        if watch:
+            self.watches.child.add(path, client)
         return node
 
     def _get_acl(self, client: Client, xid: int, req: PathRequest) -> None:
@@ -482,7 +491,7 @@ class Engine:
             except ZkError as exc:
                 failed = exc
                 break
-            results.append((opcode, result or EmptyResult()))
+            results.append(_multi_result(opcode, result))
         if failed is None:
             self._commit(txn)
         else:
@@ -553,7 +562,7 @@ class Engine:
         if not self._can(client, parent, Perm.CREATE):
             raise ZkError(Err.NOAUTH)
         if mode.is_sequential:
-            path = f"{path}{parent.cversion:010d}"
+            path = f"{path}{parent.child_creates:010d}"
         try:
             validate_path(path)
         except InvalidPath:
@@ -625,6 +634,36 @@ class Engine:
         node = self._validated(client, req.path, Perm.ADMIN)
         aversion = _check_version(node.aversion, req.version)
         return StatResponse(txn.set_acl(req.path, acl, aversion).stat())
+
+
+def _multi_result(opcode: int, result: Record | None) -> tuple[int, Record]:
+    """A sub-result as ZooKeeper 3.8 labels it inside a multi reply.
+
+    ZooKeeper answers create2 inside a multi as a plain create (path only), and
+    createContainer and createTTL as create2 (path and stat).
+    """
+    if opcode == OpCode.CREATE2 and isinstance(result, Create2Response):
+        return OpCode.CREATE, CreateResponse(result.path)
+    if opcode in (OpCode.CREATE_CONTAINER, OpCode.CREATE_TTL):
+        return OpCode.CREATE2, result or EmptyResult()
+    return opcode, result or EmptyResult()
+
+
+_PATH_LENGTH = struct.Struct(">i")
+
+
+def _path_and_watch(body: bytes) -> tuple[str, bool]:
+    """Decode the (ustring path, bool watch) body of exists/getData/getChildren."""
+    if len(body) < 5:
+        raise DecodeError("record truncated")
+    (length,) = _PATH_LENGTH.unpack_from(body)
+    if length < 0 or 4 + length + 1 > len(body):
+        raise DecodeError("path length exceeds the frame")
+    try:
+        path = body[4 : 4 + length].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError("path is not UTF-8") from exc
+    return path, body[4 + length] != 0
 
 
 def _check_version(current: int, expected: int) -> int:

@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS znodes (
     cversion INTEGER NOT NULL,
     aversion INTEGER NOT NULL,
     ephemeral_owner INTEGER NOT NULL,
-    pzxid INTEGER NOT NULL
+    pzxid INTEGER NOT NULL,
+    child_creates INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -69,9 +70,9 @@ class TreeStore:
         # Parents before children, so every child finds its parent's children set.
         rows.sort(key=lambda row: (row[0].count("/"), row[0] != "/"))
         for path, data, acl, *numbers in rows:
-            czxid, mzxid, ctime, mtime, version, cversion, aversion, owner, pzxid = numbers
+            czxid, mzxid, ctime, mtime, version, cversion, aversion, owner, pzxid, creates = numbers
             node = Znode(data, read_acls(Reader(acl)) or (), czxid, mzxid, ctime, mtime,
-                         version, cversion, aversion, owner, pzxid)  # fmt: skip
+                         version, cversion, aversion, owner, pzxid, creates)  # fmt: skip
             existing = tree.nodes.get(path)
             if existing is not None:
                 node.children |= existing.children
@@ -90,7 +91,7 @@ class TreeStore:
                 upserts.append((
                     path, node.data, _encode_acl(node), node.czxid, node.mzxid, node.ctime,
                     node.mtime, node.version, node.cversion, node.aversion,
-                    node.ephemeral_owner, node.pzxid,
+                    node.ephemeral_owner, node.pzxid, node.child_creates,
                 ))  # fmt: skip
         db = self._db
         db.execute("BEGIN IMMEDIATE")
@@ -99,7 +100,7 @@ class TreeStore:
                 db.executemany("DELETE FROM znodes WHERE path = ?", deletes)
             if upserts:
                 db.executemany(
-                    "INSERT OR REPLACE INTO znodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", upserts
+                    "INSERT OR REPLACE INTO znodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", upserts
                 )
             db.execute("COMMIT")
         except BaseException:

@@ -24,6 +24,14 @@ READ_ONLY_WORLD = (ACL(1, Id("world", "anyone")),)
 OPEN_WORLD = (ACL(31, Id("world", "anyone")),)
 
 
+def world_perms(acl: tuple[ACL, ...]) -> int:
+    perms = 0
+    for entry in acl:
+        if entry.id.scheme == "world" and entry.id.id == "anyone":
+            perms |= entry.perms
+    return perms
+
+
 @attrs.define(slots=True, eq=False)
 class Znode:
     data: bytes | None
@@ -37,12 +45,22 @@ class Znode:
     aversion: int = 0
     ephemeral_owner: int = 0
     pzxid: int = 0
+    #: Children ever created here. ZooKeeper 3.8 names sequential children from
+    #: this count, not from cversion, which deletes bump too (observed: create
+    #: and delete a child, and the next sequential child is ...0001 while
+    #: cversion is 2).
+    child_creates: int = 0
     children: set[str] = attrs.Factory(set)
+    #: What world:anyone may do here: most reads pass the ACL check on this alone.
+    world_perms: int = attrs.field(init=False, default=0)
     # What every read of an unchanged node answers with is encoded once per
     # change instead of once per read: reads are the registry's hot path.
     _stat_bytes: bytes | None = None
     _data_body: bytes | None = None
     _children_body: bytes | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.world_perms = world_perms(self.acl)
 
     def stat(self) -> Stat:
         return Stat(
@@ -172,6 +190,7 @@ class Txn:
         parent = tree.nodes[parent_path]
         parent.children.add(basename(path))
         parent.cversion += 1
+        parent.child_creates += 1
         parent.pzxid = self.zxid
         parent.touched()
         if node.is_ephemeral:
@@ -215,6 +234,7 @@ class Txn:
         self._remember(path)
         node = self.tree.nodes[path]
         node.acl = acl
+        node.world_perms = world_perms(acl)
         node.aversion = aversion
         node.touched()
         return node
