@@ -60,8 +60,9 @@ class Metadata(Mapping[str, str]):
     sorted by key: less than half the memory of a dict for the handful of
     entries an instance carries, and the sort makes equality and hashing
     plain tuple operations, independent of the order entries were given in.
-    Lookups scan the keys, which is cheaper than hashing at these sizes;
-    iteration is in key order. Keys are interned: the same few keys
+    Lookups scan the keys: linear, but over a handful of entries, and the
+    hot paths (diffing, rendering) compare or iterate rather than look up.
+    Iteration is in key order. Keys are interned: the same few keys
     (``version``, ``application``...) repeat on every instance.
     """
 

@@ -21,18 +21,22 @@ from dispatcher.zk.protocol import XID_NOTIFICATION, XID_PING, OpCode
 from dispatcher.zk.records import (
     ConnectRequest,
     ConnectResponse,
+    CountResponse,
     Create2Response,
     CreateResponse,
+    ErrorResult,
     GetACLResponse,
     GetChildren2Response,
     GetChildrenResponse,
     GetDataResponse,
     MultiResponse,
     PathResponse,
+    PathsResponse,
     Record,
     ReplyHeader,
     StatResponse,
     WatcherEvent,
+    WhoAmIResponse,
 )
 
 _LENGTH = struct.Struct(">i")
@@ -53,6 +57,10 @@ RESPONSES: dict[int, Callable[[Reader], Record]] = {
     OpCode.SYNC: PathResponse.read,
     OpCode.MULTI: MultiResponse.read,
     OpCode.MULTI_READ: MultiResponse.read,
+    OpCode.GET_EPHEMERALS: PathsResponse.read,
+    OpCode.GET_ALL_CHILDREN_NUMBER: CountResponse.read,
+    OpCode.WHO_AM_I: WhoAmIResponse.read,
+    OpCode.ADD_WATCH: ErrorResult.read,
 }
 
 

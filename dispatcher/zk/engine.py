@@ -34,36 +34,49 @@ from dispatcher.zk.protocol import (
 from dispatcher.zk.records import (
     ACL,
     REQUESTS,
+    AddWatchRequest,
     AuthPacket,
+    ClientInfo,
     ConnectRequest,
     ConnectResponse,
+    CountResponse,
     Create2Response,
     CreateRequest,
     CreateResponse,
     CreateTTLRequest,
     DeleteRequest,
-    EmptyResult,
+    Empty,
     ErrorResult,
     GetACLResponse,
+    GetChildrenResponse,
+    GetDataResponse,
+    GetSASLRequest,
     Id,
+    MultiReadRequest,
     MultiRequest,
     MultiResponse,
     PathRequest,
     PathResponse,
+    PathsResponse,
+    PathWatchRequest,
+    ReconfigRequest,
     Record,
     SetACLRequest,
     SetDataRequest,
+    SetSASLResponse,
     SetWatches,
     SetWatches2,
     StatResponse,
     WatcherEvent,
+    WatchesRequest,
+    WhoAmIResponse,
     encode,
 )
 from dispatcher.zk.sessions import Session, SessionTable
 from dispatcher.zk.stats import ServerStats
 from dispatcher.zk.store import TreeStore
 from dispatcher.zk.tree import CONTAINER_OWNER, DataTree, Trigger, Txn, Znode
-from dispatcher.zk.watches import Mode, WatchManager
+from dispatcher.zk.watches import WatcherType, WatchManager
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +177,15 @@ class Engine:
             OpCode.SET_WATCHES2: self._set_watches,  # type: ignore[dict-item]
             OpCode.AUTH: self._auth,  # type: ignore[dict-item]
             OpCode.MULTI: self._multi,  # type: ignore[dict-item]
+            OpCode.ADD_WATCH: self._add_watch,  # type: ignore[dict-item]
+            OpCode.CHECK_WATCHES: self._check_watches,  # type: ignore[dict-item]
+            OpCode.REMOVE_WATCHES: self._remove_watches,  # type: ignore[dict-item]
+            OpCode.MULTI_READ: self._multi_read,  # type: ignore[dict-item]
+            OpCode.GET_EPHEMERALS: self._get_ephemerals,  # type: ignore[dict-item]
+            OpCode.GET_ALL_CHILDREN_NUMBER: self._get_all_children_number,  # type: ignore[dict-item]
+            OpCode.WHO_AM_I: self._who_am_i,  # type: ignore[dict-item]
+            OpCode.SASL: self._sasl,  # type: ignore[dict-item]
+            OpCode.RECONFIG: self._reconfig,  # type: ignore[dict-item]
         }
         self._writes: dict[int, Callable[[Txn, Client, int, Record], Record | None]] = {
             OpCode.CREATE: self._create,  # type: ignore[dict-item]
@@ -355,13 +377,13 @@ class Engine:
         if not self._can(client, node, Perm.READ):
             return self._reply(client, xid, Err.NOAUTH)
         if watch:
-            self.watches.data.add(path, client)
+            self.watches.add_data(path, client)
         self._reply(client, xid, Err.OK, node.data_body())
 
     def _exists(self, client: Client, xid: int, path: str, watch: bool) -> None:
         node = self.tree.get(path)
         if watch:
-            self.watches.data.add(path, client)
+            self.watches.add_data(path, client)
         if node is None:
             return self._reply(client, xid, Err.NONODE)
         self._reply(client, xid, Err.OK, node.stat_bytes())
@@ -385,7 +407,7 @@ class Engine:
             self._reply(client, xid, Err.NOAUTH)
             return None
         if watch:
-            self.watches.child.add(path, client)
+            self.watches.add_child(path, client)
         return node
 
     def _get_acl(self, client: Client, xid: int, req: PathRequest) -> None:
@@ -409,7 +431,7 @@ class Engine:
 
     def _set_watches(self, client: Client, xid: int, req: SetWatches | SetWatches2) -> None:
         relative = req.relative_zxid
-        tree, data, child = self.tree, self.watches.data, self.watches.child
+        tree, watches = self.tree, self.watches
         for path in req.data:
             node = tree.get(path)
             if node is None:
@@ -417,12 +439,12 @@ class Engine:
             elif node.mzxid > relative:
                 self._notify(client, EventType.NODE_DATA_CHANGED, path)
             else:
-                data.add(path, client)
+                watches.add_data(path, client)
         for path in req.exist:
             if tree.get(path) is not None:
                 self._notify(client, EventType.NODE_CREATED, path)
             else:
-                data.add(path, client)
+                watches.add_data(path, client)
         for path in req.child:
             node = tree.get(path)
             if node is None:
@@ -430,14 +452,85 @@ class Engine:
             elif node.pzxid > relative:
                 self._notify(client, EventType.NODE_CHILDREN_CHANGED, path)
             else:
-                child.add(path, client)
+                watches.add_child(path, client)
         if isinstance(req, SetWatches2):
             for path in req.persistent:
-                child.add(path, client, Mode.PERSISTENT)
-                data.add(path, client, Mode.PERSISTENT)
+                watches.add_persistent(path, client, recursive=False)
             for path in req.persistent_recursive:
-                data.add(path, client, Mode.PERSISTENT_RECURSIVE)
+                watches.add_persistent(path, client, recursive=True)
         self._reply(client, xid, Err.OK)
+
+    def _add_watch(self, client: Client, xid: int, req: AddWatchRequest) -> None:
+        if req.mode not in (0, 1):
+            # ZooKeeper fails to deserialize an unknown mode: MARSHALLINGERROR.
+            return self._reply(client, xid, Err.MARSHALLINGERROR)
+        self.watches.add_persistent(req.path, client, recursive=req.mode == 1)
+        self._reply(client, xid, Err.OK, encode(ErrorResult(Err.OK)))
+
+    def _check_watches(self, client: Client, xid: int, req: WatchesRequest) -> None:
+        self._watches_op(client, xid, req, self.watches.contains)
+
+    def _remove_watches(self, client: Client, xid: int, req: WatchesRequest) -> None:
+        self._watches_op(client, xid, req, self.watches.remove)
+
+    def _watches_op(
+        self, client: Client, xid: int, req: WatchesRequest,
+        op: Callable[[str, Client, WatcherType], bool],
+    ) -> None:
+        try:
+            kind = WatcherType(req.type)
+        except ValueError:
+            return self._reply(client, xid, Err.MARSHALLINGERROR)
+        self._reply(client, xid, Err.OK if op(req.path, client, kind) else Err.NOWATCHER)
+
+    def _multi_read(self, client: Client, xid: int, req: MultiReadRequest) -> None:
+        results: list[tuple[int, Record]] = []
+        for opcode, record in req.ops:
+            assert isinstance(record, PathWatchRequest)
+            node = self.tree.get(record.path)
+            if node is None:
+                results.append((OpCode.ERROR, ErrorResult(Err.NONODE)))
+                continue
+            if not self._can(client, node, Perm.READ):
+                results.append((OpCode.ERROR, ErrorResult(Err.NOAUTH)))
+                continue
+            if opcode == OpCode.GET_DATA:
+                if record.watch:
+                    self.watches.add_data(record.path, client)
+                results.append((opcode, GetDataResponse(node.data, node.stat())))
+            else:
+                if record.watch:
+                    self.watches.add_child(record.path, client)
+                results.append((opcode, GetChildrenResponse(tuple(sorted(node.children)))))
+        self._reply(client, xid, Err.OK, encode(MultiResponse(tuple(results))))
+
+    def _get_ephemerals(self, client: Client, xid: int, req: PathRequest) -> None:
+        owned = self.tree.ephemerals.get(client.session.id, ())
+        paths = tuple(sorted(p for p in owned if p.startswith(req.path)))
+        self._reply(client, xid, Err.OK, encode(PathsResponse(paths)))
+
+    def _get_all_children_number(self, client: Client, xid: int, req: PathRequest) -> None:
+        node = self.tree.get(req.path)
+        if node is None:
+            return self._reply(client, xid, Err.NONODE)
+        if not self._can(client, node, Perm.READ):
+            return self._reply(client, xid, Err.NOAUTH)
+        self._reply(client, xid, Err.OK, encode(CountResponse(self.tree.descendants(req.path))))
+
+    def _who_am_i(self, client: Client, xid: int, req: Empty) -> None:
+        infos = tuple(
+            ClientInfo(a.scheme, a.id.split(":", 1)[0] if a.scheme == "digest" else a.id)
+            for a in sorted(client.auth, key=lambda a: (a.scheme, a.id))
+        )
+        self._reply(client, xid, Err.OK, encode(WhoAmIResponse(infos)))
+
+    def _sasl(self, client: Client, xid: int, req: GetSASLRequest) -> None:
+        # A ZooKeeper without SASL configured answers with an empty token.
+        self._reply(client, xid, Err.OK, encode(SetSASLResponse(None)), zxid=0)
+
+    def _reconfig(self, client: Client, xid: int, req: ReconfigRequest) -> None:
+        self.zxid += 1  # refused in ZooKeeper's prep stage, as an error txn
+        self._reply(client, xid, Err.RECONFIGDISABLED)
 
     def _auth(self, client: Client, xid: int, req: AuthPacket) -> None:
         if req.scheme == "digest":
@@ -645,8 +738,8 @@ def _multi_result(opcode: int, result: Record | None) -> tuple[int, Record]:
     if opcode == OpCode.CREATE2 and isinstance(result, Create2Response):
         return OpCode.CREATE, CreateResponse(result.path)
     if opcode in (OpCode.CREATE_CONTAINER, OpCode.CREATE_TTL):
-        return OpCode.CREATE2, result or EmptyResult()
-    return opcode, result or EmptyResult()
+        return OpCode.CREATE2, result or Empty()
+    return opcode, result or Empty()
 
 
 _PATH_LENGTH = struct.Struct(">i")

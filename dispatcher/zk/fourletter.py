@@ -89,17 +89,17 @@ def mntr(engine: Engine) -> str:
 
 
 def wchs(engine: Engine) -> str:
-    data = engine.watches.data
-    watchers = sum(1 for _ in data.watchers())
+    watches = engine.watches
+    watchers = sum(1 for _ in watches.data_watchers())
     return (
-        f"{watchers} connections watching {data.path_count} paths\n"
-        f"Total watches:{data.watch_count}\n"
+        f"{watchers} connections watching {len(watches.data)} paths\n"
+        f"Total watches:{watches.data_watch_count}\n"
     )
 
 
 def wchc(engine: Engine) -> str:
     out = []
-    for watcher, paths in engine.watches.data.watchers():
+    for watcher, paths in engine.watches.data_watchers():
         assert isinstance(watcher, Client)
         out.append(f"0x{watcher.session.id:x}\n" + "".join(f"\t{p}\n" for p in sorted(paths)))
     return "".join(out) + "\n"
@@ -107,7 +107,7 @@ def wchc(engine: Engine) -> str:
 
 def wchp(engine: Engine) -> str:
     out = []
-    for path, watchers in sorted(engine.watches.data.items(), key=lambda item: item[0]):
+    for path, watchers in sorted(engine.watches.data.items()):
         ids = "".join(f"\t0x{w.session.id:x}\n" for w in watchers if isinstance(w, Client))
         out.append(f"{path}\n{ids}")
     return "".join(out) + "\n"

@@ -28,6 +28,18 @@ def encode(record: Record) -> bytes:
 
 
 @attrs.frozen
+class Empty:
+    """No body: whoAmI's request, delete's and check's result inside a multi."""
+
+    @classmethod
+    def read(cls, r: Reader) -> Empty:
+        return cls()
+
+    def write(self, w: Writer) -> None:
+        pass
+
+
+@attrs.frozen
 class Id:
     scheme: str
     id: str
@@ -396,6 +408,36 @@ class WatchesRequest:
 
 
 @attrs.frozen
+class ReconfigRequest:
+    joining_servers: str | None
+    leaving_servers: str | None
+    new_members: str | None
+    cur_config_id: int
+
+    @classmethod
+    def read(cls, r: Reader) -> ReconfigRequest:
+        return cls(r.ustring(), r.ustring(), r.ustring(), r.long())
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.joining_servers)
+        w.ustring(self.leaving_servers)
+        w.ustring(self.new_members)
+        w.long(self.cur_config_id)
+
+
+@attrs.frozen
+class GetSASLRequest:
+    token: bytes | None
+
+    @classmethod
+    def read(cls, r: Reader) -> GetSASLRequest:
+        return cls(r.buffer())
+
+    def write(self, w: Writer) -> None:
+        w.buffer(self.token)
+
+
+@attrs.frozen
 class MultiHeader:
     type: int
     done: bool
@@ -487,6 +529,9 @@ REQUESTS: dict[int, type[Record]] = {
     OpCode.ADD_WATCH: AddWatchRequest,
     OpCode.CHECK_WATCHES: WatchesRequest,
     OpCode.REMOVE_WATCHES: WatchesRequest,
+    OpCode.RECONFIG: ReconfigRequest,
+    OpCode.SASL: GetSASLRequest,
+    OpCode.WHO_AM_I: Empty,
 }
 
 
@@ -630,6 +675,44 @@ class PathsResponse:
 
 
 @attrs.frozen
+class ClientInfo:
+    auth_scheme: str
+    user: str
+
+    @classmethod
+    def read(cls, r: Reader) -> ClientInfo:
+        return cls(r.string(), r.string())
+
+    def write(self, w: Writer) -> None:
+        w.ustring(self.auth_scheme)
+        w.ustring(self.user)
+
+
+@attrs.frozen
+class WhoAmIResponse:
+    client_info: tuple[ClientInfo, ...]
+
+    @classmethod
+    def read(cls, r: Reader) -> WhoAmIResponse:
+        return cls(tuple(r.vector(ClientInfo.read) or ()))
+
+    def write(self, w: Writer) -> None:
+        w.vector(self.client_info, lambda w, info: info.write(w))
+
+
+@attrs.frozen
+class SetSASLResponse:
+    token: bytes | None
+
+    @classmethod
+    def read(cls, r: Reader) -> SetSASLResponse:
+        return cls(r.buffer())
+
+    def write(self, w: Writer) -> None:
+        w.buffer(self.token)
+
+
+@attrs.frozen
 class ErrorResult:
     """A failed (or rolled back) operation inside a multi."""
 
@@ -643,27 +726,15 @@ class ErrorResult:
         w.int(self.err)
 
 
-@attrs.frozen
-class EmptyResult:
-    """delete and check inside a multi answer with no body."""
-
-    @classmethod
-    def read(cls, r: Reader) -> EmptyResult:
-        return cls()
-
-    def write(self, w: Writer) -> None:
-        pass
-
-
 #: What each operation inside a multi answers with on success.
 MULTI_RESULTS: dict[int, type[Record]] = {
     OpCode.CREATE: CreateResponse,
     OpCode.CREATE2: Create2Response,
     OpCode.CREATE_CONTAINER: Create2Response,
     OpCode.CREATE_TTL: Create2Response,
-    OpCode.DELETE: EmptyResult,
+    OpCode.DELETE: Empty,
     OpCode.SET_DATA: StatResponse,
-    OpCode.CHECK: EmptyResult,
+    OpCode.CHECK: Empty,
     OpCode.GET_DATA: GetDataResponse,
     OpCode.GET_CHILDREN: GetChildrenResponse,
     OpCode.ERROR: ErrorResult,

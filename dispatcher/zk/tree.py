@@ -148,6 +148,18 @@ class DataTree:
     def approximate_data_size(self) -> int:
         return sum(len(path) + len(node.data or b"") for path, node in self.nodes.items())
 
+    def descendants(self, path: str) -> int:
+        """How many nodes lie below ``path`` (getAllChildrenNumber)."""
+        count = 0
+        stack = [path or "/"]
+        while stack:
+            node_path = stack.pop()
+            node = self.nodes[node_path]
+            count += len(node.children)
+            prefix = "" if node_path == "/" else node_path
+            stack.extend(f"{prefix}/{name}" for name in node.children)
+        return count
+
     def load(self, path: str, node: Znode) -> None:
         """Insert a node read back from disk; parents are loaded first."""
         self.nodes[path] = node

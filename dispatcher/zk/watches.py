@@ -2,9 +2,15 @@
 
 Two tables, as in ZooKeeper's ``DataTree``: data watches (getData, exists, and
 persistent watches) and child watches (getChildren, and non-recursive
-persistent watches). A standard watch fires once; persistent ones stay; a
+persistent watches). A standard watch fires once; a persistent one stays; a
 recursive one also fires for every path below it, but never for
 NodeChildrenChanged.
+
+As in ZooKeeper 3.8, a connection has ONE mode per path, shared by both
+tables, and the last registration sets it: adding a recursive watch where a
+persistent one was turns off its NodeChildrenChanged events, and a standard
+watch set afterwards makes the watch one-shot again. (ZooKeeper 3.9 changed
+this; 3.8 is the specification here.)
 """
 
 from __future__ import annotations
@@ -16,137 +22,156 @@ from dispatcher.zk.paths import parent_of
 from dispatcher.zk.protocol import EventType
 
 
-class Mode(enum.IntFlag):
-    STANDARD = 1
-    PERSISTENT = 2
-    PERSISTENT_RECURSIVE = 4
+class Mode(enum.Enum):
+    STANDARD = 0
+    PERSISTENT = 1
+    PERSISTENT_RECURSIVE = 2
 
 
-class WatchTable:
-    """path → {watcher: modes}, with the reverse index needed to drop a watcher."""
+class WatcherType(enum.IntEnum):
+    """The ``type`` of checkWatches and removeWatches."""
 
-    def __init__(self) -> None:
-        self._by_path: dict[str, dict[Hashable, Mode]] = {}
-        self._by_watcher: dict[Hashable, set[str]] = {}
-        self.recursive_count = 0
-
-    def add(self, path: str, watcher: Hashable, mode: Mode = Mode.STANDARD) -> None:
-        watchers = self._by_path.setdefault(path, {})
-        before = watchers.get(watcher, Mode(0))
-        if mode & Mode.PERSISTENT_RECURSIVE and not before & Mode.PERSISTENT_RECURSIVE:
-            self.recursive_count += 1
-        watchers[watcher] = before | mode
-        self._by_watcher.setdefault(watcher, set()).add(path)
-
-    def contains(self, path: str, watcher: Hashable, mode: Mode | None = None) -> bool:
-        modes = self._by_path.get(path, {}).get(watcher)
-        if modes is None:
-            return False
-        return mode is None or bool(modes & mode)
-
-    def remove(self, path: str, watcher: Hashable, mode: Mode | None = None) -> bool:
-        """Drop ``mode`` (every mode when None); True when something was removed."""
-        watchers = self._by_path.get(path)
-        if watchers is None or watcher not in watchers:
-            return False
-        before = watchers[watcher]
-        after = Mode(0) if mode is None else before & ~mode
-        if after == before:
-            return False
-        self._set(path, watchers, watcher, before, after)
-        return True
-
-    def _set(
-        self, path: str, watchers: dict[Hashable, Mode], watcher: Hashable, before: Mode,
-        after: Mode,
-    ) -> None:
-        if before & Mode.PERSISTENT_RECURSIVE and not after & Mode.PERSISTENT_RECURSIVE:
-            self.recursive_count -= 1
-        if after:
-            watchers[watcher] = after
-            return
-        del watchers[watcher]
-        if not watchers:
-            del self._by_path[path]
-        paths = self._by_watcher.get(watcher)
-        if paths is not None:
-            paths.discard(path)
-            if not paths:
-                del self._by_watcher[watcher]
-
-    def drop_watcher(self, watcher: Hashable) -> None:
-        for path in self._by_watcher.pop(watcher, set()):
-            watchers = self._by_path[path]
-            if watchers.pop(watcher) & Mode.PERSISTENT_RECURSIVE:
-                self.recursive_count -= 1
-            if not watchers:
-                del self._by_path[path]
-
-    def trigger(self, path: str, recursive_too: bool) -> list[Hashable]:
-        """The watchers to notify of a change at ``path``; standard watches are used up."""
-        fired: list[Hashable] = []
-        watchers = self._by_path.get(path)
-        if watchers:
-            for watcher, modes in list(watchers.items()):
-                fired.append(watcher)
-                if modes & Mode.STANDARD:
-                    self._set(path, watchers, watcher, modes, modes & ~Mode.STANDARD)
-        if recursive_too and self.recursive_count:
-            for ancestor in _ancestors(path):
-                for watcher, modes in self._by_path.get(ancestor, {}).items():
-                    if modes & Mode.PERSISTENT_RECURSIVE and watcher not in fired:
-                        fired.append(watcher)
-        return fired
-
-    def paths_of(self, watcher: Hashable) -> set[str]:
-        return self._by_watcher.get(watcher, set())
-
-    def watchers_of(self, path: str) -> dict[Hashable, Mode]:
-        return self._by_path.get(path, {})
-
-    @property
-    def path_count(self) -> int:
-        return len(self._by_path)
-
-    @property
-    def watch_count(self) -> int:
-        return sum(len(watchers) for watchers in self._by_path.values())
-
-    def items(self) -> Iterator[tuple[str, dict[Hashable, Mode]]]:
-        return iter(self._by_path.items())
-
-    def watchers(self) -> Iterator[tuple[Hashable, set[str]]]:
-        return iter(self._by_watcher.items())
-
-
-def _ancestors(path: str) -> Iterator[str]:
-    while path != "/":
-        path = parent_of(path)
-        yield path
+    CHILDREN = 1
+    DATA = 2
+    ANY = 3
 
 
 class WatchManager:
-    """Both tables, and the rules that map a tree change to the watches it fires."""
+    """Both tables, the shared modes, and the rules that map changes to events."""
 
     def __init__(self) -> None:
-        self.data = WatchTable()
-        self.child = WatchTable()
+        self.data: dict[str, set[Hashable]] = {}
+        self.child: dict[str, set[Hashable]] = {}
+        self._modes: dict[tuple[Hashable, str], Mode] = {}
+        self._by_watcher: dict[Hashable, set[str]] = {}
+        self._recursive = 0
+
+    # --- registration ---
+
+    def add_data(self, path: str, watcher: Hashable) -> None:
+        self._add(self.data, path, watcher, Mode.STANDARD)
+
+    def add_child(self, path: str, watcher: Hashable) -> None:
+        self._add(self.child, path, watcher, Mode.STANDARD)
+
+    def add_persistent(self, path: str, watcher: Hashable, recursive: bool) -> None:
+        if recursive:
+            self._add(self.data, path, watcher, Mode.PERSISTENT_RECURSIVE)
+        else:
+            self._add(self.data, path, watcher, Mode.PERSISTENT)
+            self._add(self.child, path, watcher, Mode.PERSISTENT)
+
+    def _add(self, table: dict[str, set[Hashable]], path: str, watcher: Hashable,
+             mode: Mode) -> None:  # fmt: skip
+        table.setdefault(path, set()).add(watcher)
+        self._set_mode(watcher, path, mode)
+        self._by_watcher.setdefault(watcher, set()).add(path)
+
+    def _set_mode(self, watcher: Hashable, path: str, mode: Mode | None) -> None:
+        key = (watcher, path)
+        before = self._modes.pop(key, None)
+        if before is Mode.PERSISTENT_RECURSIVE:
+            self._recursive -= 1
+        if mode is not None:
+            self._modes[key] = mode
+            if mode is Mode.PERSISTENT_RECURSIVE:
+                self._recursive += 1
+
+    def _discard(self, table: dict[str, set[Hashable]], path: str, watcher: Hashable) -> bool:
+        watchers = table.get(path)
+        if watchers is None or watcher not in watchers:
+            return False
+        watchers.discard(watcher)
+        if not watchers:
+            del table[path]
+        if watcher not in self.data.get(path, ()) and watcher not in self.child.get(path, ()):
+            self._set_mode(watcher, path, None)
+            paths = self._by_watcher.get(watcher)
+            if paths is not None:
+                paths.discard(path)
+                if not paths:
+                    del self._by_watcher[watcher]
+        return True
+
+    def contains(self, path: str, watcher: Hashable, kind: WatcherType) -> bool:
+        in_data = watcher in self.data.get(path, ())
+        in_child = watcher in self.child.get(path, ())
+        if kind is WatcherType.DATA:
+            return in_data
+        if kind is WatcherType.CHILDREN:
+            return in_child
+        return in_data or in_child
+
+    def remove(self, path: str, watcher: Hashable, kind: WatcherType) -> bool:
+        removed = False
+        if kind in (WatcherType.CHILDREN, WatcherType.ANY):
+            removed |= self._discard(self.child, path, watcher)
+        if kind in (WatcherType.DATA, WatcherType.ANY):
+            removed |= self._discard(self.data, path, watcher)
+        return removed
+
+    def drop_watcher(self, watcher: Hashable) -> None:
+        for path in list(self._by_watcher.get(watcher, ())):
+            self._discard(self.data, path, watcher)
+            self._discard(self.child, path, watcher)
+
+    # --- triggering ---
 
     def fire(self, path: str, event: EventType) -> list[Hashable]:
         """Who hears ``event`` at ``path``, each once, in ZooKeeper's order."""
         if event is EventType.NODE_CHILDREN_CHANGED:
-            return self.child.trigger(path, recursive_too=False)
-        fired = self.data.trigger(path, recursive_too=True)
+            return self._trigger(self.child, path, event, [])
+        fired = self._trigger(self.data, path, event, [])
         if event is EventType.NODE_DELETED:
-            for watcher in self.child.trigger(path, recursive_too=False):
-                if watcher not in fired:
-                    fired.append(watcher)
+            self._trigger(self.child, path, event, fired)
         return fired
 
-    def drop_watcher(self, watcher: Hashable) -> None:
-        self.data.drop_watcher(watcher)
-        self.child.drop_watcher(watcher)
+    def _trigger(self, table: dict[str, set[Hashable]], path: str, event: EventType,
+                 fired: list[Hashable]) -> list[Hashable]:  # fmt: skip
+        used_up = []
+        for watcher in table.get(path, ()):
+            mode = self._modes.get((watcher, path), Mode.STANDARD)
+            if mode is Mode.PERSISTENT_RECURSIVE:
+                if event is EventType.NODE_CHILDREN_CHANGED:
+                    continue
+            elif mode is Mode.STANDARD:
+                used_up.append(watcher)
+            if watcher not in fired:
+                fired.append(watcher)
+        for watcher in used_up:
+            self._discard(table, path, watcher)
+        if self._recursive and table is self.data and event is not EventType.NODE_CHILDREN_CHANGED:
+            for ancestor in _ancestors(path):
+                for watcher in table.get(ancestor, ()):
+                    mode = self._modes.get((watcher, ancestor))
+                    if mode is Mode.PERSISTENT_RECURSIVE and watcher not in fired:
+                        fired.append(watcher)
+        return fired
+
+    # --- reporting (four-letter words) ---
 
     @property
     def watch_count(self) -> int:
-        return self.data.watch_count + self.child.watch_count
+        """Data plus child watches, as ``mntr``'s zk_watch_count counts them."""
+        return _count(self.data) + _count(self.child)
+
+    @property
+    def data_watch_count(self) -> int:
+        return _count(self.data)
+
+    def data_watchers(self) -> Iterator[tuple[Hashable, list[str]]]:
+        by_watcher: dict[Hashable, list[str]] = {}
+        for path, watchers in self.data.items():
+            for watcher in watchers:
+                by_watcher.setdefault(watcher, []).append(path)
+        return iter(by_watcher.items())
+
+
+def _count(table: dict[str, set[Hashable]]) -> int:
+    return sum(len(watchers) for watchers in table.values())
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    while path not in ("/", ""):
+        path = parent_of(path)
+        yield path

@@ -1,0 +1,213 @@
+"""Apache Dubbo's ZooKeeper registry layout.
+
+A provider registers under ``/dubbo/<interface>/providers`` an ephemeral
+znode whose *name* is its whole URL, encoded with Java's
+``URLEncoder.encode(url, "UTF-8")``::
+
+    dubbo%3A%2F%2F10.0.0.1%3A20880%2Fcom.foo.Bar%3Fanyhost%3Dtrue%26weight%3D50
+
+which decodes to ``dubbo://10.0.0.1:20880/com.foo.Bar?anyhost=true&weight=50``.
+Consumers list the children and never read the data (Dubbo creates the
+znode through Curator without data, so it holds Curator's default: the
+provider's IP address).
+
+Mapping to the model: the URL scheme is the protocol, host and port are the
+URL's, ``weight`` (Dubbo's default is 100, like ours) and ``zone`` come from
+the query, ``disabled=true`` or ``enabled=false`` (what Dubbo's consumers
+skip) make the instance failing, and every other query parameter is
+metadata. The instance id is the provider address ``host:port``: Dubbo has
+no other instance identity, and a provider re-registering with new
+parameters is an update of the same instance, not a new one.
+
+Not represented: ``passing`` health (rendered like ``unknown``), an empty
+protocol (rendered as ``dubbo``), instance ids other than ``host:port``, and
+metadata entries Dubbo's own URL parser would mis-split (a key containing
+``&``, ``;`` or ``=``, or a value containing ``&`` or ``;``): Dubbo splits
+parameters on both ``&`` and ``;`` without unescaping, so those are
+omitted rather than corrupt the other parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+from urllib.parse import unquote_plus
+
+from adapters.layouts import as_int
+from dispatcher.model import Health, Instance, Source
+
+__all__ = ["NAME", "decode", "directory", "encode", "parse", "render", "service_of"]
+
+NAME: Final = "dubbo"
+
+_PROVIDERS: Final = "providers"
+_DEFAULT_PROTOCOL: Final = "dubbo"
+_DEFAULT_WEIGHT: Final = 100
+_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+# Characters java.net.URLEncoder leaves alone; everything else is %XX of
+# its UTF-8 bytes, except space which becomes "+".
+_UNRESERVED: Final = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-*_"
+)
+# Query keys the model owns; they are not metadata.
+_MODEL_KEYS: Final = frozenset({"weight", "zone", "enabled", "disabled"})
+
+
+def encode(text: str) -> str:
+    """``text`` encoded exactly as Java's ``URLEncoder.encode(text, "UTF-8")`` does.
+
+    Python's ``quote_plus`` differs (it keeps ``~`` and escapes ``*``), and
+    the znode name must be byte-identical to what a Dubbo provider would
+    have written, or consumers see two providers for one.
+    """
+    out: list[str] = []
+    for byte in text.encode("utf-8"):
+        if byte in _UNRESERVED:
+            out.append(chr(byte))
+        elif byte == 0x20:
+            out.append("+")
+        else:
+            out.append(f"%{byte:02X}")
+    return "".join(out)
+
+
+def decode(text: str) -> str | None:
+    """Inverse of :func:`encode` (``+`` is a space), or None for invalid UTF-8."""
+    try:
+        return unquote_plus(text, errors="strict")
+    except UnicodeDecodeError:
+        return None
+
+
+def directory(service: str) -> str:
+    """``<interface>/providers``, the interface encoded as Dubbo encodes it."""
+    return f"{encode(service)}/{_PROVIDERS}"
+
+
+def service_of(directory: str) -> str | None:
+    """The interface of a ``<interface>/providers`` directory, or None."""
+    interface, slash, leaf = directory.strip("/").partition("/")
+    if not slash or leaf != _PROVIDERS or not interface:
+        return None
+    return decode(interface) or None
+
+
+def _split_params(query: str) -> dict[str, str]:
+    """Query parameters with the rules of Dubbo's ``URLStrParser``.
+
+    Separators are ``&`` and ``;``, the first ``=`` splits key from value,
+    and a bare key is its own value (``anyhost`` means ``anyhost=anyhost``).
+    """
+    params: dict[str, str] = {}
+    for part in re.split(r"[&;]", query):
+        key, equals, value = part.partition("=")
+        if key:
+            params[key] = value if equals else key
+    return params
+
+
+def _split_address(authority: str) -> tuple[str, int] | None:
+    authority = authority.rpartition("@")[2]  # drop user:password@
+    if authority.startswith("["):
+        host, bracket, rest = authority[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            return None
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = authority.rpartition(":")
+        if not colon:
+            return None
+    port = as_int(port_text) if port_text.isdigit() else None
+    if not host or port is None or port > 65535:
+        return None
+    return host, port
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_true(value: str | None) -> bool:
+    return value is not None and value.strip().lower() == "true"
+
+
+def parse(
+    service: str, name: str, data: bytes = b"", *, source: Source | None = None
+) -> Instance | None:
+    """One provider znode as an Instance; None if ``name`` is not a provider URL.
+
+    ``service`` is the interface of the directory the znode was found in;
+    when it is empty the URL's ``interface`` parameter, then its path, is
+    used. ``data`` is ignored: Dubbo consumers never read it.
+    """
+    del data
+    url = decode(name)
+    if url is None:
+        return None
+    scheme, sep, rest = url.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        return None
+    body, _, query = rest.partition("?")
+    authority, _, path = body.partition("/")
+    address = _split_address(authority)
+    if address is None:
+        return None
+    host, port = address
+    params = _split_params(query)
+
+    interface = service or params.get("interface") or path
+    if not interface:
+        return None
+
+    weight = as_int(params.get("weight", params.get("default.weight")))
+    if "disabled" in params:
+        failing = _is_true(params["disabled"])
+    else:
+        failing = params.get("enabled", "true").strip().lower() == "false"
+
+    try:
+        return Instance(
+            interface,
+            _address(host, port),
+            host,
+            port,
+            weight=_DEFAULT_WEIGHT if weight is None or weight < 0 else weight,
+            zone=params.get("zone", ""),
+            protocol=scheme,
+            metadata={k: v for k, v in params.items() if k not in _MODEL_KEYS},
+            health=Health.FAILING if failing else Health.UNKNOWN,
+            source=source,
+        )
+    except (TypeError, ValueError):
+        return None
+
+
+def _representable(key: str, value: str) -> bool:
+    return bool(key) and not any(c in key for c in "&;=") and not any(c in value for c in "&;")
+
+
+def render(instance: Instance) -> tuple[str, bytes]:
+    """``instance`` as a provider znode: ``(encoded URL, host bytes)``.
+
+    Parameters are sorted by key, as Dubbo's ``URL.toFullString`` sorts
+    them, so that equal instances always render to the same znode name.
+    """
+    params = {k: v for k, v in instance.metadata.items() if _representable(k, v)}
+    for key in _MODEL_KEYS:
+        params.pop(key, None)
+    # Dubbo reads "default.weight" when "weight" is absent (a pre-2.7
+    # spelling), so an explicit weight must be written whenever it is there.
+    if instance.weight != _DEFAULT_WEIGHT or "default.weight" in params:
+        params["weight"] = str(instance.weight)
+    if instance.zone and _representable("zone", instance.zone):
+        params["zone"] = instance.zone
+    if instance.health is Health.FAILING:
+        params["disabled"] = "true"
+    query = "&".join(f"{key}={value}" for key, value in sorted(params.items()))
+    url = (
+        f"{instance.protocol or _DEFAULT_PROTOCOL}://"
+        f"{_address(instance.host, instance.port)}/{instance.service}"
+    )
+    if query:
+        url = f"{url}?{query}"
+    return encode(url), instance.host.encode("utf-8")
