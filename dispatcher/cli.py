@@ -52,6 +52,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        "2x..20x of it (default: %(default)s)")
     serve.add_argument("--max-buffer", type=int, default=DEFAULT_MAX_BUFFER, metavar="BYTES",
                        help="largest frame accepted, as jute.maxbuffer (default: %(default)s)")
+    serve.add_argument("--extended-types", action="store_true",
+                       help="allow TTL nodes, as zookeeper.extendedTypesEnabled=true")
+    serve.add_argument("--container-check-ms", type=int, default=60000, metavar="MS",
+                       help="how often empty containers and expired TTL nodes are "
+                       "reaped, as znode.container.checkIntervalMs (default: %(default)s)")
     serve.add_argument("--super-digest", default=None, metavar="USER:BASE64SHA1",
                        help="digest id allowed everything, as ZooKeeper's superDigest")
     return parser
@@ -62,7 +67,12 @@ async def _serve(args: argparse.Namespace) -> None:
     data_dir = args.data_dir or _default_data_dir()
     store = TreeStore(data_dir)
     try:
-        engine = Engine(store, EngineConfig(tick_ms=args.tick_ms, super_digest=args.super_digest))
+        engine = Engine(store, EngineConfig(
+            tick_ms=args.tick_ms,
+            super_digest=args.super_digest,
+            extended_types=args.extended_types,
+            container_check_ms=args.container_check_ms,
+        ))
         server = ZooKeeperServer(
             engine,
             ServerLimits(max_buffer=args.max_buffer),

@@ -86,8 +86,10 @@ class Side:
             fields = {
                 f.name: self.normalize(getattr(value, f.name)) for f in attrs.fields(type(value))
             }
-            if "children" in fields:
-                fields["children"] = sorted(fields["children"])
+            # ZooKeeper lists children and ephemerals from hash sets: order is noise.
+            for unordered in ("children", "paths", "client_info"):
+                if unordered in fields:
+                    fields[unordered] = sorted(fields[unordered], key=repr)
             return {"type": type(value).__name__, **fields}
         if isinstance(value, tuple | list):
             return [self.normalize(item) for item in value]

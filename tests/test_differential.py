@@ -14,24 +14,34 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dispatcher.zk.acl import digest_id
 from dispatcher.zk.protocol import CreateMode, OpCode
 from dispatcher.zk.records import (
     ACL,
     OPEN_ACL_UNSAFE,
+    AddWatchRequest,
+    AuthPacket,
     CheckVersionRequest,
     CreateRequest,
+    CreateTTLRequest,
     DeleteRequest,
+    Empty,
+    GetSASLRequest,
     Id,
+    MultiReadRequest,
     MultiRequest,
     PathRequest,
     PathWatchRequest,
+    ReconfigRequest,
     Record,
     SetACLRequest,
     SetDataRequest,
     SetWatches,
+    WatchesRequest,
 )
 from tests.differential import Pair, Side
-from tests.servers import ZkgateServer, ZooKeeperServer
+from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer, wait_for
+from tests.zkwire import WireClient
 
 # A small universe of names makes collisions (NODEEXISTS, NOTEMPTY, watches that
 # fire) frequent; a few illegal paths check the argument errors.
@@ -244,3 +254,168 @@ def test_session_close_removes_ephemerals_and_fires_watches(
                         side.normalize(children.decode(OpCode.GET_CHILDREN2))))
         side.close()
     assert answers[1] == answers[0]
+
+
+def test_persistent_and_recursive_watches(pair: Pair) -> None:
+    root = "/diff-persistent"
+    c = OPEN_ACL_UNSAFE
+    _scenario(pair, root, [
+        ("A", OpCode.CREATE, CreateRequest(root, b"", c, 0)),
+        ("B", OpCode.ADD_WATCH, AddWatchRequest(root, 0)),
+        ("B", OpCode.ADD_WATCH, AddWatchRequest(f"{root}/r", 1)),
+        ("B", OpCode.ADD_WATCH, AddWatchRequest(f"{root}/r", 7)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/r", b"", c, 0)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/r/x", b"", c, 0)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/r/x/y", b"", c, 0)),
+        ("A", OpCode.SET_DATA, SetDataRequest(f"{root}/r/x/y", b"1", -1)),
+        ("A", OpCode.SET_DATA, SetDataRequest(root, b"1", -1)),
+        ("A", OpCode.SET_DATA, SetDataRequest(root, b"2", -1)),  # persistent: fires again
+        ("B", OpCode.CHECK_WATCHES, WatchesRequest(root, 1)),
+        ("B", OpCode.CHECK_WATCHES, WatchesRequest(root, 2)),
+        ("B", OpCode.CHECK_WATCHES, WatchesRequest(f"{root}/r/x", 3)),
+        ("B", OpCode.CHECK_WATCHES, WatchesRequest(root, 9)),
+        ("B", OpCode.REMOVE_WATCHES, WatchesRequest(root, 2)),
+        ("A", OpCode.SET_DATA, SetDataRequest(root, b"3", -1)),  # data watch gone
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/z", b"", c, 0)),  # child watch stays
+        ("B", OpCode.REMOVE_WATCHES, WatchesRequest(root, 3)),
+        ("B", OpCode.REMOVE_WATCHES, WatchesRequest(root, 3)),
+        ("A", OpCode.DELETE, DeleteRequest(f"{root}/z", -1)),
+        ("A", OpCode.DELETE, DeleteRequest(f"{root}/r/x/y", -1)),
+    ])  # fmt: skip
+
+
+def test_the_other_opcodes(pair: Pair) -> None:
+    root = "/diff-other"
+    c = OPEN_ACL_UNSAFE
+    _scenario(pair, root, [
+        ("A", OpCode.CREATE, CreateRequest(root, b"r", c, 0)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/e1", b"", c, 1)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/p", b"", c, 0)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/p/e2", b"", c, 3)),
+        ("A", OpCode.GET_EPHEMERALS, PathRequest(root)),
+        ("A", OpCode.GET_EPHEMERALS, PathRequest(f"{root}/p")),
+        ("B", OpCode.GET_EPHEMERALS, PathRequest(root)),
+        ("A", OpCode.GET_ALL_CHILDREN_NUMBER, PathRequest(root)),
+        ("A", OpCode.GET_ALL_CHILDREN_NUMBER, PathRequest(f"{root}/none")),
+        ("A", OpCode.MULTI_READ, MultiReadRequest((
+            (OpCode.GET_DATA, PathWatchRequest(root, True)),
+            (OpCode.GET_CHILDREN, PathWatchRequest(root, True)),
+            (OpCode.GET_DATA, PathWatchRequest(f"{root}/none", False)),
+        ))),
+        ("B", OpCode.SET_DATA, SetDataRequest(root, b"changed", -1)),
+        ("B", OpCode.CREATE, CreateRequest(f"{root}/new", b"", c, 0)),
+        ("A", OpCode.MULTI_READ, MultiReadRequest(())),
+        ("A", OpCode.WHO_AM_I, Empty()),
+        ("A", OpCode.RECONFIG, ReconfigRequest(None, None, "server.1=127.0.0.1:1:2", -1)),
+        ("A", OpCode.SASL, GetSASLRequest(b"token")),
+        ("A", OpCode.SYNC, PathRequest(root)),
+    ])  # fmt: skip
+
+
+def test_digest_auth_is_enforced_like_zookeeper(pair: Pair) -> None:
+    root = "/diff-auth"
+    c = OPEN_ACL_UNSAFE
+    alice = (ACL(31, Id("digest", digest_id("alice:secret"))),)
+    creator_only = (ACL(31, Id("auth", "")),)
+    read_only_alice = (
+        ACL(1, Id("digest", digest_id("alice:secret"))), ACL(8, Id("world", "anyone"))
+    )
+    _scenario(pair, root, [
+        ("A", OpCode.CREATE, CreateRequest(root, b"", c, 0)),
+        ("A", OpCode.AUTH, AuthPacket(0, "digest", b"alice:secret")),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/mine", b"m", creator_only, 0)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/alice", b"a", alice, 0)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/ro", b"r", read_only_alice, 0)),
+        ("A", OpCode.GET_ACL, PathRequest(f"{root}/mine")),
+        ("B", OpCode.GET_ACL, PathRequest(f"{root}/mine")),
+        ("B", OpCode.GET_DATA, PathWatchRequest(f"{root}/alice", True)),
+        ("B", OpCode.GET_CHILDREN2, PathWatchRequest(f"{root}/alice", True)),
+        ("B", OpCode.EXISTS, PathWatchRequest(f"{root}/alice", False)),
+        ("B", OpCode.SET_DATA, SetDataRequest(f"{root}/alice", b"x", -1)),
+        ("B", OpCode.CREATE, CreateRequest(f"{root}/alice/kid", b"", c, 0)),
+        ("B", OpCode.SET_ACL, SetACLRequest(f"{root}/alice", c, -1)),
+        ("B", OpCode.MULTI_READ, MultiReadRequest((
+            (OpCode.GET_DATA, PathWatchRequest(f"{root}/alice", False)),
+            (OpCode.GET_CHILDREN, PathWatchRequest(f"{root}/alice", False)),
+        ))),
+        ("B", OpCode.MULTI, MultiRequest((
+            (OpCode.CHECK, CheckVersionRequest(f"{root}/alice", -1)),
+            (OpCode.SET_DATA, SetDataRequest(f"{root}/alice", b"y", -1)),
+        ))),
+        ("A", OpCode.SET_DATA, SetDataRequest(f"{root}/alice", b"x", -1)),
+        ("A", OpCode.SET_DATA, SetDataRequest(f"{root}/ro", b"x", -1)),
+        ("B", OpCode.GET_DATA, PathWatchRequest(f"{root}/ro", False)),
+        ("B", OpCode.AUTH, AuthPacket(0, "digest", b"alice:wrong")),
+        ("B", OpCode.GET_DATA, PathWatchRequest(f"{root}/ro", False)),
+        ("B", OpCode.AUTH, AuthPacket(0, "digest", b"alice:secret")),
+        ("B", OpCode.GET_DATA, PathWatchRequest(f"{root}/ro", False)),
+        ("B", OpCode.SET_ACL, SetACLRequest(f"{root}/alice", c, 5)),
+        ("B", OpCode.SET_ACL, SetACLRequest(f"{root}/alice", c, 0)),
+        ("B", OpCode.WHO_AM_I, Empty()),
+        ("A", OpCode.DELETE, DeleteRequest(f"{root}/ro", -1)),
+    ])  # fmt: skip
+
+
+def test_unknown_auth_scheme_closes_like_zookeeper(
+    zookeeper: ZooKeeperServer, zkgate: ZkgateServer
+) -> None:
+    answers = []
+    for server in (zookeeper, zkgate):
+        client = WireClient(server.host, server.port)
+        client.connect()
+        reply = client.call(OpCode.AUTH, AuthPacket(0, "kerberos", b"x"), xid=-4)
+        answers.append((reply.header.xid, reply.header.err, client.is_closed_by_server()))
+        client.close()
+    assert answers[1] == answers[0] == (-4, -115, True)
+
+
+@pytest.fixture
+def extended_pair(
+    zookeeper_factory: ServerFactory[ZooKeeperServer], zkgate_factory: ServerFactory[ZkgateServer]
+) -> Iterator[Pair]:
+    zookeeper = zookeeper_factory(system_properties={
+        "zookeeper.extendedTypesEnabled": "true", "znode.container.checkIntervalMs": 100,
+    })  # fmt: skip
+    zkgate = zkgate_factory(["--extended-types", "--container-check-ms", "100"])
+    p = Pair(Side(zookeeper.host, zookeeper.port), Side(zkgate.host, zkgate.port))
+    yield p
+    p.close()
+
+
+def test_containers_and_ttl_nodes(extended_pair: Pair) -> None:
+    root = "/diff-containers"
+    c = OPEN_ACL_UNSAFE
+    _scenario(extended_pair, root, [
+        ("A", OpCode.CREATE, CreateRequest(root, b"", c, 0)),
+        ("A", OpCode.CREATE_CONTAINER, CreateRequest(f"{root}/box", b"", c, 4)),
+        ("A", OpCode.CREATE_CONTAINER, CreateRequest(f"{root}/unused", b"", c, 4)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/box/item", b"", c, 0)),
+        ("B", OpCode.EXISTS, PathWatchRequest(f"{root}/box", True)),
+        ("A", OpCode.CREATE_TTL, CreateTTLRequest(f"{root}/ttl", b"", c, 5, 200)),
+        ("A", OpCode.CREATE_TTL, CreateTTLRequest(f"{root}/ttl-", b"", c, 6, 200)),
+        ("A", OpCode.CREATE_TTL, CreateTTLRequest(f"{root}/bad", b"", c, 5, 0)),
+        ("A", OpCode.CREATE_TTL, CreateTTLRequest(f"{root}/bad", b"", c, 0, 100)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/bad", b"", c, 5)),
+        ("A", OpCode.MULTI, MultiRequest((
+            (OpCode.CREATE_CONTAINER, CreateRequest(f"{root}/mbox", b"", c, 4)),
+        ))),
+        ("A", OpCode.DELETE, DeleteRequest(f"{root}/box/item", -1)),
+    ])  # fmt: skip
+    # Both reapers run every 100 ms: wait until each server has reaped, then
+    # compare what is left and the events B saw.
+    for side in (extended_pair.reference, extended_pair.candidate):
+        client = side.clients["A"]
+        wait_for(
+            lambda client=client: client.call(
+                OpCode.EXISTS, PathWatchRequest(f"{root}/box", False)
+            ).header.err != 0
+            and client.call(OpCode.EXISTS, PathWatchRequest(f"{root}/ttl", False)).header.err
+            != 0,
+            timeout=15,
+            message="the container and the TTL node to be reaped",
+        )
+    expected, actual = extended_pair.run(
+        "B", OpCode.GET_CHILDREN2, PathWatchRequest(root, False)
+    )
+    assert _strip(actual, root) == _strip(expected, root)
+    assert _strip(actual, root)["body"]["children"] == ["mbox", "unused"]  # type: ignore[index]

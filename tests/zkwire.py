@@ -17,7 +17,13 @@ from collections.abc import Callable
 import attrs
 
 from dispatcher.zk.jute import Reader, Writer
-from dispatcher.zk.protocol import XID_NOTIFICATION, XID_PING, OpCode
+from dispatcher.zk.protocol import (
+    XID_AUTH,
+    XID_NOTIFICATION,
+    XID_PING,
+    XID_SET_WATCHES,
+    OpCode,
+)
 from dispatcher.zk.records import (
     ConnectRequest,
     ConnectResponse,
@@ -34,12 +40,17 @@ from dispatcher.zk.records import (
     PathsResponse,
     Record,
     ReplyHeader,
+    SetSASLResponse,
     StatResponse,
     WatcherEvent,
     WhoAmIResponse,
 )
 
 _LENGTH = struct.Struct(">i")
+
+#: Requests that clients send with a fixed xid, as ZooKeeper's own client does.
+_RESERVED_XIDS = {OpCode.PING: XID_PING, OpCode.AUTH: XID_AUTH, OpCode.SET_WATCHES: XID_SET_WATCHES,
+                  OpCode.SET_WATCHES2: XID_SET_WATCHES}
 
 #: How to decode a successful reply body, by opcode.
 RESPONSES: dict[int, Callable[[Reader], Record]] = {
@@ -61,6 +72,7 @@ RESPONSES: dict[int, Callable[[Reader], Record]] = {
     OpCode.GET_ALL_CHILDREN_NUMBER: CountResponse.read,
     OpCode.WHO_AM_I: WhoAmIResponse.read,
     OpCode.ADD_WATCH: ErrorResult.read,
+    OpCode.SASL: SetSASLResponse.read,
 }
 
 
@@ -134,7 +146,7 @@ class WireClient:
 
     def send(self, opcode: int, record: Record | None = None, xid: int | None = None) -> int:
         if xid is None:
-            xid = XID_PING if opcode == OpCode.PING else self.next_xid()
+            xid = _RESERVED_XIDS.get(opcode) or self.next_xid()
         w = Writer()
         w.int(xid)
         w.int(opcode)

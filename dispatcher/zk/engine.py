@@ -75,7 +75,7 @@ from dispatcher.zk.records import (
 from dispatcher.zk.sessions import Session, SessionTable
 from dispatcher.zk.stats import ServerStats
 from dispatcher.zk.store import TreeStore
-from dispatcher.zk.tree import CONTAINER_OWNER, DataTree, Trigger, Txn, Znode
+from dispatcher.zk.tree import CONTAINER_OWNER, MAX_TTL_MS, DataTree, Trigger, Txn, Znode, ttl_owner
 from dispatcher.zk.watches import WatcherType, WatchManager
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,12 @@ class EngineConfig:
     min_session_timeout_ms: int | None = None
     max_session_timeout_ms: int | None = None
     super_digest: str | None = None
+    #: ZooKeeper's ``zookeeper.extendedTypesEnabled``: TTL nodes (off by default).
+    extended_types: bool = False
+    #: ZooKeeper's ``znode.container.checkIntervalMs``.
+    container_check_ms: int = 60000
+    #: ZooKeeper's ``znode.container.maxNeverUsedIntervalMs`` (0: keep forever).
+    container_max_never_used_ms: int = 0
 
     @property
     def min_timeout(self) -> int:
@@ -286,6 +292,35 @@ class Engine:
             txn.delete(path)
         self._commit(txn)
         return txn.zxid
+
+    def reap_containers(self) -> int:
+        """Delete empty used containers and expired TTL nodes, as ZooKeeper's ContainerManager.
+
+        Returns how many nodes were deleted. Each deletion is its own
+        transaction (ZooKeeper submits a deleteContainer request for each) and
+        fires the watches a delete fires.
+        """
+        now = self._now_ms()
+        tree = self.tree
+        doomed = []
+        for path in tree.containers:
+            node = tree.nodes[path]
+            if node.children:
+                continue
+            never_used_limit = self.config.container_max_never_used_ms
+            if node.cversion > 0 or (never_used_limit and now - node.mtime > never_used_limit):
+                doomed.append(path)
+        for path in tree.ttls:
+            node = tree.nodes[path]
+            ttl = node.ttl
+            if not node.children and ttl and now - node.mtime > ttl:
+                doomed.append(path)
+        for path in sorted(doomed):
+            self.zxid += 1
+            txn = Txn(tree, self.zxid, now)
+            txn.delete(path)
+            self._commit(txn)
+        return len(doomed)
 
     def _now_ms(self) -> int:
         return int(self.wall_clock() * 1000)
@@ -494,13 +529,10 @@ class Engine:
             if not self._can(client, node, Perm.READ):
                 results.append((OpCode.ERROR, ErrorResult(Err.NOAUTH)))
                 continue
+            # ZooKeeper 3.8 ignores the watch flag of the reads inside a multiRead.
             if opcode == OpCode.GET_DATA:
-                if record.watch:
-                    self.watches.add_data(record.path, client)
                 results.append((opcode, GetDataResponse(node.data, node.stat())))
             else:
-                if record.watch:
-                    self.watches.add_child(record.path, client)
                 results.append((opcode, GetChildrenResponse(tuple(sorted(node.children)))))
         self._reply(client, xid, Err.OK, encode(MultiResponse(tuple(results))))
 
@@ -636,10 +668,12 @@ class Engine:
         except ValueError:
             raise ZkError(Err.BADARGUMENTS) from None
         ttl = req.ttl if isinstance(req, CreateTTLRequest) else -1
-        if mode in (CreateMode.PERSISTENT_WITH_TTL, CreateMode.PERSISTENT_SEQUENTIAL_WITH_TTL):
-            # TTL nodes need ZooKeeper's extended types, off by default.
-            raise ZkError(Err.UNIMPLEMENTED)
-        if ttl != -1:
+        if mode.is_ttl:
+            if not self.config.extended_types:
+                raise ZkError(Err.UNIMPLEMENTED)
+            if not 0 < ttl <= MAX_TTL_MS:
+                raise ZkError(Err.BADARGUMENTS)
+        elif ttl >= 0:
             raise ZkError(Err.BADARGUMENTS)
         path = req.path
         cut = path.rfind("/")
@@ -664,12 +698,16 @@ class Engine:
             raise ZkError(Err.NODEEXISTS)
         if parent.is_ephemeral:
             raise ZkError(Err.NOCHILDRENFOREPHEMERALS)
-        if mode.is_ephemeral:
-            owner = client.session.id
-        elif mode is CreateMode.CONTAINER and opcode == OpCode.CREATE_CONTAINER:
-            # ZooKeeper 3.8 makes a container only through createContainer; the
-            # container flag on a plain create gives a persistent node.
+        # What the node becomes follows the opcode, as ZooKeeper 3.8's txns
+        # record it: createContainer always makes a container and createTTL a
+        # TTL node, whatever else the flags say; a plain create with the
+        # container flag makes a persistent node.
+        if opcode == OpCode.CREATE_CONTAINER:
             owner = CONTAINER_OWNER
+        elif opcode == OpCode.CREATE_TTL:
+            owner = ttl_owner(ttl)
+        elif mode.is_ephemeral:
+            owner = client.session.id
         else:
             owner = 0
         node = txn.create(path, req.data, acl, owner)

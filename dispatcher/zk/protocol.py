@@ -115,6 +115,12 @@ class CreateMode(enum.IntEnum):
         return self in (CreateMode.EPHEMERAL, CreateMode.EPHEMERAL_SEQUENTIAL)
 
     @property
+    def is_ttl(self) -> bool:
+        return self in (
+            CreateMode.PERSISTENT_WITH_TTL, CreateMode.PERSISTENT_SEQUENTIAL_WITH_TTL
+        )
+
+    @property
     def is_sequential(self) -> bool:
         return self in (
             CreateMode.PERSISTENT_SEQUENTIAL,

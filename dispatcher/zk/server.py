@@ -128,6 +128,7 @@ class ZooKeeperServer:
         log.info("serving ZooKeeper protocol on %s:%d", host, bound)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._expire_sessions)
+            nursery.start_soon(self._reap_containers)
             task_status.started(bound)
             await trio.serve_listeners(self._serve_connection, listeners)
 
@@ -138,6 +139,14 @@ class ZooKeeperServer:
         while True:
             await trio.sleep(interval)
             self.engine.expire_sessions()
+
+    async def _reap_containers(self) -> None:
+        interval = self.engine.config.container_check_ms / 1000
+        while True:
+            await trio.sleep(interval)
+            reaped = self.engine.reap_containers()
+            if reaped:
+                log.info("reaped %d empty containers and expired TTL nodes", reaped)
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:

@@ -17,8 +17,18 @@ from dispatcher.zk.records import ACL, Id, Stat, encode
 
 #: ``ephemeralOwner`` of a container node (ZooKeeper's ``EphemeralType.CONTAINER``).
 CONTAINER_OWNER = -(1 << 63)
-#: TTL nodes carry their TTL in ``ephemeralOwner`` behind this marker byte (0xFF).
-TTL_MARK = 0xFF << 56
+#: TTL nodes carry their TTL in the low bits of ``ephemeralOwner`` behind a
+#: 0xFF top byte (ZooKeeper's ``EphemeralType.TTL``), a negative long.
+_TTL_TOP = 0xFF
+_TTL_BITS = (1 << 56) - 1
+#: The largest TTL ZooKeeper accepts (``EphemeralType.TTL``'s maximum), in ms.
+MAX_TTL_MS = (1 << 40) - 1
+
+
+def ttl_owner(ttl_ms: int) -> int:
+    """The ``ephemeralOwner`` that marks a TTL node, as a signed 64-bit value."""
+    return ((_TTL_TOP << 56) | ttl_ms) - (1 << 64)
+
 
 READ_ONLY_WORLD = (ACL(1, Id("world", "anyone")),)
 OPEN_WORLD = (ACL(31, Id("world", "anyone")),)
@@ -65,7 +75,7 @@ class Znode:
     def stat(self) -> Stat:
         return Stat(
             self.czxid, self.mzxid, self.ctime, self.mtime, self.version, self.cversion,
-            self.aversion, self.ephemeral_owner, len(self.data or b""), len(self.children),
+            self.aversion, self.client_owner, len(self.data or b""), len(self.children),
             self.pzxid,
         )  # fmt: skip
 
@@ -98,7 +108,8 @@ class Znode:
 
     @property
     def is_ephemeral(self) -> bool:
-        return self.ephemeral_owner > 0 and (self.ephemeral_owner >> 56) != 0xFF
+        """Owned by a session (containers and TTL nodes have negative owners)."""
+        return self.ephemeral_owner > 0
 
     @property
     def is_container(self) -> bool:
@@ -106,9 +117,15 @@ class Znode:
 
     @property
     def ttl(self) -> int | None:
-        if self.ephemeral_owner > 0 and (self.ephemeral_owner >> 56) == 0xFF:
-            return self.ephemeral_owner & ((1 << 56) - 1)
+        owner = self.ephemeral_owner
+        if owner < 0 and owner != CONTAINER_OWNER and ((owner >> 56) & 0xFF) == _TTL_TOP:
+            return owner & _TTL_BITS
         return None
+
+    @property
+    def client_owner(self) -> int:
+        """The ephemeralOwner clients see: ZooKeeper 3.8 shows 0 for containers and TTLs."""
+        return self.ephemeral_owner if self.ephemeral_owner > 0 else 0
 
 
 @attrs.frozen
@@ -126,6 +143,10 @@ class DataTree:
         root = Znode(b"", OPEN_WORLD, 0, 0, 0, 0)
         self.nodes: dict[str, Znode] = {"/": root}
         self.ephemerals: dict[int, set[str]] = {}
+        #: Containers and TTL nodes, which the reaper visits (ZooKeeper keeps
+        #: the same two sets, so a check never walks the whole tree).
+        self.containers: set[str] = set()
+        self.ttls: set[str] = set()
         # ZooKeeper's own subtree exists on every server and clients list it.
         # Its odd counters (cversion -1 and -2, aversion -1) are what a fresh
         # ZooKeeper 3.8 reports, and differential tests compare them.
@@ -165,8 +186,26 @@ class DataTree:
         self.nodes[path] = node
         if path != "/":
             self.nodes[parent_of(path)].children.add(basename(path))
+        self.index(path, node)
+
+    def index(self, path: str, node: Znode) -> None:
+        """File ``node`` under its owner or kind."""
         if node.is_ephemeral:
             self.ephemerals.setdefault(node.ephemeral_owner, set()).add(path)
+        elif node.is_container:
+            self.containers.add(path)
+        elif node.ttl is not None:
+            self.ttls.add(path)
+
+    def unindex(self, path: str, node: Znode) -> None:
+        if node.is_ephemeral:
+            owned = self.ephemerals.get(node.ephemeral_owner)
+            if owned is not None:
+                owned.discard(path)
+                if not owned:
+                    del self.ephemerals[node.ephemeral_owner]
+        self.containers.discard(path)
+        self.ttls.discard(path)
 
 
 class Txn:
@@ -205,8 +244,7 @@ class Txn:
         parent.child_creates += 1
         parent.pzxid = self.zxid
         parent.touched()
-        if node.is_ephemeral:
-            tree.ephemerals.setdefault(ephemeral_owner, set()).add(path)
+        tree.index(path, node)
         self.triggers.append(Trigger(path, EventType.NODE_CREATED))
         self.triggers.append(Trigger(parent_path, EventType.NODE_CHILDREN_CHANGED))
         return node
@@ -222,12 +260,7 @@ class Txn:
         parent.cversion += 1
         parent.pzxid = self.zxid
         parent.touched()
-        if node.is_ephemeral:
-            owned = tree.ephemerals.get(node.ephemeral_owner)
-            if owned is not None:
-                owned.discard(path)
-                if not owned:
-                    del tree.ephemerals[node.ephemeral_owner]
+        tree.unindex(path, node)
         self.triggers.append(Trigger(path, EventType.NODE_DELETED))
         self.triggers.append(Trigger(parent_path, EventType.NODE_CHILDREN_CHANGED))
 
@@ -256,17 +289,12 @@ class Txn:
         tree = self.tree
         for path, before in reversed(list(self._before.items())):
             current = tree.nodes.get(path)
-            if current is not None and current.is_ephemeral:
-                owned = tree.ephemerals.get(current.ephemeral_owner)
-                if owned is not None:
-                    owned.discard(path)
-                    if not owned:
-                        del tree.ephemerals[current.ephemeral_owner]
+            if current is not None:
+                tree.unindex(path, current)
             if before is None:
                 tree.nodes.pop(path, None)
             else:
                 tree.nodes[path] = before
-                if before.is_ephemeral:
-                    tree.ephemerals.setdefault(before.ephemeral_owner, set()).add(path)
+                tree.index(path, before)
         self._before.clear()
         self.triggers.clear()

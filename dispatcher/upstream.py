@@ -1,0 +1,152 @@
+"""The contract between the Dispatcher and its adapters, and the registry of kinds.
+
+An adapter turns one upstream registry (a ZooKeeper ensemble, an etcd cluster,
+a Consul agent, a file) into an :class:`Upstream`: a task that connects,
+lists, watches, reconnects on its own, and reports what it sees as a stream of
+:class:`UpstreamEvent`\\ s on a trio memory channel:
+
+* :class:`Listing`: the complete current state of some services (or all). The
+  fan-in diffs it against what it held from this upstream, so an adapter that
+  re-lists after a reconnect, a session loss or a compaction emits exactly the
+  changes that happened meanwhile, no more, no fewer.
+* :class:`Changed`: incremental puts and removals between listings.
+* :class:`Status`: connected or not. While disconnected the last state stays
+  served and is marked stale.
+
+Blocking client libraries run in worker threads and hand events to trio with
+``trio.from_thread``; they never touch trio state from a thread.
+
+Adapters are chosen by configuration through one registry of kinds, the
+``zkgate.upstreams`` entry-point group in ``pyproject.toml``; the Dispatcher
+never imports an adapter module by name.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+from importlib.metadata import entry_points
+from typing import Any, Protocol, Self
+
+import attrs
+import trio
+
+from dispatcher.model import Instance
+from dispatcher.snapshot import Change
+
+ENTRY_POINT_GROUP = "zkgate.upstreams"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+@attrs.frozen
+class Listing:
+    """Everything the upstream holds for ``services`` (all of its services when None)."""
+
+    instances: tuple[Instance, ...]
+    services: frozenset[str] | None = None
+
+
+@attrs.frozen
+class Changed:
+    """Incremental changes since the last event."""
+
+    changes: tuple[Change, ...]
+
+
+@attrs.frozen
+class Status:
+    """Whether the upstream is reachable; ``detail`` says why, for logs and mntr."""
+
+    connected: bool
+    detail: str = ""
+
+
+UpstreamEvent = Listing | Changed | Status
+
+
+class Upstream(Protocol):
+    """One configured registry, as the Dispatcher drives it."""
+
+    #: The configured name, unique in one process; it becomes ``Source.adapter``.
+    name: str
+
+    @classmethod
+    def from_config(cls, name: str, options: Mapping[str, Any]) -> Self:
+        """Build from a config table; raise :class:`ConfigError` naming a bad key."""
+        ...
+
+    async def run(self, events: trio.MemorySendChannel[UpstreamEvent]) -> None:
+        """Connect, list, watch, and reconnect with backoff until cancelled."""
+        ...
+
+    def set_interest(self, services: frozenset[str] | None) -> None:
+        """Watch only these services upstream (None: every service under the roots).
+
+        Called from the trio thread. Narrowing drops upstream watches;
+        widening lists the new services (a :class:`Listing` for them) and
+        watches them.
+        """
+        ...
+
+
+def upstream_kinds() -> dict[str, type[Upstream]]:
+    """Every adapter kind installed, by its config name."""
+    return {ep.name: ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def build_upstream(kind: str, name: str, options: Mapping[str, Any]) -> Upstream:
+    kinds = upstream_kinds()
+    if kind not in kinds:
+        known = ", ".join(sorted(kinds)) or "none installed"
+        raise ConfigError(f"upstream {name!r}: unknown kind {kind!r} (known: {known})")
+    return kinds[kind].from_config(name, options)
+
+
+@attrs.define
+class Backoff:
+    """Exponential backoff with full jitter, for reconnect loops.
+
+    Full jitter spreads a fleet of gateways that lost the same upstream at the
+    same moment, so they do not all come back at once.
+    """
+
+    initial: float = 0.1
+    maximum: float = 10.0
+    _attempt: int = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.initial * (2**self._attempt))
+        self._attempt += 1
+        return random.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+    async def sleep(self) -> None:
+        await trio.sleep(self.next_delay())
+
+
+def require(options: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    """``options[key]``, checked to be a ``kind``; a ConfigError names what is wrong."""
+    if key not in options:
+        raise ConfigError(f"{where}: missing required key {key!r}")
+    return check_type(options[key], key, kind, where)
+
+
+def check_type(value: Any, key: str, kind: type, where: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{where}: key {key!r} must be {kind.__name__}, not {type(value).__name__}"
+        )
+    return value
+
+
+def reject_unknown(options: Mapping[str, Any], known: Iterable[str], where: str) -> None:
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
