@@ -52,6 +52,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        "2x..20x of it (default: %(default)s)")
     serve.add_argument("--max-buffer", type=int, default=DEFAULT_MAX_BUFFER, metavar="BYTES",
                        help="largest frame accepted, as jute.maxbuffer (default: %(default)s)")
+    serve.add_argument("--max-client-cnxns", type=int, default=60, metavar="N",
+                       help="connections allowed per client IP, as maxClientCnxns; "
+                       "0 for no limit (default: %(default)s)")
     serve.add_argument("--extended-types", action="store_true",
                        help="allow TTL nodes, as zookeeper.extendedTypesEnabled=true")
     serve.add_argument("--container-check-ms", type=int, default=60000, metavar="MS",
@@ -75,9 +78,10 @@ async def _serve(args: argparse.Namespace) -> None:
         ))
         server = ZooKeeperServer(
             engine,
-            ServerLimits(max_buffer=args.max_buffer),
+            ServerLimits(max_buffer=args.max_buffer, max_client_cnxns=args.max_client_cnxns),
             settings={"dataDir": data_dir, "clientPortAddress": host,
-                      "jute.maxbuffer": args.max_buffer},
+                      "jute.maxbuffer": args.max_buffer,
+                      "maxClientCnxns": args.max_client_cnxns},
         )
         await server.serve(host, port)
     finally:

@@ -419,3 +419,36 @@ def test_containers_and_ttl_nodes(extended_pair: Pair) -> None:
     )
     assert _strip(actual, root) == _strip(expected, root)
     assert _strip(actual, root)["body"]["children"] == ["mbox", "unused"]  # type: ignore[index]
+
+
+def test_connections_per_ip_are_capped_like_zookeeper(
+    zookeeper_factory: ServerFactory[ZooKeeperServer], zkgate_factory: ServerFactory[ZkgateServer]
+) -> None:
+    servers = [
+        zookeeper_factory(config={"maxClientCnxns": 3}),
+        zkgate_factory(["--max-client-cnxns", "3"]),
+    ]
+    for server in servers:
+        clients = [WireClient(server.host, server.port) for _ in range(3)]
+        sessions = [client.connect().session_id for client in clients]
+        assert all(sessions)
+        extra = WireClient(server.host, server.port)
+        with pytest.raises(ConnectionError):
+            extra.connect()
+        extra.close()
+        clients.pop().close()
+        # A freed slot is usable again; the server notices the close first.
+        wait_for(lambda server=server: _connects(server), timeout=10,
+                 message="a connection slot to free up")  # fmt: skip
+        for client in clients:
+            client.close()
+
+
+def _connects(server: ZooKeeperServer | ZkgateServer) -> bool:
+    client = WireClient(server.host, server.port)
+    try:
+        return client.connect().session_id != 0
+    except (ConnectionError, OSError):
+        return False
+    finally:
+        client.close()

@@ -43,14 +43,50 @@ class ServerLimits:
     output_hard_cap: int = 64 * 1024 * 1024
     #: How long a closing connection may take to take its last bytes.
     close_flush_timeout: float = 5.0
+    #: Connections allowed from one client IP, as ZooKeeper's maxClientCnxns (0: no limit).
+    max_client_cnxns: int = 60
+    #: Unsent output across all connections above which every connection stops
+    #: being read until writers catch up: ZooKeeper's global throttle, counted
+    #: in bytes because zkgate answers each request as soon as it is read.
+    global_output_limit: int = 512 * 1024 * 1024
+
+
+class OutputBudget:
+    """Unsent bytes across every connection, and a gate readers wait on when over."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.unsent = 0
+        self._below = trio.Event()
+        self._below.set()
+
+    def add(self, count: int) -> None:
+        self.unsent += count
+        if self.unsent > self.limit and self._below.is_set():
+            self._below = trio.Event()
+
+    def release(self, count: int) -> None:
+        self.unsent -= count
+        if self.unsent <= self.limit:
+            self._below.set()
+
+    @property
+    def exhausted(self) -> bool:
+        return not self._below.is_set()
+
+    async def wait(self) -> None:
+        await self._below.wait()
 
 
 class StreamPeer:
     """One socket as the engine sees it: a bounded output queue and a close."""
 
-    def __init__(self, stream: trio.SocketStream, limits: ServerLimits) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, limits: ServerLimits, budget: OutputBudget
+    ) -> None:
         self.stream = stream
         self.limits = limits
+        self.budget = budget
         host, port, *_ = stream.socket.getpeername()
         self.remote_ip = host
         self.remote = f"/{host}:{port}"
@@ -64,12 +100,17 @@ class StreamPeer:
         if self.closing:
             return
         self._out += data
+        self.budget.add(len(data))
         self._wake.set()
         if len(self._out) > self.limits.output_hard_cap:
             log.warning("closing %s: %d bytes unsent, it is not reading", self.remote,
                         len(self._out))
-            self._out.clear()
+            self._discard_output()
             self.close()
+
+    def _discard_output(self) -> None:
+        self.budget.release(len(self._out))
+        self._out = bytearray()
 
     def close(self) -> None:
         self.closing = True
@@ -94,16 +135,21 @@ class StreamPeer:
                     await self._wake.wait()
                     continue
                 data, self._out = self._out, bytearray()
-                if self.closing:
-                    with trio.move_on_after(self.limits.close_flush_timeout):
-                        await self.stream.send_all(data)
-                    return
-                await self.stream.send_all(data)
+                try:
+                    if self.closing:
+                        with trio.move_on_after(self.limits.close_flush_timeout):
+                            await self.stream.send_all(data)
+                        return
+                    await self.stream.send_all(data)
+                finally:
+                    self.budget.release(len(data))
                 if len(self._out) <= self.limits.output_high_water:
                     self._drained.set()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.close()
         finally:
+            self.closing = True
+            self._discard_output()
             self._drained.set()
             self.reader_scope.cancel()
 
@@ -118,6 +164,8 @@ class ZooKeeperServer:
         self.engine = engine
         self.limits = limits or ServerLimits()
         self.settings = dict(settings or {})
+        self.budget = OutputBudget(self.limits.global_output_limit)
+        self._connections_by_ip: dict[str, int] = {}
 
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -150,20 +198,34 @@ class ZooKeeperServer:
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:
-            peer = StreamPeer(stream, self.limits)
+            peer = StreamPeer(stream, self.limits, self.budget)
         except OSError:
             return  # the client left before we could ask who it was
+        ip = peer.remote_ip
+        limit = self.limits.max_client_cnxns
+        if limit and self._connections_by_ip.get(ip, 0) >= limit:
+            log.warning("too many connections from %s - max is %d", ip, limit)
+            await stream.aclose()
+            return
+        self._connections_by_ip[ip] = self._connections_by_ip.get(ip, 0) + 1
         conn = ServerConnection(self.limits.max_buffer)
         client: Client | None = None
-        async with stream, trio.open_nursery() as nursery:
-            nursery.start_soon(peer.write_loop)
-            try:
-                with peer.reader_scope:
-                    client = await self._read_loop(stream, conn, peer)
-            finally:
-                if client is not None:
-                    self.engine.disconnect(client)
-                peer.close()
+        try:
+            async with stream, trio.open_nursery() as nursery:
+                nursery.start_soon(peer.write_loop)
+                try:
+                    with peer.reader_scope:
+                        client = await self._read_loop(stream, conn, peer)
+                finally:
+                    if client is not None:
+                        self.engine.disconnect(client)
+                    peer.close()
+        finally:
+            remaining = self._connections_by_ip[ip] - 1
+            if remaining:
+                self._connections_by_ip[ip] = remaining
+            else:
+                del self._connections_by_ip[ip]
 
     async def _read_loop(
         self, stream: trio.SocketStream, conn: ServerConnection, peer: StreamPeer
@@ -173,6 +235,9 @@ class ZooKeeperServer:
         while not peer.closing:
             if peer.backlogged:
                 await peer.wait_drained()
+                continue
+            if self.budget.exhausted:
+                await self.budget.wait()
                 continue
             try:
                 data = await stream.receive_some(_RECEIVE_SIZE)
