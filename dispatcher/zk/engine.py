@@ -81,6 +81,9 @@ from dispatcher.zk.watches import WatcherType, WatchManager
 log = logging.getLogger(__name__)
 
 _FRAMED_HEADER = struct.Struct(">iiqi")
+_READ, _WRITE, _CREATE, _DELETE, _ADMIN = (
+    int(Perm.READ), int(Perm.WRITE), int(Perm.CREATE), int(Perm.DELETE), int(Perm.ADMIN)
+)
 _SPECIAL_PATHS = frozenset({"/", "/zookeeper", "/zookeeper/quota", "/zookeeper/config"})
 
 
@@ -128,7 +131,8 @@ class Client:
     received: int = 0
     sent: int = 0
     last_zxid: int = 0
-    last_op: str = "NA"
+    #: The opcode of the last request, for ``cons`` (kept as an int: cheap).
+    last_op: int | None = None
     closed: bool = False
 
     def __hash__(self) -> int:
@@ -363,7 +367,7 @@ class Engine:
                 handler(client, xid, record)
             else:
                 self._single_write(client, xid, opcode, record, write)  # type: ignore[arg-type]
-            client.last_op = OpCode(opcode).name
+            client.last_op = opcode
         self.stats.record_latency((self.clock() - started) * 1000)
 
     def _reply(self, client: Client, xid: int, err: Err, body: bytes = b"", zxid: int = -2) -> None:
@@ -390,18 +394,12 @@ class Engine:
         self._reply(client, xid, Err.OK, zxid=zxid)
         self._lose(client)
 
-    def _can(self, client: Client, node: Znode, perm: Perm) -> bool:
+    def _can(self, client: Client, node: Znode, perm: int) -> bool:
+        # Plain ints, not Perm flags: this runs on every read, and IntFlag
+        # arithmetic costs more than the rest of the check.
         if node.world_perms & perm == perm:
             return True
-        return acls.allowed(node.acl, perm, client.auth)
-
-    def _node_for_read(self, client: Client, path: str, perm: Perm) -> Znode:
-        node = self.tree.get(path)
-        if node is None:
-            raise ZkError(Err.NONODE)
-        if not self._can(client, node, perm):
-            raise ZkError(Err.NOAUTH)
-        return node
+        return acls.allowed(node.acl, Perm(perm), client.auth)
 
     # --- reads ------------------------------------------------------------------
 
@@ -409,7 +407,7 @@ class Engine:
         node = self.tree.get(path)
         if node is None:
             return self._reply(client, xid, Err.NONODE)
-        if not self._can(client, node, Perm.READ):
+        if not self._can(client, node, _READ):
             return self._reply(client, xid, Err.NOAUTH)
         if watch:
             self.watches.add_data(path, client)
@@ -438,7 +436,7 @@ class Engine:
         if node is None:
             self._reply(client, xid, Err.NONODE)
             return None
-        if not self._can(client, node, Perm.READ):
+        if not self._can(client, node, _READ):
             self._reply(client, xid, Err.NOAUTH)
             return None
         if watch:
@@ -449,10 +447,10 @@ class Engine:
         node = self.tree.get(req.path)
         if node is None:
             return self._reply(client, xid, Err.NONODE)
-        if not self._can(client, node, Perm.READ | Perm.ADMIN):
+        if not self._can(client, node, _READ | _ADMIN):
             return self._reply(client, xid, Err.NOAUTH)
         acl = node.acl
-        if not self._can(client, node, Perm.ADMIN):
+        if not self._can(client, node, _ADMIN):
             # Without ADMIN a client may see who has access, not the digests.
             acl = tuple(
                 ACL(a.perms, Id("digest", a.id.id.split(":", 1)[0] + ":x"))
@@ -526,7 +524,7 @@ class Engine:
             if node is None:
                 results.append((OpCode.ERROR, ErrorResult(Err.NONODE)))
                 continue
-            if not self._can(client, node, Perm.READ):
+            if not self._can(client, node, _READ):
                 results.append((OpCode.ERROR, ErrorResult(Err.NOAUTH)))
                 continue
             # ZooKeeper 3.8 ignores the watch flag of the reads inside a multiRead.
@@ -545,7 +543,7 @@ class Engine:
         node = self.tree.get(req.path)
         if node is None:
             return self._reply(client, xid, Err.NONODE)
-        if not self._can(client, node, Perm.READ):
+        if not self._can(client, node, _READ):
             return self._reply(client, xid, Err.NOAUTH)
         self._reply(client, xid, Err.OK, encode(CountResponse(self.tree.descendants(req.path))))
 
@@ -686,7 +684,7 @@ class Engine:
         parent = self.tree.get(path[:cut])
         if parent is None:
             raise ZkError(Err.NONODE)
-        if not self._can(client, parent, Perm.CREATE):
+        if not self._can(client, parent, _CREATE):
             raise ZkError(Err.NOAUTH)
         if mode.is_sequential:
             path = f"{path}{parent.child_creates:010d}"
@@ -723,7 +721,7 @@ class Engine:
         parent = self.tree.get(path[:cut])
         if parent is None:
             raise ZkError(Err.NONODE)
-        if not self._can(client, parent, Perm.DELETE):
+        if not self._can(client, parent, _DELETE):
             raise ZkError(Err.NOAUTH)
         node = self.tree.nodes.get(path)
         if node is None:
@@ -733,7 +731,7 @@ class Engine:
             raise ZkError(Err.NOTEMPTY)
         txn.delete(path)
 
-    def _validated(self, client: Client, path: str, perm: Perm) -> Znode:
+    def _validated(self, client: Client, path: str, perm: int) -> Znode:
         try:
             validate_path(path)
         except InvalidPath:
@@ -746,12 +744,12 @@ class Engine:
         return node
 
     def _set_data(self, txn: Txn, client: Client, opcode: int, req: SetDataRequest) -> Record:
-        node = self._validated(client, req.path, Perm.WRITE)
+        node = self._validated(client, req.path, _WRITE)
         version = _check_version(node.version, req.version)
         return StatResponse(txn.set_data(req.path, req.data, version).stat())
 
     def _check(self, txn: Txn, client: Client, opcode: int, req: DeleteRequest) -> None:
-        node = self._validated(client, req.path, Perm.READ)
+        node = self._validated(client, req.path, _READ)
         _check_version(node.version, req.version)
 
     def _set_acl(self, txn: Txn, client: Client, opcode: int, req: SetACLRequest) -> Record:
@@ -762,7 +760,7 @@ class Engine:
             raise ZkError(Err.BADARGUMENTS) from None
         except acls.InvalidACL:
             raise ZkError(Err.INVALIDACL) from None
-        node = self._validated(client, req.path, Perm.ADMIN)
+        node = self._validated(client, req.path, _ADMIN)
         aversion = _check_version(node.aversion, req.version)
         return StatResponse(txn.set_acl(req.path, acl, aversion).stat())
 

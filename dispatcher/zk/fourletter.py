@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Mapping
 
 from dispatcher.zk.engine import Client, Engine
-from dispatcher.zk.protocol import SERVER_VERSION
+from dispatcher.zk.protocol import SERVER_VERSION, OpCode
 
 
 def _latency(engine: Engine) -> str:
@@ -45,9 +45,19 @@ def _client_line(client: Client, detailed: bool) -> str:
         return base + ")\n"
     return (
         base
-        + f",sid=0x{client.session.id:x},lop={client.last_op},est={int(client.connected_at)}"
+        + f",sid=0x{client.session.id:x},lop={_op_name(client.last_op)}"
+        + f",est={int(client.connected_at)}"
         + f",to={client.session.timeout_ms},lzxid=0x{client.last_zxid:x})\n"
     )
+
+
+def _op_name(opcode: int | None) -> str:
+    if opcode is None:
+        return "NA"
+    try:
+        return OpCode(opcode).name
+    except ValueError:
+        return str(opcode)
 
 
 def stat(engine: Engine) -> str:
