@@ -1,0 +1,491 @@
+"""The subscription protocol shared by Dispatchers, Meta Servers and proxies.
+
+Sans-I/O core plus one small trio adapter:
+
+* a frame is a 4-byte big-endian length and a UTF-8 JSON object; frames above
+  :data:`MAX_FRAME` are refused (the connection closes), so a peer can never
+  make the other side buffer without bound;
+* every message is a JSON object with a ``"type"``; the message classes below
+  are the whole vocabulary, and :func:`decode` refuses anything else with a
+  :class:`WireError` that names the problem.
+
+Conversation::
+
+    client                                   server (Dispatcher or Meta Server)
+    Hello(version, token, client_id) ──────►
+                                    ◄──────  Welcome(version, server_id) | Error
+    Subscribe(services={name: version held or None}) ──►        (Dispatcher)
+                                    ◄──────  Full(service, version, instances)
+                                    ◄──────  Deltas(service, from, to, ...)...
+                                    ◄──────  Redirect(service, owner, epoch)  (not the owner)
+    Ack(service, version) ──────────►
+    Report(service, instance_id, reason) ─►  (a proxy saw an endpoint fail)
+    Lookup(services) ───────────────►                              (Meta Server)
+                                    ◄──────  Assignment(epoch, owners)
+    WatchAssignments() ─────────────►
+                                    ◄──────  Assignment(...) on every change
+    Ping / Pong either way.
+
+Nothing may be sent before the Hello is answered; the server answers anything
+else with ``Error("unauthenticated")`` and closes. Instances travel as plain
+JSON objects (:class:`WireInstance`), so this module depends on nothing else
+in zkgate: the Meta Server and the proxy import it alone.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import attrs
+import trio
+
+PROTOCOL_VERSION = 1
+#: The largest frame either side accepts (a snapshot of a few thousand instances).
+MAX_FRAME = 8 * 1024 * 1024
+_LENGTH = struct.Struct(">I")
+
+
+class WireError(Exception):
+    """A peer sent something this protocol does not allow; the connection closes."""
+
+
+@attrs.frozen
+class WireInstance:
+    """One endpoint of a service, as proxies need it."""
+
+    id: str
+    host: str
+    port: int
+    weight: int = 100
+    zone: str = ""
+    health: str = "unknown"
+    metadata: Mapping[str, str] = attrs.field(factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "host": self.host, "port": self.port, "weight": self.weight,
+            "zone": self.zone, "health": self.health, "metadata": dict(self.metadata),
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, raw: Any) -> WireInstance:
+        obj = _object(raw, "instance")
+        return cls(
+            id=_str(obj, "id"), host=_str(obj, "host"), port=_int(obj, "port"),
+            weight=_int(obj, "weight", 100), zone=_str(obj, "zone", ""),
+            health=_str(obj, "health", "unknown"), metadata=_str_map(obj, "metadata"),
+        )  # fmt: skip
+
+
+@attrs.frozen
+class Owner:
+    """A Dispatcher shard: who it is and where to reach it."""
+
+    id: str
+    subscribe_address: str
+    zookeeper_address: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "subscribe_address": self.subscribe_address,
+                "zookeeper_address": self.zookeeper_address}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Owner:
+        obj = _object(raw, "owner")
+        return cls(_str(obj, "id"), _str(obj, "subscribe_address"),
+                   _str(obj, "zookeeper_address", ""))  # fmt: skip
+
+
+# --- messages -------------------------------------------------------------------
+
+
+class Message:
+    type: ClassVar[str]
+
+    def fields_to_json(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Message:
+        raise NotImplementedError
+
+
+@attrs.frozen
+class Hello(Message):
+    type: ClassVar[str] = "hello"
+    version: int
+    token: str
+    client_id: str
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "token": self.token, "client_id": self.client_id}
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Hello:
+        return cls(_int(obj, "version"), _str(obj, "token"), _str(obj, "client_id"))
+
+
+@attrs.frozen
+class Welcome(Message):
+    type: ClassVar[str] = "welcome"
+    version: int
+    server_id: str
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "server_id": self.server_id}
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Welcome:
+        return cls(_int(obj, "version"), _str(obj, "server_id"))
+
+
+@attrs.frozen
+class Error(Message):
+    """A refusal. Codes: unauthenticated, unsupported-version, bad-request, overloaded."""
+
+    type: ClassVar[str] = "error"
+    code: str
+    message: str = ""
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Error:
+        return cls(_str(obj, "code"), _str(obj, "message", ""))
+
+
+@attrs.frozen
+class Subscribe(Message):
+    """Services wanted, each with the version the client already holds (None: nothing).
+
+    A server that still knows the changes since a held version resumes with
+    :class:`Deltas`; otherwise it sends a :class:`Full`.
+    """
+
+    type: ClassVar[str] = "subscribe"
+    services: Mapping[str, int | None]
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"services": dict(self.services)}
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Subscribe:
+        raw = _object(obj.get("services"), "services")
+        services: dict[str, int | None] = {}
+        for name, version in raw.items():
+            if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+                raise WireError(f"services[{name!r}] must be a version number or null")
+            services[name] = version
+        return cls(services)
+
+
+@attrs.frozen
+class Unsubscribe(Message):
+    type: ClassVar[str] = "unsubscribe"
+    services: tuple[str, ...]
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"services": list(self.services)}
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Unsubscribe:
+        return cls(_str_list(obj, "services"))
+
+
+@attrs.frozen
+class Full(Message):
+    """The whole current state of one service."""
+
+    type: ClassVar[str] = "full"
+    service: str
+    version: int
+    instances: tuple[WireInstance, ...]
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "version": self.version,
+                "instances": [i.to_json() for i in self.instances]}  # fmt: skip
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Full:
+        return cls(_str(obj, "service"), _int(obj, "version"), _instances(obj, "instances"))
+
+
+@attrs.frozen
+class Deltas(Message):
+    """What changed in one service from ``from_version`` to ``to_version``."""
+
+    type: ClassVar[str] = "delta"
+    service: str
+    from_version: int
+    to_version: int
+    upserted: tuple[WireInstance, ...] = ()
+    removed: tuple[str, ...] = ()
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "from_version": self.from_version,
+                "to_version": self.to_version,
+                "upserted": [i.to_json() for i in self.upserted],
+                "removed": list(self.removed)}  # fmt: skip
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Deltas:
+        return cls(_str(obj, "service"), _int(obj, "from_version"), _int(obj, "to_version"),
+                   _instances(obj, "upserted"), _str_list(obj, "removed"))  # fmt: skip
+
+
+@attrs.frozen
+class Redirect(Message):
+    """This server does not own ``service``; ``owner`` does, as of ``epoch``."""
+
+    type: ClassVar[str] = "redirect"
+    service: str
+    owner: Owner | None
+    epoch: int
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "epoch": self.epoch,
+                "owner": None if self.owner is None else self.owner.to_json()}  # fmt: skip
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Redirect:
+        owner = obj.get("owner")
+        return cls(_str(obj, "service"), None if owner is None else Owner.from_json(owner),
+                   _int(obj, "epoch"))  # fmt: skip
+
+
+@attrs.frozen
+class Ack(Message):
+    type: ClassVar[str] = "ack"
+    service: str
+    version: int
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "version": self.version}
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Ack:
+        return cls(_str(obj, "service"), _int(obj, "version"))
+
+
+@attrs.frozen
+class Report(Message):
+    """A proxy saw an endpoint fail (reason: connect-refused, connect-timeout, reset, ...)."""
+
+    type: ClassVar[str] = "report"
+    service: str
+    instance_id: str
+    reason: str
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "instance_id": self.instance_id, "reason": self.reason}
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Report:
+        return cls(_str(obj, "service"), _str(obj, "instance_id"), _str(obj, "reason"))
+
+
+@attrs.frozen
+class Lookup(Message):
+    type: ClassVar[str] = "lookup"
+    services: tuple[str, ...]
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"services": list(self.services)}
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Lookup:
+        return cls(_str_list(obj, "services"))
+
+
+@attrs.frozen
+class WatchAssignments(Message):
+    type: ClassVar[str] = "watch-assignments"
+    services: tuple[str, ...]
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"services": list(self.services)}
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> WatchAssignments:
+        return cls(_str_list(obj, "services"))
+
+
+@attrs.frozen
+class Assignment(Message):
+    """Owners of the services asked about, as of ``epoch`` (which only grows)."""
+
+    type: ClassVar[str] = "assignment"
+    epoch: int
+    owners: Mapping[str, Owner | None]
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "owners": {
+            name: None if owner is None else owner.to_json()
+            for name, owner in self.owners.items()
+        }}  # fmt: skip
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Assignment:
+        raw = _object(obj.get("owners"), "owners")
+        owners = {name: None if o is None else Owner.from_json(o) for name, o in raw.items()}
+        return cls(_int(obj, "epoch"), owners)
+
+
+@attrs.frozen
+class Ping(Message):
+    type: ClassVar[str] = "ping"
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Ping:
+        return cls()
+
+
+@attrs.frozen
+class Pong(Message):
+    type: ClassVar[str] = "pong"
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Pong:
+        return cls()
+
+
+MESSAGES: dict[str, type[Message]] = {
+    m.type: m
+    for m in (Hello, Welcome, Error, Subscribe, Unsubscribe, Full, Deltas, Redirect, Ack,
+              Report, Lookup, WatchAssignments, Assignment, Ping, Pong)
+}  # fmt: skip
+
+
+# --- codec ----------------------------------------------------------------------
+
+
+def encode(message: Message) -> bytes:
+    body = json.dumps(
+        {"type": message.type, **message.fields_to_json()}, separators=(",", ":")
+    ).encode("utf-8")
+    if len(body) > MAX_FRAME:
+        raise WireError(f"{message.type} message of {len(body)} bytes exceeds {MAX_FRAME}")
+    return _LENGTH.pack(len(body)) + body
+
+
+def decode(body: bytes) -> Message:
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"frame is not JSON: {exc}") from None
+    obj = _object(obj, "message")
+    kind = MESSAGES.get(obj.get("type"))  # type: ignore[arg-type]
+    if kind is None:
+        raise WireError(f"unknown message type {obj.get('type')!r}")
+    return kind.fields_from_json(obj)
+
+
+class FrameDecoder:
+    """Bytes in, messages out; refuses frames above ``max_frame``."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[Message]:
+        self._buffer += data
+        while len(self._buffer) >= 4:
+            (length,) = _LENGTH.unpack_from(self._buffer)
+            if length > self.max_frame:
+                raise WireError(f"frame of {length} bytes exceeds {self.max_frame}")
+            if len(self._buffer) < 4 + length:
+                return
+            body = bytes(self._buffer[4 : 4 + length])
+            del self._buffer[: 4 + length]
+            yield decode(body)
+
+
+class WireStream:
+    """Messages over a trio stream (TCP or Unix socket)."""
+
+    def __init__(self, stream: trio.abc.Stream, max_frame: int = MAX_FRAME) -> None:
+        self.stream = stream
+        self._decoder = FrameDecoder(max_frame)
+        self._ready: list[Message] = []
+
+    async def send(self, message: Message) -> None:
+        await self.stream.send_all(encode(message))
+
+    async def receive(self) -> Message:
+        """The next message; raises EOFError when the peer closed."""
+        while not self._ready:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError("peer closed the connection")
+            self._ready.extend(self._decoder.feed(data))
+        return self._ready.pop(0)
+
+    def __aiter__(self) -> WireStream:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.receive()
+        except EOFError:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+# --- validation helpers -----------------------------------------------------------
+
+_MISSING = object()
+
+
+def _object(raw: Any, what: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise WireError(f"{what} must be a JSON object")
+    return raw
+
+
+def _str(obj: dict[str, Any], key: str, default: Any = _MISSING) -> str:
+    value = obj.get(key, default)
+    if value is _MISSING or not isinstance(value, str):
+        raise WireError(f"{key!r} must be a string")
+    return value
+
+
+def _int(obj: dict[str, Any], key: str, default: Any = _MISSING) -> int:
+    value = obj.get(key, default)
+    if value is _MISSING or not isinstance(value, int) or isinstance(value, bool):
+        raise WireError(f"{key!r} must be an integer")
+    return value
+
+
+def _str_list(obj: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = obj.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise WireError(f"{key!r} must be a list of strings")
+    return tuple(value)
+
+
+def _str_map(obj: dict[str, Any], key: str) -> dict[str, str]:
+    value = obj.get(key, {})
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise WireError(f"{key!r} must map strings to strings")
+    return value
+
+
+def _instances(obj: dict[str, Any], key: str) -> tuple[WireInstance, ...]:
+    value = obj.get(key, [])
+    if not isinstance(value, list):
+        raise WireError(f"{key!r} must be a list")
+    return tuple(WireInstance.from_json(item) for item in value)

@@ -1,0 +1,110 @@
+"""The subscription protocol's codec: round trips, and refusals of bad frames."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from dispatcher import wire
+from dispatcher.wire import (
+    Ack,
+    Assignment,
+    Deltas,
+    Error,
+    FrameDecoder,
+    Full,
+    Hello,
+    Lookup,
+    Owner,
+    Ping,
+    Redirect,
+    Report,
+    Subscribe,
+    WatchAssignments,
+    WireError,
+    WireInstance,
+    WireStream,
+)
+
+INSTANCE = WireInstance("i-1", "10.0.0.1", 8080, 50, "z1", "passing", {"k": "v"})
+OWNER = Owner("d1", "127.0.0.1:7000", "127.0.0.1:2181")
+
+EXAMPLES = [
+    Hello(1, "secret", "proxy-a"),
+    wire.Welcome(1, "d1"),
+    Error("unauthenticated", "hello first"),
+    Subscribe({"orders": None, "users": 42}),
+    wire.Unsubscribe(("orders",)),
+    Full("orders", 7, (INSTANCE,)),
+    Deltas("orders", 7, 9, (INSTANCE,), ("i-2",)),
+    Redirect("orders", OWNER, 3),
+    Redirect("orders", None, 3),
+    Ack("orders", 9),
+    Report("orders", "i-1", "connect-refused"),
+    Lookup(("orders", "users")),
+    WatchAssignments(("orders",)),
+    Assignment(4, {"orders": OWNER, "gone": None}),
+    Ping(),
+    wire.Pong(),
+]
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: m.type)
+def test_every_message_round_trips(message: wire.Message) -> None:
+    decoder = FrameDecoder()
+    assert list(decoder.feed(wire.encode(message))) == [message]
+
+
+def test_frames_split_anywhere_still_decode() -> None:
+    stream = b"".join(wire.encode(m) for m in EXAMPLES)
+    decoder = FrameDecoder()
+    out = []
+    for i in range(len(stream)):
+        out.extend(decoder.feed(stream[i : i + 1]))
+    assert out == EXAMPLES
+
+
+def _frame(obj: object) -> bytes:
+    body = json.dumps(obj).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("raw", "complaint"),
+    [
+        (b"\x00\x00\x00\x03abc", "not JSON"),
+        (_frame([1, 2]), "JSON object"),
+        (_frame({"type": "launch-missiles"}), "unknown message type"),
+        (_frame({"type": "hello", "version": "1", "token": "t", "client_id": "c"}), "'version'"),
+        (_frame({"type": "subscribe", "services": {"a": "x"}}), "version number"),
+        (_frame({"type": "full", "service": "s", "version": 1, "instances": [{"id": 1}]}), "'id'"),
+        (_frame({"type": "delta", "service": "s", "from_version": 1, "to_version": 2,
+                 "removed": [3]}), "list of strings"),  # fmt: skip
+    ],
+)
+def test_bad_frames_are_refused_with_a_reason(raw: bytes, complaint: str) -> None:
+    with pytest.raises(WireError, match=complaint):
+        list(FrameDecoder().feed(raw))
+
+
+def test_oversized_frames_are_refused_before_buffering() -> None:
+    decoder = FrameDecoder(max_frame=1024)
+    with pytest.raises(WireError, match="exceeds"):
+        list(decoder.feed(struct.pack(">I", 1025)))
+
+
+async def test_wire_stream_carries_messages_both_ways() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    a, b = WireStream(left), WireStream(right)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.send, Hello(1, "t", "c"))
+        assert await b.receive() == Hello(1, "t", "c")
+        nursery.start_soon(b.send, Full("s", 1, (INSTANCE,)))
+        assert await a.receive() == Full("s", 1, (INSTANCE,))
+    await a.aclose()
+    with pytest.raises(EOFError):
+        await b.receive()
