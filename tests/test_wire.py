@@ -83,7 +83,7 @@ def _frame(obj: object) -> bytes:
         (_frame({"type": "subscribe", "services": {"a": "x"}}), "version number"),
         (_frame({"type": "full", "service": "s", "version": 1, "instances": [{"id": 1}]}), "'id'"),
         (_frame({"type": "delta", "service": "s", "from_version": 1, "to_version": 2,
-                 "removed": [3]}), "list of strings"),  # fmt: skip
+                 "removed": [3]}), "list of strings"),
     ],
 )
 def test_bad_frames_are_refused_with_a_reason(raw: bytes, complaint: str) -> None:
