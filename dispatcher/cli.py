@@ -11,10 +11,12 @@ from pathlib import Path
 
 import trio
 
+from dispatcher.config import Config, ConfigError, load_config
+from dispatcher.gateway import run_gateway
 from dispatcher.zk.engine import Engine, EngineConfig
 from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER
 from dispatcher.zk.server import ServerLimits, ZooKeeperServer, parse_listen
-from dispatcher.zk.store import TreeStore
+from dispatcher.zk.store import StoreError, TreeStore
 
 log = logging.getLogger("zkgate")
 
@@ -62,7 +64,56 @@ def _build_parser() -> argparse.ArgumentParser:
                        "reaped, as znode.container.checkIntervalMs (default: %(default)s)")
     serve.add_argument("--super-digest", default=None, metavar="USER:BASE64SHA1",
                        help="digest id allowed everything, as ZooKeeper's superDigest")
+    serve.add_argument("--config", type=Path, default=None, metavar="FILE",
+                       help="TOML file naming the upstream registries to fan in, and the "
+                       "settings above; flags given on the command line override it")
     return parser
+
+
+# The serve flags that, given with --config, override the file's [zookeeper] table.
+_OVERRIDES = ("listen", "data_dir", "tick_ms", "max_buffer", "max_client_cnxns",
+              "extended_types", "container_check_ms", "super_digest")
+
+
+def _typed_flags(argv: Sequence[str]) -> set[str]:
+    """Which of the overriding flags the user actually typed.
+
+    argparse fills in defaults, so ``--listen 127.0.0.1:2181`` typed out and
+    the default look alike; a probe parser whose defaults are suppressed
+    tells them apart (it accepts the same abbreviations, and leaves the rest
+    of the command line alone).
+    """
+    probe = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for dest in _OVERRIDES:
+        flag = "--" + dest.replace("_", "-")
+        if dest == "extended_types":
+            probe.add_argument(flag, dest=dest, action="store_true")
+        else:
+            probe.add_argument(flag, dest=dest)
+    given, _rest = probe.parse_known_args(argv)
+    return set(vars(given))
+
+
+def _load_config(args: argparse.Namespace, argv: Sequence[str]) -> Config:
+    typed = _typed_flags(argv)
+    config = load_config(args.config)
+    return config.with_overrides(**{dest: getattr(args, dest) for dest in typed})
+
+
+def _run_config(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    try:
+        config = _load_config(args, argv)
+    except ConfigError as exc:
+        print(f"zkgate: error: config {str(args.config)!r}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        trio.run(run_gateway, config)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except OSError as exc:
+        log.error("cannot serve: %s", exc)
+        return EXIT_RUNTIME
+    return EXIT_OK
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -101,11 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_listen(args.listen)
         except ValueError as exc:
             parser.error(f"--listen: {exc}")
+        if args.config is not None:
+            return _run_config(args, sys.argv[1:] if argv is None else argv)
         try:
             trio.run(_serve, args)
         except KeyboardInterrupt:
             return EXIT_OK
-        except OSError as exc:
+        except (OSError, StoreError) as exc:
             log.error("cannot serve: %s", exc)
             return EXIT_RUNTIME
     return EXIT_OK

@@ -95,6 +95,9 @@ class StreamPeer:
         self._drained = trio.Event()
         self.closing = False
         self.reader_scope = trio.CancelScope()
+        # A client that stopped reading can block send_all forever; closing
+        # gives the writer close_flush_timeout more, then cancels it.
+        self.writer_scope = trio.CancelScope()
 
     def send(self, data: bytes) -> None:
         if self.closing:
@@ -113,6 +116,8 @@ class StreamPeer:
         self._out = bytearray()
 
     def close(self) -> None:
+        if not self.closing:
+            self.writer_scope.deadline = trio.current_time() + self.limits.close_flush_timeout
         self.closing = True
         self.reader_scope.cancel()
         self._wake.set()
@@ -126,6 +131,10 @@ class StreamPeer:
         await self._drained.wait()
 
     async def write_loop(self) -> None:
+        with self.writer_scope:
+            await self._write_until_closed()
+
+    async def _write_until_closed(self) -> None:
         try:
             while True:
                 if not self._out:
@@ -136,10 +145,6 @@ class StreamPeer:
                     continue
                 data, self._out = self._out, bytearray()
                 try:
-                    if self.closing:
-                        with trio.move_on_after(self.limits.close_flush_timeout):
-                            await self.stream.send_all(data)
-                        return
                     await self.stream.send_all(data)
                 finally:
                     self.budget.release(len(data))

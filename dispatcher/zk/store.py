@@ -44,6 +44,10 @@ def _encode_acl(node: Znode) -> bytes:
     return bytes(w.out)
 
 
+class StoreError(RuntimeError):
+    """The data directory cannot be used."""
+
+
 class TreeStore:
     """The on-disk copy of a :class:`DataTree` under ``data_dir``."""
 
@@ -53,6 +57,12 @@ class TreeStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(znodes)")}
+        if "child_creates" not in columns:
+            raise StoreError(
+                f"{data_dir} holds a tree written by an older, incompatible zkgate; "
+                "move it away to start afresh"
+            )
         self._db.execute("BEGIN IMMEDIATE")
         self.boot = self._meta("boots", 0) + 1
         self._db.execute(

@@ -1,0 +1,501 @@
+"""Fan-in: many upstream registries, one merged, versioned snapshot.
+
+:class:`FanIn` runs every configured :class:`~dispatcher.upstream.Upstream`,
+keeps what each one currently reports, merges them into one
+:class:`~dispatcher.snapshot.Snapshot` and hands each new version's deltas to
+its :class:`~dispatcher.subscriptions.SubscriptionHub`.
+
+The merge rules (users rely on these; keep them in the docs when changing):
+
+* **Identity.** Instances are merged by endpoint: one merged instance per
+  ``(service, host, port)``, whatever ids the registries gave it. Its
+  ``instance_id`` is the endpoint itself, ``host:port`` (``[host]:port``
+  when the host contains a colon, as IPv6 literals do). The id must not
+  depend on which registry currently wins: when the winner withdraws and the
+  next registry's record takes over, consumers see one *update* of the same
+  instance, not a removal and an addition (which a ZooKeeper projection
+  would turn into a deleted and a created znode, and a proxy into a dropped
+  endpoint). The registry's own id stays reachable through ``source.key``.
+* **Precedence.** Upstreams rank in the order the configuration lists them:
+  the first that reports an endpoint wins. If one upstream reports the same
+  endpoint under several ids (a re-registration that left its old record
+  behind), its record with the smallest id wins, so the choice never depends
+  on arrival order.
+* **Conflicting metadata.** The winner's record is taken whole: every field,
+  including all of its metadata, comes from the winner, and keys that only a
+  losing record has are *not* merged in. One source of truth per instance:
+  a record stitched from several registries would be a value no registry
+  ever held, which nobody can reason about when debugging, and which would
+  change shape whenever a lower-ranked registry edits a key that the winner
+  happens to lack.
+* **Provenance.** A merged instance keeps its winner's ``source``, so every
+  instance says which upstream (and which key there) it came from.
+  :meth:`FanIn.reports` lists every upstream's record for one endpoint.
+  Caveat, from :meth:`Snapshot.apply`: when the winner changes to a record
+  that is *equal* in value (equality ignores ``source``), no new version is
+  made and the snapshot keeps the earlier ``source``; provenance alone is
+  not a change consumers can see.
+* **Loop prevention.** An instance whose metadata has
+  :data:`EXPORTED_BY` equal to this node's id was written upstream by this
+  gateway's own projection; it is dropped on arrival (as if the upstream did
+  not have it) and counted in :attr:`FanInCounters.looped_back`.
+
+Staleness: an upstream is *stale* from the start until its first
+``Status(connected=True)``, and again from each ``Status(connected=False)``
+until it reconnects. While stale, whatever it last reported stays in the
+snapshot (keep serving the last known state); its next :class:`Listing`
+resyncs it by an exact diff.
+
+Interest: with ``interest="all"`` (the default) upstreams load everything
+under their roots and :meth:`Upstream.set_interest` is never called. With
+``interest="subscribed"`` the fan-in narrows every upstream to the services
+someone subscribes to (all of them while someone subscribes to ``*``): it
+calls ``set_interest`` before starting each upstream and whenever a service
+gains its first subscriber or loses its last. A service that loses its last
+subscriber is dropped from the snapshot at once, since no upstream watches
+it any more and its state would silently go stale; events that still arrive
+for uninteresting services are ignored.
+
+Concurrency: each upstream's ``run`` writes to its own bounded channel; one
+forwarder per upstream moves whatever is ready, as one batch, into a shared
+bounded channel; one consumer task drains what is ready there, applies it
+all with one :meth:`Snapshot.apply` and publishes. A slow consumer therefore
+pushes back on the upstreams (their ``send`` waits) and memory stays
+bounded. The published snapshot is one reference, rebound: readers never
+lock. All state changes happen in synchronous code on the trio thread, so
+the consumer and a subscriber's subscribe/close never interleave halfway.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Final, Literal
+
+import attrs
+import trio
+
+from dispatcher.model import Instance, Source
+from dispatcher.snapshot import Change, Delta, Put, Remove, Snapshot, diff
+from dispatcher.subscriptions import DEFAULT_QUEUE, Subscription, SubscriptionHub
+from dispatcher.upstream import Backoff, Changed, Listing, Status, Upstream, UpstreamEvent
+
+__all__ = [
+    "EXPORTED_BY",
+    "FanIn",
+    "FanInCounters",
+    "Interest",
+    "UpstreamState",
+    "endpoint_id",
+]
+
+log = logging.getLogger(__name__)
+
+EXPORTED_BY: Final = "zkgate.exported-by"
+"""Metadata key a projection sets to its gateway's ``node_id`` when it writes
+an instance into an upstream registry, so that the same gateway reading that
+registry back recognises its own export."""
+
+Interest = Literal["all", "subscribed"]
+
+_Endpoint = tuple[str, str, int]
+"""``(service, host, port)``: the identity of a merged instance."""
+
+
+def endpoint_id(host: str, port: int) -> str:
+    """The merged instance id for an endpoint: ``host:port``, ``[host]:port`` for IPv6."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@attrs.frozen(slots=True)
+class UpstreamState:
+    """Whether one upstream is connected, since when, and why.
+
+    ``since`` is wall-clock time (``time.time()``) of the last transition,
+    for humans and ``mntr``; ``detail`` is the adapter's own explanation.
+    """
+
+    name: str
+    connected: bool
+    since: float
+    detail: str = ""
+
+
+@attrs.define
+class FanInCounters:
+    """Monotonic counters, for metrics and tests."""
+
+    #: Upstream events received (each Listing, Changed or Status is one).
+    events: int = 0
+    #: Batches applied (each is one pass of the consumer).
+    batches: int = 0
+    #: Batches that produced a new snapshot version.
+    versions: int = 0
+    #: Instances dropped because this node exported them (loop prevention).
+    looped_back: int = 0
+    #: Instances dropped from a Listing because their service was outside its scope.
+    out_of_scope: int = 0
+    #: Upstream runs that raised or returned and were restarted.
+    restarts: int = 0
+
+
+class _Upstream:
+    """The fan-in's bookkeeping for one upstream (not shared outside)."""
+
+    __slots__ = ("held", "name", "rank", "state", "upstream")
+
+    def __init__(self, upstream: Upstream, rank: int) -> None:
+        self.upstream = upstream
+        self.name = upstream.name
+        self.rank = rank
+        #: What this upstream currently reports (after loop prevention):
+        #: service -> its instance id -> instance.
+        self.held: dict[str, dict[str, Instance]] = {}
+        self.state = UpstreamState(self.name, False, time.time(), "not connected yet")
+
+
+class FanIn:
+    """Merges upstreams into one snapshot and serves subscriptions to it.
+
+    ``node_id`` is this gateway's id for loop prevention. ``interest``,
+    ``subscriber_queue`` are as in the configuration's ``[dispatcher]``
+    table. ``event_buffer`` bounds each upstream's channel, ``max_batch`` the
+    number of events applied in one snapshot version. A crashed upstream
+    (its ``run`` raised, or returned although it should run until
+    cancelled) is marked stale, logged and restarted with jittered backoff
+    between ``restart_initial`` and ``restart_max`` seconds.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        interest: Interest = "all",
+        subscriber_queue: int = DEFAULT_QUEUE,
+        event_buffer: int = 256,
+        max_batch: int = 4096,
+        restart_initial: float = 1.0,
+        restart_max: float = 30.0,
+    ) -> None:
+        if interest not in ("all", "subscribed"):
+            raise ValueError(f"interest must be 'all' or 'subscribed', got {interest!r}")
+        if event_buffer < 1 or max_batch < 1:
+            raise ValueError("event_buffer and max_batch must be >= 1")
+        self.node_id = node_id
+        self.interest_mode: Interest = interest
+        self.event_buffer = event_buffer
+        self.max_batch = max_batch
+        self.restart_initial = restart_initial
+        self.restart_max = restart_max
+        self.counters = FanInCounters()
+        self.hub = SubscriptionHub(
+            max_queue=subscriber_queue,
+            on_interest_changed=self._interest_changed if interest == "subscribed" else None,
+        )
+        self._snapshot = Snapshot()
+        self._upstreams: dict[str, _Upstream] = {}
+        self._reports: dict[_Endpoint, dict[tuple[int, str], Instance]] = {}
+        self._interest: frozenset[str] | None = (
+            self.hub.interest if interest == "subscribed" else None
+        )
+
+    # ----------------------------------------------------------------- reading
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The current merged snapshot; keep it as long as you like, it never changes."""
+        return self._snapshot
+
+    @property
+    def interest(self) -> frozenset[str] | None:
+        """The services the upstreams are asked to load (None: everything)."""
+        return self._interest
+
+    @property
+    def status(self) -> Mapping[str, UpstreamState]:
+        """Every upstream's connection state, by name, in precedence order."""
+        return MappingProxyType({name: u.state for name, u in self._upstreams.items()})
+
+    @property
+    def stale(self) -> Mapping[str, UpstreamState]:
+        """The upstreams that are not connected now (and since when): their data is stale."""
+        return MappingProxyType(
+            {name: u.state for name, u in self._upstreams.items() if not u.state.connected}
+        )
+
+    def reports(self, service: str, host: str, port: int) -> tuple[Instance, ...]:
+        """Every upstream's record of one endpoint, winner first (precedence order)."""
+        found = self._reports.get((service, host, port), {})
+        return tuple(found[key] for key in sorted(found))
+
+    def subscribe(self, keys: Iterable[str], *, max_queue: int | None = None) -> Subscription:
+        """Subscribe to services of the merged snapshot; see :class:`SubscriptionHub`."""
+        return self.hub.subscribe(keys, max_queue=max_queue)
+
+    # ----------------------------------------------------------------- running
+
+    async def run(self, upstreams: Sequence[Upstream]) -> None:
+        """Run ``upstreams`` (in precedence order) and merge them until cancelled.
+
+        May be called once per FanIn.
+        """
+        if self._upstreams:
+            raise RuntimeError("FanIn.run was already called")
+        names = [upstream.name for upstream in upstreams]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"upstream names must be unique, repeated: {duplicates}")
+        for rank, upstream in enumerate(upstreams):
+            self._upstreams[upstream.name] = _Upstream(upstream, rank)
+        if self.interest_mode == "subscribed":
+            self._interest = self.hub.interest
+            for state in self._upstreams.values():
+                self._set_interest(state, self._interest)
+
+        merged_send, merged_receive = trio.open_memory_channel[
+            tuple[_Upstream, list[UpstreamEvent]]
+        ](max(1, len(upstreams)))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._consume, merged_receive)
+            async with merged_send:
+                for state in self._upstreams.values():
+                    send, receive = trio.open_memory_channel[UpstreamEvent](self.event_buffer)
+                    nursery.start_soon(self._forward, state, receive, merged_send.clone())
+                    nursery.start_soon(self._supervise, state, send)
+
+    async def _supervise(
+        self, state: _Upstream, send: trio.MemorySendChannel[UpstreamEvent]
+    ) -> None:
+        backoff = Backoff(self.restart_initial, self.restart_max)
+        async with send:
+            while True:
+                started = trio.current_time()
+                try:
+                    # A clone, so that an adapter closing its channel on exit
+                    # does not end the stream we keep for its restart.
+                    await state.upstream.run(send.clone())
+                    reason = "adapter's run() returned"
+                    log.error("upstream %r: run() returned; restarting it", state.name)
+                except Exception as exc:
+                    reason = f"adapter crashed: {exc!r}"
+                    log.exception("upstream %r crashed; restarting it", state.name)
+                self.counters.restarts += 1
+                # Through the channel, after whatever the run sent before it
+                # died, so that a Status(True) still in flight cannot undo it.
+                await send.send(Status(False, reason))
+                if trio.current_time() - started > self.restart_max:
+                    backoff.reset()
+                await backoff.sleep()
+
+    async def _forward(
+        self,
+        state: _Upstream,
+        receive: trio.MemoryReceiveChannel[UpstreamEvent],
+        merged: trio.MemorySendChannel[tuple[_Upstream, list[UpstreamEvent]]],
+    ) -> None:
+        async with receive, merged:
+            async for first in receive:
+                batch = [first]
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await merged.send((state, batch))
+
+    async def _consume(
+        self, receive: trio.MemoryReceiveChannel[tuple[_Upstream, list[UpstreamEvent]]]
+    ) -> None:
+        async with receive:
+            async for first in receive:
+                items = [first]
+                count = len(first[1])
+                while count < self.max_batch:
+                    try:
+                        item = receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    items.append(item)
+                    count += len(item[1])
+                self._apply_batch(items)
+
+    # ---------------------------------------------------------------- applying
+
+    def _apply_batch(self, items: Iterable[tuple[_Upstream, Iterable[UpstreamEvent]]]) -> None:
+        """Apply events from upstreams, in order, as one snapshot version (sync)."""
+        touched: dict[_Endpoint, None] = {}
+        for state, events in items:
+            for event in events:
+                self.counters.events += 1
+                if isinstance(event, Listing):
+                    self._on_listing(state, event, touched)
+                elif isinstance(event, Changed):
+                    self._on_changed(state, event, touched)
+                elif isinstance(event, Status):
+                    self._on_status(state, event)
+                else:
+                    log.error("upstream %r sent %r, not an UpstreamEvent", state.name, event)
+        self.counters.batches += 1
+        self._commit(self._resolve(touched))
+
+    def _on_status(self, state: _Upstream, event: Status) -> None:
+        if event.connected == state.state.connected:
+            if event.detail != state.state.detail:
+                state.state = attrs.evolve(state.state, detail=event.detail)
+            return
+        state.state = UpstreamState(state.name, event.connected, time.time(), event.detail)
+        if event.connected:
+            log.info("upstream %r connected %s", state.name, event.detail)
+        else:
+            log.warning(
+                "upstream %r disconnected (%s); serving its last state, marked stale",
+                state.name,
+                event.detail or "no detail",
+            )
+
+    def _on_listing(self, state: _Upstream, event: Listing, touched: dict[_Endpoint, None]) -> None:
+        # The listing replaces everything this upstream holds for its scope.
+        # Held state only ever covers wanted services (narrowing forgets the
+        # rest), so the scope needs no intersection with the interest.
+        scope = event.services
+        old: list[Instance] = []
+        for service, held in state.held.items():
+            if scope is None or service in scope:
+                old.extend(held.values())
+        new: list[Instance] = []
+        for instance in event.instances:
+            if scope is not None and instance.service not in scope:
+                # An adapter bug; guessing what it meant could remove
+                # instances that another listing still vouches for.
+                self.counters.out_of_scope += 1
+                continue
+            if not self._wanted(instance.service):
+                continue
+            accepted = self._accept(state, instance)
+            if accepted is not None:
+                new.append(accepted)
+        # diff is exact: puts for new and changed values, removes for the gone.
+        for change in diff(old, new):
+            self._hold(state, change, touched)
+
+    def _on_changed(self, state: _Upstream, event: Changed, touched: dict[_Endpoint, None]) -> None:
+        for change in event.changes:
+            if isinstance(change, Put):
+                if not self._wanted(change.instance.service):
+                    continue
+                accepted = self._accept(state, change.instance)
+                if accepted is None:
+                    # It was ours: the upstream's record must not stay held
+                    # from before, when it may have looked like a foreign one.
+                    change = Remove(change.instance.service, change.instance.instance_id)
+                elif accepted is not change.instance:
+                    change = Put(accepted)
+            elif not isinstance(change, Remove):
+                log.error("upstream %r sent %r, not a Put or Remove", state.name, change)
+                continue
+            self._hold(state, change, touched)
+
+    def _accept(self, state: _Upstream, instance: Instance) -> Instance | None:
+        """The instance as held, or None when loop prevention drops it."""
+        if instance.metadata.get(EXPORTED_BY) == self.node_id:
+            self.counters.looped_back += 1
+            return None
+        if instance.source is None:
+            # Every merged instance says where it came from, even when an
+            # adapter forgot to say so.
+            return attrs.evolve(instance, source=Source(state.name, instance.instance_id))
+        return instance
+
+    def _wanted(self, service: str) -> bool:
+        return self._interest is None or service in self._interest
+
+    def _hold(self, state: _Upstream, change: Change, touched: dict[_Endpoint, None]) -> None:
+        if isinstance(change, Put):
+            instance = change.instance
+            service, instance_id = instance.service, instance.instance_id
+        else:
+            service, instance_id = change.service, change.instance_id
+        held = state.held.get(service)
+        previous = held.get(instance_id) if held is not None else None
+        if previous is not None:
+            endpoint = (service, previous.host, previous.port)
+            reports = self._reports[endpoint]
+            del reports[(state.rank, instance_id)]
+            if not reports:
+                del self._reports[endpoint]
+            touched[endpoint] = None
+        if isinstance(change, Put):
+            if held is None:
+                held = state.held[service] = {}
+            held[instance_id] = instance
+            endpoint = (service, instance.host, instance.port)
+            self._reports.setdefault(endpoint, {})[(state.rank, instance_id)] = instance
+            touched[endpoint] = None
+        elif previous is not None:
+            del held[instance_id]  # type: ignore[index]
+            if not held:
+                del state.held[service]
+
+    def _resolve(self, touched: Iterable[_Endpoint]) -> list[Change]:
+        """The merged changes for the endpoints whose reports changed."""
+        changes: list[Change] = []
+        for endpoint in touched:
+            service, host, port = endpoint
+            merged_id = endpoint_id(host, port)
+            reports = self._reports.get(endpoint)
+            if not reports:
+                changes.append(Remove(service, merged_id))
+                continue
+            winner = reports[min(reports)]
+            if winner.instance_id != merged_id:
+                winner = attrs.evolve(winner, instance_id=merged_id)
+            changes.append(Put(winner))
+        return changes
+
+    def _commit(self, changes: Sequence[Change]) -> tuple[Delta, ...]:
+        if not changes:
+            return ()
+        snapshot, deltas = self._snapshot.apply(changes)
+        if not deltas:
+            return ()
+        self._snapshot = snapshot
+        self.counters.versions += 1
+        log.debug(
+            "snapshot version %d: %d service(s) changed (%s)",
+            snapshot.version,
+            len(deltas),
+            ", ".join(delta.service for delta in deltas[:5]) + (", ..." if len(deltas) > 5 else ""),
+        )
+        self.hub.publish(snapshot, deltas)
+        return deltas
+
+    # ---------------------------------------------------------------- interest
+
+    def _interest_changed(self) -> None:
+        wanted = self.hub.interest
+        previous = self._interest
+        if wanted == previous:
+            return
+        self._interest = wanted
+        for state in self._upstreams.values():
+            self._set_interest(state, wanted)
+        if wanted is None:
+            return
+        # Narrowed: forget what the upstreams held for services nobody wants
+        # any more; no upstream watches them now, so they would go stale.
+        touched: dict[_Endpoint, None] = {}
+        for state in self._upstreams.values():
+            for service in [s for s in state.held if s not in wanted]:
+                for instance_id in list(state.held[service]):
+                    self._hold(state, Remove(service, instance_id), touched)
+        self._commit(self._resolve(touched))
+
+    def _set_interest(self, state: _Upstream, services: frozenset[str] | None) -> None:
+        try:
+            state.upstream.set_interest(services)
+        except Exception:
+            # One adapter's bug must not fail the subscriber that happened
+            # to be first; the adapter keeps its previous interest.
+            log.exception("upstream %r: set_interest failed", state.name)
