@@ -48,7 +48,6 @@ import os
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
-from importlib.metadata import entry_points
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -57,7 +56,7 @@ import attrs
 
 from dispatcher.fanin import Interest
 from dispatcher.subscriptions import DEFAULT_QUEUE
-from dispatcher.upstream import ENTRY_POINT_GROUP, ConfigError, Upstream
+from dispatcher.upstream import ConfigError, Upstream, upstream_kind
 from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER
 from dispatcher.zk.server import parse_listen
 
@@ -147,8 +146,12 @@ class UpstreamConfig:
     )
 
     def build(self) -> Upstream:
-        """A new live upstream object for this table."""
-        return self.factory.from_config(self.name, self.options)
+        """A new live upstream object for this table.
+
+        The adapter gets its own deep copy of the options, so nothing it
+        keeps or changes can alter this value.
+        """
+        return self.factory.from_config(self.name, copy.deepcopy(dict(self.options)))
 
 
 @attrs.frozen
@@ -247,7 +250,7 @@ def parse_config(
     data: Mapping[str, Any], *, base_dir: Path | None = None, kinds: KindLookup | None = None
 ) -> Config:
     """Check an already parsed TOML document; see :func:`load_config`."""
-    lookup = kinds or _entry_point_kind
+    lookup = kinds or upstream_kind
     _reject_unknown(data, _TOP_KEYS, "")
     node_id = None
     if "node_id" in data:
@@ -357,19 +360,6 @@ def _adapter_message(where: str, name: str, message: str) -> str:
     if message.startswith(own):
         return f"{where} ({name!r}){message[len(own):]}"
     return f"{where} ({name!r}): {message}"
-
-
-def _entry_point_kind(kind: str) -> type[Upstream]:
-    found = entry_points(group=ENTRY_POINT_GROUP, name=kind)
-    if not found:
-        known = ", ".join(sorted(entry_points(group=ENTRY_POINT_GROUP).names)) or "none installed"
-        raise ConfigError(f"unknown upstream kind {kind!r} (known: {known})")
-    entry = next(iter(found))
-    try:
-        loaded: type[Upstream] = entry.load()
-    except Exception as exc:
-        raise ConfigError(f"upstream kind {kind!r} cannot be loaded: {exc!r}") from None
-    return loaded
 
 
 # ----------------------------------------------------------------- checks

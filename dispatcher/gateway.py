@@ -21,6 +21,7 @@ import trio
 
 from dispatcher.config import Config
 from dispatcher.fanin import FanIn
+from dispatcher.upstream import Upstream
 from dispatcher.zk.engine import Engine, EngineConfig
 from dispatcher.zk.server import ServerLimits, ZooKeeperServer
 from dispatcher.zk.store import TreeStore
@@ -42,6 +43,8 @@ class Gateway:
         )
         #: The bound ZooKeeper port (useful when the configuration says port 0).
         self.port: int | None = None
+        #: The live upstream objects, in precedence order, once running.
+        self.upstreams: tuple[Upstream, ...] = ()
 
     async def run(
         self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
@@ -52,7 +55,7 @@ class Gateway:
         # Built before anything starts, so that a failing from_config (it
         # passed at load time, but may depend on the environment) stops the
         # start instead of killing a half-started gateway.
-        upstreams = [upstream.build() for upstream in config.upstreams]
+        upstreams = self.upstreams = tuple(upstream.build() for upstream in config.upstreams)
         store = TreeStore(zk.data_dir)
         try:
             engine = Engine(store, EngineConfig(

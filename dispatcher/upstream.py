@@ -17,7 +17,7 @@ Blocking client libraries run in worker threads and hand events to trio with
 ``trio.from_thread``; they never touch trio state from a thread.
 
 Adapters are chosen by configuration through one registry of kinds, the
-``zkgate.upstreams`` entry-point group in ``pyproject.toml``; the Dispatcher
+``zkgate.upstreams`` entry-point group (:func:`upstream_kind`) in ``pyproject.toml``; the Dispatcher
 never imports an adapter module by name.
 """
 
@@ -92,17 +92,18 @@ class Upstream(Protocol):
         ...
 
 
-def upstream_kinds() -> dict[str, type[Upstream]]:
-    """Every adapter kind installed, by its config name."""
-    return {ep.name: ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def build_upstream(kind: str, name: str, options: Mapping[str, Any]) -> Upstream:
-    kinds = upstream_kinds()
-    if kind not in kinds:
-        known = ", ".join(sorted(kinds)) or "none installed"
-        raise ConfigError(f"upstream {name!r}: unknown kind {kind!r} (known: {known})")
-    return kinds[kind].from_config(name, options)
+def upstream_kind(kind: str) -> type[Upstream]:
+    """The adapter class registered for ``kind``; loads that one entry point only,
+    so one broken adapter cannot break configurations that do not use it."""
+    found = entry_points(group=ENTRY_POINT_GROUP, name=kind)
+    if not found:
+        known = ", ".join(sorted(entry_points(group=ENTRY_POINT_GROUP).names)) or "none installed"
+        raise ConfigError(f"unknown upstream kind {kind!r} (known: {known})")
+    try:
+        loaded: type[Upstream] = next(iter(found)).load()
+    except Exception as exc:
+        raise ConfigError(f"upstream kind {kind!r} cannot be loaded: {exc!r}") from None
+    return loaded
 
 
 @attrs.define
