@@ -1,0 +1,399 @@
+"""The Consul upstream: services from a Consul agent's catalog, watched with blocking queries.
+
+One *blocking loop* follows ``/v1/catalog/services`` to learn which services
+exist (unless the config names a fixed set), and one loop per service of
+interest follows ``/v1/health/service/<name>``; each loop keeps its own index,
+and each answer for service S becomes ``Listing(instances, services={S})``,
+which the fan-in diffs against what it held for S: exact, and nothing to
+reconcile here. A service that leaves the catalog gets an empty Listing and its
+loop stops.
+
+The loops follow Consul's rules for blocking-query clients
+(https://developer.hashicorp.com/consul/api-docs/features/blocking,
+"Implementation Details"):
+
+* Send ``?index=<X-Consul-Index of the previous answer>&wait=<wait>``; the
+  agent holds the request until that index is passed or ``wait`` elapses. An
+  answer is no guarantee of a change, so a Listing is emitted only when the
+  instances differ from the last one sent.
+* **Reset the index if it goes backwards**: an answer whose index is lower than
+  the one sent (a snapshot restore, a server that lost state) sets the index
+  to 0, restarting the loop with a non-blocking read, so that updates are not
+  missed for as long as the old, too-high index would take to be reached.
+* **Sanity-check that the index is greater than zero**: after each answer the
+  index is raised to at least 1, because blocking on index 0 does not block
+  (some Consul versions answered 0, sending unaware clients into a busy loop).
+* **Rate limit**: consecutive calls of one loop start at least ``min_interval``
+  apart, so an agent that answers at once (the bugs above, or a service that
+  changes constantly) costs at most one request per ``min_interval`` per loop.
+  Changes made within that interval arrive together, at most that much later.
+* Consul adds up to ``wait / 16`` of jitter on its side; the ``wait`` sent is
+  also drawn from ``[wait * 15/16, wait]`` so that gateways started together
+  do not all renew their queries in lockstep.
+
+After any failed call the loop backs off (full jitter), and its next call is a
+non-blocking read (index 0): the first answer after an outage is the complete
+current state, sent at once rather than after a blocking query times out.
+
+Health. Consul reports check states; the instance's health is: any check
+``critical`` (or a state this module does not know) → ``failing``; otherwise
+any ``warning`` → ``passing``; all ``passing`` → ``passing``; no checks at
+all → ``unknown``. A warning is routed to on purpose: Consul's own DNS
+interface answers with warning instances unless ``only_passing`` is set, and
+in this model only ``failing`` means "do not route here". Their weight is
+then ``Weights.Warning`` (otherwise ``Weights.Passing``), as in Consul's DNS SRV
+answers. The checks counted are all that Consul returns for the instance:
+its own and its node's (``serfHealth``, node maintenance).
+
+Instance ids. Consul identifies an instance by (node, service id): the
+service id is unique only on one agent, and defaults to the service name, so
+two nodes each running "web" both call their instance "web". The instance id
+(and ``Source.key``) is therefore ``"<node>/<service id>"``.
+
+Threads. py-consul is blocking (requests), so each call runs in a worker
+thread through ``trio.to_thread.run_sync(..., abandon_on_cancel=True)``: a
+cancelled loop does not wait for its query to time out; the abandoned thread
+finishes on its own within ``wait`` and its answer is dropped. The threads
+come from this upstream's own capacity limiter rather than trio's default
+one, which the whole process shares and which long-held blocking queries
+would exhaust. Each loop has its own client (its own requests session and
+connection), since a requests session is not meant to be shared between
+threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, Self, TypeVar
+
+import attrs
+import consul
+import requests
+import trio
+
+from dispatcher.model import Health, Instance, Source
+from dispatcher.upstream import (
+    Backoff,
+    ConfigError,
+    Listing,
+    Status,
+    UpstreamEvent,
+    check_type,
+    reject_unknown,
+    require,
+)
+
+__all__ = ["ConsulConfig", "ConsulUpstream", "instance_from_entry"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+_OPTIONS: Final = ("address", "scheme", "token", "services", "wait", "min_interval")
+_DEFAULT_WAIT: Final = 60.0
+_MAX_WAIT: Final = 600.0  # Consul caps wait at 10 minutes
+_DEFAULT_MIN_INTERVAL: Final = 1.0
+# Threads blocked in queries, per upstream: one per service of interest plus
+# the catalog, plus abandoned ones finishing their last wait. Past this the
+# loops take turns (each still catches up through its index), rather than
+# starting threads without limit.
+_MAX_THREADS: Final = 512
+_HEALTHY_STATES: Final = frozenset({"passing", "warning"})
+# What a call can fail with: the agent's answers (ConsulException covers 4xx,
+# 5xx and undecodable bodies), the network, and an index header that is not a
+# number.
+_CALL_ERRORS: Final = (consul.ConsulException, requests.RequestException, ValueError)
+
+
+@attrs.frozen
+class ConsulConfig:
+    """The validated options of one Consul upstream."""
+
+    host: str
+    port: int
+    scheme: str = "http"
+    token: str | None = None
+    services: frozenset[str] | None = None  # None: every service in the catalog
+    wait: float = _DEFAULT_WAIT
+    min_interval: float = _DEFAULT_MIN_INTERVAL
+
+    @classmethod
+    def from_options(cls, name: str, options: Mapping[str, Any]) -> Self:
+        where = f"upstream {name!r} (consul)"
+        reject_unknown(options, _OPTIONS, where)
+        host, port = _parse_address(require(options, "address", str, where), where)
+        scheme = check_type(options.get("scheme", "http"), "scheme", str, where)
+        if scheme not in ("http", "https"):
+            raise ConfigError(f"{where}: key 'scheme' must be 'http' or 'https', not {scheme!r}")
+        token = options.get("token")
+        if token is not None:
+            check_type(token, "token", str, where)
+        services = None
+        if "services" in options:
+            listed = check_type(options["services"], "services", list, where)
+            if not listed or not all(isinstance(s, str) and s for s in listed):
+                raise ConfigError(f"{where}: key 'services' must be a non-empty list of names")
+            services = frozenset(listed)
+        wait = check_type(options.get("wait", _DEFAULT_WAIT), "wait", float, where)
+        if not 0 < wait <= _MAX_WAIT:
+            raise ConfigError(f"{where}: key 'wait' must be in (0, {_MAX_WAIT:g}] seconds")
+        min_interval = check_type(
+            options.get("min_interval", _DEFAULT_MIN_INTERVAL), "min_interval", float, where
+        )
+        if not 0 <= min_interval < math.inf:
+            raise ConfigError(f"{where}: key 'min_interval' must be >= 0 seconds")
+        return cls(host, port, scheme, token or None, services, wait, min_interval)
+
+
+def _parse_address(address: str, where: str) -> tuple[str, int]:
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{where}: key 'address' must be 'host:port', not {address!r}")
+    if ":" in host and not host.startswith("["):
+        # An IPv6 literal goes into a URL in brackets (py-consul pastes host into one).
+        raise ConfigError(f"{where}: key 'address': write an IPv6 host as [addr]:port")
+    return host, int(port_text)
+
+
+def instance_from_entry(
+    adapter: str, service: str, entry: Mapping[str, Any], index: int
+) -> Instance:
+    """One ``/v1/health/service/<service>`` entry as an :class:`Instance`.
+
+    ``index`` (the answer's ``X-Consul-Index``) is the revision when the entry
+    carries no ``ModifyIndex``. Raises ``KeyError``, ``TypeError``, ``ValueError`` or
+    ``AttributeError``
+    for an entry that does not describe an instance.
+    """
+    node = entry["Node"]
+    record = entry["Service"]
+    checks = entry.get("Checks") or ()
+    states = {check.get("Status") for check in checks}
+    if not checks:
+        health = Health.UNKNOWN
+    elif not states <= _HEALTHY_STATES:
+        health = Health.FAILING
+    else:
+        health = Health.PASSING
+    weights = record.get("Weights") or {}
+    weight_key = "Warning" if health is Health.PASSING and "warning" in states else "Passing"
+    metadata = {str(key): str(value) for key, value in (record.get("Meta") or {}).items()}
+    tags = record.get("Tags") or ()
+    if tags:
+        metadata["consul.tags"] = ",".join(str(tag) for tag in tags)
+    revisions = [record.get("ModifyIndex") or 0, *(c.get("ModifyIndex") or 0 for c in checks)]
+    key = f"{node['Node']}/{record['ID']}"
+    return Instance(
+        service,
+        key,
+        record.get("Address") or node["Address"],
+        record["Port"],
+        weight=int(weights.get(weight_key, 1)),
+        metadata=metadata,
+        health=health,
+        source=Source(adapter, key, int(max(revisions)) or index),
+    )
+
+
+class ConsulUpstream:
+    """A Consul agent as an upstream (see the module docstring for how it watches).
+
+    Options: ``address`` ("host:port", required), ``scheme`` ("http" or
+    "https"), ``token`` (an ACL token; when absent py-consul falls back to
+    ``CONSUL_HTTP_TOKEN``), ``services`` (a fixed list of service names;
+    default: every service in the catalog), ``wait`` (seconds a blocking
+    query may be held, default 60, at most 600) and ``min_interval`` (seconds
+    between the starts of two calls of one loop, default 1).
+    """
+
+    def __init__(self, name: str, config: ConsulConfig) -> None:
+        self.name = name
+        self.config = config
+        self._interest: frozenset[str] | None = None
+        self._catalog: frozenset[str] | None = config.services
+        self._loops: dict[str, trio.CancelScope] = {}
+        self._failing: dict[str, str] = {}  # loop -> why its last call failed
+        self._connected: bool | None = None  # the last Status sent
+        self._nursery: trio.Nursery | None = None
+        self._events: trio.MemorySendChannel[UpstreamEvent] | None = None
+        self._limiter: trio.CapacityLimiter | None = None
+
+    @classmethod
+    def from_config(cls, name: str, options: Mapping[str, Any]) -> Self:
+        return cls(name, ConsulConfig.from_options(name, options))
+
+    def set_interest(self, services: frozenset[str] | None) -> None:
+        self._interest = services
+        self._reconcile()
+
+    async def run(self, events: trio.MemorySendChannel[UpstreamEvent]) -> None:
+        # Everything starts afresh, so a restarted run lists every service again.
+        self._events = events
+        self._limiter = trio.CapacityLimiter(_MAX_THREADS)
+        self._catalog = self.config.services
+        self._failing.clear()
+        self._connected = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.config.services is None:
+                    nursery.start_soon(self._catalog_loop)
+                self._reconcile()
+                # Stay up with no loop at all (a fixed list nobody is interested
+                # in yet): set_interest may start some later.
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self._loops.clear()
+
+    # ------------------------------------------------------------------ loops
+
+    def _reconcile(self) -> None:
+        """Start a loop for each wanted service that has none; cancel the unwanted ones."""
+        nursery = self._nursery
+        if nursery is None:
+            return  # not running (yet, or any more): run() reconciles when it starts
+        known = self._catalog or frozenset()
+        wanted = known if self._interest is None else known & self._interest
+        for service in set(self._loops) - wanted:
+            self._stop(service)
+        for service in wanted - set(self._loops):
+            scope = trio.CancelScope()
+            self._loops[service] = scope
+            nursery.start_soon(self._service_loop, service, scope)
+
+    def _stop(self, service: str) -> None:
+        self._loops.pop(service).cancel()
+        if self._failing.pop(f"health/service/{service}", None) is not None:
+            # That loop held the upstream disconnected; nobody else may answer soon.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._report)
+
+    async def _catalog_loop(self) -> None:
+        def fetch(client: consul.Consul, index: int, wait: str) -> tuple[str, frozenset[str]]:
+            found, services = client.catalog.services(
+                index=index, wait=wait, token=self.config.token
+            )
+            return found, frozenset(services or ())
+
+        async def handle(names: frozenset[str]) -> None:
+            before = self._catalog or frozenset()
+            self._catalog = names
+            for service in sorted(before - names):
+                if service in self._loops:
+                    self._stop(service)
+                    # The loop is cancelled first, so nothing it had in flight
+                    # can arrive after this.
+                    await self._send(Listing((), frozenset({service})))
+            self._reconcile()
+
+        await self._poll("catalog/services", fetch, handle)
+
+    async def _service_loop(self, service: str, scope: trio.CancelScope) -> None:
+        last: frozenset[Instance] | None = None
+
+        def fetch(client: consul.Consul, index: int, wait: str) -> tuple[str, tuple[Instance, ...]]:
+            found, entries = client.health.service(
+                service, index=index, wait=wait, token=self.config.token
+            )
+            return found, self._instances(service, entries or (), int(found))
+
+        async def handle(instances: tuple[Instance, ...]) -> None:
+            nonlocal last
+            current = frozenset(instances)
+            if current != last:
+                last = current
+                await self._send(Listing(instances, frozenset({service})))
+
+        with scope:
+            await self._poll(f"health/service/{service}", fetch, handle)
+
+    async def _poll(
+        self,
+        what: str,
+        fetch: Callable[[consul.Consul, int, str], tuple[str, _T]],
+        handle: Callable[[_T], Awaitable[None]],
+    ) -> None:
+        """Run one blocking loop forever, by the rules in the module docstring."""
+        config = self.config
+        client = consul.Consul(host=config.host, port=config.port, scheme=config.scheme)
+        assert self._limiter is not None
+        backoff = Backoff()
+        index = 0
+        next_start = trio.current_time()
+        while True:
+            await trio.sleep_until(next_start)
+            next_start = trio.current_time() + config.min_interval
+            wait = f"{round(config.wait * random.uniform(15 / 16, 1) * 1000)}ms"
+            try:
+                found, result = await trio.to_thread.run_sync(
+                    fetch, client, index, wait, abandon_on_cancel=True, limiter=self._limiter
+                )
+                answered = int(found)
+            except _CALL_ERRORS as exc:
+                index = 0  # re-list as soon as the agent answers again
+                await self._failed(what, exc)
+                await backoff.sleep()
+                continue
+            backoff.reset()
+            if answered < index:
+                log.info(
+                    "consul upstream %r: %s: index went backwards (%d < %d), resetting to 0",
+                    self.name,
+                    what,
+                    answered,
+                    index,
+                )
+                index = 0
+            else:
+                index = max(answered, 1)
+            await handle(result)
+            await self._succeeded(what)
+
+    def _instances(self, service: str, entries: Any, index: int) -> tuple[Instance, ...]:
+        # Runs in the worker thread: pure conversion, no trio state.
+        instances = []
+        for entry in entries:
+            try:
+                instances.append(instance_from_entry(self.name, service, entry, index))
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                log.warning(
+                    "consul upstream %r: skipping an entry of service %r: %s: %r",
+                    self.name,
+                    service,
+                    type(exc).__name__,
+                    exc,
+                )
+        return tuple(instances)
+
+    # ------------------------------------------------------------------ status
+
+    async def _send(self, event: UpstreamEvent) -> None:
+        assert self._events is not None
+        await self._events.send(event)
+
+    async def _failed(self, what: str, exc: BaseException) -> None:
+        detail = f"consul {self.config.host}:{self.config.port}: {what}: {exc}"
+        if what not in self._failing:
+            log.warning("consul upstream %r: %s", self.name, detail)
+        self._failing[what] = detail
+        await self._report()
+
+    async def _succeeded(self, what: str) -> None:
+        if self._failing.pop(what, None) is not None:
+            log.info("consul upstream %r: %s answers again", self.name, what)
+        await self._report()
+
+    async def _report(self) -> None:
+        """Send a Status when the upstream's state flips: disconnected while any loop fails."""
+        connected = not self._failing
+        if connected == self._connected:
+            return
+        self._connected = connected
+        if connected:
+            await self._send(Status(True, f"consul {self.config.host}:{self.config.port}"))
+        else:
+            await self._send(Status(False, next(iter(self._failing.values()))))
