@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(run_gateway, config)
     except KeyboardInterrupt:
         return EXIT_OK
+    except ConfigError as exc:
+        print(f"zkgate: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (OSError, StoreError) as exc:
         log.error("cannot serve: %s", exc)
         return EXIT_RUNTIME

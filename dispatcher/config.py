@@ -23,6 +23,23 @@
     kind = "zookeeper"              # an entry point of the zkgate.upstreams group
     # ... the kind's own options, checked by its from_config
 
+    [health]                        # central health checking (dispatcher.health)
+    enabled = false                 # probe the instances of the services this node owns
+    interval = 5.0                  # seconds between two probes of one instance
+    timeout = 1.0                   # seconds a probe may take; less than interval
+    rise = 2                        # passes in a row that bring a failing instance back
+    fall = 3                        # failures in a row that make a passing one failing
+    jitter = 0.1                    # fraction of interval added per probe, in [0, 0.5]
+    concurrency = 256               # probes in flight at once (sockets)
+    recheck = 0.5                   # seconds between report-triggered probes of one instance
+    probe = "tcp"                   # default probe: "tcp", "http" or "none"
+    path = "/health"                # default path of the http probe
+
+    [[health.service]]              # per-service overrides
+    name = "orders"
+    probe = "http"
+    path = "/healthz"
+
 The order of the ``[[upstream]]`` tables is the merge precedence (the first
 upstream that reports an endpoint wins; see :mod:`dispatcher.fanin`).
 
@@ -56,7 +73,8 @@ import attrs
 
 from dispatcher.fanin import Interest
 from dispatcher.subscriptions import DEFAULT_QUEUE
-from dispatcher.upstream import ConfigError, Upstream, upstream_kind
+from dispatcher.upstream import ConfigError, Upstream, layout_kind, upstream_kind
+from dispatcher.zk.paths import InvalidPath, is_within, validate_path
 from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER
 from dispatcher.zk.server import parse_listen
 
@@ -64,6 +82,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "DispatcherConfig",
+    "HealthConfig",
+    "ServiceProbe",
     "UpstreamConfig",
     "ZooKeeperConfig",
     "default_data_dir",
@@ -71,7 +91,8 @@ __all__ = [
     "parse_config",
 ]
 
-_TOP_KEYS: Final = ("node_id", "zookeeper", "dispatcher", "upstream")
+_TOP_KEYS: Final = ("node_id", "zookeeper", "dispatcher", "upstream", "projection", "health")
+_PROJECTION_KEYS: Final = ("root", "layout", "hide_failing")
 _ZOOKEEPER_KEYS: Final = (
     "listen",
     "data_dir",
@@ -155,6 +176,17 @@ class UpstreamConfig:
 
 
 @attrs.frozen
+class ProjectionConfig:
+    """A read-only subtree at ``root`` showing the unified registry in ``layout``."""
+
+    root: str
+    layout: str
+    #: Leave failing instances out (layouts without a status field); ServerSet
+    #: shows them with status DEAD instead.
+    hide_failing: bool = True
+
+
+@attrs.frozen
 class Config:
     """The whole configuration. ``node_id`` None means the default (see :attr:`node`)."""
 
@@ -164,6 +196,8 @@ class Config:
     zookeeper: ZooKeeperConfig = attrs.field(factory=ZooKeeperConfig)
     dispatcher: DispatcherConfig = attrs.field(factory=DispatcherConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
+    projections: tuple[ProjectionConfig, ...] = ()
+    health: HealthConfig = attrs.field(factory=lambda: HealthConfig())
 
     @property
     def node(self) -> str:
@@ -221,6 +255,13 @@ class Config:
         }
         if self.node_id is not None:
             result["node_id"] = self.node_id
+        if self.projections:
+            result["projection"] = [
+                {"root": p.root, "layout": p.layout, "hide_failing": p.hide_failing}
+                for p in self.projections
+            ]
+        if self.health != HealthConfig():
+            result["health"] = self.health.to_mapping()
         return result
 
 
@@ -258,7 +299,8 @@ def parse_config(
     zookeeper = _zookeeper(_table(data, "zookeeper"), base_dir)
     dispatcher = _dispatcher(_table(data, "dispatcher"))
     upstreams = _upstreams(data.get("upstream", []), lookup)
-    return Config(node_id, zookeeper, dispatcher, upstreams)
+    projections = _projections(data.get("projection", []))
+    return Config(node_id, zookeeper, dispatcher, upstreams, projections, health=_health(_table(data, "health")))
 
 
 def _zookeeper(
@@ -353,6 +395,40 @@ def _upstreams(value: Any, lookup: KindLookup) -> tuple[UpstreamConfig, ...]:
     return tuple(result)
 
 
+def _projections(value: Any) -> tuple[ProjectionConfig, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("projection: must be an array of tables, written [[projection]]")
+    result: list[ProjectionConfig] = []
+    for index, table in enumerate(value):
+        where = f"projection[{index}]"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: must be a table, not {_type(table)}")
+        _reject_unknown(table, _PROJECTION_KEYS, where)
+        for key in ("root", "layout"):
+            if key not in table:
+                raise ConfigError(f"{where}.{key}: missing (every projection needs one)")
+        root = _string(table["root"], f"{where}.root")
+        try:
+            validate_path(root)
+        except InvalidPath as exc:
+            raise ConfigError(f"{where}.root: {exc}") from None
+        if root == "/":
+            raise ConfigError(f"{where}.root: cannot be /")
+        layout_name = _string(table["layout"], f"{where}.layout")
+        try:
+            layout_kind(layout_name)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.layout: {exc}") from None
+        hide = table.get("hide_failing", True)
+        if not isinstance(hide, bool):
+            raise ConfigError(f"{where}.hide_failing: must be a boolean, not {_type(hide)}")
+        for other in result:
+            if is_within(root, other.root) or is_within(other.root, root):
+                raise ConfigError(f"{where}.root: {root} overlaps projection root {other.root}")
+        result.append(ProjectionConfig(root, layout_name, hide))
+    return tuple(result)
+
+
 def _adapter_message(where: str, name: str, message: str) -> str:
     # Adapters name the table by its name ("upstream 'zk': ..."); put the
     # index in front so the message points into the file either way.
@@ -360,6 +436,140 @@ def _adapter_message(where: str, name: str, message: str) -> str:
     if message.startswith(own):
         return f"{where} ({name!r}){message[len(own):]}"
     return f"{where} ({name!r}): {message}"
+
+
+# ----------------------------------------------------------------- health
+
+PROBES: Final = ("tcp", "http", "none")
+"""Probe kinds: a TCP connect, an HTTP GET (2xx or 3xx passes), or no probing."""
+
+_HEALTH_KEYS: Final = (
+    "enabled", "interval", "timeout", "rise", "fall", "jitter", "concurrency", "recheck",
+    "probe", "path", "service",
+)  # fmt: skip
+_HEALTH_SERVICE_KEYS: Final = ("name", "probe", "path")
+
+
+def _check_probe(probe: str, path: str) -> None:
+    if probe not in PROBES:
+        raise ValueError(f"probe: must be one of {', '.join(map(repr, PROBES))}, not {probe!r}")
+    # The path goes into a request line as is: no room for whitespace.
+    if not path.startswith("/") or any(c.isspace() or ord(c) < 0x20 for c in path):
+        raise ValueError(f"path: must start with / and contain no whitespace, not {path!r}")
+
+
+@attrs.frozen
+class ServiceProbe:
+    """A ``[[health.service]]`` table: how one service's instances are probed."""
+
+    name: str
+    probe: str = "tcp"
+    path: str = "/health"
+
+    def __attrs_post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("name: must not be empty")
+        _check_probe(self.probe, self.path)
+
+
+@attrs.frozen
+class HealthConfig:
+    """The ``[health]`` table: the central health checker (see :mod:`dispatcher.health`).
+
+    Times are in seconds. Invalid values raise ``ValueError`` naming the key.
+    """
+
+    enabled: bool = False
+    interval: float = 5.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    jitter: float = 0.1
+    concurrency: int = 256
+    recheck: float = 0.5
+    probe: str = "tcp"
+    path: str = "/health"
+    services: tuple[ServiceProbe, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        if not self.interval > 0:
+            raise ValueError(f"interval: must be positive, not {self.interval}")
+        # A probe slower than the interval would overlap the next one of the
+        # same instance: one probe per instance per interval is the contract.
+        if not 0 < self.timeout < self.interval:
+            raise ValueError(f"timeout: must be positive and less than interval, not {self.timeout}")
+        if not 0 <= self.jitter <= 0.5:
+            raise ValueError(f"jitter: must be in [0, 0.5], not {self.jitter}")
+        if not self.recheck > 0:
+            raise ValueError(f"recheck: must be positive, not {self.recheck}")
+        for key in ("rise", "fall", "concurrency"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be at least 1, not {getattr(self, key)}")
+        _check_probe(self.probe, self.path)
+        names = [service.name for service in self.services]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"service: names must be unique, repeated: {repeated}")
+
+    def probe_for(self, service: str) -> ServiceProbe:
+        """How ``service`` is probed: its own table, or the defaults."""
+        for override in self.services:
+            if override.name == service:
+                return override
+        return ServiceProbe(service, self.probe, self.path)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The ``[health]`` table as TOML would give it."""
+        table: dict[str, Any] = {
+            key: getattr(self, key)
+            for key in _HEALTH_KEYS if key != "service"
+        }  # fmt: skip
+        if self.services:
+            table["service"] = [
+                {"name": s.name, "probe": s.probe, "path": s.path} for s in self.services
+            ]
+        return table
+
+
+def _health(table: Mapping[str, Any]) -> HealthConfig:
+    _reject_unknown(table, _HEALTH_KEYS, "health")
+    options: dict[str, Any] = {}
+    if "enabled" in table:
+        options["enabled"] = _boolean(table["enabled"], "health.enabled")
+    for key in ("interval", "timeout", "jitter", "recheck"):
+        if key in table:
+            value = table[key]
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ConfigError(f"health.{key}: must be a number, not {_type(value)}")
+            options[key] = float(value)
+    for key in ("rise", "fall", "concurrency"):
+        if key in table:
+            options[key] = _integer(table[key], f"health.{key}", minimum=1)
+    for key in ("probe", "path"):
+        if key in table:
+            options[key] = _string(table[key], f"health.{key}")
+    services = table.get("service", [])
+    if not isinstance(services, list):
+        raise ConfigError("health.service: must be an array of tables, written [[health.service]]")
+    overrides: list[ServiceProbe] = []
+    for index, entry in enumerate(services):
+        where = f"health.service[{index}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where}: must be a table, not {_type(entry)}")
+        _reject_unknown(entry, _HEALTH_SERVICE_KEYS, where)
+        if "name" not in entry:
+            raise ConfigError(f"{where}.name: missing (every [[health.service]] needs one)")
+        fields = {key: _string(entry[key], f"{where}.{key}") for key in entry}
+        fields.setdefault("probe", options.get("probe", "tcp"))
+        fields.setdefault("path", options.get("path", "/health"))
+        try:
+            overrides.append(ServiceProbe(**fields))
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{exc}") from None
+    try:
+        return HealthConfig(**options, services=tuple(overrides))
+    except ValueError as exc:
+        raise ConfigError(f"health.{exc}") from None
 
 
 # ----------------------------------------------------------------- checks

@@ -21,7 +21,8 @@ import trio
 
 from dispatcher.config import Config
 from dispatcher.fanin import FanIn
-from dispatcher.upstream import Upstream
+from dispatcher.projection import Projection
+from dispatcher.upstream import ConfigError, Upstream, layout_kind
 from dispatcher.zk.engine import Engine, EngineConfig
 from dispatcher.zk.server import ServerLimits, ZooKeeperServer
 from dispatcher.zk.store import TreeStore
@@ -64,6 +65,7 @@ class Gateway:
                 extended_types=zk.extended_types,
                 container_check_ms=zk.container_check_ms,
             ))
+            projections = self._projections(engine)
             server = ZooKeeperServer(
                 engine,
                 ServerLimits(max_buffer=zk.max_buffer, max_client_cnxns=zk.max_client_cnxns),
@@ -81,9 +83,25 @@ class Gateway:
                     config.dispatcher.interest,
                 )
                 nursery.start_soon(self.fanin.run, upstreams)
+                for projection in projections:
+                    await nursery.start(projection.run)
                 task_status.started(self)
         finally:
             store.close()
+
+    def _projections(self, engine: Engine) -> list[Projection]:
+        projections = []
+        for spec in self.config.projections:
+            projection = Projection(
+                engine, self.fanin, spec.root, layout_kind(spec.layout), self.config.node,
+                hide_failing=spec.hide_failing,
+            )
+            try:
+                projection.mount()
+            except ValueError as exc:
+                raise ConfigError(f"projection {spec.root}: {exc}") from None
+            projections.append(projection)
+        return projections
 
 
 async def run_gateway(

@@ -35,6 +35,7 @@ from dispatcher.model import Instance
 from dispatcher.snapshot import Change
 
 ENTRY_POINT_GROUP = "zkgate.upstreams"
+LAYOUT_GROUP = "zkgate.layouts"
 
 
 class ConfigError(ValueError):
@@ -103,6 +104,26 @@ def upstream_kind(kind: str) -> type[Upstream]:
         loaded: type[Upstream] = next(iter(found)).load()
     except Exception as exc:
         raise ConfigError(f"upstream kind {kind!r} cannot be loaded: {exc!r}") from None
+    return loaded
+
+
+class Layout(Protocol):
+    """How one ZooKeeper path layout spells an instance (see ``adapters/layouts``)."""
+
+    NAME: str
+
+    def directory(self, service: str) -> str: ...
+
+    def render(self, instance: Instance) -> tuple[str, bytes]: ...
+
+
+def layout_kind(name: str) -> Layout:
+    """The path layout registered as ``name`` (dubbo, curator, serverset, plain)."""
+    found = entry_points(group=LAYOUT_GROUP, name=name)
+    if not found:
+        known = ", ".join(sorted(entry_points(group=LAYOUT_GROUP).names)) or "none installed"
+        raise ConfigError(f"unknown layout {name!r} (known: {known})")
+    loaded: Layout = next(iter(found)).load()
     return loaded
 
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import attrs
 
 from dispatcher.zk import acl as acls
 from dispatcher.zk.jute import DecodeError, Reader, Writer
-from dispatcher.zk.paths import InvalidPath, validate_path
+from dispatcher.zk.paths import InvalidPath, join, parent_of, validate_path
 from dispatcher.zk.protocol import (
     XID_NOTIFICATION,
     CreateMode,
@@ -75,7 +75,17 @@ from dispatcher.zk.records import (
 from dispatcher.zk.sessions import Session, SessionTable
 from dispatcher.zk.stats import ServerStats
 from dispatcher.zk.store import TreeStore
-from dispatcher.zk.tree import CONTAINER_OWNER, MAX_TTL_MS, DataTree, Trigger, Txn, Znode, ttl_owner
+from dispatcher.zk.tree import (
+    CONTAINER_OWNER,
+    MAX_TTL_MS,
+    OPEN_WORLD,
+    READ_ONLY_WORLD,
+    DataTree,
+    Trigger,
+    Txn,
+    Znode,
+    ttl_owner,
+)
 from dispatcher.zk.watches import WatcherType, WatchManager
 
 log = logging.getLogger(__name__)
@@ -171,6 +181,8 @@ class Engine:
         self.watches = WatchManager()
         self.stats = ServerStats()
         self.clients: set[Client] = set()
+        #: Roots of the read-only subtrees rendered from the unified snapshot.
+        self.projection_roots: tuple[str, ...] = ()
         self.started = wall_clock()
         log.info("tree loaded: %d znodes from disk, boot %d", loaded, store.boot)
         self._expire_orphaned_ephemerals()
@@ -296,6 +308,95 @@ class Engine:
             txn.delete(path)
         self._commit(txn)
         return txn.zxid
+
+    # --- projections -------------------------------------------------------------
+
+    def _projected(self, path: str) -> bool:
+        return any(path == root or path.startswith(root + "/") for root in self.projection_roots)
+
+    def _refuse_projected(self, path: str) -> None:
+        """Projected znodes are read-only to every client, super included.
+
+        They carry the ACL world:anyone:r, so the answer is the one ZooKeeper
+        gives for such a node: NOAUTH.
+        """
+        if self.projection_roots and self._projected(path):
+            raise ZkError(Err.NOAUTH)
+
+    def mount_projection(self, root: str) -> None:
+        """Reserve ``root`` for a projection: created (with missing parents) as a
+        read-only, never-stored subtree. A root that already holds stored znodes
+        is refused, so a projection never hides a client's data."""
+        validate_path(root)
+        if root == "/" or any(root == r or root.startswith(r + "/") or r.startswith(root + "/")
+                              for r in self.projection_roots):  # fmt: skip
+            raise ValueError(f"projection root {root} overlaps another mount")
+        if self.tree.get(root) is not None:
+            raise ValueError(
+                f"projection root {root} already exists in the embedded tree; "
+                "delete it or choose another root"
+            )
+        self.projection_roots = (*self.projection_roots, root)
+        txn = self._internal_txn()
+        self._ensure_directory(txn, root)
+        self._commit(txn)
+
+    def sync_projection(self, directory: str, children: Mapping[str, bytes]) -> None:
+        """Make ``directory`` (inside a projection) hold exactly ``children`` (name → data).
+
+        One transaction: created, changed and removed znodes get one zxid and
+        fire the watches a client's writes would. Missing parent directories
+        are created; a directory left empty is removed (up to, not including,
+        the projection root). Unchanged znodes keep their stats.
+        """
+        assert self._projected(directory), directory
+        tree = self.tree
+        if not children and tree.get(directory) is None:
+            return
+        txn = self._internal_txn()
+        self._ensure_directory(txn, directory)
+        node = tree.nodes[directory]
+        for name in sorted(node.children - set(children)):
+            self._delete_projected(txn, join(directory, name))
+        for name, data in sorted(children.items()):
+            path = join(directory, name)
+            existing = tree.nodes.get(path)
+            if existing is None:
+                txn.create(path, data, READ_ONLY_WORLD, 0)
+            elif existing.data != data:
+                txn.set_data(path, data, existing.version + 1)
+        if not children:
+            self._prune_empty(txn, directory)
+        if txn.touched_paths:
+            self._commit(txn)
+        else:
+            self.zxid -= 1  # nothing changed: no transaction, no zxid
+
+    def _internal_txn(self) -> Txn:
+        self.zxid += 1
+        return Txn(self.tree, self.zxid, self._now_ms())
+
+    def _ensure_directory(self, txn: Txn, directory: str) -> None:
+        missing = []
+        while self.tree.get(directory) is None:
+            missing.append(directory)
+            directory = parent_of(directory)
+        for path in reversed(missing):
+            # Parents above a projection root are ordinary (stored, writable) znodes.
+            acl = READ_ONLY_WORLD if self._projected(path) else OPEN_WORLD
+            txn.create(path, b"", acl, 0)
+
+    def _delete_projected(self, txn: Txn, path: str) -> None:
+        node = self.tree.nodes[path]
+        for name in sorted(node.children):
+            self._delete_projected(txn, join(path, name))
+        txn.delete(path)
+
+    def _prune_empty(self, txn: Txn, directory: str) -> None:
+        while directory not in self.projection_roots and not self.tree.nodes[directory].children:
+            parent = parent_of(directory)
+            txn.delete(directory)
+            directory = parent
 
     def reap_containers(self) -> int:
         """Delete empty used containers and expired TTL nodes, as ZooKeeper's ContainerManager.
@@ -632,7 +733,8 @@ class Engine:
         self._reply(client, xid, Err.OK, encode(MultiResponse(tuple(results))), txn.zxid)
 
     def _commit(self, txn: Txn) -> None:
-        paths = txn.touched_paths
+        # Projected subtrees are rebuilt from the snapshot at start, never stored.
+        paths = [p for p in txn.touched_paths if not self._projected(p)]
         if paths:
             self.store.commit(self.tree, paths)
         self._fire(txn.triggers)
@@ -661,6 +763,7 @@ class Engine:
 
     def _create(self, txn: Txn, client: Client, opcode: int, req: Record) -> Record:
         assert isinstance(req, CreateRequest | CreateTTLRequest)
+        self._refuse_projected(req.path)
         try:
             mode = CreateMode(req.flags)
         except ValueError:
@@ -715,6 +818,7 @@ class Engine:
 
     def _delete(self, txn: Txn, client: Client, opcode: int, req: DeleteRequest) -> None:
         path = req.path
+        self._refuse_projected(path)
         cut = path.rfind("/")
         if cut == -1 or "\0" in path or path in _SPECIAL_PATHS:
             raise ZkError(Err.BADARGUMENTS)
@@ -736,6 +840,8 @@ class Engine:
             validate_path(path)
         except InvalidPath:
             raise ZkError(Err.BADARGUMENTS) from None
+        if perm != _READ:
+            self._refuse_projected(path)
         node = self.tree.nodes.get(path)
         if node is None:
             raise ZkError(Err.NONODE)
