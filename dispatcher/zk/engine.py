@@ -31,6 +31,7 @@ from dispatcher.zk.protocol import (
     OpCode,
     Perm,
 )
+from dispatcher.zk.quotas import QuotaUsage
 from dispatcher.zk.records import (
     ACL,
     REQUESTS,
@@ -181,6 +182,7 @@ class Engine:
         self.watches = WatchManager()
         self.stats = ServerStats()
         self.clients: set[Client] = set()
+        self.quotas = QuotaUsage(self.tree)
         #: Roots of the read-only subtrees rendered from the unified snapshot.
         self.projection_roots: tuple[str, ...] = ()
         self.started = wall_clock()
@@ -733,6 +735,7 @@ class Engine:
         self._reply(client, xid, Err.OK, encode(MultiResponse(tuple(results))), txn.zxid)
 
     def _commit(self, txn: Txn) -> None:
+        self.quotas.account(txn)
         # Projected subtrees are rebuilt from the snapshot at start, never stored.
         paths = [p for p in txn.touched_paths if not self._projected(p)]
         if paths:

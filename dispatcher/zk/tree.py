@@ -275,6 +275,18 @@ class Txn:
         self.triggers.append(Trigger(path, EventType.NODE_DATA_CHANGED))
         return node
 
+    def set_bookkeeping_data(self, path: str, data: bytes) -> None:
+        """Replace a node's data as ZooKeeper does for its own bookkeeping (quota
+        usage): no version, no mzxid, no watch; stored with the transaction."""
+        self._remember(path)
+        node = self.tree.nodes[path]
+        node.data = data
+        node.touched()
+
+    def before(self, path: str) -> Znode | None:
+        """The node as it was before this txn touched it (None: it did not exist)."""
+        return self._before[path]
+
     def set_acl(self, path: str, acl: tuple[ACL, ...], aversion: int) -> Znode:
         self._remember(path)
         node = self.tree.nodes[path]
