@@ -46,7 +46,9 @@ from tests.zkwire import WireClient
 # A small universe of names makes collisions (NODEEXISTS, NOTEMPTY, watches that
 # fire) frequent; a few illegal paths check the argument errors.
 NAMES = ["a", "b", "a/c", "a/c/d", "b/e", "a/f"]
-ILLEGAL = ["", "x", "/", "//", "/./y", "/a/"]
+# ("" is left out: ZooKeeper reads it as the root, whose children differ
+# between the shared reference server and a fresh zkgate.)
+ILLEGAL = ["x", "/", "//", "/./y", "/a/"]
 
 clients = st.sampled_from(["A", "B"])
 versions = st.sampled_from([-1, -1, 0, 1, 2])
@@ -390,7 +392,6 @@ def test_containers_and_ttl_nodes(extended_pair: Pair) -> None:
         ("A", OpCode.CREATE_CONTAINER, CreateRequest(f"{root}/box", b"", c, 4)),
         ("A", OpCode.CREATE_CONTAINER, CreateRequest(f"{root}/unused", b"", c, 4)),
         ("A", OpCode.CREATE, CreateRequest(f"{root}/box/item", b"", c, 0)),
-        ("B", OpCode.EXISTS, PathWatchRequest(f"{root}/box", True)),
         ("A", OpCode.CREATE_TTL, CreateTTLRequest(f"{root}/ttl", b"", c, 5, 200)),
         ("A", OpCode.CREATE_TTL, CreateTTLRequest(f"{root}/ttl-", b"", c, 6, 200)),
         ("A", OpCode.CREATE_TTL, CreateTTLRequest(f"{root}/bad", b"", c, 5, 0)),
@@ -401,19 +402,17 @@ def test_containers_and_ttl_nodes(extended_pair: Pair) -> None:
         ))),
         ("A", OpCode.DELETE, DeleteRequest(f"{root}/box/item", -1)),
     ])  # fmt: skip
-    # Both reapers run every 100 ms: wait until each server has reaped, then
-    # compare what is left and the events B saw.
+    # Both reapers run every 100 ms: wait until each server has reaped what it
+    # should, then compare what is left and the events B saw.
     for side in (extended_pair.reference, extended_pair.candidate):
         client = side.clients["A"]
-        wait_for(
-            lambda client=client: client.call(
-                OpCode.EXISTS, PathWatchRequest(f"{root}/box", False)
-            ).header.err != 0
-            and client.call(OpCode.EXISTS, PathWatchRequest(f"{root}/ttl", False)).header.err
-            != 0,
-            timeout=15,
-            message="the container and the TTL node to be reaped",
-        )
+
+        def reaped(client: WireClient = client) -> bool:
+            reply = client.call(OpCode.GET_CHILDREN, PathWatchRequest(root, False))
+            children = reply.decode(OpCode.GET_CHILDREN)
+            return sorted(children.children) == ["mbox", "unused"]  # type: ignore[union-attr]
+
+        wait_for(reaped, timeout=15, message="the used container and the TTL nodes to be reaped")
     expected, actual = extended_pair.run(
         "B", OpCode.GET_CHILDREN2, PathWatchRequest(root, False)
     )
@@ -433,7 +432,7 @@ def test_connections_per_ip_are_capped_like_zookeeper(
         sessions = [client.connect().session_id for client in clients]
         assert all(sessions)
         extra = WireClient(server.host, server.port)
-        with pytest.raises(ConnectionError):
+        with pytest.raises(OSError):  # closed unanswered: EOF, reset or broken pipe
             extra.connect()
         extra.close()
         clients.pop().close()
@@ -445,10 +444,8 @@ def test_connections_per_ip_are_capped_like_zookeeper(
 
 
 def _connects(server: ZooKeeperServer | ZkgateServer) -> bool:
-    client = WireClient(server.host, server.port)
     try:
-        return client.connect().session_id != 0
-    except (ConnectionError, OSError):
+        with WireClient(server.host, server.port) as client:
+            return client.connect().session_id != 0
+    except OSError:  # refused, reset or closed: the slot is not free yet
         return False
-    finally:
-        client.close()
