@@ -183,6 +183,9 @@ class Engine:
         self.stats = ServerStats()
         self.clients: set[Client] = set()
         self.quotas = QuotaUsage(self.tree)
+        #: Called with (opcode, seconds) after each request, for metrics; runs
+        #: on the hot path, so it must be cheap.
+        self.observer: Callable[[int, float], None] | None = None
         #: Roots of the read-only subtrees rendered from the unified snapshot.
         self.projection_roots: tuple[str, ...] = ()
         self.started = wall_clock()
@@ -471,7 +474,10 @@ class Engine:
             else:
                 self._single_write(client, xid, opcode, record, write)  # type: ignore[arg-type]
             client.last_op = opcode
-        self.stats.record_latency((self.clock() - started) * 1000)
+        elapsed = self.clock() - started
+        self.stats.record_latency(elapsed * 1000)
+        if self.observer is not None:
+            self.observer(opcode, elapsed)
 
     def _reply(self, client: Client, xid: int, err: Err, body: bytes = b"", zxid: int = -2) -> None:
         if zxid == -2:
