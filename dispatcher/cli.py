@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -12,7 +13,10 @@ import trio
 
 from dispatcher.config import Config, ConfigError, load_config, parse_config
 from dispatcher.gateway import run_gateway
+from dispatcher.logs import LOG_FORMATS, configure_logging
 from dispatcher.zk.store import StoreError
+from metaserver import cli as meta_cli
+from proxy import cli as proxy_cli
 
 log = logging.getLogger("zkgate")
 
@@ -32,6 +36,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="logfmt", choices=LOG_FORMATS,
+                        help="logfmt: one key=value line per event, for log pipelines "
+                        "(default); plain: the classic human layout (see dispatcher/logs.py)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
@@ -65,6 +72,17 @@ def _build_parser() -> argparse.ArgumentParser:
                        "reaped, as znode.container.checkIntervalMs (default: 60000)")
     serve.add_argument("--super-digest", metavar="USER:BASE64SHA1",
                        help="digest id allowed everything, as ZooKeeper's superDigest")
+    serve.add_argument("--admin-listen", metavar="HOST:PORT|off",
+                       help="address of the admin HTTP endpoint (/metrics, /health, /ready, "
+                       "the status page at /), or 'off' (default: 127.0.0.1:8081)")
+    meta_cli.add_subcommand(commands)
+    proxy = commands.add_parser(
+        "proxy",
+        help="run a sidecar proxy that routes an application's connections (see proxy/)",
+        description="Learn from the Meta Server which Dispatcher owns each service, subscribe "
+        "there, and forward the application's connections to healthy endpoints.",
+    )
+    proxy_cli.add_arguments(proxy)
     return parser
 
 
@@ -73,17 +91,31 @@ def _config(args: argparse.Namespace) -> Config:
     given = {
         flag: getattr(args, flag) for flag in _ZOOKEEPER_FLAGS if getattr(args, flag) is not None
     }
-    return config.with_overrides(**given)
+    config = config.with_overrides(**given)
+    if getattr(args, "admin_listen", None) is not None:
+        config = config.with_admin_listen(args.admin_listen)
+    return config
+
+
+def tune_gc() -> None:
+    """Collect young objects less often, as every zkgate process does at start.
+
+    A registry holds hundreds of thousands of long-lived objects; with the
+    default thresholds a full collection stalls the one trio thread for most
+    of a second every few thousand allocations (measured by bench/fanin.py).
+    """
+    gc.set_threshold(50_000, 20, 100)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
+    tune_gc()
+    if args.command == "proxy":
+        return proxy_cli.run(args)
+    if args.command == "meta":
+        return meta_cli.run(args)
     try:
         config = _config(args)
     except ConfigError as exc:
@@ -92,12 +124,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         trio.run(run_gateway, config)
-    except KeyboardInterrupt:
-        return EXIT_OK
-    except ConfigError as exc:
-        print(f"zkgate: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (OSError, StoreError) as exc:
-        log.error("cannot serve: %s", exc)
-        return EXIT_RUNTIME
+    except BaseException as raised:  # sorted below; anything else is re-raised
+        exc = _sole_cause(raised)
+        if isinstance(exc, KeyboardInterrupt):
+            return EXIT_OK
+        if isinstance(exc, ConfigError):
+            print(f"zkgate: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(exc, OSError | StoreError):
+            log.error("cannot serve: %s", exc)
+            return EXIT_RUNTIME
+        raise
     return EXIT_OK
+
+
+def _sole_cause(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-exception groups (trio's nurseries
+    wrap a task's failure in one), so that a taken port reads as an OSError."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -18,6 +18,19 @@
     interest = "all"                # or "subscribed": load only subscribed services
     subscriber_queue = 1024         # updates a subscriber may lag before it is collapsed
 
+    [admin]                         # the admin HTTP endpoint (dispatcher.admin); on by default
+    enabled = true                  # /metrics, /health, /ready, /snapshot, /shards, /status, /
+    listen = "127.0.0.1:8081"       # written out: a port that cannot be bound stops the
+                                    # start; left out: a busy 8081 is logged and skipped
+    max_connections = 64            # open admin connections; one more is answered 503
+
+    [subscriptions]                 # the face proxies subscribe to; off without this table
+    listen = "127.0.0.1:7000"
+    unix = "/run/zkgate/subscribe.sock"  # optional, beside the TCP port
+    token = "a long random secret"  # required: every client must present it
+    history = 256                   # deltas kept per service for reconnecting proxies
+    max_connections = 1024          # open subscriber connections; one more is refused
+
     [[upstream]]                    # one table per registry, in precedence order
     name = "zk-main"                # unique; becomes every instance's source.adapter
     kind = "zookeeper"              # an entry point of the zkgate.upstreams group
@@ -39,6 +52,25 @@
     name = "orders"
     probe = "http"
     path = "/healthz"
+
+    [membership]                    # sharding: where the Dispatchers register (both tables
+    kind = "zookeeper"              # or neither); zookeeper | etcd | memory
+    address = "10.0.0.5:2181"       # ZooKeeper connect string, or etcd host:port
+    root = "/zkgate"                # znode root / etcd key prefix
+    session_timeout = 10.0          # ZooKeeper session / etcd lease TTL, seconds
+
+    [sharding]                      # this Dispatcher as one shard (metaserver.sharding)
+    id = "gw-eu-1"                  # member id; default node_id
+    weight = 1.0                    # capacity weight
+    balance = 1.10                  # bounded-load factor: the same everywhere, Meta Servers too
+    subscribe_address = "10.0.0.7:7000"   # advertised; default the bound [subscriptions] port
+    zookeeper_address = "10.0.0.7:2181"   # advertised; default the bound ZooKeeper port
+    services = ["orders", "users"]  # names to put in the shared catalog at start
+    warm_timeout = 10.0             # a service not loaded by then is served anyway
+
+With ``[sharding]`` the fan-in loads only the services this shard owns (and
+those it is handing over), so ``[dispatcher] interest`` is ``"subscribed"``
+and may not be written as ``"all"``.
 
 The order of the ``[[upstream]]`` tables is the merge precedence (the first
 upstream that reports an endpoint wins; see :mod:`dispatcher.fanin`).
@@ -72,18 +104,26 @@ from typing import Any, Final
 import attrs
 
 from dispatcher.fanin import Interest
+from dispatcher.subscription_server import DEFAULT_HISTORY, SubscriptionLimits
 from dispatcher.subscriptions import DEFAULT_QUEUE
 from dispatcher.upstream import ConfigError, Upstream, layout_kind, upstream_kind
 from dispatcher.zk.paths import InvalidPath, is_within, validate_path
 from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER
 from dispatcher.zk.server import parse_listen
+from metaserver.assignment import DEFAULT_BALANCE
+from metaserver.membership import MembershipConfig, MembershipConfigError
+from metaserver.sharding import DEFAULT_WARM_TIMEOUT
 
 __all__ = [
+    "DEFAULT_ADMIN_LISTEN",
+    "AdminConfig",
     "Config",
     "ConfigError",
     "DispatcherConfig",
     "HealthConfig",
     "ServiceProbe",
+    "ShardingConfig",
+    "SubscriptionsConfig",
     "UpstreamConfig",
     "ZooKeeperConfig",
     "default_data_dir",
@@ -91,7 +131,10 @@ __all__ = [
     "parse_config",
 ]
 
-_TOP_KEYS: Final = ("node_id", "zookeeper", "dispatcher", "upstream", "projection", "health")
+_TOP_KEYS: Final = (
+    "node_id", "zookeeper", "dispatcher", "upstream", "projection", "health", "admin",
+    "subscriptions", "membership", "sharding",
+)  # fmt: skip
 _PROJECTION_KEYS: Final = ("root", "layout", "hide_failing")
 _ZOOKEEPER_KEYS: Final = (
     "listen",
@@ -104,6 +147,10 @@ _ZOOKEEPER_KEYS: Final = (
     "super_digest",
 )
 _DISPATCHER_KEYS: Final = ("interest", "subscriber_queue")
+_ADMIN_KEYS: Final = ("enabled", "listen", "max_connections")
+DEFAULT_ADMIN_LISTEN: Final = "127.0.0.1:8081"
+_SUBSCRIPTIONS_KEYS: Final = ("listen", "unix", "token", "history", "max_connections")
+DEFAULT_SUBSCRIPTIONS_LISTEN: Final = "127.0.0.1:7000"
 _INTERESTS: Final = ("all", "subscribed")
 
 KindLookup = Callable[[str], type[Upstream]]
@@ -148,6 +195,97 @@ class DispatcherConfig:
 
     interest: Interest = "all"
     subscriber_queue: int = DEFAULT_QUEUE
+
+
+@attrs.frozen
+class AdminConfig:
+    """The ``[admin]`` table: the admin HTTP endpoint (see :mod:`dispatcher.admin`).
+
+    ``listen`` None means "not configured": the endpoint then tries
+    :data:`DEFAULT_ADMIN_LISTEN` and, if that port is taken (a second
+    gateway on the host), logs it and runs without one, as ZooKeeper does
+    with its own AdminServer. A ``listen`` written out is a promise: failing
+    to bind it stops the start.
+    """
+
+    enabled: bool = True
+    listen: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_valid_listen)
+    )
+    max_connections: int = 64
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` to listen on."""
+        return parse_listen(self.listen or DEFAULT_ADMIN_LISTEN)
+
+    def to_mapping(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "enabled": self.enabled, "max_connections": self.max_connections,
+        }  # fmt: skip
+        if self.listen is not None:
+            result["listen"] = self.listen
+        return result
+
+
+@attrs.frozen
+class SubscriptionsConfig:
+    """The ``[subscriptions]`` table: the subscription server proxies connect to.
+
+    See :mod:`dispatcher.subscription_server`. Without the table the gateway
+    serves no subscriptions. ``token`` is left out of ``repr`` so that it
+    never reaches a log line.
+    """
+
+    token: str = attrs.field(repr=False)
+    listen: str = attrs.field(default=DEFAULT_SUBSCRIPTIONS_LISTEN, validator=_valid_listen)
+    unix: Path | None = None
+    history: int = DEFAULT_HISTORY
+    max_connections: int = SubscriptionLimits().max_connections
+
+    @property
+    def host(self) -> str:
+        return parse_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_listen(self.listen)[1]
+
+    def to_mapping(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "listen": self.listen, "token": self.token, "history": self.history,
+            "max_connections": self.max_connections,
+        }  # fmt: skip
+        if self.unix is not None:
+            result["unix"] = str(self.unix)
+        return result
+
+
+@attrs.frozen
+class ShardingConfig:
+    """The ``[sharding]`` table: this Dispatcher as one shard (see :mod:`metaserver.sharding`).
+
+    ``id`` None means the node id. Advertised addresses left empty are taken from the bound
+    ports when the gateway starts.
+    """
+
+    id: str | None = None
+    weight: float = 1.0
+    balance: float = DEFAULT_BALANCE
+    subscribe_address: str = ""
+    zookeeper_address: str = ""
+    services: tuple[str, ...] = ()
+    warm_timeout: float = DEFAULT_WARM_TIMEOUT
+
+    def to_mapping(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "weight": self.weight, "balance": self.balance, "services": list(self.services),
+            "warm_timeout": self.warm_timeout,
+        }  # fmt: skip
+        for key in ("id", "subscribe_address", "zookeeper_address"):
+            if getattr(self, key):
+                result[key] = getattr(self, key)
+        return result
 
 
 @attrs.frozen
@@ -198,6 +336,11 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...] = ()
     projections: tuple[ProjectionConfig, ...] = ()
     health: HealthConfig = attrs.field(factory=lambda: HealthConfig())
+    admin: AdminConfig = attrs.field(factory=lambda: AdminConfig())
+    subscriptions: SubscriptionsConfig | None = None
+    #: ``[membership]`` and ``[sharding]``: both set, or both None (no sharding).
+    membership: MembershipConfig | None = None
+    sharding: ShardingConfig | None = None
 
     @property
     def node(self) -> str:
@@ -226,6 +369,16 @@ class Config:
             raise ConfigError(f"command line {exc}") from None
         changes = {key: getattr(overridden, key) for key in flags}
         return attrs.evolve(self, zookeeper=attrs.evolve(self.zookeeper, **changes))
+
+    def with_admin_listen(self, listen: str) -> Config:
+        """This configuration with ``--admin-listen``: ``HOST:PORT``, or ``off``."""
+        if listen == "off":
+            return attrs.evolve(self, admin=attrs.evolve(self.admin, enabled=False))
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise ConfigError(f"command line --admin-listen: {exc}") from None
+        return attrs.evolve(self, admin=attrs.evolve(self.admin, enabled=True, listen=listen))
 
     def to_mapping(self) -> dict[str, Any]:
         """The plain mapping (as TOML would give it) that :func:`parse_config` turns back
@@ -262,6 +415,14 @@ class Config:
             ]
         if self.health != HealthConfig():
             result["health"] = self.health.to_mapping()
+        if self.admin != AdminConfig():
+            result["admin"] = self.admin.to_mapping()
+        if self.subscriptions is not None:
+            result["subscriptions"] = self.subscriptions.to_mapping()
+        if self.membership is not None:
+            result["membership"] = attrs.asdict(self.membership)
+        if self.sharding is not None:
+            result["sharding"] = self.sharding.to_mapping()
         return result
 
 
@@ -300,7 +461,18 @@ def parse_config(
     dispatcher = _dispatcher(_table(data, "dispatcher"))
     upstreams = _upstreams(data.get("upstream", []), lookup)
     projections = _projections(data.get("projection", []))
-    return Config(node_id, zookeeper, dispatcher, upstreams, projections, health=_health(_table(data, "health")))
+    health = _health(_table(data, "health"))
+    admin = _admin(_table(data, "admin"))
+    subscriptions = None
+    if "subscriptions" in data:
+        subscriptions = _subscriptions(_table(data, "subscriptions"), base_dir)
+    membership, sharding = _membership_and_sharding(data)
+    if sharding is not None:
+        dispatcher = attrs.evolve(dispatcher, interest="subscribed")
+    return Config(
+        node_id, zookeeper, dispatcher, upstreams, projections, health=health, admin=admin,
+        subscriptions=subscriptions, membership=membership, sharding=sharding,
+    )
 
 
 def _zookeeper(
@@ -358,6 +530,121 @@ def _dispatcher(table: Mapping[str, Any]) -> DispatcherConfig:
             table["subscriber_queue"], "dispatcher.subscriber_queue", minimum=1
         )
     return DispatcherConfig(**options)
+
+
+def _admin(table: Mapping[str, Any], where: str = "admin") -> AdminConfig:
+    """Check the ``[admin]`` table (``where="--admin"``: the command line's flags)."""
+    _reject_unknown(table, _ADMIN_KEYS, where)
+    options: dict[str, Any] = {}
+    if "enabled" in table:
+        options["enabled"] = _boolean(table["enabled"], f"{where}.enabled")
+    if "listen" in table:
+        listen = _string(table["listen"], f"{where}.listen")
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.listen: {exc}") from None
+        options["listen"] = listen
+    if "max_connections" in table:
+        options["max_connections"] = _integer(
+            table["max_connections"], f"{where}.max_connections", minimum=1
+        )
+    return AdminConfig(**options)
+
+
+def _subscriptions(table: Mapping[str, Any], base_dir: Path | None) -> SubscriptionsConfig:
+    where = "subscriptions"
+    _reject_unknown(table, _SUBSCRIPTIONS_KEYS, where)
+    if "token" not in table:
+        raise ConfigError(f"{where}.token: missing (every subscriber must present it)")
+    options: dict[str, Any] = {"token": _string(table["token"], f"{where}.token")}
+    if "listen" in table:
+        listen = _string(table["listen"], f"{where}.listen")
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.listen: {exc}") from None
+        options["listen"] = listen
+    if "unix" in table:
+        unix = Path(_string(table["unix"], f"{where}.unix")).expanduser()
+        if not unix.is_absolute() and base_dir is not None:
+            unix = base_dir / unix
+        options["unix"] = unix
+    if "history" in table:
+        options["history"] = _integer(table["history"], f"{where}.history", minimum=0)
+    if "max_connections" in table:
+        options["max_connections"] = _integer(
+            table["max_connections"], f"{where}.max_connections", minimum=1
+        )
+    return SubscriptionsConfig(**options)
+
+
+_SHARDING_KEYS: Final = (
+    "id", "weight", "balance", "subscribe_address", "zookeeper_address", "services",
+    "warm_timeout",
+)  # fmt: skip
+
+
+def _membership_and_sharding(
+    data: Mapping[str, Any],
+) -> tuple[MembershipConfig | None, ShardingConfig | None]:
+    """Check ``[membership]`` and ``[sharding]``, which come together or not at all."""
+    if "membership" not in data and "sharding" not in data:
+        return None, None
+    if "sharding" not in data:
+        raise ConfigError("membership: needs a [sharding] table (this shard's id and weight)")
+    if "membership" not in data:
+        raise ConfigError("sharding: needs a [membership] table (where the shards register)")
+    try:
+        membership = MembershipConfig.from_table(_table(data, "membership"))
+    except MembershipConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    if _table(data, "dispatcher").get("interest") == "all":
+        raise ConfigError(
+            "dispatcher.interest: must be 'subscribed' with [sharding] "
+            "(a shard loads only the services it owns)"
+        )
+    if data.get("projection"):
+        # A projection subscribes to every service, which would make the shard load them all.
+        raise ConfigError(
+            "projection: not supported with [sharding] yet (a projection shows every service, "
+            "a shard loads only the ones it owns)"
+        )
+    table = _table(data, "sharding")
+    where = "sharding"
+    _reject_unknown(table, _SHARDING_KEYS, where)
+    options: dict[str, Any] = {}
+    if "id" in table:
+        member_id = _string(table["id"], f"{where}.id")
+        if "/" in member_id or member_id in (".", ".."):
+            raise ConfigError(f"{where}.id: must not contain '/' or be '.' or '..'")
+        options["id"] = member_id
+    for key, low in (("weight", 0.0), ("balance", 1.0), ("warm_timeout", 0.0)):
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{where}.{key}: must be a number, not {_type(value)}")
+            bounded = value >= low if key == "balance" else value > low
+            if not bounded or value in (float("inf"), float("nan")) or value != value:
+                bound = ">= 1" if key == "balance" else "> 0"
+                raise ConfigError(f"{where}.{key}: must be a finite number {bound}, not {value}")
+            options[key] = float(value)
+    for key in ("subscribe_address", "zookeeper_address"):
+        if key in table:
+            address = _string(table[key], f"{where}.{key}")
+            try:
+                parse_listen(address)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.{key}: {exc}") from None
+            options[key] = address
+    if "services" in table:
+        services = table["services"]
+        if not isinstance(services, list) or not all(
+            isinstance(name, str) and name and name not in (".", "..") for name in services
+        ):
+            raise ConfigError(f"{where}.services: must be an array of service names")
+        options["services"] = tuple(services)
+    return membership, ShardingConfig(**options)
 
 
 def _upstreams(value: Any, lookup: KindLookup) -> tuple[UpstreamConfig, ...]:
@@ -497,7 +784,9 @@ class HealthConfig:
         # A probe slower than the interval would overlap the next one of the
         # same instance: one probe per instance per interval is the contract.
         if not 0 < self.timeout < self.interval:
-            raise ValueError(f"timeout: must be positive and less than interval, not {self.timeout}")
+            raise ValueError(
+                f"timeout: must be positive and less than interval, not {self.timeout}"
+            )
         if not 0 <= self.jitter <= 0.5:
             raise ValueError(f"jitter: must be in [0, 0.5], not {self.jitter}")
         if not self.recheck > 0:

@@ -40,6 +40,28 @@ The merge rules (users rely on these; keep them in the docs when changing):
   gateway's own projection; it is dropped on arrival (as if the upstream did
   not have it) and counted in :attr:`FanInCounters.looped_back`.
 
+Probe health (the health checker's overlay, :meth:`FanIn.set_probe_health`):
+the Dispatcher's own health checker (:mod:`dispatcher.health`) reports what
+its probes say about a merged instance, and the snapshot's ``health`` of
+that instance is then the combination :func:`combine_health` of the
+winner's own (source) health and the probe result:
+
+* the source says ``failing`` → ``failing``: a registry's own verdict (a
+  Consul check critical, a Dubbo provider ``disabled``, a ServerSet member
+  ``DEAD``) means "do not route here" whatever a TCP connect says, since the
+  registry may know about the application what a probe cannot;
+* otherwise, a probe result (``passing`` or ``failing``) → that result: the
+  probe has seen the endpoint recently, the registration alone has not;
+* no probe result (never probed, or the checker gave its verdict up) → the
+  source's health.
+
+The overlay is held per endpoint beside the upstreams' reports and applied
+when an instance is merged, so a change of winner keeps it, and it is
+dropped when the endpoint leaves the snapshot (a re-registration starts
+from the source's health again). A change of the overlay is published like
+any other change: a new snapshot version whose deltas update the instance.
+``reports`` still shows the records as the registries sent them.
+
 Staleness: an upstream is *stale* from the start until its first
 ``Status(connected=True)``, and again from each ``Status(connected=False)``
 until it reconnects. While stale, whatever it last reported stays in the
@@ -77,7 +99,7 @@ from typing import Final, Literal
 import attrs
 import trio
 
-from dispatcher.model import Instance, Source
+from dispatcher.model import Health, Instance, Source
 from dispatcher.snapshot import Change, Delta, Put, Remove, Snapshot, diff
 from dispatcher.subscriptions import DEFAULT_QUEUE, Subscription, SubscriptionHub
 from dispatcher.upstream import Backoff, Changed, Listing, Status, Upstream, UpstreamEvent
@@ -88,6 +110,7 @@ __all__ = [
     "FanInCounters",
     "Interest",
     "UpstreamState",
+    "combine_health",
     "endpoint_id",
 ]
 
@@ -119,6 +142,27 @@ def _with_id(instance: Instance, instance_id: str) -> Instance:
         object.__setattr__(copy, name, getattr(instance, name))
     object.__setattr__(copy, "instance_id", instance_id)
     return copy
+
+
+def _with_health(instance: Instance, health: Health) -> Instance:
+    """``instance`` with another health, without re-validating it (see :func:`_with_id`)."""
+    copy = object.__new__(Instance)
+    for name in _INSTANCE_FIELDS:
+        object.__setattr__(copy, name, getattr(instance, name))
+    object.__setattr__(copy, "health", health)
+    return copy
+
+
+def combine_health(source: Health, probe: Health | None) -> Health:
+    """The merged instance's health from its source's and the probes' verdicts.
+
+    ``failing`` from the source wins; otherwise a probe result, if there is
+    one; otherwise the source's health. See "Probe health" in the module
+    docstring for why.
+    """
+    if probe is None or source is Health.FAILING:
+        return source
+    return probe
 
 
 def endpoint_id(host: str, port: int) -> str:
@@ -156,6 +200,8 @@ class FanInCounters:
     out_of_scope: int = 0
     #: Upstream runs that raised or returned and were restarted.
     restarts: int = 0
+    #: Probe-health results that changed the overlay (see set_probe_health).
+    probe_updates: int = 0
 
 
 class _Upstream:
@@ -222,6 +268,9 @@ class FanIn:
         self._interest: frozenset[str] | None = (
             self.hub.interest if interest == "subscribed" else None
         )
+        # The health checker's verdict per endpoint present in the snapshot
+        # (never UNKNOWN: no verdict is no entry); see set_probe_health.
+        self._probe: dict[_Endpoint, Health] = {}
 
     # ----------------------------------------------------------------- reading
 
@@ -470,16 +519,27 @@ class FanIn:
             if not reports:
                 if winners.pop(endpoint, None) is not None:
                     changes.append(Remove(service, endpoint_id(host, port)))
+                    if self._probe:
+                        self._probe.pop(endpoint, None)
                 continue
             winner = reports[min(reports)]
             if winners.get(endpoint) is winner:
                 continue
             winners[endpoint] = winner
-            merged_id = endpoint_id(host, port)
-            if winner.instance_id != merged_id:
-                winner = _with_id(winner, merged_id)
-            changes.append(Put(winner))
+            changes.append(Put(self._merged(endpoint, winner)))
         return changes
+
+    def _merged(self, endpoint: _Endpoint, winner: Instance) -> Instance:
+        """The snapshot's value for ``endpoint`` won by ``winner``: merged id, overlaid health."""
+        merged_id = endpoint_id(endpoint[1], endpoint[2])
+        if winner.instance_id != merged_id:
+            winner = _with_id(winner, merged_id)
+        probe = self._probe.get(endpoint) if self._probe else None
+        if probe is not None:
+            health = combine_health(winner.health, probe)
+            if health is not winner.health:
+                winner = _with_health(winner, health)
+        return winner
 
     def _commit(self, changes: Sequence[Change]) -> tuple[Delta, ...]:
         if not changes:
@@ -497,6 +557,53 @@ class FanIn:
         )
         self.hub.publish(snapshot, deltas)
         return deltas
+
+    # ----------------------------------------------------- probe health overlay
+
+    def set_probe_health(
+        self, results: Iterable[tuple[str, str, Health | None]]
+    ) -> tuple[Delta, ...]:
+        """Record the health checker's verdicts and publish what they change (sync).
+
+        ``results`` are ``(service, instance_id, health)`` for merged
+        instances (``instance_id`` as in the snapshot, ``host:port``);
+        ``health`` None or ``UNKNOWN`` withdraws the verdict, so the source's
+        health applies again. The snapshot's health becomes
+        :func:`combine_health` of the source's and this verdict. Results for
+        instances not in the snapshot are ignored (a probe that finished
+        after its instance was removed must not resurrect a verdict for a
+        later re-registration). Everything given is applied as one snapshot
+        version; the returned deltas are also published to subscribers.
+
+        This is the one entry point through which anything but an upstream
+        changes the snapshot; it is meant for :mod:`dispatcher.health`.
+        """
+        touched: dict[_Endpoint, None] = {}
+        for service, instance_id, health in results:
+            current = self._snapshot.full(service).instances.get(instance_id)
+            if current is None:
+                continue
+            endpoint = (service, current.host, current.port)
+            if endpoint not in self._winners:
+                continue
+            verdict = None if health is None or health is Health.UNKNOWN else Health(health)
+            if self._probe.get(endpoint) is verdict:
+                continue
+            if verdict is None:
+                del self._probe[endpoint]
+            else:
+                self._probe[endpoint] = verdict
+            self.counters.probe_updates += 1
+            touched[endpoint] = None
+        changes = [Put(self._merged(endpoint, self._winners[endpoint])) for endpoint in touched]
+        return self._commit(changes)
+
+    def probe_health(self, service: str, instance_id: str) -> Health | None:
+        """The health checker's current verdict on a merged instance (None: none)."""
+        current = self._snapshot.full(service).instances.get(instance_id)
+        if current is None:
+            return None
+        return self._probe.get((service, current.host, current.port))
 
     # ---------------------------------------------------------------- interest
 

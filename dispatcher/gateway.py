@@ -7,6 +7,25 @@ fan-in over the configured upstreams. The merged snapshot is not projected
 into ZooKeeper paths yet; it is kept in :attr:`Gateway.fanin` for the faces
 that will read it.
 
+With a ``[subscriptions]`` table it also serves the subscription protocol to
+proxies (:mod:`dispatcher.subscription_server`), by default as the sole
+owner of every service.
+
+With ``[health] enabled = true`` it also runs the central health checker
+(:mod:`dispatcher.health`) on the services this node owns; its verdicts go
+into the fan-in's snapshot, and proxies' failure reports reach it (unless
+the caller passes its own ``on_report``).
+
+With ``[membership]`` and ``[sharding]`` it is one shard of several
+(:class:`ShardWiring`): it registers in the membership store once its ports
+are bound, owns the services :mod:`metaserver.sharding` gives it, loads only
+those (plus the ones it is handing over) from its upstreams, and its
+subscription server redirects the rest.
+
+The admin HTTP endpoint (:mod:`dispatcher.admin`: metrics, health, readiness,
+the snapshot, the shard map, the status page) starts first, unless
+``[admin] enabled = false``; a busy *default* port is logged and skipped.
+
 If either half fails, the nursery cancels the other and the error ends the
 process: a gateway that silently lost its ZooKeeper port, or its fan-in,
 would look healthy while serving nothing. Upstream outages are not failures
@@ -16,18 +35,28 @@ here; the fan-in rides them out (see :mod:`dispatcher.fanin`).
 from __future__ import annotations
 
 import logging
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import trio
 
+from dispatcher import wire
+from dispatcher.admin import AdminLimits, AdminServer, shard_map
 from dispatcher.config import Config
 from dispatcher.fanin import FanIn
+from dispatcher.health import HealthChecker
+from dispatcher.ownership import Ownership, SoleOwnership
 from dispatcher.projection import Projection
-from dispatcher.upstream import ConfigError, Upstream, layout_kind
+from dispatcher.subscription_server import ReportHandler, SubscriptionLimits, SubscriptionServer
+from dispatcher.upstream import ConfigError, Listing, Status, Upstream, layout_kind
 from dispatcher.zk.engine import Engine, EngineConfig
 from dispatcher.zk.server import ServerLimits, ZooKeeperServer
 from dispatcher.zk.store import TreeStore
+from metaserver.membership import MembershipStore, Registration, open_membership
+from metaserver.sharding import ShardedOwnership, member_owner
 
-__all__ = ["Gateway", "run_gateway"]
+__all__ = ["Gateway", "ShardWiring", "run_gateway"]
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +64,63 @@ log = logging.getLogger(__name__)
 class Gateway:
     """One running gateway: its configuration, its fan-in and (once serving) its port."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        ownership: Ownership | None = None,
+        on_report: ReportHandler | None = None,
+        membership: MembershipStore | None = None,
+    ) -> None:
+        """``ownership`` (default: this node owns every service, or with ``[sharding]``
+        its shard's share) and ``on_report`` (default: log the report) are for the
+        subscription server, if configured. ``membership`` replaces the store that
+        ``[membership]`` names (in-process shards sharing one memory store)."""
         self.config = config
         self.fanin = FanIn(
             config.node,
             interest=config.dispatcher.interest,
             subscriber_queue=config.dispatcher.subscriber_queue,
         )
+        #: This gateway as a shard; None without ``[sharding]`` (or with an ``ownership``).
+        self.sharding: ShardWiring | None = None
+        if ownership is None and config.sharding is not None:
+            self.sharding = ShardWiring(config, self.fanin, membership=membership)
+            ownership = self.sharding.ownership
+        #: The central health checker; None unless ``[health] enabled``.
+        self.health: HealthChecker | None = None
+        if config.health.enabled:
+            self.health = HealthChecker(self.fanin, ownership, config.health)
+            if on_report is None:
+                on_report = self.health.on_report
         #: The bound ZooKeeper port (useful when the configuration says port 0).
         self.port: int | None = None
         #: The live upstream objects, in precedence order, once running.
         self.upstreams: tuple[Upstream, ...] = ()
+        #: The subscription server proxies connect to; None without ``[subscriptions]``.
+        self.subscriptions: SubscriptionServer | None = None
+        #: Its bound TCP port, once serving.
+        self.subscription_port: int | None = None
+        if config.subscriptions is not None:
+            settings = config.subscriptions
+            self.subscriptions = SubscriptionServer(
+                self.fanin,
+                ownership or SoleOwnership(wire.Owner(
+                    config.node, settings.listen, config.zookeeper.listen
+                )),
+                settings.token,
+                config.node,
+                history=settings.history,
+                limits=SubscriptionLimits(max_connections=settings.max_connections),
+                on_report=on_report,
+            )  # fmt: skip
+        #: The ZooKeeper engine, once running (the admin endpoint reads its counters).
+        self.engine: Engine | None = None
+        #: The admin endpoint once serving; None when ``[admin]`` is off, or its
+        #: default port was taken (see :class:`~dispatcher.config.AdminConfig`).
+        self.admin: AdminServer | None = None
+        #: Who owns which service when sharded; None: this node owns them all.
+        self.ownership = ownership
 
     async def run(
         self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
@@ -65,6 +140,7 @@ class Gateway:
                 extended_types=zk.extended_types,
                 container_check_ms=zk.container_check_ms,
             ))
+            self.engine = engine
             projections = self._projections(engine)
             server = ZooKeeperServer(
                 engine,
@@ -74,6 +150,7 @@ class Gateway:
                           "maxClientCnxns": zk.max_client_cnxns},
             )
             async with trio.open_nursery() as nursery:
+                await self._start_admin(nursery, engine)
                 self.port = await nursery.start(server.serve, zk.host, zk.port)
                 log.info(
                     "gateway %r: %d upstream(s) (%s), interest=%s",
@@ -82,12 +159,76 @@ class Gateway:
                     ", ".join(f"{u.name}:{u.kind}" for u in config.upstreams) or "none",
                     config.dispatcher.interest,
                 )
-                nursery.start_soon(self.fanin.run, upstreams)
+                sharding = self.sharding
+                if sharding is not None:
+                    await nursery.start(sharding.run)
+                    nursery.start_soon(self.fanin.run, sharding.track(upstreams))
+                else:
+                    nursery.start_soon(self.fanin.run, upstreams)
+                if self.health is not None:
+                    await nursery.start(self.health.run)
                 for projection in projections:
                     await nursery.start(projection.run)
+                await self._start_subscriptions(nursery)
+                if sharding is not None:
+                    sharding.join(self)
                 task_status.started(self)
         finally:
             store.close()
+
+    async def _start_admin(self, nursery: trio.Nursery, engine: Engine) -> None:
+        """Start the admin endpoint (before the ZooKeeper port, so that /ready
+        can say what is still missing while the rest starts)."""
+        settings = self.config.admin
+        if not settings.enabled:
+            return
+        admin = AdminServer(
+            self,
+            limits=AdminLimits(max_connections=settings.max_connections),
+            shards=None if self.ownership is None else self._shard_map,
+        )
+        # The engine calls its observer once per handled request, with the
+        # opcode and the seconds it took: the per-opcode metrics.
+        engine.observer = admin.requests.observe
+        host, port = settings.address
+        try:
+            await nursery.start(admin.serve, host, port)
+        except OSError as exc:
+            if settings.listen is not None:
+                raise
+            log.warning(
+                "admin endpoint not started: cannot listen on %s:%d (%s); "
+                "set [admin] listen to another port, or enabled = false",
+                host, port, exc.strerror or exc,
+            )  # fmt: skip
+            return
+        self.admin = admin
+
+    def _shard_map(self) -> dict[str, Any]:
+        """``/shards``: the owner of every cataloged or loaded service, and every member."""
+        assert self.ownership is not None
+        services = set(self.fanin.snapshot)
+        members: tuple[wire.Owner, ...] = ()
+        connected = None
+        view = self.sharding.ownership.view if self.sharding is not None else None
+        if view is not None:
+            services |= view.catalog
+            members = tuple(member_owner(member) for member in view.members)
+            connected = view.connected
+        return shard_map(
+            self.ownership, services, self.config.node, members, membership_connected=connected
+        )
+
+    async def _start_subscriptions(self, nursery: trio.Nursery) -> None:
+        """Serve subscriptions on the configured TCP address and Unix socket, if any."""
+        server, settings = self.subscriptions, self.config.subscriptions
+        if server is None or settings is None:
+            return
+        self.subscription_port = await nursery.start(
+            server.serve_tcp, settings.host, settings.port
+        )
+        if settings.unix is not None:
+            await nursery.start(server.serve_unix, settings.unix)
 
     def _projections(self, engine: Engine) -> list[Projection]:
         projections = []
@@ -105,11 +246,255 @@ class Gateway:
 
 
 async def run_gateway(
-    config: Config, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    *,
+    membership: MembershipStore | None = None,
+    task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a :class:`Gateway` for ``config`` until cancelled.
 
     With ``nursery.start(run_gateway, config)`` the caller gets the running
-    :class:`Gateway` (its ``fanin.snapshot``, its bound ``port``).
+    :class:`Gateway` (its ``fanin.snapshot``, its bound ``port``). ``membership``
+    is passed on to :class:`Gateway`.
     """
-    await Gateway(config).run(task_status=task_status)
+    await Gateway(config, membership=membership).run(task_status=task_status)
+
+
+# ------------------------------------------------------------------ sharding
+
+
+class ShardWiring:
+    """One gateway as a shard: its membership store, its ownership, and what it loads.
+
+    * :attr:`ownership` (:class:`~metaserver.sharding.ShardedOwnership`) follows the store
+      and answers the subscription server (and the health checker);
+    * its :attr:`~metaserver.sharding.ShardedOwnership.interest` (owned, outgoing and adopted
+      services) is held as one subscription to the fan-in's hub, so the fan-in narrows its
+      upstreams to it (interest "subscribed"); on a change the new subscription is taken
+      before the old one is closed, so a service in both never loses its interest. A service
+      the ownership lets go of stays held for :data:`LINGER` seconds: ownership often
+      flips back within moments (several shards starting together, a shard restarting), and
+      the adapters fold an interest that narrows and widens again while they are busy into no
+      change at all, so they would not list again a service the fan-in dropped meanwhile;
+    * every upstream is wrapped in a :class:`_TrackedUpstream`, which tells the ownership
+      when a newly wanted service has been listed by every upstream and the fan-in has applied
+      the listing: the "loaded" that ends a service's warm-up;
+    * :meth:`join` registers the shard once its ports are bound (it must not be given
+      services before it can serve them) and connects the subscription server's
+      ``ownership_changed``.
+    """
+
+    def __init__(
+        self, config: Config, fanin: FanIn, *, membership: MembershipStore | None = None
+    ) -> None:
+        settings, store_config = config.sharding, config.membership
+        if settings is None or store_config is None:
+            raise ValueError("ShardWiring needs [membership] and [sharding]")
+        self.config = config
+        self.settings = settings
+        self.member_id = settings.id or config.node
+        self.fanin = fanin
+        self.store = membership if membership is not None else open_membership(store_config)
+        self.ownership = ShardedOwnership(
+            self.member_id,
+            self.store,
+            balance=settings.balance,
+            warm_timeout=settings.warm_timeout,
+        )
+        self.tracked: tuple[_TrackedUpstream, ...] = ()
+        self.registration: Registration | None = None
+        self._hold: Any = None  # the hub subscription that holds the interest
+        self._held: frozenset[str] = frozenset()
+        #: Services the ownership let go of, still held -> trio time it let go.
+        self._lingering: dict[str, float] = {}
+        self._linger_wakeup = trio.Event()
+        self.ownership.set_loaded_probe(self.loaded)
+        self.ownership.add_listener(self._follow_interest)
+        if settings.services:
+            self.store.add_services(settings.services)
+
+    def track(self, upstreams: Sequence[Upstream]) -> tuple[_TrackedUpstream, ...]:
+        """The upstreams as the fan-in should run them (see :class:`_TrackedUpstream`)."""
+        self.tracked = tuple(_TrackedUpstream(u, self.fanin, self) for u in upstreams)
+        return self.tracked
+
+    def loaded(self, service: str) -> bool:
+        """Every upstream has listed ``service`` since it became wanted, and it is applied."""
+        return all(tracked.loaded(service) for tracked in self.tracked)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.store.run)
+                await nursery.start(self.ownership.run)
+                nursery.start_soon(self._expire_lingering)
+                task_status.started()
+        finally:
+            if self._hold is not None:
+                self._hold.close()
+                self._hold = None
+
+    def join(self, gateway: Gateway) -> None:
+        """Register in the store with the bound (or advertised) addresses."""
+        settings = self.settings
+        subscribe = settings.subscribe_address
+        if not subscribe and gateway.subscription_port is not None:
+            assert gateway.config.subscriptions is not None
+            subscribe = _advertised(gateway.config.subscriptions.host, gateway.subscription_port)
+        zookeeper = settings.zookeeper_address
+        if not zookeeper and gateway.port is not None:
+            zookeeper = _advertised(gateway.config.zookeeper.host, gateway.port)
+        if gateway.subscriptions is not None:
+            self.ownership.add_listener(gateway.subscriptions.ownership_changed)
+        self.registration = Registration(self.member_id, subscribe, zookeeper, settings.weight)
+        log.info("shard %r: joining (%s)", self.member_id, self.registration)
+        self.store.register(self.registration)
+
+    def _follow_interest(self) -> None:
+        wanted = self.ownership.interest
+        now = trio.current_time()
+        for service in self._held - wanted:
+            self._lingering.setdefault(service, now)
+        for service in wanted & self._lingering.keys():
+            del self._lingering[service]
+        for service, since in list(self._lingering.items()):
+            if now - since >= LINGER:
+                del self._lingering[service]
+        held = wanted | self._lingering.keys()
+        if self._lingering:
+            self._linger_wakeup.set()
+        if held == self._held:
+            return
+        new = self.fanin.subscribe(held) if held else None
+        if self._hold is not None:
+            self._hold.close()
+        self._hold, self._held = new, held
+
+    async def _expire_lingering(self) -> None:
+        while True:
+            if not self._lingering:
+                self._linger_wakeup = trio.Event()
+                await self._linger_wakeup.wait()
+                continue
+            await trio.sleep_until(min(self._lingering.values()) + LINGER)
+            self._follow_interest()
+
+
+LINGER = 2.0
+"""Seconds a service stays loaded after this shard stopped serving it (see ShardWiring)."""
+
+
+def _advertised(host: str, port: int) -> str:
+    """``host:port`` for others to dial; a wildcard address advertises the host name."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_POLL_APPLIED = 0.002
+"""Seconds between looks at the fan-in while waiting for it to apply a listing."""
+
+
+class _TrackedUpstream:
+    """An upstream as the fan-in runs it, noting which wanted services its listings covered.
+
+    A :class:`~dispatcher.upstream.Listing` covers the services of its scope (all of them
+    for scope None), and the adapters list exactly their interest of the moment, so a
+    service is *loaded* here once a listing that covers it has been applied after the service
+    became wanted (narrowing forgets it; the fan-in drops the data then too).
+
+    "Applied": the fan-in applies each upstream's events in order, and shows the detail of
+    the last :class:`~dispatcher.upstream.Status` in :attr:`FanIn.status`. So after relaying
+    a listing that covers new services, the relay sends a Status with the same ``connected``
+    and a detail that names the listing, and waits until the fan-in shows it (the detail is
+    the adapter's own with ``[listing N applied]`` appended; the adapter's next Status
+    replaces it). The fan-in has no hook for this; one (``on_listed``) would remove the
+    marker (proposed to the lead).
+    """
+
+    def __init__(self, inner: Upstream, fanin: FanIn, wiring: ShardWiring) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._fanin = fanin
+        self._wiring = wiring
+        self._interest: frozenset[str] | None = None
+        self._listed: set[str] = set()
+        self._listed_all = False
+        self._connected = False
+        self._detail = ""
+        self._listings = 0
+
+    @classmethod
+    def from_config(cls, name: str, options: Mapping[str, Any]) -> _TrackedUpstream:
+        raise TypeError("a tracked upstream wraps a built one; it has no configuration")
+
+    def set_interest(self, services: frozenset[str] | None) -> None:
+        if services is not None:
+            if self._interest is None and self._listed_all:
+                # From everything to some: what was loaded stays loaded.
+                self._listed = set(services)
+            self._listed &= services
+            self._listed_all = False
+        self._interest = services
+        self.inner.set_interest(services)
+
+    def loaded(self, service: str) -> bool:
+        return service in self._listed or (self._listed_all and self._interest is None)
+
+    async def run(self, events: trio.MemorySendChannel[Any]) -> None:
+        send, receive = trio.open_memory_channel[Any](16)
+        self._connected, self._detail = False, ""  # as the fan-in sees a (re)started upstream
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._relay, receive, events)
+            try:
+                await self.inner.run(send)
+            except Exception as exc:  # carried out by hand: the fan-in logs it, not a group
+                failure = exc
+            finally:
+                send.close()  # the relay forwards what is left, then ends
+        if failure is not None:
+            raise failure
+
+    async def _relay(
+        self, receive: trio.MemoryReceiveChannel[Any], events: trio.MemorySendChannel[Any]
+    ) -> None:
+        async with receive:
+            async for event in receive:
+                await events.send(event)
+                if isinstance(event, Status):
+                    self._connected, self._detail = event.connected, event.detail
+                elif isinstance(event, Listing):
+                    covered = self._covered(event.services)
+                    if covered:
+                        await self._applied(events)
+                        self._mark(event.services)
+                        self._wiring.ownership.loaded_changed()
+
+    def _covered(self, scope: frozenset[str] | None) -> bool:
+        """Whether a listing of ``scope`` loads something not loaded yet."""
+        if scope is None:
+            return not self._listed_all if self._interest is None else bool(
+                self._interest - self._listed
+            )
+        wanted = scope if self._interest is None else scope & self._interest
+        return bool(wanted - self._listed)
+
+    def _mark(self, scope: frozenset[str] | None) -> None:
+        if scope is None:
+            if self._interest is None:
+                self._listed_all = True
+            else:
+                self._listed |= self._interest
+        else:
+            self._listed |= scope if self._interest is None else scope & self._interest
+
+    async def _applied(self, events: trio.MemorySendChannel[Any]) -> None:
+        self._listings += 1
+        marker = f"{self._detail} [listing {self._listings} applied]".lstrip()
+        await events.send(Status(self._connected, marker))
+        while True:
+            state = self._fanin.status.get(self.name)
+            if state is not None and state.detail == marker:
+                return
+            await trio.sleep(_POLL_APPLIED)

@@ -1011,6 +1011,10 @@ class ZkgateServer(ServerProcess):
             self.address,
             "--data-dir",
             str(self.data_dir),
+            # Many test servers run at once: none takes the admin port unless a
+            # test asks (a later --admin-listen in extra_args wins).
+            "--admin-listen",
+            "off",
             *self.extra_args,
         ]
 

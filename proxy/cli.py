@@ -1,0 +1,177 @@
+"""``zkgate proxy``: the command-line face of the sidecar.
+
+:func:`add_arguments` fills the ``proxy`` subcommand's parser (the
+``zkgate`` CLI in :mod:`dispatcher.cli` hooks it in) and :func:`run` runs
+it with the parsed arguments::
+
+    zkgate proxy --meta 127.0.0.1:7000 --service orders=127.0.0.1:9001 \\
+                 --service users=/run/zkgate/users.sock --token-file /etc/zkgate/token
+
+The shared token may come from ``--token``, ``--token-file`` or the
+``ZKGATE_TOKEN`` environment variable (a token on the command line is
+visible to every user of the machine in ``ps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from proxy import balancer
+from proxy.control import ControlSettings
+from proxy.forward import ForwardSettings, ListenAddress
+from proxy.outlier import OutlierPolicy
+from proxy.sidecar import ENGINES, Sidecar, SidecarConfig
+
+__all__ = ["add_arguments", "config_from_args", "run"]
+
+log = logging.getLogger("zkgate.proxy")
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+
+
+def _service(text: str) -> tuple[str, ListenAddress]:
+    name, sep, listen = text.partition("=")
+    if not sep or not name or not listen:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=LISTEN")
+    try:
+        return name, ListenAddress.parse(listen)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``zkgate proxy``."""
+    parser.add_argument("--meta", required=True, metavar="HOST:PORT",
+                        help="the Meta Server that says which Dispatcher owns each service")
+    parser.add_argument("--service", dest="services", action="append", type=_service,
+                        required=True, metavar="NAME=LISTEN",
+                        help="route service NAME for the application listening on LISTEN: "
+                        "127.0.0.1:PORT or a Unix socket path (repeat for more services)")
+    parser.add_argument("--token", help="the shared token the Meta Server and Dispatchers ask "
+                        "for (or --token-file, or $ZKGATE_TOKEN)")
+    parser.add_argument("--token-file", type=Path, metavar="FILE",
+                        help="read the token from FILE (surrounding whitespace stripped)")
+    parser.add_argument("--client-id", help="how this proxy names itself to the servers "
+                        "(default: zkgate-proxy/HOST/PID)")
+    parser.add_argument("--balancer", choices=balancer.BALANCERS, default="wrr",
+                        help="wrr: smooth weighted round robin; p2c: power of two choices "
+                        "on open connections (default: wrr)")
+    parser.add_argument("--engine", choices=ENGINES, default="epoll",
+                        help="data plane: epoll (one copying thread with its own epoll; "
+                        "less than half the CPU per message, see proxy/splicer.py) or trio "
+                        "(two trio tasks per connection) (default: %(default)s)")
+    defaults = ForwardSettings()
+    parser.add_argument("--connect-timeout", type=float, default=defaults.connect_timeout,
+                        metavar="SECONDS", help="per endpoint (default: %(default)s)")
+    parser.add_argument("--attempts", type=int, default=defaults.attempts, metavar="N",
+                        help="distinct endpoints tried per connection (default: %(default)s)")
+    parser.add_argument("--endpoint-wait", type=float, default=defaults.endpoint_wait,
+                        metavar="SECONDS", help="how long a connection waits for a first "
+                        "endpoint while there is none (default: %(default)s)")
+    policy = OutlierPolicy()
+    parser.add_argument("--eject-after", type=int, default=policy.consecutive_failures,
+                        metavar="N", help="consecutive connect failures that eject an "
+                        "endpoint locally (default: %(default)s)")
+    parser.add_argument("--eject-base", type=float, default=policy.base_ejection,
+                        metavar="SECONDS", help="first ejection's length; the n-th lasts n "
+                        "times as long (default: %(default)s)")
+    parser.add_argument("--eject-max", type=float, default=policy.max_ejection,
+                        metavar="SECONDS", help="longest ejection (default: %(default)s)")
+    parser.add_argument("--eject-max-percent", type=int, default=policy.max_ejection_percent,
+                        metavar="PCT", help="most of a service's endpoints ejected at once; "
+                        "0 turns ejection off (default: %(default)s)")
+
+
+def config_from_args(args: argparse.Namespace) -> SidecarConfig:
+    """The sidecar's configuration from parsed flags; ValueError names what is wrong."""
+    services: dict[str, ListenAddress] = {}
+    for name, address in args.services:
+        if name in services:
+            raise ValueError(f"service {name!r} is given twice")
+        services[name] = address
+    token = args.token
+    if token is None and args.token_file is not None:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --token-file: {exc}") from None
+    if token is None:
+        token = os.environ.get("ZKGATE_TOKEN", "")
+    if not token:
+        # The Meta Server and the Dispatchers refuse a Hello without one.
+        raise ValueError("a token is needed: --token, --token-file or $ZKGATE_TOKEN")
+    control = ControlSettings(token=token) if args.client_id is None else ControlSettings(
+        token=token, client_id=args.client_id)  # fmt: skip
+    try:
+        return SidecarConfig(
+            meta=args.meta, services=services, balancer=args.balancer, control=control,
+            engine=args.engine,
+            forward=ForwardSettings(connect_timeout=args.connect_timeout,
+                                    attempts=args.attempts, endpoint_wait=args.endpoint_wait),
+            outlier=OutlierPolicy(consecutive_failures=args.eject_after,
+                                  base_ejection=args.eject_base, max_ejection=args.eject_max,
+                                  max_ejection_percent=args.eject_max_percent),
+        )  # fmt: skip
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sidecar until interrupted; the process exit status."""
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"zkgate proxy: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def main() -> None:
+        sidecar = Sidecar(config)
+        async with trio.open_nursery() as nursery:
+            listening = await nursery.start(sidecar.run)
+            for name, address in listening.items():
+                log.info("proxy ready: %s on %s", name, address)
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except OSError as exc:
+        log.error("cannot run the proxy: %s", exc)
+        return EXIT_RUNTIME
+    except ExceptionGroup as group:
+        # A listener that cannot bind fails inside the sidecar's nursery.
+        matched, rest = group.split(OSError)
+        if matched is None or rest is not None:
+            raise
+        log.error("cannot run the proxy: %s", "; ".join(map(str, _leaves(matched))))
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m proxy.cli``: the same as ``zkgate proxy``, without the rest of zkgate."""
+    parser = argparse.ArgumentParser(prog="zkgate proxy", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")  # fmt: skip
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
