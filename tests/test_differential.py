@@ -37,10 +37,11 @@ from dispatcher.zk.records import (
     SetACLRequest,
     SetDataRequest,
     SetWatches,
+    SetWatches2,
     WatchesRequest,
 )
 from tests.differential import Pair, Side
-from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer, wait_for
+from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer, four_letter, wait_for
 from tests.zkwire import WireClient
 
 # A small universe of names makes collisions (NODEEXISTS, NOTEMPTY, watches that
@@ -449,3 +450,46 @@ def _connects(server: ZooKeeperServer | ZkgateServer) -> bool:
             return client.connect().session_id != 0
     except OSError:  # refused, reset or closed: the slot is not free yet
         return False
+
+
+FOUR_LETTER_WORDS = ["ruok", "srvr", "stat", "mntr", "cons", "crst", "dump", "envi", "conf",
+                     "wchs", "wchc", "wchp", "isro", "srst"]  # fmt: skip
+
+
+@pytest.mark.parametrize("word", FOUR_LETTER_WORDS)
+def test_every_four_letter_word_answers_and_closes(
+    zookeeper: ZooKeeperServer, zkgate: ZkgateServer, word: str
+) -> None:
+    """Monitoring scripts read until EOF: each word gets its answer, then the close."""
+    answers = {}
+    for name, server in (("zookeeper", zookeeper), ("zkgate", zkgate)):
+        # four_letter reads until the server closes; a hang would time it out.
+        answers[name] = four_letter(server.host, server.port, word, timeout=10)
+    assert answers["zkgate"], word
+    first_line = {name: text.splitlines()[0].split(":")[0].split("\t")[0].split("=")[0]
+                  for name, text in answers.items() if text}  # fmt: skip
+    if word in ("ruok", "isro", "srst", "crst", "srvr", "stat", "mntr", "envi"):
+        assert first_line["zkgate"] == first_line["zookeeper"], answers
+
+
+def test_set_watches2_replays_persistent_watches(pair: Pair) -> None:
+    root = "/diff-setwatches2"
+    c = OPEN_ACL_UNSAFE
+    _scenario(pair, root, [("A", OpCode.CREATE, CreateRequest(root, b"", c, 0))])
+    results = []
+    for side in (pair.reference, pair.candidate):
+        last = max(side.zxid_labels)
+        # B re-arms, as a client does after a reconnect: a persistent watch on
+        # the root and a recursive one below it.
+        reply = side.clients["B"].call(OpCode.SET_WATCHES2, SetWatches2(
+            last, (), (), (), (root,), (f"{root}/tree",),
+        ))  # fmt: skip
+        a = side.clients["A"]
+        a.call(OpCode.CREATE, CreateRequest(f"{root}/tree", b"", c, 0))
+        a.call(OpCode.CREATE, CreateRequest(f"{root}/tree/leaf", b"", c, 0))
+        a.call(OpCode.SET_DATA, SetDataRequest(root, b"1", -1))
+        a.call(OpCode.SET_DATA, SetDataRequest(root, b"2", -1))
+        ping = side.clients["B"].call(OpCode.PING)
+        results.append((reply.header.err, [(e.type, e.path) for _, e in ping.events]))
+    assert results[1] == results[0]
+    assert (3, root) in results[0][1]  # persistent: both data changes fire
