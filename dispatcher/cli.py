@@ -11,6 +11,7 @@ from pathlib import Path
 
 import trio
 
+from dispatcher import operator
 from dispatcher.config import Config, ConfigError, load_config, parse_config
 from dispatcher.gateway import run_gateway
 from dispatcher.logs import LOG_FORMATS, configure_logging
@@ -76,6 +77,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="address of the admin HTTP endpoint (/metrics, /health, /ready, "
                        "the status page at /), or 'off' (default: 127.0.0.1:8081)")
     meta_cli.add_subcommand(commands)
+    operator.add_commands(commands)
     proxy = commands.add_parser(
         "proxy",
         help="run a sidecar proxy that routes an application's connections (see proxy/)",
@@ -112,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     tune_gc()
+    if args.command == "status":
+        return operator.status(args)
+    if args.command == "check-config":
+        return operator.check_config(args)
     if args.command == "proxy":
         return proxy_cli.run(args)
     if args.command == "meta":
