@@ -3,9 +3,9 @@
 :func:`run_gateway` is what ``zkgate serve --config FILE`` runs. It serves
 the ZooKeeper protocol on the embedded durable tree (exactly as
 ``zkgate serve`` without a configuration does) and, beside it, runs the
-fan-in over the configured upstreams. The merged snapshot is not projected
-into ZooKeeper paths yet; it is kept in :attr:`Gateway.fanin` for the faces
-that will read it.
+fan-in over the configured upstreams, and renders the merged snapshot into
+the ``[[projection]]`` roots of the ZooKeeper face
+(:mod:`dispatcher.projection`).
 
 With a ``[subscriptions]`` table it also serves the subscription protocol to
 proxies (:mod:`dispatcher.subscription_server`), by default as the sole
