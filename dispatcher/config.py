@@ -486,12 +486,7 @@ def _zookeeper(
     _reject_unknown(table, _ZOOKEEPER_KEYS, where or "")
     options: dict[str, Any] = {}
     if "listen" in table:
-        listen = _string(table["listen"], name("listen"))
-        try:
-            parse_listen(listen)
-        except ValueError as exc:
-            raise ConfigError(f"{name('listen')}: {exc}") from None
-        options["listen"] = listen
+        options["listen"] = _address(table["listen"], name("listen"))
     if "data_dir" in table:
         data_dir = Path(_string(table["data_dir"], name("data_dir"))).expanduser()
         if not data_dir.is_absolute() and base_dir is not None:
@@ -539,12 +534,7 @@ def _admin(table: Mapping[str, Any], where: str = "admin") -> AdminConfig:
     if "enabled" in table:
         options["enabled"] = _boolean(table["enabled"], f"{where}.enabled")
     if "listen" in table:
-        listen = _string(table["listen"], f"{where}.listen")
-        try:
-            parse_listen(listen)
-        except ValueError as exc:
-            raise ConfigError(f"{where}.listen: {exc}") from None
-        options["listen"] = listen
+        options["listen"] = _address(table["listen"], f"{where}.listen")
     if "max_connections" in table:
         options["max_connections"] = _integer(
             table["max_connections"], f"{where}.max_connections", minimum=1
@@ -559,12 +549,7 @@ def _subscriptions(table: Mapping[str, Any], base_dir: Path | None) -> Subscript
         raise ConfigError(f"{where}.token: missing (every subscriber must present it)")
     options: dict[str, Any] = {"token": _string(table["token"], f"{where}.token")}
     if "listen" in table:
-        listen = _string(table["listen"], f"{where}.listen")
-        try:
-            parse_listen(listen)
-        except ValueError as exc:
-            raise ConfigError(f"{where}.listen: {exc}") from None
-        options["listen"] = listen
+        options["listen"] = _address(table["listen"], f"{where}.listen")
     if "unix" in table:
         unix = Path(_string(table["unix"], f"{where}.unix")).expanduser()
         if not unix.is_absolute() and base_dir is not None:
@@ -631,12 +616,7 @@ def _membership_and_sharding(
             options[key] = float(value)
     for key in ("subscribe_address", "zookeeper_address"):
         if key in table:
-            address = _string(table[key], f"{where}.{key}")
-            try:
-                parse_listen(address)
-            except ValueError as exc:
-                raise ConfigError(f"{where}.{key}: {exc}") from None
-            options[key] = address
+            options[key] = _address(table[key], f"{where}.{key}")
     if "services" in table:
         services = table["services"]
         if not isinstance(services, list) or not all(
@@ -883,6 +863,16 @@ def _reject_unknown(table: Mapping[str, Any], known: tuple[str, ...], where: str
         if key not in known:
             path = f"{where}.{key}" if where else key
             raise ConfigError(f"{path}: unknown key (known here: {', '.join(known)})")
+
+
+def _address(value: Any, where: str) -> str:
+    """A ``HOST:PORT`` string, checked; the ConfigError names ``where``."""
+    address = _string(value, where)
+    try:
+        parse_listen(address)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return address
 
 
 def _string(value: Any, where: str) -> str:
