@@ -474,7 +474,7 @@ class _Session:
     ) -> None:
         """List, then follow the watches; returns only by raising."""
         upstream = self._upstream
-        self._scope = upstream.interest
+        self._scope = upstream.kept = upstream.interest
         revision, instances = await self._range(self._scopes(self._scope))
         await events.send(Listing(tuple(instances), self._scope))
         await self._start([(scope, revision + 1) for scope in self._scopes(self._scope)])
@@ -515,8 +515,13 @@ class _Session:
         )
 
     async def _follow_interest(self, events: trio.MemorySendChannel[UpstreamEvent]) -> None:
-        wanted, current = self._upstream.interest, self._scope
-        if wanted == current:
+        upstream = self._upstream
+        wanted, current = upstream.interest, self._scope
+        kept, upstream.kept = upstream.kept, wanted
+        # Wanted again after being dropped: the fan-in forgot these even if
+        # the two changes cancel out here, so they are listed again.
+        forgotten = frozenset() if wanted is None or kept is None else wanted - kept
+        if wanted == current and not forgotten:
             return
         self._scope = wanted
         if wanted is None:
@@ -532,6 +537,7 @@ class _Session:
             resume = {watch.scope.spec: watch.seen + 1 for watch in self._watches.values()}
             await self._cancel(list(self._watches))
             await self._start([(scope, resume[scope.spec]) for scope in self._scopes(wanted)])
+            await self._relist(forgotten, events)
         else:
             dropped = current - wanted
             await self._cancel(
@@ -543,6 +549,15 @@ class _Session:
                 revision, instances = await self._range(scopes)
                 await events.send(Listing(tuple(instances), added))
                 await self._start([(scope, revision + 1) for scope in scopes])
+            await self._relist(forgotten - added, events)
+
+    async def _relist(
+        self, services: frozenset[str], events: trio.MemorySendChannel[UpstreamEvent]
+    ) -> None:
+        """List services that stay watched but that the fan-in forgot meanwhile."""
+        if services:
+            _revision, instances = await self._range(self._scopes(services))
+            await events.send(Listing(tuple(instances), services))
 
     async def _start(self, starts: Iterable[tuple[_Scope, int]]) -> None:
         watches = [(next(self._tags), scope, revision) for scope, revision in starts]
@@ -678,6 +693,10 @@ class EtcdUpstream:
     max_backoff: float = _DEFAULT_MAX_BACKOFF
     #: What :meth:`set_interest` last asked for (None: every service).
     interest: frozenset[str] | None = attrs.field(default=None, init=False)
+    #: The services wanted throughout since the interest was last applied
+    #: (None: all): the fan-in forgets a service the moment interest in it is
+    #: dropped, so one dropped and wanted again meanwhile is listed again.
+    kept: frozenset[str] | None = attrs.field(default=None, init=False)
     _session: _Session | None = attrs.field(default=None, init=False, repr=False)
 
     @classmethod
@@ -702,6 +721,8 @@ class EtcdUpstream:
 
     def set_interest(self, services: frozenset[str] | None) -> None:
         self.interest = None if services is None else frozenset(services)
+        if self.interest is not None:
+            self.kept = self.interest if self.kept is None else self.kept & self.interest
         if self._session is not None:
             self._session.inbox.post(_InterestChanged())
 

@@ -396,6 +396,12 @@ class _Mirror:
         self.emitted: dict[str, dict[str, Instance]] = {}
         self.interest = interest
         self.applied_interest = interest
+        #: The services wanted throughout since the interest was last applied
+        #: (None: all). The fan-in forgets a service the moment interest in
+        #: it is dropped, so one dropped and wanted again before this loop
+        #: applied either change must be listed again, though the two
+        #: changes cancel out here.
+        self.kept = interest
         self.armed: set[tuple[WatchKind, str]] = set()
         self.dirty: set[tuple[WatchKind, str]] = set()
         self.connected = False
@@ -487,6 +493,8 @@ class _Mirror:
 
     def set_interest(self, services: frozenset[str] | None) -> None:
         self.interest = services
+        if services is not None:
+            self.kept = services if self.kept is None else self.kept & services
         self._ring()
 
     # -- the loop -------------------------------------------------------------------
@@ -508,7 +516,7 @@ class _Mirror:
             try:
                 if self.need_resync:
                     await self._resync()
-                elif self.interest != self.applied_interest:
+                elif self.interest != self.applied_interest or self.kept != self.interest:
                     await self._apply_interest()
                 elif self.dirty:
                     await self._refresh_dirty()
@@ -739,7 +747,7 @@ class _Mirror:
             self._add_dir(directory)
         self.emitted = {}
         self._publish(list(self.dirs_by_service))
-        self.applied_interest = interest
+        self.applied_interest = self.kept = interest
         self.need_resync = False
         self.backoff.reset()
         instances = tuple(i for view in self.emitted.values() for i in view.values())
@@ -749,6 +757,7 @@ class _Mirror:
 
     async def _apply_interest(self) -> None:
         interest, previous = self.interest, self.applied_interest
+        kept, self.kept = self.kept, interest
         for path, directory in list(self.dirs.items()):
             if not _wanted(directory.service, interest):
                 self.emitted.pop(self._drop_dir(path), None)
@@ -762,13 +771,14 @@ class _Mirror:
                     added.add(service)
         self.applied_interest = interest
         if interest is None:
-            if previous is not None:
+            if previous is not None or kept is not None:
                 self._publish(added)
                 instances = tuple(i for view in self.emitted.values() for i in view.values())
                 await self._send(Listing(instances))
             return
-        scope = interest if previous is None else interest - previous
-        if previous is None or not scope:
+        forgotten = frozenset() if kept is None else interest - kept
+        scope = (frozenset() if previous is None else interest - previous) | forgotten
+        if not scope:
             return  # narrowed only
         self._publish(added)
         instances = tuple(i for s in scope for i in self.emitted.get(s, {}).values())
