@@ -20,7 +20,7 @@ from typing import Protocol
 import attrs
 
 from dispatcher.zk import acl as acls
-from dispatcher.zk.jute import DecodeError, Reader, Writer
+from dispatcher.zk.jute import DecodeError, Reader
 from dispatcher.zk.paths import InvalidPath, join, parent_of, validate_path
 from dispatcher.zk.protocol import (
     XID_NOTIFICATION,
@@ -917,4 +917,4 @@ def _check_version(current: int, expected: int) -> int:
     return current + 1 if current != 0x7FFFFFFF else 1
 
 
-__all__ = ["Client", "DecodeError", "Engine", "EngineConfig", "Peer", "Writer", "frame"]
+__all__ = ["Client", "Engine", "EngineConfig", "Peer", "ZkError", "frame"]
