@@ -237,21 +237,23 @@ class Engine:
         now = self.clock()
         if request.last_zxid_seen > self.zxid:
             log.warning(
-                "refusing session for %s: it has seen zxid 0x%x, ours is 0x%x",
-                peer.remote, request.last_zxid_seen, self.zxid,
-            )
+                "session refused: the client has seen a later zxid than ours",
+                extra={"peer": peer.remote, "client_zxid": hex(request.last_zxid_seen),
+                       "zxid": hex(self.zxid)},
+            )  # fmt: skip
             peer.close()
             return None
         if request.session_id == 0:
             session = self.sessions.create(request.timeout, now)
             self.zxid += 1  # createSession is a transaction in ZooKeeper too
-            log.info("session 0x%x opened for %s, timeout %d ms",
-                     session.id, peer.remote, session.timeout_ms)
+            log.info("session opened", extra={
+                "session": session.id, "peer": peer.remote, "timeout_ms": session.timeout_ms,
+            })  # fmt: skip
         else:
             session = self.sessions.get(request.session_id)  # type: ignore[assignment]
             if session is None or session.passwd != request.passwd or session.closing:
-                log.info("session 0x%x refused to %s: expired or wrong password",
-                         request.session_id, peer.remote)
+                log.info("session refused: expired or wrong password",
+                         extra={"session": request.session_id, "peer": peer.remote})
                 self._send_connect(peer, request, ConnectResponse(0, 0, 0, bytes(16)))
                 peer.close()
                 return None
@@ -259,11 +261,11 @@ class Engine:
             self.sessions.touch(session, now)
             stale = session.client
             if isinstance(stale, Client):
-                log.info("session 0x%x moved to %s; closing its old connection",
-                         session.id, peer.remote)
+                log.info("session moved; closing its old connection",
+                         extra={"session": session.id, "peer": peer.remote})
                 self.disconnect(stale)
                 stale.peer.close()
-            log.info("session 0x%x resumed by %s", session.id, peer.remote)
+            log.info("session resumed", extra={"session": session.id, "peer": peer.remote})
         client = Client(peer, session, [Id("ip", peer.remote_ip)], now)
         session.client = client
         self.clients.add(client)
@@ -293,7 +295,7 @@ class Engine:
         """Expire every session whose deadline passed; returns how many."""
         expired = self.sessions.expired(self.clock())
         for session in expired:
-            log.info("session 0x%x expired", session.id)
+            log.info("session expired", extra={"session": session.id})
             self._end_session(session)
             if isinstance(session.client, Client):
                 self._lose(session.client)
@@ -463,8 +465,8 @@ class Engine:
             if opcode == OpCode.CHECK:
                 # ZooKeeper 3.8 accepts check only inside a multi: alone, its
                 # reply fails to serialize and the server drops the connection.
-                log.warning("check outside multi from %s; closing, as ZooKeeper does",
-                            client.peer.remote)
+                log.warning("check outside multi; closing, as ZooKeeper does",
+                            extra={"session": client.session.id, "peer": client.peer.remote})
                 self.zxid += 1
                 self._lose(client)
                 return
@@ -488,8 +490,9 @@ class Engine:
         self.stats.packets_sent += 1
 
     def _unimplemented(self, client: Client, xid: int, opcode: int) -> None:
-        log.warning("unknown opcode %d from %s; closing, as ZooKeeper does", opcode,
-                    client.peer.remote)
+        log.warning("unknown opcode; closing, as ZooKeeper does", extra={
+            "opcode": opcode, "session": client.session.id, "peer": client.peer.remote,
+        })  # fmt: skip
         self._reply(client, xid, Err.UNIMPLEMENTED, zxid=-1)
         self._lose(client)
 
@@ -498,7 +501,7 @@ class Engine:
         client.peer.close()
 
     def _close_session(self, client: Client, xid: int) -> None:
-        log.info("session 0x%x closed by its client", client.session.id)
+        log.info("session closed by its client", extra={"session": client.session.id})
         zxid = self._end_session(client.session)
         self._reply(client, xid, Err.OK, zxid=zxid)
         self._lose(client)
@@ -680,8 +683,9 @@ class Engine:
         elif req.scheme == "ip":
             new = [Id("ip", client.peer.remote_ip)]
         else:
-            log.warning("authentication failed for scheme %r from %s; closing",
-                        req.scheme, client.peer.remote)
+            log.warning("authentication failed; closing", extra={
+                "scheme": req.scheme, "session": client.session.id, "peer": client.peer.remote,
+            })  # fmt: skip
             self._reply(client, xid, Err.AUTHFAILED, zxid=0)
             self._lose(client)
             return

@@ -113,8 +113,8 @@ class StreamPeer:
         if not self.in_batch:
             self._wake.set()
         if len(self._out) > self.limits.output_hard_cap:
-            log.warning("closing %s: %d bytes unsent, it is not reading", self.remote,
-                        len(self._out))
+            log.warning("closing a connection that is not reading",
+                        extra={"peer": self.remote, "unsent": len(self._out)})
             self._discard_output()
             self.close()
 
@@ -240,7 +240,8 @@ class ZooKeeperServer:
         ip = peer.remote_ip
         limit = self.limits.max_client_cnxns
         if limit and self._connections_by_ip.get(ip, 0) >= limit:
-            log.warning("too many connections from %s - max is %d", ip, limit)
+            log.warning("too many connections from one address",
+                        extra={"peer": peer.remote, "max": limit})
             await stream.aclose()
             return
         self._connections_by_ip[ip] = self._connections_by_ip.get(ip, 0) + 1
@@ -309,7 +310,7 @@ class ZooKeeperServer:
                     peer.send(answer(engine, event.word, self.settings).encode())
                     peer.close()
             except (ProtocolError, DecodeError) as exc:
-                log.warning("closing %s: %s", peer.remote, exc)
+                log.warning("closing a connection: %s", exc, extra={"peer": peer.remote})
                 peer.close()
         return client
 
