@@ -418,12 +418,11 @@ class FanIn:
             return
         state.state = UpstreamState(state.name, event.connected, time.time(), event.detail)
         if event.connected:
-            log.info("upstream %r connected %s", state.name, event.detail)
+            log.info("upstream connected", extra={"upstream": state.name, "detail": event.detail})
         else:
             log.warning(
-                "upstream %r disconnected (%s); serving its last state, marked stale",
-                state.name,
-                event.detail or "no detail",
+                "upstream disconnected; serving its last state, marked stale",
+                extra={"upstream": state.name, "detail": event.detail or "no detail"},
             )
 
     def _on_listing(self, state: _Upstream, event: Listing, touched: dict[_Endpoint, None]) -> None:

@@ -750,7 +750,8 @@ class HealthChecker:
                 target.health is Health.FAILING and target.passes >= self.config.rise
             ):
                 if target.health is Health.FAILING:
-                    log.info("health: %s passing again (%d passes)", name, target.passes)
+                    log.info("instance passing again",
+                             extra={"instance": name, "passes": target.passes})
                 target.health = Health.PASSING
                 metrics.to_passing += 1
                 self._publish(target)
@@ -760,7 +761,9 @@ class HealthChecker:
         if target.health is Health.UNKNOWN or (
             target.health is Health.PASSING and target.fails >= self.config.fall
         ):
-            log.warning("health: %s failing (%s; %d in a row)", name, failure, target.fails)
+            log.warning("instance failing", extra={
+                "instance": name, "failure": failure, "fails": target.fails,
+            })  # fmt: skip
             if target.last_pass is not None:
                 metrics.observe_detection(now - target.last_pass)
             target.health = Health.FAILING
