@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import functools
 import hmac
 import logging
@@ -78,7 +77,6 @@ import math
 import os
 import secrets
 import socket
-import stat
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from types import MappingProxyType
@@ -398,7 +396,7 @@ class SubscriptionServer:
         socket file is removed on exit.
         """
         path = os.fspath(path)
-        await _remove_stale_socket(path)
+        await wire.remove_stale_socket(path)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             await sock.bind(path)
@@ -417,13 +415,7 @@ class SubscriptionServer:
                     [trio.SocketListener(sock)],
                 )
         finally:
-            # Only our own file: another server may have replaced it meanwhile.
-            try:
-                now = os.stat(path)
-                if (now.st_dev, now.st_ino) == (identity.st_dev, identity.st_ino):
-                    os.unlink(path)
-            except OSError:
-                pass
+            wire.unlink_if_ours(path, identity)
 
     def ownership_changed(self) -> None:
         """Redirect every subscriber away from the services this Dispatcher no longer owns.
@@ -536,22 +528,6 @@ class SubscriptionServer:
 def _clip(text: str, limit: int = 300) -> str:
     """``text`` cut for a log line or an error message (a client chose it: any length)."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-async def _remove_stale_socket(path: str) -> None:
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-    try:
-        live = await trio.open_unix_socket(path)
-    except OSError:
-        os.unlink(path)  # nobody answers: a dead server's leftover
-        return
-    await live.aclose()
-    raise OSError(errno.EADDRINUSE, "another server is listening on this socket", path)
 
 
 # ---------------------------------------------------------------- one connection

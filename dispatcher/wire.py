@@ -34,7 +34,11 @@ in zkgate: the Meta Server and the proxy import it alone.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import stat
 import struct
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
@@ -441,6 +445,39 @@ class WireStream:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+# --- Unix socket files --------------------------------------------------------------
+# Dispatchers and proxies both listen on Unix sockets; the file outlives a
+# process that crashed, so each claims the path the same way.
+
+
+async def remove_stale_socket(path: str) -> None:
+    """Remove a socket file nobody listens on; refuse a live one, or any other file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket", path)
+    try:
+        live = await trio.open_unix_socket(path)
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # nobody answers: a dead process's leftover
+        return
+    await live.aclose()
+    raise OSError(errno.EADDRINUSE, f"another process listens on {path}", path)
+
+
+def unlink_if_ours(path: str, identity: os.stat_result) -> None:
+    """Remove the socket file we bound, not one another process put there since."""
+    try:
+        now = os.stat(path)
+        if (now.st_dev, now.st_ino) == (identity.st_dev, identity.st_ino):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 # --- validation helpers -----------------------------------------------------------

@@ -48,7 +48,6 @@ import ipaddress
 import logging
 import os
 import socket
-import stat
 import struct
 from collections.abc import Callable
 from typing import Final
@@ -57,6 +56,7 @@ import attrs
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
+from dispatcher import wire
 from proxy.balancer import Balancer
 from proxy.endpoints import EndpointState, ServiceTable
 from proxy.outlier import OutlierDetector
@@ -207,7 +207,7 @@ class ServiceForwarder:
             trio.lowlevel.notify_closing(listener)
             listener.close()
             if identity is not None:
-                _unlink_if_ours(address.path, identity)
+                wire.unlink_if_ours(address.path, identity)
 
     async def _accept(self, listener: socket.socket, nursery: trio.Nursery, *, tcp: bool) -> None:
         accepted = 0
@@ -436,7 +436,7 @@ async def _listen(
     address: ListenAddress,
 ) -> tuple[socket.socket, ListenAddress, os.stat_result | None]:
     if address.is_unix:
-        await _remove_stale_socket(address.path)
+        await wire.remove_stale_socket(address.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(address.path)
@@ -458,34 +458,3 @@ async def _listen(
         sock.close()
         raise
     return sock, ListenAddress(host=address.host, port=sock.getsockname()[1]), None
-
-
-async def _remove_stale_socket(path: str) -> None:
-    """Remove a socket file that nobody listens on; refuse a live one or another file."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with trio.move_on_after(1.0):
-            await probe.connect(path)
-            raise OSError(errno.EADDRINUSE, f"another process listens on {path}")
-    except (ConnectionRefusedError, FileNotFoundError):
-        pass
-    finally:
-        probe.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def _unlink_if_ours(path: str, identity: os.stat_result) -> None:
-    # Only our own file: another proxy may have replaced it meanwhile.
-    try:
-        now = os.stat(path)
-        if (now.st_dev, now.st_ino) == (identity.st_dev, identity.st_ino):
-            os.unlink(path)
-    except OSError:
-        pass
