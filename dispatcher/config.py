@@ -107,9 +107,9 @@ from dispatcher.fanin import Interest
 from dispatcher.subscription_server import DEFAULT_HISTORY, SubscriptionLimits
 from dispatcher.subscriptions import DEFAULT_QUEUE
 from dispatcher.upstream import ConfigError, Upstream, layout_kind, upstream_kind
+from dispatcher.wire import parse_address
 from dispatcher.zk.paths import InvalidPath, is_within, validate_path
 from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER
-from dispatcher.zk.server import parse_listen
 from metaserver.assignment import DEFAULT_BALANCE
 from metaserver.membership import MembershipConfig, MembershipConfigError
 from metaserver.sharding import DEFAULT_WARM_TIMEOUT
@@ -164,7 +164,7 @@ def default_data_dir() -> Path:
 
 
 def _valid_listen(_instance: object, _attribute: object, value: str) -> None:
-    parse_listen(value)
+    parse_address(value)
 
 
 @attrs.frozen
@@ -182,11 +182,11 @@ class ZooKeeperConfig:
 
     @property
     def host(self) -> str:
-        return parse_listen(self.listen)[0]
+        return parse_address(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return parse_listen(self.listen)[1]
+        return parse_address(self.listen)[1]
 
 
 @attrs.frozen
@@ -217,7 +217,7 @@ class AdminConfig:
     @property
     def address(self) -> tuple[str, int]:
         """``(host, port)`` to listen on."""
-        return parse_listen(self.listen or DEFAULT_ADMIN_LISTEN)
+        return parse_address(self.listen or DEFAULT_ADMIN_LISTEN)
 
     def to_mapping(self) -> dict[str, Any]:
         result: dict[str, Any] = {
@@ -245,11 +245,11 @@ class SubscriptionsConfig:
 
     @property
     def host(self) -> str:
-        return parse_listen(self.listen)[0]
+        return parse_address(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return parse_listen(self.listen)[1]
+        return parse_address(self.listen)[1]
 
     def to_mapping(self) -> dict[str, Any]:
         result: dict[str, Any] = {
@@ -375,7 +375,7 @@ class Config:
         if listen == "off":
             return attrs.evolve(self, admin=attrs.evolve(self.admin, enabled=False))
         try:
-            parse_listen(listen)
+            parse_address(listen)
         except ValueError as exc:
             raise ConfigError(f"command line --admin-listen: {exc}") from None
         return attrs.evolve(self, admin=attrs.evolve(self.admin, enabled=True, listen=listen))
@@ -869,7 +869,7 @@ def _address(value: Any, where: str) -> str:
     """A ``HOST:PORT`` string, checked; the ConfigError names ``where``."""
     address = _string(value, where)
     try:
-        parse_listen(address)
+        parse_address(address)
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return address

@@ -447,6 +447,23 @@ class WireStream:
         await self.stream.aclose()
 
 
+# --- addresses ----------------------------------------------------------------------
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """``(host, port)`` from ``HOST:PORT`` or ``[V6]:PORT``; an empty host is 127.0.0.1.
+
+    Every listen and advertised address in zkgate is spelled this way, so
+    there is one parser for all of them.
+    """
+    host, colon, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
 # --- Unix socket files --------------------------------------------------------------
 # Dispatchers and proxies both listen on Unix sockets; the file outlives a
 # process that crashed, so each claims the path the same way.

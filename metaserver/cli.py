@@ -44,6 +44,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from dispatcher.wire import parse_address
 from metaserver.assignment import DEFAULT_BALANCE
 from metaserver.membership import (
     MembershipConfig,
@@ -61,16 +62,6 @@ DEFAULT_LISTEN: Final = "127.0.0.1:7400"
 _TOP_KEYS: Final = ("token", "server_id", "membership", "sharding", "meta")
 _META_INTS: Final = ("max_connections", "max_frame", "max_services", "max_watched")
 _META_SECONDS: Final = ("hello_timeout", "send_timeout")
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``(host, port)`` from ``host:port`` or ``[v6]:port``; ValueError otherwise."""
-    host, colon, port = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not colon or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, not {value!r}")
-    return host, int(port)
 
 
 @attrs.frozen
@@ -144,7 +135,7 @@ def parse_meta_config(data: Mapping[str, Any], *, listen: str | None = None) -> 
     if not isinstance(address, str):
         raise MembershipConfigError(f"{where}: must be a string")
     try:
-        parse_listen(address)
+        parse_address(address)
     except ValueError as exc:
         raise MembershipConfigError(f"{where}: {exc}") from None
     return MetaConfig(
@@ -181,7 +172,7 @@ async def run_meta(
         balance=config.balance,
         limits=config.limits,
     )
-    host, port = parse_listen(config.listen)
+    host, port = parse_address(config.listen)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         await nursery.start(server.run)

@@ -411,7 +411,17 @@ async def agreed(
             answers = []
             for address in addresses:
                 async with connected(address) as client:
-                    answers.append(await client.lookup(services))
+                    await client.send(wire.Lookup(tuple(services)))
+                    answer = await client.receive()
+                # A Meta Server answers "unavailable" until it has read the
+                # store once; that is "not yet", not a disagreement.
+                if isinstance(answer, wire.Error) and answer.code == "unavailable":
+                    break
+                assert isinstance(answer, wire.Assignment), answer
+                answers.append(answer)
+            if len(answers) < len(addresses):
+                await trio.sleep(0.05)
+                continue
             first = answers[0]
             same = all(a.epoch == first.epoch and a.owners == first.owners for a in answers)
             if same and first.epoch >= at_least and check(first):

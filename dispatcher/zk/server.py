@@ -315,11 +315,4 @@ class ZooKeeperServer:
         return client
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-__all__ = ["ServerLimits", "ZooKeeperServer", "parse_listen"]
+__all__ = ["ServerLimits", "ZooKeeperServer"]
