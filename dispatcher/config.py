@@ -628,16 +628,9 @@ def _membership_and_sharding(
 
 
 def _upstreams(value: Any, lookup: KindLookup) -> tuple[UpstreamConfig, ...]:
-    if isinstance(value, Mapping):
-        raise ConfigError("upstream: must be an array of tables, written [[upstream]]")
-    if not isinstance(value, list):
-        raise ConfigError(f"upstream: must be an array of tables, not {_type(value)}")
     result: list[UpstreamConfig] = []
     seen: dict[str, int] = {}
-    for index, table in enumerate(value):
-        where = f"upstream[{index}]"
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"{where}: must be a table, not {_type(table)}")
+    for index, (where, table) in enumerate(_array_of_tables(value, "upstream")):
         for key in ("name", "kind"):
             if key not in table:
                 raise ConfigError(f"{where}.{key}: missing (every upstream needs one)")
@@ -662,14 +655,22 @@ def _upstreams(value: Any, lookup: KindLookup) -> tuple[UpstreamConfig, ...]:
     return tuple(result)
 
 
-def _projections(value: Any) -> tuple[ProjectionConfig, ...]:
+def _array_of_tables(value: Any, key: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """The tables of ``[[key]]``, each with its place for messages (``key[2]``)."""
     if not isinstance(value, list):
-        raise ConfigError("projection: must be an array of tables, written [[projection]]")
-    result: list[ProjectionConfig] = []
+        raise ConfigError(f"{key}: must be an array of tables, written [[{key}]]")
+    tables = []
     for index, table in enumerate(value):
-        where = f"projection[{index}]"
+        where = f"{key}[{index}]"
         if not isinstance(table, Mapping):
             raise ConfigError(f"{where}: must be a table, not {_type(table)}")
+        tables.append((where, table))
+    return tables
+
+
+def _projections(value: Any) -> tuple[ProjectionConfig, ...]:
+    result: list[ProjectionConfig] = []
+    for where, table in _array_of_tables(value, "projection"):
         _reject_unknown(table, _PROJECTION_KEYS, where)
         for key in ("root", "layout"):
             if key not in table:
@@ -817,14 +818,8 @@ def _health(table: Mapping[str, Any]) -> HealthConfig:
     for key in ("probe", "path"):
         if key in table:
             options[key] = _string(table[key], f"health.{key}")
-    services = table.get("service", [])
-    if not isinstance(services, list):
-        raise ConfigError("health.service: must be an array of tables, written [[health.service]]")
     overrides: list[ServiceProbe] = []
-    for index, entry in enumerate(services):
-        where = f"health.service[{index}]"
-        if not isinstance(entry, Mapping):
-            raise ConfigError(f"{where}: must be a table, not {_type(entry)}")
+    for where, entry in _array_of_tables(table.get("service", []), "health.service"):
         _reject_unknown(entry, _HEALTH_SERVICE_KEYS, where)
         if "name" not in entry:
             raise ConfigError(f"{where}.name: missing (every [[health.service]] needs one)")

@@ -51,34 +51,22 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def zookeeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeperServer]:
     """One standalone ZooKeeper 3.8 for the whole session (tickTime 200 ms)."""
-    server = ZooKeeperServer(base_dir=tmp_path_factory.mktemp("zookeeper"))
-    server.start()
-    try:
+    with ZooKeeperServer(base_dir=tmp_path_factory.mktemp("zookeeper")) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="session")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
     """One single-member etcd 3.4 for the whole session."""
-    server = EtcdServer(base_dir=tmp_path_factory.mktemp("etcd"))
-    server.start()
-    try:
+    with EtcdServer(base_dir=tmp_path_factory.mktemp("etcd")) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="session")
 def zk_ensemble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeperEnsemble]:
     """A 3-node ZooKeeper ensemble, started the first time a test asks for it."""
-    ensemble = ZooKeeperEnsemble(3, base_dir=tmp_path_factory.mktemp("ensemble"))
-    ensemble.start()
-    try:
+    with ZooKeeperEnsemble(3, base_dir=tmp_path_factory.mktemp("ensemble")) as ensemble:
         yield ensemble
-    finally:
-        ensemble.close()
 
 
 @pytest.fixture(autouse=True)
