@@ -112,10 +112,11 @@ class ListenAddress:
             return cls(path=text)
         if "/" in text:
             return cls(path=text)
-        host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"{text!r} is neither HOST:PORT nor a Unix socket path")
-        return cls(host=host.strip("[]"), port=int(port))
+        try:
+            host, port = wire.parse_address(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is neither HOST:PORT nor a Unix socket path") from None
+        return cls(host=host, port=port)
 
     def __str__(self) -> str:
         return f"unix:{self.path}" if self.path else f"{self.host}:{self.port}"
