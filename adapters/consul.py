@@ -341,12 +341,10 @@ class ConsulUpstream:
             backoff.reset()
             if answered < index:
                 log.info(
-                    "consul upstream %r: %s: index went backwards (%d < %d), resetting to 0",
-                    self.name,
-                    what,
-                    answered,
-                    index,
-                )
+                    "consul index went backwards; re-listing from index 0",
+                    extra={"upstream": self.name, "query": what, "index": answered,
+                           "previous_index": index},
+                )  # fmt: skip
                 index = 0
             else:
                 index = max(answered, 1)
@@ -361,11 +359,8 @@ class ConsulUpstream:
                 instances.append(instance_from_entry(self.name, service, entry, index))
             except (AttributeError, KeyError, TypeError, ValueError) as exc:
                 log.warning(
-                    "consul upstream %r: skipping an entry of service %r: %s: %r",
-                    self.name,
-                    service,
-                    type(exc).__name__,
-                    exc,
+                    "skipping a consul entry that describes no instance",
+                    extra={"service": service, "upstream": self.name, "error": repr(exc)},
                 )
         return tuple(instances)
 
@@ -378,13 +373,16 @@ class ConsulUpstream:
     async def _failed(self, what: str, exc: BaseException) -> None:
         detail = f"consul {self.config.host}:{self.config.port}: {what}: {exc}"
         if what not in self._failing:
-            log.warning("consul upstream %r: %s", self.name, detail)
+            log.warning("consul query failing", extra={
+                "upstream": self.name, "address": f"{self.config.host}:{self.config.port}",
+                "query": what, "error": str(exc),
+            })  # fmt: skip
         self._failing[what] = detail
         await self._report()
 
     async def _succeeded(self, what: str) -> None:
         if self._failing.pop(what, None) is not None:
-            log.info("consul upstream %r: %s answers again", self.name, what)
+            log.info("consul query answers again", extra={"upstream": self.name, "query": what})
         await self._report()
 
     async def _report(self) -> None:

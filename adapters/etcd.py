@@ -293,7 +293,10 @@ def _decode(
     """
     identity = _identity(spec, key)
     if identity is None:
-        _log.warning("etcd upstream %r: ignoring key %r: not <service>/<id>", adapter, key)
+        _log.warning(
+            "ignoring an etcd key",
+            extra={"upstream": adapter, "key": key, "reason": "not <service>/<id>"},
+        )
         return None
     service, instance_id = identity
     source = Source(adapter, key, revision)
@@ -306,7 +309,10 @@ def _decode(
         if instance is None:
             instance = "not a plain-layout instance"
     if isinstance(instance, str):
-        _log.warning("etcd upstream %r: ignoring key %r: %s", adapter, key, instance)
+        _log.warning(
+            "ignoring an etcd key",
+            extra={"service": service, "upstream": adapter, "key": key, "reason": instance},
+        )
         instance = None
     if instance is not None and lease:
         metadata = {**instance.metadata, LEASE_KEY: format(lease, "016x")}
@@ -318,7 +324,14 @@ def _key_text(key: bytes, adapter: str) -> str | None:
     try:
         return key.decode("utf-8")
     except UnicodeDecodeError:
-        _log.warning("etcd upstream %r: ignoring key %r: not UTF-8", adapter, key)
+        _log.warning(
+            "ignoring an etcd key",
+            extra={
+                "upstream": adapter,
+                "key": key.decode("utf-8", "backslashreplace"),
+                "reason": "not UTF-8",
+            },
+        )
         return None
 
 
@@ -745,10 +758,19 @@ class EtcdUpstream:
             except _Resync as resync:
                 # Not an outage: consumers keep fresh data; the backoff only
                 # keeps a pathological loop from spinning.
-                _log.info("etcd upstream %r: resyncing: %s", self.name, resync)
+                _log.info(
+                    "etcd upstream resyncing", extra={"upstream": self.name, "reason": str(resync)}
+                )
             except _FAILURES as exc:
                 detail = f"etcd {self.endpoint}: {_describe(exc)}"
-                _log.warning("etcd upstream %r: %s; reconnecting", self.name, detail)
+                _log.warning(
+                    "etcd upstream failed; reconnecting",
+                    extra={
+                        "upstream": self.name,
+                        "address": self.endpoint,
+                        "error": _describe(exc),
+                    },
+                )
                 if connected is not False:
                     connected = False
                     await events.send(Status(False, detail))

@@ -327,8 +327,14 @@ class StaticUpstream:
         if status == self._status:
             return
         if not connected:
-            log.warning("static upstream %r: %s", self.name, detail)
+            log.warning(
+                "static file unusable",
+                extra={"path": str(self.config.path), "upstream": self.name, "detail": detail},
+            )
         elif self._status is not None:
-            log.info("static upstream %r: %s loaded again", self.name, self.config.path)
+            log.info(
+                "static file loaded again",
+                extra={"path": str(self.config.path), "upstream": self.name},
+            )
         self._status = status
         await events.send(status)

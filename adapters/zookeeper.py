@@ -246,7 +246,10 @@ def _children(
         except NoNodeError:
             pass
         except NoAuthError:
-            log.warning("cannot list %s: no permission (check the upstream's auth)", path)
+            log.warning(
+                "cannot list a znode: no permission (check the upstream's auth)",
+                extra={"path": path},
+            )
             return None, False, exists_set
         stat = client.exists(path, watch=exists_watch)
         exists_set = exists_set or exists_watch is not None
@@ -271,7 +274,10 @@ def _get_many(
             except NoNodeError:
                 results.append(None)
             except NoAuthError:
-                log.warning("cannot read %s: no permission (check the upstream's auth)", path)
+                log.warning(
+                    "cannot read a znode: no permission (check the upstream's auth)",
+                    extra={"path": path},
+                )
                 results.append(None)
     return results
 
@@ -530,7 +536,10 @@ class _Mirror:
                     # fold a repeated watch on one path into one).
                     self.armed.clear()
                     # Not a connection change we were told about: do not spin on it.
-                    log.warning("upstream %r: read failed (%s); re-listing", self.name, exc)
+                    log.warning(
+                        "zookeeper read failed; re-listing",
+                        extra={"upstream": self.name, "error": str(exc)},
+                    )
                     await self.backoff.sleep()
 
     async def _report_status(self) -> None:
@@ -553,7 +562,7 @@ class _Mirror:
         except _CONNECTION_ERRORS as exc:
             raise _Interrupted(type(exc).__name__) from exc
         except KazooException as exc:
-            log.exception("upstream %r: unexpected error from ZooKeeper", self.name)
+            log.exception("unexpected error from zookeeper", extra={"upstream": self.name})
             raise _Interrupted(type(exc).__name__) from exc
         if self.epoch != epoch:
             raise _Interrupted("connection changed during the read")
@@ -666,16 +675,26 @@ class _Mirror:
         except Exception:
             # Layouts promise not to raise; if one does, it is one bad znode,
             # not a reason to stop mirroring the rest.
-            log.exception("upstream %r: %s layout failed on %s", self.name, root.layout.NAME, name)
+            log.exception(
+                "layout failed on a znode",
+                extra={
+                    "path": f"{root.absolute(relative)}/{name}",
+                    "service": service,
+                    "upstream": self.name,
+                    "layout": root.layout.NAME,
+                },
+            )
             instance = None
         if instance is None:
             log.warning(
-                "upstream %r: skipping %s/%s (mzxid %#x): not a %s instance",
-                self.name,
-                root.absolute(relative),
-                name,
-                revision,
-                root.layout.NAME,
+                "skipping a znode that is not an instance of its layout",
+                extra={
+                    "path": f"{root.absolute(relative)}/{name}",
+                    "service": service,
+                    "upstream": self.name,
+                    "layout": root.layout.NAME,
+                    "mzxid": hex(revision),
+                },
             )
         return _Znode(revision, instance)
 

@@ -699,8 +699,7 @@ class AdminServer:
         """Listen on ``host:port`` until cancelled; ``task_status.started(bound port)``."""
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
-        log.info("admin endpoint on http://%s:%d/", host, self.port,
-                 extra={"listen": f"{host}:{self.port}"})  # fmt: skip
+        log.info("admin endpoint listening", extra={"listen": f"{host}:{self.port}"})
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sample)
             task_status.started(self.port)
@@ -730,8 +729,9 @@ class AdminServer:
             if self.refused & (self.refused - 1) == 0:
                 # The 1st, 2nd, 4th, 8th...: a flood of connections must not
                 # become a flood of log lines.
-                log.warning("admin: refusing connections, %d open (max_connections); "
-                            "%d refused so far", self._connections, self.refused)  # fmt: skip
+                log.warning("admin endpoint refusing connections (max_connections)", extra={
+                    "open": self._connections, "refused": self.refused,
+                })  # fmt: skip
             await self._refuse(stream)
             return
         self._connections += 1
@@ -798,8 +798,10 @@ class AdminServer:
                 response = await self._route(request)
             except Exception:
                 # A bug behind one page must not take the process down with it.
-                log.exception("admin: %s %s failed", request.method.decode(),
-                              request.target.decode("ascii", "replace"))  # fmt: skip
+                log.exception("admin request failed", extra={
+                    "method": request.method.decode(),
+                    "target": request.target.decode("ascii", "replace"),
+                })  # fmt: skip
                 response = _text(500, "internal error; see the gateway's log\n")
             head_only = request.method == b"HEAD"
             with trio.move_on_after(limits.send_timeout) as sending:
@@ -844,8 +846,9 @@ class AdminServer:
     async def _fail(
         self, stream: trio.SocketStream, conn: h11.Connection, error: _Response
     ) -> None:
-        log.info("admin: answering %d to a bad request: %s", error.status,
-                 error.body.decode(errors="replace").strip())  # fmt: skip
+        log.info("admin endpoint answering a bad request", extra={
+            "status": error.status, "error": error.body.decode(errors="replace").strip(),
+        })  # fmt: skip
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         error = attrs.evolve(error, headers=(*error.headers, ("connection", "close")))

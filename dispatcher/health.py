@@ -726,7 +726,9 @@ class HealthChecker:
                             failure = await tcp_probe(target.host, target.port)
                     except Exception as exc:
                         # A probe bug must cost one verdict, not the checker.
-                        log.exception("health: probe of %s crashed", target.instance_id)
+                        log.exception("health probe crashed", extra={
+                            "service": target.service, "instance": target.instance_id,
+                        })  # fmt: skip
                         failure = f"probe error: {exc!r}"
         finally:
             target.in_flight = False
@@ -741,7 +743,6 @@ class HealthChecker:
             metrics.failures += 1
         if target.removed or not self.ownership.owns(target.service):
             return  # gone, or handed over while the probe ran: not ours to judge
-        name = f"{target.service}/{target.instance_id}"
         if failure is None:
             target.passes += 1
             target.fails = 0
@@ -750,8 +751,10 @@ class HealthChecker:
                 target.health is Health.FAILING and target.passes >= self.config.rise
             ):
                 if target.health is Health.FAILING:
-                    log.info("instance passing again",
-                             extra={"instance": name, "passes": target.passes})
+                    log.info("instance passing again", extra={
+                        "service": target.service, "instance": target.instance_id,
+                        "passes": target.passes,
+                    })  # fmt: skip
                 target.health = Health.PASSING
                 metrics.to_passing += 1
                 self._publish(target)
@@ -762,7 +765,8 @@ class HealthChecker:
             target.health is Health.PASSING and target.fails >= self.config.fall
         ):
             log.warning("instance failing", extra={
-                "instance": name, "failure": failure, "fails": target.fails,
+                "service": target.service, "instance": target.instance_id,
+                "failure": failure, "fails": target.fails,
             })  # fmt: skip
             if target.last_pass is not None:
                 metrics.observe_detection(now - target.last_pass)
@@ -801,7 +805,9 @@ class HealthChecker:
         metrics = self.metrics
         if not client_id:
             metrics.reports_refused += 1
-            log.warning("health: refused a report for %s/%s without a client", service, instance_id)
+            log.warning("health refused a failure report without a client id", extra={
+                "service": service, "instance": instance_id,
+            })  # fmt: skip
             return False
         target = self._targets.get((service, instance_id))
         if target is None or self._nursery is None or not self.ownership.owns(service):
@@ -809,7 +815,9 @@ class HealthChecker:
             return False
         metrics.reports += 1
         # Debug: a dying instance can draw a report from every proxy using it.
-        log.debug("health: %r reports %s/%s: %r", client_id, service, instance_id, reason)
+        log.debug("failure report", extra={
+            "service": service, "instance": instance_id, "client": client_id, "reason": reason,
+        })  # fmt: skip
         if target.in_flight or target.recheck_at is not None:
             metrics.reports_merged += 1
             return True

@@ -317,7 +317,9 @@ class _FrameCache:
 
 
 def _log_report(service: str, instance_id: str, reason: str, client_id: str) -> None:
-    log.info("failure report from %r: %s %s (%s)", client_id, service, instance_id, reason)
+    log.info("failure report", extra={
+        "service": service, "instance": instance_id, "client": client_id, "reason": reason,
+    })  # fmt: skip
 
 
 class SubscriptionServer:
@@ -377,7 +379,7 @@ class SubscriptionServer:
         """Serve on ``host:port`` until cancelled; ``task_status.started(bound port)``."""
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
-        log.info("serving subscriptions on %s:%d", host, bound)
+        log.info("serving subscriptions", extra={"listen": f"{host}:{bound}"})
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_history)
             task_status.started(bound)
@@ -405,7 +407,7 @@ class SubscriptionServer:
         except BaseException:
             sock.close()
             raise
-        log.info("serving subscriptions on unix:%s", path)
+        log.info("serving subscriptions", extra={"listen": f"unix:{path}"})
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_history)
@@ -444,8 +446,9 @@ class SubscriptionServer:
     async def _serve_connection(self, stream: trio.SocketStream, peer: str) -> None:
         if len(self._connections) >= self.limits.max_connections:
             self.refused += 1
-            log.warning("refusing subscriber %s: %d connections open (max_connections)",
-                        peer, len(self._connections))  # fmt: skip
+            log.warning("refusing a subscriber (max_connections)", extra={
+                "peer": peer, "open": len(self._connections),
+            })  # fmt: skip
             refusal = wire.Error(
                 "overloaded", f"{self.limits.max_connections} connections are open"
             )
@@ -652,7 +655,11 @@ class SubscriberConnection:
                     update = await subscription.__anext__()
                 except StopAsyncIteration:
                     if subscription is self._subscription:
-                        self._close("the Dispatcher closed its subscriptions (shutting down)")
+                        # Our own shutdown: not something an operator has to look at.
+                        self._close(
+                            "the Dispatcher closed its subscriptions (shutting down)",
+                            level=logging.INFO,
+                        )
                         return
                     continue  # replaced by a re-subscription
                 if subscription is self._subscription:
@@ -715,7 +722,8 @@ class SubscriberConnection:
                 self.client_id = message.client_id
                 self._reader_scope.deadline = math.inf
                 self._send(wire.encode(wire.Welcome(wire.PROTOCOL_VERSION, server.welcome_id)))
-                log.info("subscriber %s: client %r connected", self.peer, self.client_id)
+                log.info("subscriber connected",
+                         extra={"peer": self.peer, "client": self.client_id})  # fmt: skip
             return
         if isinstance(message, wire.Subscribe):
             self._subscribe(message.services)
@@ -781,7 +789,10 @@ class SubscriberConnection:
             server.on_report(report.service, report.instance_id, report.reason,
                              self.client_id or "")  # fmt: skip
         except Exception:
-            log.exception("on_report failed for a report from %s", self.peer)
+            log.exception("failure report handler failed", extra={
+                "service": report.service, "instance": report.instance_id,
+                "peer": self.peer, "client": self.client_id,
+            })  # fmt: skip
 
     def _forget(self, service: str) -> None:
         self._resume.pop(service, None)
@@ -825,9 +836,10 @@ class SubscriberConnection:
             if self._sent.get(service) != delta.from_version:
                 # The hub guarantees chaining; should that ever break, a
                 # Full is the one answer that cannot leave the client wrong.
-                log.error("subscriber %s: %s delta from %d does not chain on %s sent; "
-                          "sending a full entry", self.peer, service, delta.from_version,
-                          self._sent.get(service))  # fmt: skip
+                log.error("delta does not chain on the version sent; sending a full entry", extra={
+                    "service": service, "peer": self.peer,
+                    "from_version": delta.from_version, "sent_version": self._sent.get(service),
+                })  # fmt: skip
                 entry = server.fanin.snapshot.full(service)
                 self._send_update(service, entry.version, lambda: server._full_frame(entry))
                 return
@@ -872,7 +884,9 @@ class SubscriberConnection:
             frame = encode()
         except wire.WireError as exc:
             # Not the client's fault, and no smaller message says the same.
-            log.error("subscriber %s: cannot send %s: %s", self.peer, service, exc)
+            log.error("cannot send a service to a subscriber", extra={
+                "service": service, "peer": self.peer, "error": str(exc),
+            })  # fmt: skip
             self._send(wire.encode(wire.Error("overloaded", f"{service}: {exc}")))
             self._drop([service])
             return
@@ -906,8 +920,9 @@ class SubscriberConnection:
         """Close after what is queued is sent (within close_flush_timeout)."""
         if self.closing:
             return
-        log.log(level, "closing subscriber %s (client %r): %s", self.peer, self.client_id,
-                _clip(reason))  # fmt: skip
+        log.log(level, "closing a subscriber", extra={
+            "peer": self.peer, "client": self.client_id, "reason": _clip(reason),
+        })  # fmt: skip
         self.closing = True
         self._drop_subscription()
         self._reader_scope.cancel()

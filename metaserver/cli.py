@@ -207,6 +207,6 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     except OSError as exc:
-        log.error("cannot serve: %s", exc)
+        log.error("cannot serve", extra={"error": str(exc)})
         return 1
     return 0

@@ -288,9 +288,9 @@ class ViewFeed:
             # A reconnect may read a store that lost recent writes (a restored backup):
             # an epoch going backwards would make proxies drop every newer answer.
             log.warning(
-                "membership epoch went backwards (%d -> %d); keeping %d",
-                current.epoch, view.epoch, current.epoch,
-            )  # fmt: skip
+                "epoch went backwards; keeping the newer one",
+                extra={"epoch": view.epoch, "kept_epoch": current.epoch},
+            )
             view = attrs.evolve(
                 view, epoch=current.epoch, inputs_epoch=min(view.inputs_epoch, current.epoch)
             )
@@ -576,8 +576,8 @@ class _Wanted:
         for name in names:
             quote_service(name)  # refuse what no store can hold, at the caller
             if len(self.services) >= _MAX_PENDING_SERVICES:
-                log.warning("membership: %d catalog additions pending; dropping %r",
-                            len(self.services), name)  # fmt: skip
+                log.warning("too many catalog additions pending; dropping one",
+                            extra={"service": name, "pending": len(self.services)})  # fmt: skip
                 continue
             self.services[name] = None
 
@@ -769,7 +769,8 @@ class ZooKeeperMembership:
             except KazooException as exc:
                 # A connection change under the read: the state listener reports it, and the
                 # next CONNECTED re-reads everything. Anything else: try again shortly.
-                log.warning("membership (ZooKeeper %s): %s; retrying", self.hosts, exc)
+                log.warning("zookeeper request failed; retrying",
+                            extra={"address": self.hosts, "error": str(exc)})  # fmt: skip
                 self._write = self._write or write
                 self._dirty |= dirty
                 if self._connected:
@@ -870,9 +871,9 @@ class ZooKeeperMembership:
                     client.delete(path, version=stat.version)
                 continue
             log.error(
-                "membership: member id %r is registered by another process (%s); "
-                "waiting for it to go away", registration.id, existing.decode(errors="replace"),
-            )  # fmt: skip
+                "member id registered by another process; waiting for it to go away",
+                extra={"member": registration.id, "registered": existing.decode(errors="replace")},
+            )
             client.exists(path, watch=self._watcher)
             return
 
@@ -930,7 +931,9 @@ class ZooKeeperMembership:
                 try:
                     members[name] = Registration.from_json(name, data)
                 except ValueError as exc:
-                    log.warning("membership: ignoring %s/%s: %s", parent, name, exc)
+                    log.warning("ignoring a member record", extra={
+                        "path": f"{parent}/{name}", "member": name, "error": str(exc),
+                    })  # fmt: skip
         return stat.pzxid, members
 
     def _read_warm(self, client: Any) -> tuple[int, dict[str, int]]:
@@ -953,7 +956,8 @@ class ZooKeeperMembership:
                 except NoNodeError:
                     continue
                 except ValueError:
-                    log.warning("membership: ignoring warm marker %s/%s", parent, name)
+                    log.warning("ignoring a warm marker that is not an int",
+                                extra={"path": f"{parent}/{name}", "member": name})  # fmt: skip
         return stat.pzxid, warm
 
 
@@ -1069,9 +1073,9 @@ class EtcdMembership:
                     await session.serve(backoff.reset)
                 except Exception as exc:
                     log.warning(
-                        "membership (etcd %s:%d): %s; reconnecting",
-                        self.host, self.port, _describe(exc),
-                    )  # fmt: skip
+                        "etcd session failed; reconnecting",
+                        extra={"address": f"{self.host}:{self.port}", "error": _describe(exc)},
+                    )
                 finally:
                     await session.aclose()
                 self.feed.mark_disconnected()
@@ -1106,8 +1110,8 @@ class EtcdMembership:
             client.transaction(compare=compare, success=ops, failure=[])
             client.revoke_lease(lease_id)
         except Exception as exc:
-            log.warning("membership: could not leave etcd cleanly (%s); the lease will expire",
-                        _describe(exc))  # fmt: skip
+            log.warning("could not leave etcd cleanly; the lease will expire",
+                        extra={"member": registration.id, "error": _describe(exc)})  # fmt: skip
         finally:
             client.close()
 
@@ -1218,10 +1222,10 @@ class _EtcdSession:
                 )
                 continue
             log.error(
-                "membership: member id %r is registered by another process (%s); "
+                "member id registered by another process; "
                 "waiting for its lease to expire",
-                registration.id, existing.decode(errors="replace"),
-            )  # fmt: skip
+                extra={"member": registration.id, "registered": existing.decode(errors="replace")},
+            )
             return
 
     def _put_warm(self, member_id: str, epoch: int, lease_id: int) -> None:
@@ -1346,7 +1350,9 @@ class _EtcdSession:
             try:
                 state.members[name] = (create_revision, Registration.from_json(name, value))
             except ValueError as exc:
-                log.warning("membership: ignoring %s: %s", key.decode(errors="replace"), exc)
+                log.warning("ignoring a member record", extra={
+                    "key": key.decode(errors="replace"), "member": name, "error": str(exc),
+                })  # fmt: skip
                 state.members.pop(name, None)
         elif part == "services":
             state.services[unquote_service(name)] = create_revision
@@ -1354,7 +1360,9 @@ class _EtcdSession:
             try:
                 state.warm[name] = (mod_revision, int(value))
             except ValueError:
-                log.warning("membership: ignoring warm marker %s", key.decode(errors="replace"))
+                log.warning("ignoring a warm marker that is not an int", extra={
+                    "key": key.decode(errors="replace"), "member": name,
+                })  # fmt: skip
 
     def _delete(self, key: bytes, revision: int) -> None:
         where = self._split(key)
@@ -1412,8 +1420,9 @@ class _EtcdSession:
             oldest = min(unstamped.values())
             await trio.sleep_until(oldest + grace)
             if unstamped and min(unstamped.values()) + grace <= trio.current_time():
-                log.warning("membership: departure at revision %d was never stamped; publishing "
-                            "the new membership under the old epoch", max(unstamped))  # fmt: skip
+                log.warning("a departure was never stamped; publishing the new "
+                            "membership under the old epoch",
+                            extra={"revision": max(unstamped)})  # fmt: skip
                 unstamped.clear()
                 self._publish()
 

@@ -247,9 +247,10 @@ class MetaServer:
                 answers = await trio.to_thread.run_sync(_compute, view, self.balance)
             self._answers = answers
             log.info(
-                "meta %s: epoch %d, %d member(s), %d service(s)%s",
-                self.server_id, answers.epoch, len(view.members), len(view.catalog),
-                "" if view.connected else " (store unreachable: last known view)",
+                "serving a new membership view" if view.connected
+                else "serving the last known membership view: store unreachable",
+                extra={"server": self.server_id, "epoch": answers.epoch,
+                       "members": len(view.members), "services": len(view.catalog)},
             )  # fmt: skip
             self._changed.set()
             self._changed = trio.Event()
@@ -261,7 +262,8 @@ class MetaServer:
         # Bound here, not in a task: a port that cannot be bound is the caller's OSError.
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
-        log.info("meta %s: listening on %s:%d", self.server_id, host, bound)
+        log.info("meta server listening",
+                 extra={"server": self.server_id, "listen": f"{host}:{bound}"})  # fmt: skip
         task_status.started(bound)
         await trio.serve_listeners(self.handle, listeners)
 
@@ -281,15 +283,20 @@ class MetaServer:
         try:
             await connection.serve()
         except _Refused as refused:
-            log.info("meta: closing %s: %s %s", peer, refused.error.code, refused.error.message)
+            # Warning, as the Dispatcher's subscription server logs its refusals:
+            # a wrong token or an unsupported version is a misconfigured client.
+            log.warning("closing a connection: request refused", extra={
+                "peer": peer, "code": refused.error.code, "reason": refused.error.message,
+            })  # fmt: skip
             await connection.try_send(encode(refused.error))
         except WireError as exc:
-            log.warning("meta: closing %s: %s", peer, exc)
+            log.warning("closing a connection: bad request",
+                        extra={"peer": peer, "error": str(exc)})  # fmt: skip
             await connection.try_send(encode(Error("bad-request", str(exc))))
         except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError, trio.TooSlowError):
             pass
         except Exception:
-            log.exception("meta: connection from %s failed", peer)
+            log.exception("connection failed", extra={"peer": peer})
         finally:
             self._connections -= 1
             await trio.aclose_forcefully(stream)
@@ -417,7 +424,8 @@ class _Connection:
                 await self.send(self._watch_frame(answers))
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             # Closing the stream ends the read loop too, which ends the connection.
-            log.info("meta: closing %s: push failed (%s)", self.peer, type(exc).__name__)
+            log.info("closing a connection: push failed",
+                     extra={"peer": self.peer, "error": type(exc).__name__})  # fmt: skip
             await trio.aclose_forcefully(self.stream)
 
 

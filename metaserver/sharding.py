@@ -346,9 +346,13 @@ class ShardedOwnership:
                 self._came_from.pop(service, None)
             elif now - since >= self.warm_timeout:
                 log.warning(
-                    "sharding: %r not loaded %.1fs after it was assigned to %r; serving it anyway",
-                    service, self.warm_timeout, self.id,
-                )  # fmt: skip
+                    "service not loaded within warm_timeout of its assignment; serving it anyway",
+                    extra={
+                        "service": service,
+                        "member": self.id,
+                        "warm_timeout": self.warm_timeout,
+                    },
+                )
                 del self._warming[service]
                 self._came_from.pop(service, None)
         view = self._view
@@ -364,12 +368,12 @@ class ShardedOwnership:
             self.store.set_warm(view.inputs_epoch)
 
     def _adopt(self, service: str) -> None:
-        log.info("sharding: %r adopts uncataloged service %r", self.id, service)
+        log.info("adopting an uncataloged service", extra={"service": service, "member": self.id})
         self._adopted[service] = None
         try:
             self.store.add_services([service])
         except ValueError as exc:  # a name no store can hold: serve it, never catalog it
-            log.warning("sharding: cannot catalog %r: %s", service, exc)
+            log.warning("cannot catalog a service", extra={"service": service, "error": str(exc)})
         self._wake()
 
     def _wake(self) -> None:
@@ -392,4 +396,4 @@ class ShardedOwnership:
             try:
                 callback()
             except Exception:
-                log.exception("sharding: ownership listener %r failed", callback)
+                log.exception("ownership listener failed", extra={"listener": repr(callback)})

@@ -137,21 +137,21 @@ def run(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             listening = await nursery.start(sidecar.run)
             for name, address in listening.items():
-                log.info("proxy ready: %s on %s", name, address)
+                log.info("proxy ready", extra={"service": name, "listen": str(address)})
 
     try:
         trio.run(main)
     except KeyboardInterrupt:
         return EXIT_OK
     except OSError as exc:
-        log.error("cannot run the proxy: %s", exc)
+        log.error("cannot run the proxy", extra={"error": str(exc)})
         return EXIT_RUNTIME
     except ExceptionGroup as group:
         # A listener that cannot bind fails inside the sidecar's nursery.
         matched, rest = group.split(OSError)
         if matched is None or rest is not None:
             raise
-        log.error("cannot run the proxy: %s", "; ".join(map(str, _leaves(matched))))
+        log.error("cannot run the proxy", extra={"error": "; ".join(map(str, _leaves(matched)))})
         return EXIT_RUNTIME
     return EXIT_OK
 

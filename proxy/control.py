@@ -199,8 +199,9 @@ class ControlPlane:
         """Tell the owner of ``service`` that ``instance_id`` failed here (never blocks)."""
         session = self._assigned.get(service)
         if session is None:
-            log.info("proxy: no Dispatcher to report %s %s (%s) to yet; dropped",
-                     service, instance_id, reason)  # fmt: skip
+            log.info("no Dispatcher to send a failure report to yet; dropped", extra={
+                "service": service, "instance": instance_id, "reason": reason,
+            })  # fmt: skip
             return
         session.send_or_hold(wire.Report(service, instance_id, reason))
 
@@ -214,10 +215,12 @@ class ControlPlane:
                 link = await self._connect(self.meta, "Meta Server")
             except _Closed as exc:
                 delay = backoff.next_delay()
-                log.warning("proxy: Meta Server %s: %s; retrying in %.2f s", self.meta, exc, delay)
+                log.warning("cannot reach the Meta Server; retrying", extra={
+                    "address": self.meta, "error": str(exc), "retry_in_s": round(delay, 2),
+                })  # fmt: skip
                 await trio.sleep(delay)
                 continue
-            log.info("proxy: connected to Meta Server %s", self.meta)
+            log.info("connected to the Meta Server", extra={"address": self.meta})
             fresh = True
 
             def handle(message: wire.Message) -> None:
@@ -228,7 +231,8 @@ class ControlPlane:
                 elif isinstance(message, wire.Error):
                     raise _Closed(f"refused: {message.code} {message.message}")
                 else:
-                    log.debug("proxy: Meta Server sent %s; ignored", message.type)
+                    log.debug("ignoring a message from the Meta Server",
+                              extra={"address": self.meta, "type": message.type})  # fmt: skip
 
             link.send(wire.Lookup(services))
             link.send(wire.WatchAssignments(services))
@@ -242,13 +246,13 @@ class ControlPlane:
                 self.meta_connected = False
                 self._notify()
             backoff.connection_ended(link.age)
-            log.warning("proxy: lost Meta Server %s: %s", self.meta, reason)
+            log.warning("lost the Meta Server", extra={"address": self.meta, "reason": reason})
             await trio.sleep(backoff.next_delay())
 
     def _apply_assignment(self, assignment: wire.Assignment, *, fresh: bool) -> None:
         if assignment.epoch < self.epoch and not fresh:
-            log.debug("proxy: ignoring assignment of epoch %d (have %d)",
-                      assignment.epoch, self.epoch)  # fmt: skip
+            log.debug("ignoring an older assignment",
+                      extra={"epoch": assignment.epoch, "our_epoch": self.epoch})  # fmt: skip
             return
         self.epoch = assignment.epoch if fresh else max(self.epoch, assignment.epoch)
         for service, owner in assignment.owners.items():
@@ -263,8 +267,8 @@ class ControlPlane:
             # Nobody owns it now: keep the subscription we have (its Dispatcher
             # may still serve it) and the table; a later assignment moves it.
             if previous is not None:
-                log.warning("proxy: %s has no owner now; routing on the last endpoints",
-                            service)  # fmt: skip
+                log.warning("service has no owner now; routing on the last endpoints",
+                            extra={"service": service, "from_member": previous.id})  # fmt: skip
             return
         current = self._assigned.get(service)
         if current is not None and current.owner == owner:
@@ -276,7 +280,9 @@ class ControlPlane:
             self._nursery.start_soon(target.run)
         self._assigned[service] = target
         if current is not None:
-            log.info("proxy: %s moves from %s to %s", service, current.owner.id, owner.id)
+            log.info("service moves to another Dispatcher", extra={
+                "service": service, "from_member": current.owner.id, "to_member": owner.id,
+            })  # fmt: skip
             current.leave(service)
         target.add(service)
 
@@ -300,9 +306,11 @@ class ControlPlane:
         if isinstance(message, wire.Full):
             table.apply_full(message, server_id)
         elif not table.apply_deltas(message, server_id):
-            log.info("proxy: %s: deltas %d..%d do not chain on %s (from %s); asking for a Full",
-                     service, message.from_version, message.to_version, table.version,
-                     table.source)  # fmt: skip
+            log.info("deltas do not chain on the version held; asking for a Full", extra={
+                "service": service, "from_version": message.from_version,
+                "to_version": message.to_version, "version": table.version,
+                "source": table.source,
+            })  # fmt: skip
             session.send(wire.Subscribe({service: None}))
             return
         session.send(wire.Ack(service, message.to_version if isinstance(message, wire.Deltas)
@@ -323,8 +331,10 @@ class ControlPlane:
             return
         owner = redirect.owner
         if owner is not None and owner != session.owner and redirect.epoch >= self.epoch:
-            log.info("proxy: %s redirected from %s to %s (epoch %d)",
-                     service, session.owner.id, owner.id, redirect.epoch)  # fmt: skip
+            log.info("service redirected to another Dispatcher", extra={
+                "service": service, "from_member": session.owner.id, "to_member": owner.id,
+                "epoch": redirect.epoch,
+            })  # fmt: skip
             self.epoch = redirect.epoch
             del self._assigned[service]
             self._set_owner(service, owner)
@@ -339,9 +349,11 @@ class ControlPlane:
         self._redirects[service] += 1
         delay = _Backoff(self.settings, self._rng)
         delay.failures = self._redirects[service] - 1
-        log.warning("proxy: %s: redirect from %s to %s (epoch %d, ours %d); asking the Meta "
-                    "Server again", service, session.owner.id,
-                    None if owner is None else owner.id, redirect.epoch, self.epoch)  # fmt: skip
+        log.warning("cannot follow a redirect; asking the Meta Server again", extra={
+            "service": service, "from_member": session.owner.id,
+            "to_member": None if owner is None else owner.id,
+            "epoch": redirect.epoch, "our_epoch": self.epoch,
+        })  # fmt: skip
         if not self._lookup_scheduled:
             # One timer for all: a burst of redirects costs one Lookup.
             self._lookup_scheduled = True
@@ -569,12 +581,17 @@ class _Session:
                                                   f"Dispatcher {self.owner.id}")  # fmt: skip
                 except _Closed as exc:
                     delay = backoff.next_delay()
-                    log.warning("proxy: Dispatcher %s at %s: %s; retrying in %.2f s",
-                                self.owner.id, self.owner.subscribe_address, exc, delay)
+                    log.warning("cannot reach a Dispatcher; retrying", extra={
+                        "member": self.owner.id, "address": self.owner.subscribe_address,
+                        "error": str(exc), "retry_in_s": round(delay, 2),
+                    })  # fmt: skip
                     await trio.sleep(delay)
                     continue
                 self.server_id = link.server_id
-                log.info("proxy: connected to Dispatcher %s (%s)", self.owner.id, self.server_id)
+                log.info("connected to a Dispatcher", extra={
+                    "member": self.owner.id, "address": self.owner.subscribe_address,
+                    "server": self.server_id,
+                })  # fmt: skip
                 wanted = {**dict.fromkeys(self.leaving), **self.services}
                 if wanted:
                     link.send(wire.Subscribe(self._held(wanted)))
@@ -589,10 +606,11 @@ class _Session:
                     control._notify()
                 backoff.connection_ended(link.age)
                 if self._stopping:
-                    log.info("proxy: left Dispatcher %s (no services of ours there)",
-                             self.owner.id)  # fmt: skip
+                    log.info("left a Dispatcher: no services of ours there",
+                             extra={"member": self.owner.id})  # fmt: skip
                     return
-                log.warning("proxy: lost Dispatcher %s: %s", self.owner.id, reason)
+                log.warning("lost a Dispatcher",
+                            extra={"member": self.owner.id, "reason": reason})  # fmt: skip
                 await trio.sleep(backoff.next_delay())
 
     def _held(self, services: Iterable[str]) -> dict[str, int | None]:
@@ -611,4 +629,5 @@ class _Session:
         elif isinstance(message, wire.Error):
             raise _Closed(f"error from the Dispatcher: {message.code} {message.message}")
         else:
-            log.debug("proxy: Dispatcher %s sent %s; ignored", self.owner.id, message.type)
+            log.debug("ignoring a message from a Dispatcher",
+                      extra={"member": self.owner.id, "type": message.type})  # fmt: skip

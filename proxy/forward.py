@@ -199,7 +199,7 @@ class ServiceForwarder:
         """Listen on ``address`` until cancelled; ``task_status.started(bound address)``
         (the real port when ``address`` asked for port 0)."""
         listener, bound, identity = await _listen(address)
-        log.info("proxy: %s listening on %s", self.service, bound)
+        log.info("forwarder listening", extra={"service": self.service, "listen": str(bound)})
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started(bound)
@@ -222,7 +222,8 @@ class ServiceForwarder:
                 if exc.errno in _ACCEPT_CONNECTION_ERRORS:
                     continue
                 if exc.errno in _ACCEPT_RESOURCE_ERRORS:
-                    log.error("proxy: %s: cannot accept (%s); pausing 100 ms", self.service, exc)
+                    log.error("cannot accept a connection; pausing 100 ms",
+                              extra={"service": self.service, "error": str(exc)})  # fmt: skip
                     await trio.sleep(0.1)
                     continue
                 raise
@@ -297,10 +298,17 @@ class ServiceForwarder:
                 sock = await _open(endpoint.address, settings.connect_timeout)
             except _ConnectFailed as exc:
                 self.stats.connect_failures += 1
-                log.debug("proxy: %s: connect to %s failed: %s", self.service, endpoint, exc)
+                log.debug("connect to an endpoint failed", extra={
+                    "service": self.service, "instance": endpoint.id,
+                    "address": f"{endpoint.address[0]}:{endpoint.address[1]}",
+                    "reason": exc.reason, "error": str(exc),
+                })  # fmt: skip
                 if self.outlier.failure(table, endpoint, trio.current_time()):
-                    log.warning("proxy: %s: ejected %s %s:%d after connect failures (%s)",
-                                self.service, endpoint.id, *endpoint.address, exc.reason)
+                    log.warning("endpoint ejected after connect failures", extra={
+                        "service": self.service, "instance": endpoint.id,
+                        "address": f"{endpoint.address[0]}:{endpoint.address[1]}",
+                        "reason": exc.reason,
+                    })  # fmt: skip
                     if self.on_eject is not None:
                         self.on_eject(self.service, endpoint.id, exc.reason)
                 continue

@@ -114,12 +114,13 @@ def summary(deltas: list[Delta]) -> list[tuple[str, str, str]]:
 
 
 def warnings_about(caplog: pytest.LogCaptureFixture, key: str) -> list[str]:
+    """The reasons of the warnings logged about etcd key ``key`` (its ``key=`` field)."""
     return [
-        record.getMessage()
+        vars(record)["reason"]
         for record in caplog.records
         if record.name == "adapters.etcd"
         and record.levelno == logging.WARNING
-        and repr(key) in record.getMessage()
+        and vars(record).get("key") == key
     ]
 
 

@@ -216,9 +216,9 @@ async def test_a_broken_file_keeps_the_last_state_until_fixed(
     assert isinstance(fold.events[-2], Listing)
     assert set(fold.instances("db")) == {"10.0.1.1:6432"}
     assert [s.connected for s in fold.statuses] == [True, False, False, True]
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2  # one line per broken version, not one per poll
-    assert all(str(path) in line for line in warnings)
+    assert all(vars(r)["path"] == str(path) and str(path) in vars(r)["detail"] for r in warnings)
 
 
 async def test_a_missing_file_is_reported_and_loaded_when_it_appears(tmp_path: Path) -> None:

@@ -566,8 +566,8 @@ async def test_a_bad_frame_closes_that_connection_only(
             assert error.code == "bad-request"
             await bad.expect_closed()
             await h.connections(1)
-        (line,) = [r for r in caplog.records if "closing subscriber" in r.getMessage()]
-        assert "'bad'" in line.getMessage() and "bad-request" in line.getMessage()
+        (line,) = [r for r in caplog.records if r.getMessage() == "closing a subscriber"]
+        assert vars(line)["client"] == "bad" and "bad-request" in vars(line)["reason"]
 
         await h.upstream.send(Changed((Put(ep(8082)),)))
         assert (await bystander.expect(wire.Deltas)).to_version == h.version()
