@@ -444,9 +444,36 @@ class GatewayCollector(Collector):
             connected.add_metric(labels, 1 if state.connected else 0)
             stale.add_metric(labels, 0.0 if state.connected else max(0.0, now - state.since))
             ever.add_metric(labels, 1 if name in admin.observer.ever_connected else 0)
+        for mirror in gateway.mirrors:
+            labels = [f"mirror:{mirror.root}", "mirror"]
+            connected.add_metric(labels, 1 if mirror.connected else 0)
+            stale.add_metric(labels, mirror.stale_seconds)
+            ever.add_metric(labels, 1 if mirror.resyncs else 0)
         yield connected
         yield stale
         yield ever
+        if gateway.mirrors:
+            cached = GaugeMetricFamily(
+                "zkgate_mirror_cached_znodes", "Upstream znodes held in a mirror's cache",
+                labels=["root"],
+            )  # fmt: skip
+            sessions = GaugeMetricFamily(
+                "zkgate_mirror_upstream_sessions",
+                "Upstream sessions a mirror holds (its own, plus one per client credentials)",
+                labels=["root"],
+            )
+            resyncs = CounterMetricFamily(
+                "zkgate_mirror_resyncs", "Times a mirror caught up with its upstream",
+                labels=["root"],
+            )  # fmt: skip
+            for mirror in gateway.mirrors:
+                status = mirror.status()
+                cached.add_metric([mirror.root], status["zk_mirror_cached_znodes"])
+                sessions.add_metric([mirror.root], status["zk_mirror_upstream_sessions"])
+                resyncs.add_metric([mirror.root], mirror.resyncs)
+            yield cached
+            yield sessions
+            yield resyncs
         interest = gateway.fanin.interest
         if interest is not None:
             yield GaugeMetricFamily(
@@ -968,6 +995,18 @@ class AdminServer:
                 "since": state.since,
                 "stale_seconds": 0.0 if state.connected else max(0.0, now - state.since),
                 "detail": state.detail,
+            })  # fmt: skip
+        for mirror in gateway.mirrors:
+            status = mirror.status()
+            upstreams.append({
+                "name": f"mirror:{mirror.root}",
+                "kind": "mirror",
+                "connected": mirror.connected,
+                "ever_connected": bool(mirror.resyncs),
+                "since": mirror.since,
+                "stale_seconds": mirror.stale_seconds,
+                "detail": f"{status['zk_mirror_cached_znodes']} znodes cached, "
+                          f"{status['zk_mirror_upstream_sessions']} upstream sessions",
             })  # fmt: skip
         snapshot = gateway.fanin.snapshot
         engine = gateway.engine

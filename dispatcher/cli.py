@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"zkgate: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         if isinstance(exc, OSError | StoreError):
-            log.error("cannot serve: %s", exc)
+            log.error("cannot serve", extra={"error": str(exc)})
             return EXIT_RUNTIME
         raise
     return EXIT_OK

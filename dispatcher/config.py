@@ -108,6 +108,7 @@ from dispatcher.subscription_server import DEFAULT_HISTORY, SubscriptionLimits
 from dispatcher.subscriptions import DEFAULT_QUEUE
 from dispatcher.upstream import ConfigError, Upstream, layout_kind, upstream_kind
 from dispatcher.wire import parse_address
+from dispatcher.zk.mirror import MirrorConfig
 from dispatcher.zk.paths import InvalidPath, is_within, validate_path
 from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER
 from metaserver.assignment import DEFAULT_BALANCE
@@ -132,10 +133,14 @@ __all__ = [
 ]
 
 _TOP_KEYS: Final = (
-    "node_id", "zookeeper", "dispatcher", "upstream", "projection", "health", "admin",
+    "node_id", "zookeeper", "dispatcher", "upstream", "projection", "mirror", "health", "admin",
     "subscriptions", "membership", "sharding",
 )  # fmt: skip
 _PROJECTION_KEYS: Final = ("root", "layout", "hide_failing")
+_MIRROR_KEYS: Final = (
+    "root", "hosts", "session_timeout", "auth", "max_sessions", "max_cached", "connect_timeout",
+    "idle_timeout",
+)  # fmt: skip
 _ZOOKEEPER_KEYS: Final = (
     "listen",
     "data_dir",
@@ -335,6 +340,7 @@ class Config:
     dispatcher: DispatcherConfig = attrs.field(factory=DispatcherConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     projections: tuple[ProjectionConfig, ...] = ()
+    mirrors: tuple[MirrorConfig, ...] = ()
     health: HealthConfig = attrs.field(factory=lambda: HealthConfig())
     admin: AdminConfig = attrs.field(factory=lambda: AdminConfig())
     subscriptions: SubscriptionsConfig | None = None
@@ -413,6 +419,20 @@ class Config:
                 {"root": p.root, "layout": p.layout, "hide_failing": p.hide_failing}
                 for p in self.projections
             ]
+        if self.mirrors:
+            result["mirror"] = [
+                {
+                    "root": m.root,
+                    "hosts": ",".join(f"{h}:{p}" for h, p in m.hosts),
+                    "session_timeout": m.session_timeout_ms / 1000,
+                    "auth": [f"{scheme}:{cred.decode()}" for scheme, cred in m.auth],
+                    "max_sessions": m.max_sessions,
+                    "max_cached": m.max_cached,
+                    "connect_timeout": m.connect_timeout,
+                    "idle_timeout": m.idle_timeout,
+                }
+                for m in self.mirrors
+            ]
         if self.health != HealthConfig():
             result["health"] = self.health.to_mapping()
         if self.admin != AdminConfig():
@@ -461,6 +481,7 @@ def parse_config(
     dispatcher = _dispatcher(_table(data, "dispatcher"))
     upstreams = _upstreams(data.get("upstream", []), lookup)
     projections = _projections(data.get("projection", []))
+    mirrors = _mirrors(data.get("mirror", []), projections)
     health = _health(_table(data, "health"))
     admin = _admin(_table(data, "admin"))
     subscriptions = None
@@ -471,7 +492,7 @@ def parse_config(
         dispatcher = attrs.evolve(dispatcher, interest="subscribed")
     return Config(
         node_id, zookeeper, dispatcher, upstreams, projections, health=health, admin=admin,
-        subscriptions=subscriptions, membership=membership, sharding=sharding,
+        subscriptions=subscriptions, membership=membership, sharding=sharding, mirrors=mirrors,
     )
 
 
@@ -672,16 +693,7 @@ def _projections(value: Any) -> tuple[ProjectionConfig, ...]:
     result: list[ProjectionConfig] = []
     for where, table in _array_of_tables(value, "projection"):
         _reject_unknown(table, _PROJECTION_KEYS, where)
-        for key in ("root", "layout"):
-            if key not in table:
-                raise ConfigError(f"{where}.{key}: missing (every projection needs one)")
-        root = _string(table["root"], f"{where}.root")
-        try:
-            validate_path(root)
-        except InvalidPath as exc:
-            raise ConfigError(f"{where}.root: {exc}") from None
-        if root == "/":
-            raise ConfigError(f"{where}.root: cannot be /")
+        root = _mount_root(table, where, ("root", "layout"), [p.root for p in result])
         layout_name = _string(table["layout"], f"{where}.layout")
         try:
             layout_kind(layout_name)
@@ -690,11 +702,70 @@ def _projections(value: Any) -> tuple[ProjectionConfig, ...]:
         hide = table.get("hide_failing", True)
         if not isinstance(hide, bool):
             raise ConfigError(f"{where}.hide_failing: must be a boolean, not {_type(hide)}")
-        for other in result:
-            if is_within(root, other.root) or is_within(other.root, root):
-                raise ConfigError(f"{where}.root: {root} overlaps projection root {other.root}")
         result.append(ProjectionConfig(root, layout_name, hide))
     return tuple(result)
+
+
+def _mount_root(
+    table: Mapping[str, Any], where: str, required: tuple[str, ...], taken: list[str]
+) -> str:
+    """The ``root`` of a mount table (projection or mirror), its required keys present."""
+    kind = where.partition("[")[0]
+    for key in required:
+        if key not in table:
+            raise ConfigError(f"{where}.{key}: missing (every {kind} needs one)")
+    root = _string(table["root"], f"{where}.root")
+    try:
+        validate_path(root)
+    except InvalidPath as exc:
+        raise ConfigError(f"{where}.root: {exc}") from None
+    if root == "/" or is_within(root, "/zookeeper"):
+        raise ConfigError(f"{where}.root: cannot be / or under /zookeeper")
+    for other in taken:
+        if is_within(root, other) or is_within(other, root):
+            raise ConfigError(f"{where}.root: {root} overlaps the mount at {other}")
+    return root
+
+
+def _mirrors(value: Any, projections: tuple[ProjectionConfig, ...]) -> tuple[MirrorConfig, ...]:
+    result: list[MirrorConfig] = []
+    for where, table in _array_of_tables(value, "mirror"):
+        _reject_unknown(table, _MIRROR_KEYS, where)
+        taken = [p.root for p in projections] + [m.root for m in result]
+        root = _mount_root(table, where, ("root", "hosts"), taken)
+        hosts = []
+        for part in _string(table["hosts"], f"{where}.hosts").split(","):
+            try:
+                hosts.append(parse_address(part.strip()))
+            except ValueError as exc:
+                raise ConfigError(f"{where}.hosts: {exc}") from None
+        auth = []
+        entries = table.get("auth", [])
+        if not isinstance(entries, list):
+            raise ConfigError(f"{where}.auth: must be an array, not {_type(entries)}")
+        for index, entry in enumerate(entries):
+            scheme, colon, credential = _string(entry, f"{where}.auth[{index}]").partition(":")
+            if scheme != "digest" or not colon:
+                raise ConfigError(f"{where}.auth[{index}]: must be 'digest:user:password'")
+            auth.append((scheme, credential.encode()))
+        timeout = _seconds(table.get("session_timeout", 10.0), f"{where}.session_timeout")
+        result.append(MirrorConfig(
+            root, tuple(hosts), session_timeout_ms=int(timeout * 1000), auth=tuple(auth),
+            max_sessions=_integer(table.get("max_sessions", 32), f"{where}.max_sessions",
+                                  minimum=1),
+            max_cached=_integer(table.get("max_cached", 200_000), f"{where}.max_cached",
+                                minimum=100),
+            connect_timeout=_seconds(table.get("connect_timeout", 5.0),
+                                     f"{where}.connect_timeout"),
+            idle_timeout=_seconds(table.get("idle_timeout", 60.0), f"{where}.idle_timeout"),
+        ))  # fmt: skip
+    return tuple(result)
+
+
+def _seconds(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{where}: must be a positive number of seconds, not {value!r}")
+    return float(value)
 
 
 def _adapter_message(where: str, name: str, message: str) -> str:

@@ -51,6 +51,7 @@ from dispatcher.projection import Projection
 from dispatcher.subscription_server import ReportHandler, SubscriptionLimits, SubscriptionServer
 from dispatcher.upstream import ConfigError, Listing, Status, Upstream, layout_kind
 from dispatcher.zk.engine import Engine, EngineConfig
+from dispatcher.zk.mirror import Mirror
 from dispatcher.zk.server import ServerLimits, ZooKeeperServer
 from dispatcher.zk.store import TreeStore
 from metaserver.membership import MembershipStore, Registration, open_membership
@@ -116,6 +117,8 @@ class Gateway:
             )  # fmt: skip
         #: The ZooKeeper engine, once running (the admin endpoint reads its counters).
         self.engine: Engine | None = None
+        #: The ``[[mirror]]`` mounts, once the engine exists.
+        self.mirrors: tuple[Mirror, ...] = ()
         #: The admin endpoint once serving; None when ``[admin]`` is off, or its
         #: default port was taken (see :class:`~dispatcher.config.AdminConfig`).
         self.admin: AdminServer | None = None
@@ -142,6 +145,8 @@ class Gateway:
             ))
             self.engine = engine
             projections = self._projections(engine)
+            mirrors = self._mirrors(engine)
+            self.mirrors = tuple(mirrors)
             server = ZooKeeperServer(
                 engine,
                 ServerLimits(max_buffer=zk.max_buffer, max_client_cnxns=zk.max_client_cnxns),
@@ -151,13 +156,16 @@ class Gateway:
             )
             async with trio.open_nursery() as nursery:
                 await self._start_admin(nursery, engine)
+                for mirror in mirrors:
+                    await self._start_mirror(nursery, mirror)
                 self.port = await nursery.start(server.serve, zk.host, zk.port)
                 log.info(
-                    "gateway %r: %d upstream(s) (%s), interest=%s",
-                    config.node,
-                    len(upstreams),
-                    ", ".join(f"{u.name}:{u.kind}" for u in config.upstreams) or "none",
-                    config.dispatcher.interest,
+                    "gateway serving",
+                    extra={
+                        "node": config.node,
+                        "upstreams": ",".join(f"{u.name}:{u.kind}" for u in config.upstreams),
+                        "interest": config.dispatcher.interest,
+                    },
                 )
                 sharding = self.sharding
                 if sharding is not None:
@@ -197,10 +205,10 @@ class Gateway:
             if settings.listen is not None:
                 raise
             log.warning(
-                "admin endpoint not started: cannot listen on %s:%d (%s); "
+                "admin endpoint not started: cannot listen; "
                 "set [admin] listen to another port, or enabled = false",
-                host, port, exc.strerror or exc,
-            )  # fmt: skip
+                extra={"listen": f"{host}:{port}", "error": exc.strerror or str(exc)},
+            )
             return
         self.admin = admin
 
@@ -229,6 +237,31 @@ class Gateway:
         )
         if settings.unix is not None:
             await nursery.start(server.serve_unix, settings.unix)
+
+    def _mirrors(self, engine: Engine) -> list[Mirror]:
+        mirrors = []
+        for spec in self.config.mirrors:
+            mirror = Mirror(engine, spec)
+            try:
+                engine.mount(mirror)
+            except ValueError as exc:
+                raise ConfigError(f"mirror {spec.root}: {exc}") from None
+            mirrors.append(mirror)
+        return mirrors
+
+    async def _start_mirror(self, nursery: trio.Nursery, mirror: Mirror) -> None:
+        """Start a mirror and wait for its first sync: a mirror whose ensemble
+        cannot be reached at start is a configuration error, named as such."""
+        await nursery.start(mirror.run)
+        spec = mirror.config
+        with trio.move_on_after(spec.connect_timeout):
+            await mirror.wait_synced()
+            return
+        hosts = ",".join(f"{host}:{port}" for host, port in spec.hosts)
+        raise ConfigError(
+            f"mirror {spec.root}: upstream {hosts} unreachable "
+            f"(no session within connect_timeout = {spec.connect_timeout} s)"
+        )
 
     def _projections(self, engine: Engine) -> list[Projection]:
         projections = []
@@ -347,7 +380,12 @@ class ShardWiring:
         if gateway.subscriptions is not None:
             self.ownership.add_listener(gateway.subscriptions.ownership_changed)
         self.registration = Registration(self.member_id, subscribe, zookeeper, settings.weight)
-        log.info("shard %r: joining (%s)", self.member_id, self.registration)
+        log.info("joining the shard membership", extra={
+            "member": self.member_id,
+            "subscribe_address": self.registration.subscribe_address,
+            "zookeeper_address": self.registration.zookeeper_address,
+            "weight": self.registration.weight,
+        })  # fmt: skip
         self.store.register(self.registration)
 
     def _follow_interest(self) -> None:

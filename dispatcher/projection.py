@@ -69,7 +69,9 @@ class Projection:
             children[name] = data
         directory = join(self.root, self.layout.directory(service))
         self.engine.sync_projection(directory, children)
-        log.debug("projected %s: %d instances under %s", service, len(children), directory)
+        log.debug("projected a service", extra={
+            "service": service, "instances": len(children), "path": directory,
+        })  # fmt: skip
 
     def _marked(self, instance: Instance) -> Instance:
         metadata = Metadata({**instance.metadata, EXPORTED_BY: self.node_id})

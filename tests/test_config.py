@@ -101,6 +101,39 @@ def test_a_good_file_is_read_whole_and_round_trips(tmp_path: Path) -> None:
     assert again == config
 
 
+def test_a_mirror_table_is_read_whole_and_round_trips(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, textwrap.dedent('''
+        [[mirror]]
+        root = "/services"
+        hosts = "zk1:2181, [::1]:2182"
+        session_timeout = 4.5
+        auth = ["digest:zkgate:secret"]
+        max_sessions = 8
+    ''')))
+    (mirror,) = config.mirrors
+    assert mirror.root == "/services"
+    assert mirror.hosts == (("zk1", 2181), ("::1", 2182))
+    assert mirror.session_timeout_ms == 4500
+    assert mirror.auth == (("digest", b"zkgate:secret"),)
+    assert mirror.max_sessions == 8
+    assert parse_config(config.to_mapping()) == config
+
+
+def test_serve_names_a_mirror_upstream_it_cannot_reach(tmp_path: Path) -> None:
+    path = write(tmp_path, textwrap.dedent(f'''
+        [[mirror]]
+        root = "/m"
+        hosts = "127.0.0.1:{free_port()}"
+        connect_timeout = 1
+    '''), "mirror.toml")
+    result = _zkgate("--config", str(path), "--listen", f"127.0.0.1:{free_port()}",
+                     "--data-dir", str(tmp_path / "data"), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "mirror /m: upstream 127.0.0.1:" in result.stderr
+    assert "unreachable" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_an_empty_file_is_the_plain_embedded_registry(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, ""))
     assert config.upstreams == ()
@@ -157,6 +190,19 @@ def test_command_line_flags_override_the_file(tmp_path: Path) -> None:
             "upstream[0] ('a'): unknown key 'hosts'",
         ),
         ("[zookeeper\n", "not valid TOML"),
+        ('[[mirror]]\nroot = "/m"\n', "mirror[0].hosts: missing"),
+        ('[[mirror]]\nhosts = "zk:2181"\n', "mirror[0].root: missing"),
+        ('[[mirror]]\nroot = "/m"\nhosts = "zk"\n', "mirror[0].hosts: expected HOST:PORT"),
+        ('[[mirror]]\nroot = "/zookeeper/x"\nhosts = "zk:1"\n', "mirror[0].root: cannot be"),
+        ('[[mirror]]\nroot = "/m"\nhosts = "zk:1"\nauth = ["ip:1"]\n', "mirror[0].auth[0]:"),
+        ('[[mirror]]\nroot = "/m"\nhosts = "zk:1"\nsession_timeout = 0\n',
+         "mirror[0].session_timeout: must be a positive number"),
+        ('[[mirror]]\nroot = "/m"\nhosts = "zk:1"\nroots = []\n', "mirror[0].roots: unknown key"),
+        (
+            '[[projection]]\nroot = "/m"\nlayout = "plain"\n'
+            '[[mirror]]\nroot = "/m/a"\nhosts = "zk:1"\n',
+            "mirror[0].root: /m/a overlaps the mount at /m",
+        ),
     ],
 )
 def test_each_mistake_names_its_key(tmp_path: Path, text: str, expected: str) -> None:

@@ -21,4 +21,5 @@ def test_the_readme_has_configuration_examples() -> None:
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.splitlines()[0])
 def test_each_readme_example_parses(example: str) -> None:
     config = parse_config(tomllib.loads(example))
-    assert config.upstreams
+    # Each scenario brings registries in: upstreams, or an ensemble to mirror.
+    assert config.upstreams or config.mirrors

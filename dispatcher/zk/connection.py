@@ -51,15 +51,16 @@ class RequestReceived:
 Event = FourLetterWord | ConnectRequested | RequestReceived
 
 
-class ServerConnection:
-    """Turns a byte stream from a client into events, one frame at a time."""
+class FrameBuffer:
+    """Bytes received and not yet taken as frames, for either end of a connection.
 
-    def __init__(self, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
-        self.max_buffer = max_buffer
+    Consumed frames are only marked (``_offset``) and dropped on the next
+    receive, so taking many small frames out of one read copies nothing.
+    """
+
+    def __init__(self) -> None:
         self._buffer = bytearray()
         self._offset = 0
-        self._connected = False
-        self._finished = False
 
     def receive_data(self, data: bytes) -> None:
         if self._offset:
@@ -70,6 +71,16 @@ class ServerConnection:
     @property
     def buffered(self) -> int:
         return len(self._buffer) - self._offset
+
+
+class ServerConnection(FrameBuffer):
+    """Turns a byte stream from a client into events, one frame at a time."""
+
+    def __init__(self, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+        super().__init__()
+        self.max_buffer = max_buffer
+        self._connected = False
+        self._finished = False
 
     def next_event(self) -> Event | None:
         """The next complete event, or None until more bytes arrive."""

@@ -21,7 +21,8 @@ import attrs
 
 from dispatcher.zk import acl as acls
 from dispatcher.zk.jute import DecodeError, Reader
-from dispatcher.zk.paths import InvalidPath, join, parent_of, validate_path
+from dispatcher.zk.paths import InvalidPath, is_within, join, parent_of, validate_path
+from dispatcher.zk.pending import Pending
 from dispatcher.zk.protocol import (
     XID_NOTIFICATION,
     CreateMode,
@@ -98,6 +99,37 @@ _READ, _WRITE, _CREATE, _DELETE, _ADMIN = (
 _SPECIAL_PATHS = frozenset({"/", "/zookeeper", "/zookeeper/quota", "/zookeeper/config"})
 
 
+class Mount(Protocol):
+    """A subtree served from somewhere other than the embedded tree (a mirror).
+
+    The engine routes every request whose path lies under ``root`` to the
+    mount; a mount answers through :meth:`Engine.reply` and fires watches
+    through :meth:`Engine.announce`, now or later. Returning a
+    :class:`Pending` holds back the connection's next request until it is
+    finished, which keeps each session's order.
+    """
+
+    root: str
+
+    def read(
+        self, client: Client, xid: int, opcode: int, path: str, watch: bool
+    ) -> Pending | None: ...
+
+    def request(self, client: Client, xid: int, opcode: int, record: Record) -> Pending | None: ...
+
+    def rewatch(self, client: Client, kind: str, path: str, relative_zxid: int) -> None:
+        """Re-register one watch of a reconnecting client (``setWatches``)."""
+
+    def session_ended(self, session_id: int, done: Callable[[], None]) -> None:
+        """The session closed or expired: delete its ephemerals under the
+        mount, then call ``done`` (perhaps at once)."""
+
+    def ephemerals(self, session_id: int) -> list[str]: ...
+
+    def status(self) -> Mapping[str, int]:
+        """``mntr`` lines (``zk_mirror_stale`` and the like)."""
+
+
 class Peer(Protocol):
     """Where the engine's bytes for one connection go."""
 
@@ -139,6 +171,9 @@ class Client:
     session: Session
     auth: list[Id]
     connected_at: float
+    #: The digest credentials the client authenticated with, as sent, so a
+    #: mirror can authenticate as the client upstream.
+    credentials: list[tuple[str, bytes]] = attrs.Factory(list)
     received: int = 0
     sent: int = 0
     last_zxid: int = 0
@@ -188,8 +223,10 @@ class Engine:
         self.observer: Callable[[int, float], None] | None = None
         #: Roots of the read-only subtrees rendered from the unified snapshot.
         self.projection_roots: tuple[str, ...] = ()
+        #: Subtrees served by another backend (mirrors of upstream ensembles).
+        self.mounts: tuple[Mount, ...] = ()
         self.started = wall_clock()
-        log.info("tree loaded: %d znodes from disk, boot %d", loaded, store.boot)
+        log.info("tree loaded from disk", extra={"znodes": loaded, "boot": store.boot})
         self._expire_orphaned_ephemerals()
         self._reads: dict[int, Callable[[Client, int, str, bool], None]] = {
             OpCode.GET_DATA: self._get_data,
@@ -301,12 +338,43 @@ class Engine:
                 self._lose(session.client)
         return len(expired)
 
-    def _end_session(self, session: Session) -> int:
-        """Delete the session and its ephemerals; returns the closeSession zxid."""
+    def _end_session(self, session: Session, done: Callable[[int], None] | None = None) -> None:
+        """Delete the session and its ephemerals.
+
+        Mounts delete the session's ephemerals upstream; ``done`` gets the
+        closeSession zxid once every mount has (at once without mounts).
+        """
         session.closing = True
         zxid = self._close_session_txn(session.id)
         self.sessions.remove(session)
-        return zxid
+        remaining = len(self.mounts)
+
+        def mount_done() -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0 and done is not None:
+                done(zxid)
+
+        for mount in self.mounts:
+            mount.session_ended(session.id, mount_done)
+        if not self.mounts and done is not None:
+            done(zxid)
+
+    def end_session(self, session_id: int) -> None:
+        """Expire a session now, as if its timeout had passed.
+
+        A mirror calls this when the upstream session that held the session's
+        ephemerals expired: the ephemerals are gone upstream, so the session
+        must end too, or its client would believe they still exist.
+        """
+        session = self.sessions.get(session_id)
+        if session is None or session.closing:
+            return
+        log.warning("session expired with the upstream session holding its ephemerals",
+                    extra={"session": session_id})
+        self._end_session(session)
+        if isinstance(session.client, Client):
+            self._lose(session.client)
 
     def _close_session_txn(self, session_id: int) -> int:
         self.zxid += 1
@@ -439,29 +507,39 @@ class Engine:
 
     # --- requests ---------------------------------------------------------------
 
-    def handle(self, client: Client, xid: int, opcode: int, body: memoryview | bytes) -> None:
-        """Answer one request; raises :class:`DecodeError` for an undecodable one."""
+    def handle(
+        self, client: Client, xid: int, opcode: int, body: memoryview | bytes
+    ) -> Pending | None:
+        """Answer one request, now or (when a :class:`Pending` is returned) later.
+
+        Raises :class:`DecodeError` for an undecodable request.
+        """
         started = self.clock()
         client.received += 1
         self.stats.packets_received += 1
         self.sessions.touch(client.session, started)
+        pending = None
         read = self._reads.get(opcode)
         if read is not None:
             # Reads of (path, watch) are the hot path: decoded in place rather
             # than through a record object.
             path, watch = _path_and_watch(body)
-            read(client, xid, path, watch)
+            mount = self._mount_of(path) if self.mounts else None
+            if mount is None:
+                read(client, xid, path, watch)
+            else:
+                pending = mount.read(client, xid, opcode, path, watch)
         elif opcode == OpCode.PING:
             self._reply(client, xid, Err.OK)
         elif opcode == OpCode.CLOSE_SESSION:
-            self._close_session(client, xid)
+            pending = self._close_session(client, xid)
         else:
             record_type = REQUESTS.get(opcode)
             handler = self._handlers.get(opcode)
             write = self._writes.get(opcode)
             if record_type is None or (handler is None and write is None):
                 self._unimplemented(client, xid, opcode)
-                return
+                return None
             if opcode == OpCode.CHECK:
                 # ZooKeeper 3.8 accepts check only inside a multi: alone, its
                 # reply fails to serialize and the server drops the connection.
@@ -471,7 +549,12 @@ class Engine:
                 self._lose(client)
                 return
             record = record_type.read(Reader(body))
-            if handler is not None:
+            routed = self._route(opcode, record) if self.mounts else None
+            if routed is _CROSSES_MOUNTS:
+                self._reply(client, xid, Err.BADARGUMENTS)
+            elif routed is not None:
+                pending = routed.request(client, xid, opcode, record)
+            elif handler is not None:
                 handler(client, xid, record)
             else:
                 self._single_write(client, xid, opcode, record, write)  # type: ignore[arg-type]
@@ -480,6 +563,78 @@ class Engine:
         self.stats.record_latency(elapsed * 1000)
         if self.observer is not None:
             self.observer(opcode, elapsed)
+        return pending
+
+    # --- mounts -----------------------------------------------------------------
+
+    def mount(self, mount: Mount) -> None:
+        """Serve ``mount.root`` and everything below it from ``mount``.
+
+        The root's parents are created in the embedded tree, and the root
+        itself as a never-stored placeholder, so the root shows in its
+        parent's children as a mount point does in a file system.
+        """
+        root = mount.root
+        validate_path(root)
+        taken = (*self.projection_roots, *(m.root for m in self.mounts))
+        if root == "/" or any(is_within(root, r) or is_within(r, root) for r in taken):
+            raise ValueError(f"mount {root} overlaps another mount")
+        if root.startswith("/zookeeper"):
+            raise ValueError(f"mount {root}: /zookeeper is the server's own")
+        node = self.tree.get(root)
+        if node is not None and (node.children or node.data):
+            raise ValueError(
+                f"mount {root} already holds data in the embedded tree; "
+                "delete it or choose another root"
+            )
+        self.mounts = (*self.mounts, mount)
+        if node is None:
+            txn = self._internal_txn()
+            self._ensure_directory(txn, root)
+            self._commit(txn)
+
+    def _mount_of(self, path: str) -> Mount | None:
+        for mount in self.mounts:
+            root = mount.root
+            if path == root or (path.startswith(root) and path[len(root) : len(root) + 1] == "/"):
+                return mount
+        return None
+
+    def _route(self, opcode: int, record: Record) -> Mount | object | None:
+        """The mount a request belongs to, None for the embedded tree, or
+        ``_CROSSES_MOUNTS`` for a multi that spans backends (no backend can
+        make that atomic)."""
+        if opcode in _LOCAL_OPS:
+            return None
+        if isinstance(record, MultiRequest):
+            owners = {self._mount_of(r.path) for _, r in record.ops}  # type: ignore[attr-defined]
+            if len(owners) > 1:
+                return _CROSSES_MOUNTS
+            return owners.pop() if owners else None
+        path = getattr(record, "path", None)
+        return None if path is None else self._mount_of(path)
+
+    def reply(self, client: Client, xid: int, err: int, body: bytes = b"") -> None:
+        """Answer a request a mount deferred (zxid: the engine's current one)."""
+        self._reply(client, xid, Err(err) if not isinstance(err, Err) else err, body)
+
+    def announce(self, triggers: list[Trigger]) -> None:
+        """A mount's subtree changed: one zxid, and the watches fire."""
+        self.zxid += 1
+        self._fire(triggers)
+
+    def notify(self, client: Client, event: EventType, path: str) -> None:
+        """Send one watch event to one client (a mount's setWatches catch-up)."""
+        self._notify(client, event, path)
+
+    def can_read(self, client: Client, acl: tuple[ACL, ...]) -> bool:
+        """Whether ``client``'s own identities grant READ on ``acl``.
+
+        zkgate's super digest is left out: it is this server's, and an
+        upstream ensemble would not know it.
+        """
+        auth = [a for a in client.auth if a.scheme != "super"]
+        return acls.allowed(acl, Perm.READ, auth)
 
     def _reply(self, client: Client, xid: int, err: Err, body: bytes = b"", zxid: int = -2) -> None:
         if zxid == -2:
@@ -500,11 +655,19 @@ class Engine:
         self.disconnect(client)
         client.peer.close()
 
-    def _close_session(self, client: Client, xid: int) -> None:
+    def _close_session(self, client: Client, xid: int) -> Pending | None:
         log.info("session closed by its client", extra={"session": client.session.id})
-        zxid = self._end_session(client.session)
-        self._reply(client, xid, Err.OK, zxid=zxid)
-        self._lose(client)
+        # ZooKeeper answers closeSession once the ephemerals are gone; under a
+        # mirror that takes the upstream's answer.
+        pending = Pending()
+
+        def answer(zxid: int) -> None:
+            self._reply(client, xid, Err.OK, zxid=zxid)
+            self._lose(client)
+            pending.finish()
+
+        self._end_session(client.session, answer)
+        return None if pending.finished else pending
 
     def _can(self, client: Client, node: Znode, perm: int) -> bool:
         # Plain ints, not Perm flags: this runs on every read, and IntFlag
@@ -577,6 +740,8 @@ class Engine:
     def _set_watches(self, client: Client, xid: int, req: SetWatches | SetWatches2) -> None:
         relative = req.relative_zxid
         tree, watches = self.tree, self.watches
+        if self.mounts:
+            req = self._rewatch_mounted(client, req)
         for path in req.data:
             node = tree.get(path)
             if node is None:
@@ -604,6 +769,22 @@ class Engine:
             for path in req.persistent_recursive:
                 watches.add_persistent(path, client, recursive=True)
         self._reply(client, xid, Err.OK)
+
+    def _rewatch_mounted(
+        self, client: Client, req: SetWatches | SetWatches2
+    ) -> SetWatches | SetWatches2:
+        """Hand the mounted paths of a ``setWatches`` to their mounts; return the rest."""
+        kept: dict[str, tuple[str, ...]] = {}
+        for kind in ("data", "exist", "child"):
+            paths = []
+            for path in getattr(req, kind):
+                mount = self._mount_of(path)
+                if mount is None:
+                    paths.append(path)
+                else:
+                    mount.rewatch(client, kind, path, req.relative_zxid)
+            kept[kind] = tuple(paths)
+        return attrs.evolve(req, **kept)
 
     def _add_watch(self, client: Client, xid: int, req: AddWatchRequest) -> None:
         if req.mode not in (0, 1):
@@ -647,7 +828,9 @@ class Engine:
         self._reply(client, xid, Err.OK, encode(MultiResponse(tuple(results))))
 
     def _get_ephemerals(self, client: Client, xid: int, req: PathRequest) -> None:
-        owned = self.tree.ephemerals.get(client.session.id, ())
+        owned = list(self.tree.ephemerals.get(client.session.id, ()))
+        for mount in self.mounts:
+            owned += mount.ephemerals(client.session.id)
         paths = tuple(sorted(p for p in owned if p.startswith(req.path)))
         self._reply(client, xid, Err.OK, encode(PathsResponse(paths)))
 
@@ -678,6 +861,8 @@ class Engine:
         if req.scheme == "digest":
             ident = acls.digest_id(req.auth.decode("utf-8", "replace"))
             new = [Id("digest", ident)]
+            if (req.scheme, req.auth) not in client.credentials:
+                client.credentials.append((req.scheme, req.auth))
             if self.config.super_digest is not None and ident == self.config.super_digest:
                 new.append(acls.SUPER)
         elif req.scheme == "ip":
@@ -747,7 +932,10 @@ class Engine:
     def _commit(self, txn: Txn) -> None:
         self.quotas.account(txn)
         # Projected subtrees are rebuilt from the snapshot at start, never stored.
-        paths = [p for p in txn.touched_paths if not self._projected(p)]
+        paths = [
+            p for p in txn.touched_paths
+            if not self._projected(p) and (not self.mounts or self._mount_of(p) is None)
+        ]
         if paths:
             self.store.commit(self.tree, paths)
         self._fire(txn.triggers)
@@ -898,6 +1086,13 @@ def _multi_result(opcode: int, result: Record | None) -> tuple[int, Record]:
 
 
 _PATH_LENGTH = struct.Struct(">i")
+#: Requests a mount never sees: they concern the connection, not the tree.
+_LOCAL_OPS = frozenset({
+    OpCode.AUTH, OpCode.SET_WATCHES, OpCode.SET_WATCHES2, OpCode.ADD_WATCH,
+    OpCode.CHECK_WATCHES, OpCode.REMOVE_WATCHES, OpCode.GET_EPHEMERALS, OpCode.WHO_AM_I,
+    OpCode.SASL, OpCode.RECONFIG,
+})  # fmt: skip
+_CROSSES_MOUNTS = object()
 
 
 def _path_and_watch(body: bytes) -> tuple[str, bool]:

@@ -95,6 +95,14 @@ def mntr(engine: Engine) -> str:
         ("zk_max_file_descriptor_count", soft),
         ("zk_uptime", int((engine.wall_clock() - engine.started) * 1000)),
     ]
+    # Mirrors add their upstream state: summed over mirrors, stale if any is.
+    totals: dict[str, int] = {}
+    for mount in engine.mounts:
+        for key, value in mount.status().items():
+            totals[key] = max(totals.get(key, 0), value) if key.endswith("stale") else (
+                totals.get(key, 0) + value
+            )
+    values += sorted(totals.items())
     return "".join(f"{key}\t{value}\n" for key, value in values)
 
 

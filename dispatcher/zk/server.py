@@ -28,6 +28,7 @@ from dispatcher.zk.connection import (
 from dispatcher.zk.engine import Client, Engine
 from dispatcher.zk.fourletter import answer
 from dispatcher.zk.jute import DecodeError
+from dispatcher.zk.pending import Pending
 from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ class ZooKeeperServer:
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         self.settings.setdefault("clientPort", bound)
-        log.info("serving ZooKeeper protocol on %s:%d", host, bound)
+        log.info("serving the ZooKeeper protocol", extra={"listen": f"{host}:{bound}"})
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._expire_sessions)
             nursery.start_soon(self._reap_containers)
@@ -230,7 +231,7 @@ class ZooKeeperServer:
             await trio.sleep(interval)
             reaped = self.engine.reap_containers()
             if reaped:
-                log.info("reaped %d empty containers and expired TTL nodes", reaped)
+                log.info("reaped empty containers and expired TTL nodes", extra={"reaped": reaped})
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:
@@ -282,17 +283,24 @@ class ZooKeeperServer:
             if not data:
                 return client
             conn.receive_data(data)
-            peer.in_batch = True
-            try:
-                client = self._answer_batch(conn, peer, client)
-            finally:
-                peer.end_batch()
+            while True:
+                peer.in_batch = True
+                try:
+                    client, pending = self._answer_batch(conn, peer, client)
+                finally:
+                    peer.end_batch()
+                if pending is None:
+                    break
+                # A mounted subtree answers later: this connection's next
+                # request waits for it, the other connections do not.
+                await pending.wait()
         return client
 
     def _answer_batch(
         self, conn: ServerConnection, peer: StreamPeer, client: Client | None
-    ) -> Client | None:
-        """Answer every complete request received so far, in order."""
+    ) -> tuple[Client | None, Pending | None]:
+        """Answer complete requests received so far, in order, until one is
+        deferred (returned, with the rest left buffered)."""
         engine = self.engine
         while not peer.closing:
             try:
@@ -303,16 +311,19 @@ class ZooKeeperServer:
                     if client is None or client.closed:
                         peer.close()
                         break
-                    engine.handle(client, event.xid, event.opcode, event.body)
+                    pending = engine.handle(client, event.xid, event.opcode, event.body)
+                    if pending is not None and not pending.finished:
+                        return client, pending
                 elif isinstance(event, ConnectRequested):
                     client = engine.connect(peer, event.request)
                 elif isinstance(event, FourLetterWord):
                     peer.send(answer(engine, event.word, self.settings).encode())
                     peer.close()
             except (ProtocolError, DecodeError) as exc:
-                log.warning("closing a connection: %s", exc, extra={"peer": peer.remote})
+                log.warning("closing a connection that broke the protocol",
+                            extra={"peer": peer.remote, "reason": str(exc)})
                 peer.close()
-        return client
+        return client, None
 
 
 __all__ = ["ServerLimits", "ZooKeeperServer"]

@@ -8,6 +8,8 @@ sockets: the engine does that around it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import attrs
 
 from dispatcher.zk.jute import Writer
@@ -40,6 +42,20 @@ def world_perms(acl: tuple[ACL, ...]) -> int:
         if entry.id.scheme == "world" and entry.id.id == "anyone":
             perms |= entry.perms
     return perms
+
+
+def encode_data_body(data: bytes | None, stat_bytes: bytes) -> bytes:
+    """A getData reply body: the data, then the encoded Stat."""
+    w = Writer()
+    w.buffer(data)
+    return bytes(w.out) + stat_bytes
+
+
+def encode_children(children: Iterable[str]) -> bytes:
+    """A getChildren reply body: the child names, sorted."""
+    w = Writer()
+    w.vector(sorted(children), Writer.ustring)
+    return bytes(w.out)
 
 
 @attrs.define(slots=True, eq=False)
@@ -87,17 +103,13 @@ class Znode:
     def data_body(self) -> bytes:
         """The encoded getData reply body: data then Stat."""
         if self._data_body is None:
-            w = Writer()
-            w.buffer(self.data)
-            self._data_body = bytes(w.out) + self.stat_bytes()
+            self._data_body = encode_data_body(self.data, self.stat_bytes())
         return self._data_body
 
     def children_body(self) -> bytes:
         """The encoded getChildren reply body: the sorted child names."""
         if self._children_body is None:
-            w = Writer()
-            w.vector(sorted(self.children), Writer.ustring)
-            self._children_body = bytes(w.out)
+            self._children_body = encode_children(self.children)
         return self._children_body
 
     def touched(self) -> None:
