@@ -96,7 +96,9 @@ class Pair:
 
 @pytest.fixture
 def pair(request: pytest.FixtureRequest, unique_path: str) -> Pair:
-    reference, candidate = (make_target(request, kind, unique_path) for kind in TARGET_KINDS)
+    # The mirror is left out here: its root would be this same path on the same
+    # ZooKeeper, where the reference run has already written.
+    reference, candidate = (make_target(request, kind, unique_path) for kind in TARGET_KINDS[:2])
     return Pair(reference, candidate)
 
 

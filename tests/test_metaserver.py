@@ -429,6 +429,20 @@ async def agreed(
             await trio.sleep(0.05)
 
 
+async def cataloged(handle: MembershipStore, names: list[str]) -> int:
+    """Wait until ``handle`` reads every one of ``names`` in the catalog; return that epoch.
+
+    The catalog is written one name at a time (every name is its own epoch), and bounded loads
+    make every owner depend on the whole catalog: an answer is only comparable with
+    ``assign(names, ...)`` at an epoch that has all of them.
+    """
+    with trio.fail_after(TIMEOUT):
+        async for view in handle.feed:
+            if view.catalog >= set(names):
+                return view.epoch
+    raise AssertionError("the view feed ended")  # pragma: no cover (it never ends)
+
+
 async def test_two_meta_servers_always_agree(
     store_server: ZooKeeperServer | EtcdServer, unique_path: str, tmp_path: Path
 ) -> None:
@@ -463,7 +477,12 @@ async def test_two_meta_servers_always_agree(
             catalog_writer = store_handle(kind, store_server.address, unique_path)
             await nursery.start(catalog_writer.run)
             catalog_writer.add_services(services)
-            epoch = 0
+            # The whole catalog first, with both Meta Servers at it, before anyone joins:
+            # otherwise a join can land while the names are still being written, and the
+            # two Meta Servers (rightly) agree on an assignment of part of the catalog.
+            cataloged_at = await cataloged(catalog_writer, services)
+            answer = await agreed(addresses, services, cataloged_at, exactly(set()))
+            epoch = answer.epoch
             for step, registration in enumerate(regs):
                 await nursery.start(member, registration)
                 joined = {r.id for r in regs[: step + 1]}
@@ -480,7 +499,7 @@ async def test_two_meta_servers_always_agree(
             assert ids(answer) == expected(services, live, epoch, services)
             catalog_writer.add_services(["svc-late"])
             grown = [*services, "svc-late"]
-            answer = await agreed(addresses, grown, epoch + 1)
+            answer = await agreed(addresses, grown, await cataloged(catalog_writer, grown))
             assert answer.epoch > epoch
             assert ids(answer) == expected(grown, live, answer.epoch, grown)
             nursery.cancel_scope.cancel()

@@ -1,9 +1,11 @@
-"""What every client-compatibility test shares: the two servers, and the clients' reports.
+"""What every client-compatibility test shares: the servers, and the clients' reports.
 
 Each compatibility test runs the same client script against real ZooKeeper 3.8
-(the reference: a check that fails there is a wrong check) and against
-``zkgate serve``. :func:`make_target` gives the test one of the two, with a
-znode path of its own; :func:`parse_report` reads the ``OK name`` /
+(the reference: a check that fails there is a wrong check), against
+``zkgate serve`` on its embedded tree, and against a zkgate that mirrors the
+real ZooKeeper (the script's path is the mirror's root, so every request it
+makes goes through the mirror to the ensemble). :func:`make_target` gives the
+test one of the three, with a znode path of its own; :func:`parse_report` reads the ``OK name`` /
 ``FAIL name: why`` lines that the Java and JavaScript scripts print.
 """
 
@@ -33,7 +35,7 @@ __all__ = [
 
 #: The reference first, so that in a run's output a broken check shows up
 #: against ZooKeeper before anyone blames zkgate.
-TARGET_KINDS = ("zookeeper", "zkgate")
+TARGET_KINDS = ("zookeeper", "zkgate", "mirror")
 
 #: zkgate's tickTime in these tests: the same 200 ms as the shared ZooKeeper's,
 #: so both grant the same session timeouts (400 ms .. 4 s).
@@ -71,6 +73,16 @@ def make_target(request: pytest.FixtureRequest, kind: str, base: str) -> Target:
     elif kind == "zkgate":
         factory: ServerFactory[ZkgateServer] = request.getfixturevalue("zkgate_factory")
         server = factory(list(ZKGATE_ARGS))
+    elif kind == "mirror":
+        upstream: ZooKeeperServer = request.getfixturevalue("zookeeper")
+        tmp_path: Path = request.getfixturevalue("tmp_path")
+        config = tmp_path / "mirror.toml"
+        config.write_text(
+            f'[zookeeper]\nmax_client_cnxns = 0\n\n[[mirror]]\nroot = "{base}"\n'
+            f'hosts = "{upstream.address}"\nsession_timeout = 4.0\n'
+        )
+        factory = request.getfixturevalue("zkgate_factory")
+        server = factory([*ZKGATE_ARGS, "--config", str(config)])
     else:
         raise ValueError(f"unknown target kind {kind!r}")
     return Target(kind, server.host, server.port, base, server.log_path)
