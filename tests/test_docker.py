@@ -53,6 +53,13 @@ def test_dispatchers_advertise_their_compose_names(name: str) -> None:
     assert [u.kind for u in config.upstreams] == ["zookeeper", "etcd", "consul"]
 
 
+def test_dispatcher_1_mirrors_the_ensembles_services_for_legacy_clients() -> None:
+    config = load_config(DOCKER / "config" / "dispatcher-1.toml")
+    (mirror,) = config.mirrors
+    assert (mirror.root, mirror.hosts) == ("/services", (("zookeeper", 2181),))
+    assert re.search(r"^  zookeeper:$", COMPOSE, re.MULTILINE)
+
+
 def test_the_meta_server_reads_the_dispatchers_membership_with_the_same_token() -> None:
     meta = load_meta_config(DOCKER / "config" / "meta.toml")
     dispatcher = tomllib.loads((DOCKER / "config" / "dispatcher-1.toml").read_text())
