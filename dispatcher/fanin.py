@@ -86,21 +86,38 @@ pushes back on the upstreams (their ``send`` waits) and memory stays
 bounded. The published snapshot is one reference, rebound: readers never
 lock. All state changes happen in synchronous code on the trio thread, so
 the consumer and a subscriber's subscribe/close never interleave halfway.
+
+Memory: a Dispatcher holds every instance of its shard (the target is
+1 KiB per instance, records included), so the bookkeeping beside the
+snapshot is two dict slots per record and no object per record but the
+record itself. Each upstream's record is kept once, already under the
+endpoint id (``held``: service -> the upstream's id -> record), and without
+a probe verdict that same object is the snapshot's instance: the adapter's
+original is not kept (nor is the last batch of events, once applied). An
+index per upstream maps each endpoint id back to the upstream's id
+(``endpoints``: service -> endpoint id -> id, a sorted tuple only when one
+upstream reports the endpoint under several ids). One endpoint id string
+per endpoint is shared by the record, the index and the snapshot. The
+winner is found by looking the endpoint up in each upstream's index in
+precedence order, so nothing per endpoint remembers it: an unchanged winner
+is put again and :meth:`Snapshot.apply` drops the equal value.
+:meth:`FanIn.reports` rebuilds the records under the upstreams' own ids.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import attrs
 import trio
 
 from dispatcher.model import Health, Instance, Source
-from dispatcher.snapshot import Change, Delta, Put, Remove, Snapshot, diff
+from dispatcher.snapshot import Change, Delta, Put, Remove, Snapshot
 from dispatcher.subscriptions import DEFAULT_QUEUE, Subscription, SubscriptionHub
 from dispatcher.upstream import Backoff, Changed, Listing, Status, Upstream, UpstreamEvent
 
@@ -123,11 +140,27 @@ registry back recognises its own export."""
 
 Interest = Literal["all", "subscribed"]
 
-_Endpoint = tuple[str, str, int]
-"""``(service, host, port)``: the identity of a merged instance."""
+_Key = tuple[str, str]
+"""``(service, endpoint id)``: the identity of a merged instance (see :func:`endpoint_id`)."""
 
+_Ids = str | tuple[str, ...]
+"""What an upstream's endpoint index holds for one endpoint: its id there, or
+the sorted ids when it reports the endpoint under several."""
+
+_EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
 
 _INSTANCE_FIELDS: Final = tuple(field.name for field in attrs.fields(Instance))
+
+_value_but_id: Final = operator.attrgetter(
+    *(
+        field.name
+        for field in attrs.fields(Instance)
+        if field.eq and field.name not in ("service", "instance_id")
+    )
+)
+"""The fields ``Instance.__eq__`` compares, but the id (and the service, which
+the callers already matched): a record held under the endpoint id equals a
+newly listed one under the upstream's id exactly when these agree."""
 
 
 def _with_id(instance: Instance, instance_id: str) -> Instance:
@@ -170,6 +203,29 @@ def endpoint_id(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _file(endpoints: dict[str, _Ids], merged_id: str, instance_id: str) -> None:
+    """Add ``instance_id`` to an upstream's ids for the endpoint ``merged_id``."""
+    present = endpoints.get(merged_id)
+    if present is None:
+        endpoints[merged_id] = instance_id
+    else:
+        # Rare (a re-registration that left its old record behind): a
+        # sorted tuple, so that the first id is the one that wins.
+        others = (present,) if isinstance(present, str) else present
+        endpoints[merged_id] = tuple(sorted((*others, instance_id)))
+
+
+def _unfile(endpoints: dict[str, _Ids], merged_id: str, instance_id: str) -> str:
+    """Take ``instance_id`` out of the endpoint's ids; return the string object filed."""
+    present = endpoints[merged_id]
+    if isinstance(present, str):
+        del endpoints[merged_id]
+        return present
+    kept = tuple(other for other in present if other != instance_id)
+    endpoints[merged_id] = kept[0] if len(kept) == 1 else kept
+    return next(other for other in present if other == instance_id)
+
+
 @attrs.frozen(slots=True)
 class UpstreamState:
     """Whether one upstream is connected, since when, and why.
@@ -207,15 +263,17 @@ class FanInCounters:
 class _Upstream:
     """The fan-in's bookkeeping for one upstream (not shared outside)."""
 
-    __slots__ = ("held", "name", "rank", "state", "upstream")
+    __slots__ = ("endpoints", "held", "name", "state", "upstream")
 
-    def __init__(self, upstream: Upstream, rank: int) -> None:
+    def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
         self.name = upstream.name
-        self.rank = rank
         #: What this upstream currently reports (after loop prevention):
-        #: service -> its instance id -> instance.
+        #: service -> its instance id -> its record under the endpoint id.
         self.held: dict[str, dict[str, Instance]] = {}
+        #: The same records by endpoint: service -> endpoint id -> the
+        #: upstream's id(s) there. A service is in both or in neither.
+        self.endpoints: dict[str, dict[str, _Ids]] = {}
         self.state = UpstreamState(self.name, False, time.time(), "not connected yet")
 
 
@@ -258,19 +316,15 @@ class FanIn:
             on_interest_changed=self._interest_changed if interest == "subscribed" else None,
         )
         self._snapshot = Snapshot()
+        # In precedence order (dicts keep insertion order).
         self._upstreams: dict[str, _Upstream] = {}
-        # Every upstream's record of each endpoint, keyed (rank, upstream's
-        # instance id) so that min() is the winner.
-        self._reports: dict[_Endpoint, dict[tuple[int, str], Instance]] = {}
-        # The record that won each endpoint when it was last resolved: a batch
-        # that only touches losing records then costs no new Instance.
-        self._winners: dict[_Endpoint, Instance] = {}
         self._interest: frozenset[str] | None = (
             self.hub.interest if interest == "subscribed" else None
         )
-        # The health checker's verdict per endpoint present in the snapshot
-        # (never UNKNOWN: no verdict is no entry); see set_probe_health.
-        self._probe: dict[_Endpoint, Health] = {}
+        # The health checker's verdict per endpoint present in the snapshot,
+        # service -> endpoint id -> verdict (never UNKNOWN: no verdict is no
+        # entry; no empty inner dicts); see set_probe_health.
+        self._probe: dict[str, dict[str, Health]] = {}
 
     # ----------------------------------------------------------------- reading
 
@@ -297,9 +351,26 @@ class FanIn:
         )
 
     def reports(self, service: str, host: str, port: int) -> tuple[Instance, ...]:
-        """Every upstream's record of one endpoint, winner first (precedence order)."""
-        found = self._reports.get((service, host, port), {})
-        return tuple(found[key] for key in sorted(found))
+        """Every upstream's record of one endpoint, winner first (precedence order).
+
+        The records are as the upstreams reported them (after loop
+        prevention, with a ``source``), under their own ids: values equal to
+        what the adapters sent, rebuilt on each call, since the fan-in keeps
+        each record under the endpoint id only.
+        """
+        merged_id = endpoint_id(host, port)
+        found: list[Instance] = []
+        for state in self._upstreams.values():
+            ids = state.endpoints.get(service, _EMPTY).get(merged_id)
+            if ids is None:
+                continue
+            held = state.held[service]
+            for instance_id in (ids,) if isinstance(ids, str) else ids:
+                record = held[instance_id]
+                if record.instance_id != instance_id:
+                    record = _with_id(record, instance_id)
+                found.append(record)
+        return tuple(found)
 
     def subscribe(self, keys: Iterable[str], *, max_queue: int | None = None) -> Subscription:
         """Subscribe to services of the merged snapshot; see :class:`SubscriptionHub`."""
@@ -318,8 +389,8 @@ class FanIn:
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"upstream names must be unique, repeated: {duplicates}")
-        for rank, upstream in enumerate(upstreams):
-            self._upstreams[upstream.name] = _Upstream(upstream, rank)
+        for upstream in upstreams:
+            self._upstreams[upstream.name] = _Upstream(upstream)
         if self.interest_mode == "subscribed":
             self._interest = self.hub.interest
             for state in self._upstreams.values():
@@ -369,12 +440,14 @@ class FanIn:
         async with receive, merged:
             async for first in receive:
                 batch = [first]
+                del first  # see _consume
                 while len(batch) < self.max_batch:
                     try:
                         batch.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 await merged.send((state, batch))
+                del batch
 
     async def _consume(
         self, receive: trio.MemoryReceiveChannel[tuple[_Upstream, list[UpstreamEvent]]]
@@ -382,21 +455,25 @@ class FanIn:
         async with receive:
             async for first in receive:
                 items = [first]
-                count = len(first[1])
+                del first
+                count = len(items[0][1])
                 while count < self.max_batch:
                     try:
-                        item = receive.receive_nowait()
+                        items.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    items.append(item)
-                    count += len(item[1])
+                    count += len(items[-1][1])
                 self._apply_batch(items)
+                # No reference to the batch while waiting for the next one: the
+                # adapter's records in it (a whole listing) would otherwise stay
+                # alive beside the fan-in's own until more events came.
+                del items
 
     # ---------------------------------------------------------------- applying
 
     def _apply_batch(self, items: Iterable[tuple[_Upstream, Iterable[UpstreamEvent]]]) -> None:
         """Apply events from upstreams, in order, as one snapshot version (sync)."""
-        touched: dict[_Endpoint, None] = {}
+        touched: dict[_Key, None] = {}
         for state, events in items:
             for event in events:
                 self.counters.events += 1
@@ -425,16 +502,14 @@ class FanIn:
                 extra={"upstream": state.name, "detail": event.detail or "no detail"},
             )
 
-    def _on_listing(self, state: _Upstream, event: Listing, touched: dict[_Endpoint, None]) -> None:
-        # The listing replaces everything this upstream holds for its scope.
+    def _on_listing(self, state: _Upstream, event: Listing, touched: dict[_Key, None]) -> None:
+        # The listing replaces everything this upstream holds for its scope,
+        # by an exact diff (as snapshot.diff makes it, in the same order:
+        # puts for new and changed records, then removes for the gone).
         # Held state only ever covers wanted services (narrowing forgets the
         # rest), so the scope needs no intersection with the interest.
         scope = event.services
-        old: list[Instance] = []
-        for service, held in state.held.items():
-            if scope is None or service in scope:
-                old.extend(held.values())
-        new: list[Instance] = []
+        listed: dict[str, dict[str, Instance]] = {}
         for instance in event.instances:
             if scope is not None and instance.service not in scope:
                 # An adapter bug; guessing what it meant could remove
@@ -445,27 +520,45 @@ class FanIn:
                 continue
             accepted = self._accept(state, instance)
             if accepted is not None:
-                new.append(accepted)
-        # diff is exact: puts for new and changed values, removes for the gone.
-        for change in diff(old, new):
-            self._hold(state, change, touched)
+                by_id = listed.get(accepted.service)
+                if by_id is None:
+                    by_id = listed[accepted.service] = {}
+                # A later duplicate wins, as in diff(): the adapter, not the
+                # fan-in, knows which of two records for one id to prefer.
+                by_id[accepted.instance_id] = accepted
+        for service, by_id in listed.items():
+            held = state.held.get(service, _EMPTY)
+            for instance_id, instance in by_id.items():
+                previous = held.get(instance_id)
+                if previous is None or _value_but_id(previous) != _value_but_id(instance):
+                    self._put(state, instance, touched)
+        gone = [
+            (service, instance_id)
+            for service, held in state.held.items()
+            if scope is None or service in scope
+            for instance_id in held
+            if instance_id not in listed.get(service, _EMPTY)
+        ]
+        for service, instance_id in gone:
+            self._remove(state, service, instance_id, touched)
 
-    def _on_changed(self, state: _Upstream, event: Changed, touched: dict[_Endpoint, None]) -> None:
+    def _on_changed(self, state: _Upstream, event: Changed, touched: dict[_Key, None]) -> None:
         for change in event.changes:
             if isinstance(change, Put):
-                if not self._wanted(change.instance.service):
+                instance = change.instance
+                if not self._wanted(instance.service):
                     continue
-                accepted = self._accept(state, change.instance)
+                accepted = self._accept(state, instance)
                 if accepted is None:
                     # It was ours: the upstream's record must not stay held
                     # from before, when it may have looked like a foreign one.
-                    change = Remove(change.instance.service, change.instance.instance_id)
-                elif accepted is not change.instance:
-                    change = Put(accepted)
-            elif not isinstance(change, Remove):
+                    self._remove(state, instance.service, instance.instance_id, touched)
+                else:
+                    self._put(state, accepted, touched)
+            elif isinstance(change, Remove):
+                self._remove(state, change.service, change.instance_id, touched)
+            else:
                 log.error("upstream %r sent %r, not a Put or Remove", state.name, change)
-                continue
-            self._hold(state, change, touched)
 
     def _accept(self, state: _Upstream, instance: Instance) -> Instance | None:
         """The instance as held, or None when loop prevention drops it."""
@@ -481,64 +574,115 @@ class FanIn:
     def _wanted(self, service: str) -> bool:
         return self._interest is None or service in self._interest
 
-    def _hold(self, state: _Upstream, change: Change, touched: dict[_Endpoint, None]) -> None:
-        if isinstance(change, Put):
-            instance = change.instance
-            service, instance_id = instance.service, instance.instance_id
-        else:
-            service, instance_id = change.service, change.instance_id
+    def _put(self, state: _Upstream, instance: Instance, touched: dict[_Key, None]) -> None:
+        """Hold ``instance`` as ``state``'s record under its id, filed under its endpoint."""
+        service, instance_id = instance.service, instance.instance_id
         held = state.held.get(service)
-        previous = held.get(instance_id) if held is not None else None
-        if previous is not None:
-            endpoint = (service, previous.host, previous.port)
-            reports = self._reports[endpoint]
-            del reports[(state.rank, instance_id)]
-            if not reports:
-                del self._reports[endpoint]
-            touched[endpoint] = None
-        if isinstance(change, Put):
-            if held is None:
-                held = state.held[service] = {}
-            held[instance_id] = instance
-            endpoint = (service, instance.host, instance.port)
-            self._reports.setdefault(endpoint, {})[(state.rank, instance_id)] = instance
-            touched[endpoint] = None
-        elif previous is not None:
-            del held[instance_id]  # type: ignore[index]
-            if not held:
-                del state.held[service]
+        if held is None:
+            held = state.held[service] = {}
+            endpoints = state.endpoints[service] = {}
+        else:
+            endpoints = state.endpoints[service]
+        previous = held.get(instance_id)
+        host, port = instance.host, instance.port
+        if previous is not None and previous.port == port and previous.host == host:
+            # The same endpoint: the index files this id there already.
+            merged_id = previous.instance_id
+        else:
+            if previous is not None:
+                # Moved to another endpoint. Refile the id object the index
+                # had, the one that is also held's key, not a second copy.
+                instance_id = _unfile(endpoints, previous.instance_id, instance_id)
+                touched[(service, previous.instance_id)] = None
+            merged_id = self._merged_id(instance)
+            _file(endpoints, merged_id, instance_id)
+        if instance.instance_id is not merged_id:
+            instance = _with_id(instance, merged_id)
+        held[instance_id] = instance
+        touched[(service, merged_id)] = None
 
-    def _resolve(self, touched: Iterable[_Endpoint]) -> list[Change]:
-        """The merged changes for the endpoints whose reports changed."""
+    def _remove(
+        self, state: _Upstream, service: str, instance_id: str, touched: dict[_Key, None]
+    ) -> None:
+        """Forget ``state``'s record ``instance_id`` of ``service``, if it has one."""
+        held = state.held.get(service)
+        previous = held.pop(instance_id, None) if held is not None else None
+        if previous is None:
+            return
+        merged_id = previous.instance_id
+        _unfile(state.endpoints[service], merged_id, instance_id)
+        if not held:
+            del state.held[service]
+            del state.endpoints[service]
+        touched[(service, merged_id)] = None
+
+    def _merged_id(self, instance: Instance) -> str:
+        """The endpoint id of ``instance``, the string object the snapshot has if it has one.
+
+        Records, indexes and the snapshot then share one string per endpoint
+        rather than one per record (a string per instance is a tenth of the
+        1 KiB budget). An endpoint that two upstreams first report in one
+        batch may end up with two; that costs memory, never correctness.
+        """
+        merged_id = endpoint_id(instance.host, instance.port)
+        if merged_id == instance.instance_id:
+            # The adapter's id is the endpoint id already: no copy needed.
+            return instance.instance_id
+        snapshot = self._snapshot
+        if instance.service in snapshot:
+            current = snapshot[instance.service].instances.get(merged_id)
+            if current is not None:
+                return current.instance_id
+        return merged_id
+
+    def _winner(self, service: str, merged_id: str) -> Instance | None:
+        """The record that wins an endpoint: first upstream, then its smallest id."""
+        for state in self._upstreams.values():
+            endpoints = state.endpoints.get(service)
+            if endpoints is not None:
+                ids = endpoints.get(merged_id)
+                if ids is not None:
+                    return state.held[service][ids if isinstance(ids, str) else ids[0]]
+        return None
+
+    def _resolve(self, touched: Iterable[_Key]) -> list[Change]:
+        """The merged changes for the endpoints whose records changed.
+
+        Every touched endpoint is put again (or removed) even when its
+        winner did not change: remembering each winner would cost a dict
+        slot per instance, and :meth:`Snapshot.apply` drops an equal put
+        (cheaply, when it is the very object it holds).
+        """
         changes: list[Change] = []
-        winners = self._winners
-        for endpoint in touched:
-            service, host, port = endpoint
-            reports = self._reports.get(endpoint)
-            if not reports:
-                if winners.pop(endpoint, None) is not None:
-                    changes.append(Remove(service, endpoint_id(host, port)))
-                    if self._probe:
-                        self._probe.pop(endpoint, None)
-                continue
-            winner = reports[min(reports)]
-            if winners.get(endpoint) is winner:
-                continue
-            winners[endpoint] = winner
-            changes.append(Put(self._merged(endpoint, winner)))
+        for service, merged_id in touched:
+            winner = self._winner(service, merged_id)
+            if winner is None:
+                changes.append(Remove(service, merged_id))
+                if self._probe:
+                    self._drop_probe(service, merged_id)
+            else:
+                changes.append(Put(self._merged(service, winner)))
         return changes
 
-    def _merged(self, endpoint: _Endpoint, winner: Instance) -> Instance:
-        """The snapshot's value for ``endpoint`` won by ``winner``: merged id, overlaid health."""
-        merged_id = endpoint_id(endpoint[1], endpoint[2])
-        if winner.instance_id != merged_id:
-            winner = _with_id(winner, merged_id)
-        probe = self._probe.get(endpoint) if self._probe else None
+    def _merged(self, service: str, winner: Instance) -> Instance:
+        """The snapshot's value for the endpoint that ``winner`` won.
+
+        ``winner`` is held under the endpoint id already, so this is the
+        record itself, or a copy of it with the probe's verdict overlaid.
+        """
+        if not self._probe:
+            return winner
+        probe = self._probe.get(service, _EMPTY).get(winner.instance_id)
         if probe is not None:
             health = combine_health(winner.health, probe)
             if health is not winner.health:
                 winner = _with_health(winner, health)
         return winner
+
+    def _drop_probe(self, service: str, merged_id: str) -> None:
+        probes = self._probe.get(service)
+        if probes is not None and probes.pop(merged_id, None) is not None and not probes:
+            del self._probe[service]
 
     def _commit(self, changes: Sequence[Change]) -> tuple[Delta, ...]:
         if not changes:
@@ -577,24 +721,28 @@ class FanIn:
         This is the one entry point through which anything but an upstream
         changes the snapshot; it is meant for :mod:`dispatcher.health`.
         """
-        touched: dict[_Endpoint, None] = {}
+        touched: dict[_Key, Instance] = {}
         for service, instance_id, health in results:
             current = self._snapshot.full(service).instances.get(instance_id)
             if current is None:
                 continue
-            endpoint = (service, current.host, current.port)
-            if endpoint not in self._winners:
+            merged_id = current.instance_id
+            winner = self._winner(service, merged_id)
+            if winner is None:
                 continue
             verdict = None if health is None or health is Health.UNKNOWN else Health(health)
-            if self._probe.get(endpoint) is verdict:
+            probes = self._probe.get(service)
+            if (probes.get(merged_id) if probes is not None else None) is verdict:
                 continue
             if verdict is None:
-                del self._probe[endpoint]
+                self._drop_probe(service, merged_id)
             else:
-                self._probe[endpoint] = verdict
+                if probes is None:
+                    probes = self._probe[service] = {}
+                probes[merged_id] = verdict
             self.counters.probe_updates += 1
-            touched[endpoint] = None
-        changes = [Put(self._merged(endpoint, self._winners[endpoint])) for endpoint in touched]
+            touched[(service, merged_id)] = winner
+        changes = [Put(self._merged(service, winner)) for (service, _), winner in touched.items()]
         return self._commit(changes)
 
     def probe_health(self, service: str, instance_id: str) -> Health | None:
@@ -602,7 +750,7 @@ class FanIn:
         current = self._snapshot.full(service).instances.get(instance_id)
         if current is None:
             return None
-        return self._probe.get((service, current.host, current.port))
+        return self._probe.get(service, _EMPTY).get(current.instance_id)
 
     # ---------------------------------------------------------------- interest
 
@@ -618,11 +766,11 @@ class FanIn:
             return
         # Narrowed: forget what the upstreams held for services nobody wants
         # any more; no upstream watches them now, so they would go stale.
-        touched: dict[_Endpoint, None] = {}
+        touched: dict[_Key, None] = {}
         for state in self._upstreams.values():
             for service in [s for s in state.held if s not in wanted]:
                 for instance_id in list(state.held[service]):
-                    self._hold(state, Remove(service, instance_id), touched)
+                    self._remove(state, service, instance_id, touched)
         self._commit(self._resolve(touched))
 
     def _set_interest(self, state: _Upstream, services: frozenset[str] | None) -> None:
