@@ -72,6 +72,9 @@ def check_config(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if config.projections:
         roots = ", ".join(f"{p.root} ({p.layout})" for p in config.projections)
         print(f"  projections: {roots}", file=out)
+    for mirror in config.mirrors:
+        hosts = ",".join(f"{host}:{port}" for host, port in mirror.hosts)
+        print(f"  mirror: {mirror.root} from {hosts}", file=out)
     return EXIT_READY
 
 

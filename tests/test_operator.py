@@ -52,6 +52,8 @@ def test_check_config_accepts_the_shipped_configs_and_names_a_bad_key(tmp_path: 
         result = _zkgate("check-config", str(REPO / "docker" / "config" / name))
         assert result.returncode == 0, result.stderr
         assert "valid" in result.stdout
+        if name == "dispatcher-1.toml":
+            assert "mirror: /services from zookeeper:2181" in result.stdout
     assert _zkgate("check-config", "--meta", str(REPO / "docker/config/meta.toml")).returncode == 0
     bad = tmp_path / "bad.toml"
     bad.write_text('[[upstream]]\nname = "e"\nkind = "etcd"\nendpoint = "x:1"\nprefixes = 3\n')
