@@ -1,61 +1,72 @@
-"""The ZooKeeper adapter: registrations under configured roots, mirrored with one watch per path.
+"""The ZooKeeper adapter: registrations under configured roots, one recursive watch per root.
 
-A :class:`ZooKeeperUpstream` watches one ensemble through kazoo. Each
+A :class:`ZooKeeperUpstream` follows one ensemble through zkgate's trio-native
+client (:mod:`dispatcher.zk.client`): one session, no threads. Each
 configured root is read in one :mod:`adapters.layouts` layout:
 
-* the root's children are the services (a child watch on the root; an
-  ``exists`` watch instead while the root does not exist yet);
-* each wanted service's directory (``layout.directory``: Dubbo's
-  ``<interface>/providers``, Curator's ``<name>``, a ServerSet's or the plain
-  layout's own directory) holds one znode per instance (a child watch on the
-  directory, or an ``exists`` watch while it is missing, as Dubbo's
-  ``providers`` often is);
-* where the layout keeps the instance in the znode's data (Curator,
-  ServerSet, plain) each instance znode has a data watch; Dubbo's instance is
-  the znode *name*, so its znodes need none.
-
-One upstream watch per watched path. ZooKeeper watches are one-shot; this
-module re-arms a path's watch only from the read that follows its firing, and
-keeps the set of watches it believes pending (:meth:`ZooKeeperUpstream.watches`)
-so that it never asks twice for one path while the first is pending. A watch
-is marked pending *before* the read that sets it, because its event can reach
-trio before the read's answer does. The server would deduplicate anyway (one
-watch per path, type and session), and kazoo keeps its watchers in a set per
-path, which is why the two callbacks are created once per upstream, never per
-read. A directory created between a failed ``getChildren`` and the
-``exists`` that follows keeps that ``exists`` watch until its data changes:
-still one data watch on that path.
+* the root's children are the services (``layout.service_of`` of the child
+  plus the layout's fixed tail: Dubbo's ``<interface>/providers``, the
+  service's own directory for Curator, ServerSets and the plain layout);
+* each wanted service's directory holds one znode per instance, read with
+  ``layout.parse`` (Dubbo's instance is the znode *name*; Finagle reads only
+  ``member_*`` znodes of a server set).
 
 Services are the root's direct children: a ServerSet tree nested deeper
 (``/aurora/<role>/<env>/<job>``) is configured with the parent of the jobs
 as its root.
 
-Connection states, and what kazoo 2.11 really does with watches. On a
-connection loss (SUSPENDED) kazoo *drops every watcher* client-side (it fires
-each with a ``NONE`` event) and does not replay them with ``setWatches`` when
-it reconnects to the same session, so the server holds none of them either.
-Hence: SUSPENDED reports :class:`Status` ``(False)`` and keeps the last state;
-any reconnect (same session after SUSPENDED, or a new one after LOST, i.e.
-session expiry) re-lists everything, re-arms every watch, and emits one
-:class:`Listing` that the fan-in diffs, so exactly the changes made meanwhile
-come out, then ``Status(True)``. While the ensemble is down kazoo retries
-forever (``KazooRetry(max_tries=-1)``, backoff capped at 10 s).
+Watching. The session holds ONE persistent recursive watch per root
+(``addWatch`` mode 1), whatever the number of services and instances, and
+never re-arms anything: ZooKeeper sends NodeCreated, NodeDeleted and
+NodeDataChanged for every znode below the root. An event for an instance
+znode costs one read (``getData``; ``exists`` for Dubbo, whose znode data
+means nothing but whose ``mzxid`` is the revision), or none for a deletion.
+Events for directories re-list what they imply: a created service directory
+is listed, a deleted one takes its instances with it. The price is that the
+session also hears about services nobody here wants (a shard's share of a
+big root); such events cost a dict lookup and no read.
 
-Threads. kazoo runs its watch callbacks on its callback thread and its state
-listeners on its connection thread. Neither may block (a blocked connection
-thread would stall the very reads trio is waiting for), so they only hand a
-note to trio with ``TrioToken.run_sync_soon``, which never waits; the notes
-are bounded by the number of pending watches (each fires at most once) plus a
-few state changes. All adapter state lives in the trio task; every kazoo call
-it makes runs in a worker thread (``trio.to_thread.run_sync``), and batches
-of reads are pipelined inside one worker thread call.
+Ordering. The client calls back synchronously, in the order the frames
+arrived, so this module applies each event and each reply in that order,
+in the reader's task, with no queue in between. A reply reflects at least
+every change whose event arrived before it, but a read that was already in
+flight when an event for its path arrived may carry the state from before
+that change (the mirror, :mod:`dispatcher.zk.mirror`, calls such a load
+*overtaken*). A stale answer must never win: one overtaken by a deletion is
+thrown away (the event removed the znode), one overtaken by a creation or
+data change counts only if its ``mzxid`` is newer than what is held (each
+such event sent a read of its own; taking the newer answer meanwhile keeps a
+znode written faster than a round trip moving forward). Directory listings
+in flight ignore the names that events created or deleted meanwhile, and a
+listing whose directory itself came or went is thrown away.
+ZooKeeper 3.6+ never runs a read beside a commit, so against it these rules
+only save redundant work; they keep the adapter right against servers that
+give the ordering promise and nothing more.
 
-Interest. ``set_interest`` narrows by forgetting the dropped services: their
-watches cannot be cancelled (kazoo 2.11 does not speak ZooKeeper's
-``removeWatches``), so they stay until they fire once and are then not
-re-armed; what they report is ignored. Narrowing emits nothing: those
-instances still exist upstream, and what to do with them is the fan-in's
-call. Widening lists the new services and emits a ``Listing`` scoped to them.
+Listings. On every connection (a new session, or the same one resumed:
+ZooKeeper does not replay what a persistent watch missed while the
+connection was down) the wanted services are listed again, ``getChildren``
+and then ``getData`` pipelined with :meth:`ZooKeeperClient.submit` (a window
+of :data:`_WINDOW` reads in flight, no await per znode), refreshing the
+state in place, and one :class:`Listing` is emitted when the listing reads
+are answered; the fan-in diffs it, so exactly the changes made meanwhile come
+out, then ``Status(True)``. Changes found meanwhile are held back until the
+Listing. ``Disconnected`` reports ``Status(False)`` and keeps the last state
+(the session may survive); ``Expired`` is followed by a new session, which
+adds its watches again. The client reconnects by itself, with backoff; a
+refused credential ends the client, and a new one is started after a pause.
+
+Interest. ``set_interest`` applies at once: narrowing forgets the dropped
+services and emits nothing (the fan-in has already dropped them); widening
+lists the new services and emits a ``Listing`` scoped to them (after a
+listing in progress, if any). A service dropped and wanted again is
+therefore always listed again. The watches do not change with interest.
+
+Events go to the fan-in's channel at once when it has room. When it has
+none, one task sends what is queued; incremental changes wait meanwhile as
+a set of changed instance ids and are coalesced into one ``Changed``, so
+the queue holds only listings and statuses, and is bounded (beyond
+:data:`_MAX_BACKLOG` entries it is replaced by one complete Listing).
 
 Services of the same name under two roots are merged into one service; if
 two znodes claim the same instance id (a Dubbo provider re-registered with
@@ -69,32 +80,19 @@ skipped with one log line per version of it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from itertools import islice
+from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, Self
+from urllib.parse import urlsplit
 
 import attrs
 import trio
-from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import (
-    AuthFailedError,
-    ConnectionLoss,
-    KazooException,
-    NoAuthError,
-    NoNodeError,
-    SessionExpiredError,
-    SessionMovedError,
-)
-from kazoo.hosts import collect_hosts
-from kazoo.protocol.states import EventType, KeeperState, WatchedEvent, ZnodeStat
-from kazoo.retry import KazooRetry
 
 from adapters import layouts
 from adapters.layouts import serverset
 from dispatcher.model import Instance, Source
-from dispatcher.snapshot import Change, diff
+from dispatcher.snapshot import Change, Put, Remove
 from dispatcher.upstream import (
     Backoff,
     Changed,
@@ -106,32 +104,47 @@ from dispatcher.upstream import (
     reject_unknown,
     require,
 )
+from dispatcher.zk.client import (
+    AddWatchMode,
+    AuthFailed,
+    Connected,
+    ConnectionLost,
+    Disconnected,
+    Expired,
+    KeeperError,
+    Overloaded,
+    Reply,
+    SessionEvent,
+    ZooKeeperClient,
+)
+from dispatcher.zk.protocol import Err, EventType, OpCode
+from dispatcher.zk.records import (
+    AddWatchRequest,
+    GetChildrenResponse,
+    GetDataResponse,
+    PathWatchRequest,
+    StatResponse,
+    WatcherEvent,
+)
 
 __all__ = ["RootConfig", "ZooKeeperUpstream", "ZooKeeperUpstreamConfig", "parse_config"]
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_SESSION_TIMEOUT: Final = 10.0
-# Reads pipelined in one worker-thread call: enough to hide the round trip,
-# few enough that one huge directory does not queue unbounded requests.
-_BATCH: Final = 256
-# A node created and deleted again between our getChildren and exists,
-# over and over, is not worth chasing: give up and wait for its watch.
-_MISSING_NODE_RETRIES: Final = 3
-# Errors that mean "the connection changed under this read": the state
-# listener reports the change, and the next reconnect re-lists everything.
-_CONNECTION_ERRORS: Final = (
-    ConnectionLoss,
-    SessionExpiredError,
-    SessionMovedError,
-    AuthFailedError,
-)
+_DEFAULT_PORT: Final = 2181
+#: Reads in flight at once: enough to hide the round trip, far below the
+#: client's own bound, so that one huge directory never meets Overloaded.
+_WINDOW: Final = 1000
+#: Listings and statuses queued while the fan-in is not reading.
+_MAX_BACKLOG: Final = 64
 
-WatchKind = Literal["child", "data"]
-"""ZooKeeper's two one-shot watch kinds: ``getChildren`` sets a child watch;
-``getData`` and ``exists`` set a data watch."""
+WatchKind = Literal["recursive"]
+"""The one kind of upstream watch this adapter sets: persistent and recursive."""
 
-Watcher = Callable[[WatchedEvent], None]
+_CREATED: Final = EventType.NODE_CREATED
+_DELETED: Final = EventType.NODE_DELETED
+_CHANGED: Final = EventType.NODE_DATA_CHANGED
 
 
 # ------------------------------------------------------------------ configuration
@@ -149,11 +162,43 @@ class RootConfig:
 class ZooKeeperUpstreamConfig:
     """A ZooKeeper upstream's configuration, validated."""
 
+    #: A ZooKeeper connect string: ``host[:port],...[/chroot]``.
     hosts: str
     roots: tuple[RootConfig, ...]
     session_timeout: float = _DEFAULT_SESSION_TIMEOUT
     #: ``(scheme, credential)`` pairs for ``addAuth``, sent again on every reconnect.
     auth: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def servers(self) -> tuple[tuple[str, int], ...]:
+        return split_connect_string(self.hosts)[0]
+
+    @property
+    def chroot(self) -> str:
+        return split_connect_string(self.hosts)[1]
+
+
+def split_connect_string(hosts: str) -> tuple[tuple[tuple[str, int], ...], str]:
+    """``(host, port)`` pairs and the chroot ("" for none) of a connect string.
+
+    The syntax of ZooKeeper's and kazoo's clients: comma-separated
+    ``host[:port]`` (port 2181 by default, IPv6 in brackets), then an
+    optional chroot path. Raises ValueError naming what is wrong.
+    """
+    host_ports, slash, chroot = hosts.partition("/")
+    servers: list[tuple[str, int]] = []
+    for part in host_ports.split(","):
+        part = part.strip()
+        # urlsplit knows bracketed IPv6 and rejects bad ports.
+        parsed = urlsplit(f"zk://{part}")
+        host = parsed.hostname
+        if not host:
+            raise ValueError(f"no host in {part!r}")
+        servers.append((host, parsed.port or _DEFAULT_PORT))
+    root = f"/{chroot}".rstrip("/") if slash else ""
+    if root and any(segment in {"", ".", ".."} for segment in root.split("/")[1:]):
+        raise ValueError(f"chroot {root!r} is not a znode path")
+    return tuple(servers), root
 
 
 def _check_path(path: str, key: str, where: str) -> str:
@@ -178,7 +223,7 @@ def parse_config(name: str, options: Mapping[str, Any]) -> ZooKeeperUpstreamConf
     if not hosts:
         raise ConfigError(f"{where}: key 'hosts' must not be empty")
     try:
-        collect_hosts(hosts)
+        split_connect_string(hosts)
     except ValueError as exc:
         raise ConfigError(f"{where}: key 'hosts' is not a connect string: {exc}") from exc
 
@@ -219,110 +264,25 @@ def parse_config(name: str, options: Mapping[str, Any]) -> ZooKeeperUpstreamConf
     return ZooKeeperUpstreamConfig(hosts, tuple(roots), session_timeout, tuple(auth))
 
 
-# ------------------------------------------------------------------ kazoo, in worker threads
-#
-# These functions run in a worker thread and touch nothing but the client.
-
-
-def _batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    # itertools.batched is 3.12+.
-    iterator = iter(items)
-    while batch := tuple(islice(iterator, size)):
-        yield batch
-
-
-def _children(
-    client: KazooClient, path: str, child_watch: Watcher | None, exists_watch: Watcher | None
-) -> tuple[list[str] | None, bool, bool]:
-    """``path``'s children, or None while it does not exist; and which watches were set.
-
-    A missing node gets an ``exists`` watch instead, so that its creation is
-    seen: ``getChildren`` on a missing node leaves no watch behind.
-    """
-    exists_set = False
-    for _ in range(_MISSING_NODE_RETRIES):
-        try:
-            return client.get_children(path, watch=child_watch), child_watch is not None, exists_set
-        except NoNodeError:
-            pass
-        except NoAuthError:
-            log.warning(
-                "cannot list a znode: no permission (check the upstream's auth)",
-                extra={"path": path},
-            )
-            return None, False, exists_set
-        stat = client.exists(path, watch=exists_watch)
-        exists_set = exists_set or exists_watch is not None
-        if stat is None:
-            return None, False, exists_set
-        # Created between the two reads: list it after all. The exists
-        # watch now sits on a live node and fires on its next change.
-        exists_watch = None
-    return None, False, exists_set
-
-
-def _get_many(
-    client: KazooClient, requests: Sequence[tuple[str, Watcher | None]]
-) -> list[tuple[bytes, ZnodeStat] | None]:
-    """``getData`` of each path (None where it is gone), pipelined."""
-    results: list[tuple[bytes, ZnodeStat] | None] = []
-    for batch in _batched(requests, _BATCH):
-        pending = [client.get_async(path, watch=watch) for path, watch in batch]
-        for (path, _), answer in zip(batch, pending, strict=True):
-            try:
-                results.append(answer.get())
-            except NoNodeError:
-                results.append(None)
-            except NoAuthError:
-                log.warning(
-                    "cannot read a znode: no permission (check the upstream's auth)",
-                    extra={"path": path},
-                )
-                results.append(None)
-    return results
-
-
-def _stat_many(client: KazooClient, paths: Sequence[str]) -> list[ZnodeStat | None]:
-    """``exists`` of each path, without a watch, pipelined."""
-    results: list[ZnodeStat | None] = []
-    for batch in _batched(paths, _BATCH):
-        results.extend(answer.get() for answer in [client.exists_async(path) for path in batch])
-    return results
-
-
-def _close(client: KazooClient) -> None:
-    # stop() interrupts kazoo's reconnect loop, closes the session (its
-    # ephemerals go, which is right: we own none) and fails pending reads.
-    try:
-        client.stop()
-    finally:
-        client.close()
-
-
-# ------------------------------------------------------------------ the mirrored tree
-
-
-@attrs.frozen
-class _Znode:
-    """One instance znode as last read: its ``mzxid`` and what it parsed to."""
-
-    revision: int
-    instance: Instance | None
+# ------------------------------------------------------------------ the followed tree
 
 
 @attrs.define(eq=False)
 class _Root:
-    """A configured root and, from its last listing, the services under it."""
+    """A configured root and the services under it."""
 
+    #: The root as the server spells it (the chroot, if any, prepended).
     path: str
+    #: The root as configured: what logs and diagnostics show.
+    shown: str
     layout: layouts.Layout
     #: What follows the root's child in a service directory ("/providers" for Dubbo).
     tail: str
-    #: Every service under the root (wanted or not), by its directory relative to the root.
+    #: Every service under the root (wanted or not): service -> its directory, relative.
     services: dict[str, str] = attrs.Factory(dict)
 
     @classmethod
-    def of(cls, config: RootConfig) -> _Root:
+    def of(cls, config: RootConfig, chroot: str) -> _Root:
         layout = layouts.get(config.layout)
         # A service's directory is the root's child named after it, plus a
         # fixed tail; derive the tail from the layout rather than restate it.
@@ -330,28 +290,48 @@ class _Root:
         directory = layout.directory(probe)
         if not directory.startswith(probe):
             raise AssertionError(f"layout {config.layout} puts services deeper than one level")
-        return cls(config.path, layout, directory.removeprefix(probe))
+        path = chroot + config.path if config.path != "/" else chroot or "/"
+        return cls(path, config.path, layout, directory.removeprefix(probe))
+
+    def relative(self, path: str) -> str | None:
+        """``path`` relative to the root ("" for the root itself), or None outside it."""
+        root = self.path
+        if path == root:
+            return ""
+        if root == "/":
+            return path[1:]
+        if path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+            return path[len(root) + 1 :]
+        return None
 
     def absolute(self, relative: str) -> str:
         return f"{'' if self.path == '/' else self.path}/{relative}"
 
-    def services_in(self, children: Iterable[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for child in children:
-            relative = child + self.tail
-            service = self.layout.service_of(relative)
-            if service is not None:
-                found[service] = relative
-        return found
+    def shown_path(self, relative: str) -> str:
+        return f"{'' if self.shown == '/' else self.shown}/{relative}"
+
+    def service_of_child(self, child: str) -> str | None:
+        return self.layout.service_of(child + self.tail)
 
     def is_instance_name(self, name: str) -> bool:
         # Finagle reads only member_* znodes; other names in a set's
-        # directory are not instances and get no watch.
+        # directory are not instances.
         return self.layout.NAME != serverset.NAME or name.startswith(serverset.MEMBER_PREFIX)
 
     @property
     def data_in_znodes(self) -> bool:
         return self.layout.NAME != "dubbo"
+
+
+@attrs.frozen(eq=False)
+class _Znode:
+    """One instance znode as last read: its ``mzxid`` and what it parsed to.
+
+    Compared by identity: it is also the claim its znode makes on an instance id.
+    """
+
+    revision: int
+    instance: Instance | None
 
 
 @attrs.define(eq=False)
@@ -360,28 +340,157 @@ class _Directory:
 
     root: _Root
     service: str
+    #: Relative to the root.
     relative: str
     path: str
     znodes: dict[str, _Znode] = attrs.Factory(dict)
 
 
-class _Interrupted(Exception):
-    """A read was cut short by a connection change; a full re-list follows."""
+@attrs.define(eq=False)
+class _Sweep:
+    """A listing in progress: the reads it waits for, and what it covers.
+
+    ``full`` sweeps follow a (re)connection: they list every wanted service
+    from the roots down and end with ``Status(True)``. Partial ones list
+    services that became wanted, from the services already known.
+    """
+
+    #: The services it lists (None: all).
+    scope: frozenset[str] | None
+    full: bool
+    outstanding: int = 0
 
 
-def _wanted(service: str, interest: frozenset[str] | None) -> bool:
-    return interest is None or service in interest
+@attrs.define(eq=False)
+class _ChildListing:
+    """A ``getChildren`` queued or in flight, and what events did meanwhile."""
+
+    path: str
+    sweep: _Sweep | None
+    #: Children created or deleted since it was queued: their events handled them.
+    touched: set[str] = attrs.Factory(set)
+    #: The listed node itself was created or deleted meanwhile: the answer is moot.
+    overtaken: bool = False
 
 
-def _revision(instance: Instance) -> int:
-    return instance.source.revision if instance.source is not None else 0
+@attrs.define(eq=False, slots=True)
+class _Stamp:
+    """Reads of one znode path queued or in flight, and the events for it since."""
+
+    reads: int = 0
+    events: int = 0
+    deletions: int = 0
 
 
-class _Mirror:
-    """The state of one running upstream, owned by its trio task.
+@attrs.define(eq=False, slots=True)
+class _Read:
+    opcode: int
+    path: str
+    handle: Callable[[Reply], None]
+    generation: int
 
-    Everything here is touched only from the trio thread; kazoo's threads
-    reach it only through :meth:`_post` (``run_sync_soon``).
+
+_Claims = _Znode | list[_Znode]
+"""The znodes that claim one instance id: almost always one, so no list for it."""
+
+
+def _winner(claims: _Claims) -> Instance:
+    """The instance of the claim written last (highest ``mzxid``; the first among equals)."""
+    znode = max(claims, key=lambda z: z.revision) if isinstance(claims, list) else claims
+    assert znode.instance is not None
+    return znode.instance
+
+
+def _intersect(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+    """Set intersection where None means "everything"."""
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def _contains(scope: frozenset[str] | None, service: str) -> bool:
+    return scope is None or service in scope
+
+
+# ------------------------------------------------------------------ sending events
+
+
+class _Outbox:
+    """Events to the fan-in, in order: at once when its channel has room.
+
+    When the channel is full, events queue in a backlog that :meth:`drain`
+    sends; meanwhile the tracker holds its incremental changes back (a set
+    of changed ids, coalesced) and is asked for them again once the backlog
+    is empty (``on_drained``). Only listings, statuses and at most one
+    Changed ever queue, and beyond :data:`_MAX_BACKLOG` entries the backlog
+    is replaced by one complete listing (``relist``) and the latest status.
+    """
+
+    def __init__(
+        self,
+        channel: trio.MemorySendChannel[UpstreamEvent],
+        on_drained: Callable[[], None],
+        relist: Callable[[], Listing],
+    ) -> None:
+        self._channel = channel
+        self._on_drained = on_drained
+        self._relist = relist
+        self._backlog: deque[UpstreamEvent] = deque()
+        self._draining = False
+        self._wakeup = trio.Event()
+        self._last_status: Status | None = None
+
+    @property
+    def blocked(self) -> bool:
+        """Events are waiting: a new Changed would only queue behind them."""
+        return self._draining or bool(self._backlog)
+
+    def emit(self, event: UpstreamEvent) -> None:
+        if not self.blocked:
+            try:
+                self._channel.send_nowait(event)
+                return
+            except trio.WouldBlock:
+                pass
+        self._backlog.append(event)
+        if isinstance(event, Status):
+            # Consecutive statuses: only the last one still says anything.
+            while len(self._backlog) > 1 and isinstance(self._backlog[-2], Status):
+                del self._backlog[-2]
+        if len(self._backlog) > _MAX_BACKLOG:
+            status = next((e for e in reversed(self._backlog) if isinstance(e, Status)), None)
+            self._backlog.clear()
+            self._backlog.append(self._relist())
+            if status is not None:
+                self._backlog.append(status)
+        self._wakeup.set()
+
+    def status(self, status: Status) -> None:
+        if status != self._last_status:
+            self._last_status = status
+            self.emit(status)
+
+    async def drain(self) -> None:
+        """Send whatever queues, waiting for room; runs for as long as the upstream."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            self._draining = True
+            while self._backlog:
+                await self._channel.send(self._backlog.popleft())
+            self._draining = False
+            self._on_drained()
+
+
+# ------------------------------------------------------------------ the tracker
+
+
+class _Tracker:
+    """The state of one running upstream, driven by its client's callbacks.
+
+    Everything here runs in trio's thread, most of it synchronously inside
+    the client's reader task (``on_watch``, ``on_session``, reply callbacks),
+    which is what keeps events and replies in arrival order.
     """
 
     def __init__(
@@ -393,485 +502,642 @@ class _Mirror:
     ) -> None:
         self.name = name
         self.config = config
-        self.events = events
-        self.token = trio.lowlevel.current_trio_token()
-        self.roots = {root.path: _Root.of(root) for root in config.roots}
+        self.chroot = config.chroot
+        self.roots = [_Root.of(root, self.chroot) for root in config.roots]
         self.dirs: dict[str, _Directory] = {}
-        self.dirs_by_service: dict[str, set[str]] = {}
-        #: What this upstream last told the fan-in, per service: id -> instance.
+        self.dirs_by_service: dict[str, dict[str, _Directory]] = {}
+        #: service -> instance id -> the znodes whose instance has that id.
+        self.claims: dict[str, dict[str, _Claims]] = {}
+        #: What the fan-in was told, per service: id -> instance.
         self.emitted: dict[str, dict[str, Instance]] = {}
+        #: Instance ids whose claims changed since they were last emitted.
+        self.dirty: dict[str, set[str]] = {}
         self.interest = interest
-        self.applied_interest = interest
-        #: The services wanted throughout since the interest was last applied
-        #: (None: all). The fan-in forgets a service the moment interest in
-        #: it is dropped, so one dropped and wanted again before this loop
-        #: applied either change must be listed again, though the two
-        #: changes cancel out here.
-        self.kept = interest
-        self.armed: set[tuple[WatchKind, str]] = set()
-        self.dirty: set[tuple[WatchKind, str]] = set()
+        #: The services whose state is complete (listed and followed); None: all.
+        self.covered: frozenset[str] | None = frozenset()
+        self.sweep: _Sweep | None = None
+        self.client: ZooKeeperClient | None = None
         self.connected = False
-        self.need_resync = True
-        self.gave_up = False
-        self.closed = False
-        #: Bumped on every disconnect; a read that straddles one is discarded.
-        self.epoch = 0
+        #: Bumped when a connection is lost: its replies no longer count.
         self.generation = 0
-        self.client: KazooClient | None = None
-        self.pending_status: Status | None = None
-        self.last_status: Status | None = None
+        #: Roots whose recursive watch the session holds.
+        self.watched: set[str] = set()
+        #: Per znode path with reads queued or in flight.
+        self.stamps: dict[str, _Stamp] = {}
+        self.listings: dict[str, list[_ChildListing]] = {}
+        self.waiting: deque[_Read] = deque()
+        self.in_flight = 0
+        self.outbox = _Outbox(events, self.flush, self.listing_of_everything)
+        self.resync_wanted = trio.Event()
         self.backoff = Backoff()
-        # Created once: kazoo keeps watchers in a set per path, so the same
-        # callback object registered twice is one watcher.
-        self.child_watcher: Watcher = self._child_fired
-        self.data_watcher: Watcher = self._data_fired
-        self.bell_send, self.bell_receive = trio.open_memory_channel[None](1)
 
-    # -- from kazoo's threads ---------------------------------------------------
+    # -- lifetime ---------------------------------------------------------------------
 
-    def _post(self, function: Callable[..., None], *args: object) -> None:
-        """Hand ``function(*args)`` to the trio thread without waiting."""
-        # A callback after trio has finished: nobody is left to care.
-        with contextlib.suppress(trio.RunFinishedError):
-            self.token.run_sync_soon(function, *args)
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.outbox.drain)
+            nursery.start_soon(self._resyncs)
+            self.outbox.status(Status(False, f"connecting to {self.config.hosts}"))
+            backoff = Backoff(initial=1.0)
+            while True:
+                self.client = ZooKeeperClient(
+                    self.config.servers,
+                    session_timeout_ms=max(1, round(self.config.session_timeout * 1000)),
+                    auth=[(scheme, cred.encode()) for scheme, cred in self.config.auth],
+                    on_watch=self.on_watch,
+                    on_session=self.on_session,
+                )
+                try:
+                    await self.client.run()
+                except KeeperError as exc:
+                    if exc.err != Err.AUTHFAILED:
+                        raise
+                # The server refused a credential and the client stopped for
+                # good; the credential may be added upstream meanwhile.
+                self._lost("authentication failed")
+                self.watched.clear()
+                await backoff.sleep()
 
-    def _child_fired(self, event: WatchedEvent) -> None:
-        self._post(self._note_watch, "child", event)
+    async def _resyncs(self) -> None:
+        """List everything again, after a pause, when a read failed unexpectedly."""
+        while True:
+            await self.resync_wanted.wait()
+            self.resync_wanted = trio.Event()
+            await self.backoff.sleep()
+            if self.connected:
+                self._add_watches()
+                self._start_sweep(_Sweep(self.interest, full=True))
+                self.flush()
 
-    def _data_fired(self, event: WatchedEvent) -> None:
-        self._post(self._note_watch, "data", event)
+    def _request_resync(self, message: str, **fields: object) -> None:
+        log.warning(message, extra={"upstream": self.name, **fields})
+        self.resync_wanted.set()
 
-    def state_listener(self, generation: int, client: KazooClient) -> Callable[[str], None]:
-        def listener(state: str) -> None:
-            # Called on kazoo's connection thread, which must not block.
-            self._post(self._note_state, generation, state, client.client_state)
+    # -- session events ---------------------------------------------------------------
 
-        return listener
-
-    # -- in the trio thread --------------------------------------------------------
-
-    def _ring(self) -> None:
-        if self.closed:
-            return
-        # Already rung: the loop looks at everything pending when it wakes.
-        with contextlib.suppress(trio.WouldBlock):
-            self.bell_send.send_nowait(None)
-
-    def _note_watch(self, kind: WatchKind, event: WatchedEvent) -> None:
-        if self.closed or event.type == EventType.NONE:
-            # NONE is kazoo dropping its watchers on a disconnect; the state
-            # change that comes with it triggers the re-list.
-            return
-        self.armed.discard((kind, event.path))
-        self.dirty.add((kind, event.path))
-        self._ring()
-
-    def _note_state(self, generation: int, state: str, keeper_state: str) -> None:
-        if self.closed or generation != self.generation:
-            return
-        if state == KazooState.CONNECTED:
+    def on_session(self, event: SessionEvent) -> None:
+        if isinstance(event, Connected):
             self.connected = True
-        else:
-            self._disconnected(
-                "connection lost; session kept while reconnecting"
-                if state == KazooState.SUSPENDED
-                else _lost_detail(keeper_state)
-            )
-            if keeper_state == KeeperState.AUTH_FAILED:
-                self.gave_up = True  # kazoo stops trying; run() starts a new client
-        self._ring()
+            if not event.resumed:
+                self.watched.clear()  # a new session holds no watches
+            # A resumed session got its watches back from the client, but not
+            # the events they missed while the connection was down.
+            self._add_watches()
+            self._start_sweep(_Sweep(self.interest, full=True))
+        elif isinstance(event, Disconnected):
+            self._lost("connection lost; session kept while reconnecting")
+        elif isinstance(event, Expired):
+            self.watched.clear()
+            self._lost("session expired; reconnecting with a new session")
+        elif isinstance(event, AuthFailed):
+            self._lost("authentication failed")
+        self.flush()
 
-    def _disconnected(self, detail: str) -> None:
+    def _lost(self, detail: str) -> None:
+        """No connection: keep the state (stale), forget every read in progress."""
         self.connected = False
-        self.epoch += 1
-        self.armed.clear()  # kazoo forgot them all, and so did the server
-        self.dirty.clear()  # the re-list after reconnecting covers them
-        self.need_resync = True
-        self.pending_status = Status(False, detail)
-
-    def attach(self, client: KazooClient) -> Callable[[str], None]:
-        """Adopt a new kazoo client; returns the state listener to register on it."""
         self.generation += 1
-        self.client = client
-        self.gave_up = False
-        self._disconnected(f"connecting to {self.config.hosts}")
-        return self.state_listener(self.generation, client)
+        self.sweep = None
+        self.waiting.clear()
+        self.in_flight = 0
+        self.stamps.clear()
+        self.listings.clear()
+        self.outbox.status(Status(False, detail))
+
+    def _add_watches(self) -> None:
+        assert self.client is not None
+        generation = self.generation
+        for root in self.roots:
+            if root.path in self.watched:
+                continue
+
+            def added(reply: Reply, root: _Root = root) -> None:
+                if generation != self.generation or reply.err == Err.CONNECTIONLOSS:
+                    return
+                if reply.err == Err.OK:
+                    self.watched.add(root.path)
+                else:
+                    self._request_resync(
+                        "cannot watch a root; retrying",
+                        path=root.shown,
+                        error=_err_name(reply.err),
+                    )
+
+            try:
+                self.client.submit(
+                    OpCode.ADD_WATCH,
+                    AddWatchRequest(root.path, AddWatchMode.PERSISTENT_RECURSIVE),
+                    added,
+                )
+            except ConnectionLost:
+                return  # the loss is being reported; the next connection adds it
+
+    # -- interest ---------------------------------------------------------------------
 
     def set_interest(self, services: frozenset[str] | None) -> None:
         self.interest = services
         if services is not None:
-            self.kept = services if self.kept is None else self.kept & services
-        self._ring()
+            for service in [s for s in self.dirs_by_service if s not in services]:
+                self._forget(service)
+            for table in (self.claims, self.emitted, self.dirty):
+                for service in [s for s in table if s not in services]:
+                    del table[service]
+            self.covered = services if self.covered is None else self.covered & services
+        self._reconcile()
+        self.flush()
 
-    # -- the loop -------------------------------------------------------------------
+    def _wanted(self, service: str) -> bool:
+        return self.interest is None or service in self.interest
 
-    async def serve(self) -> None:
-        """Keep the fan-in in sync until cancelled, or until kazoo gives up."""
-        while not self.gave_up:
-            await self._work()
-            if self.gave_up:
+    def _reconcile(self) -> None:
+        """List the services that are wanted but not covered, unless a listing runs."""
+        covered = self.covered
+        if not self.connected or self.sweep is not None or covered is None:
+            return
+        if self.interest is None:
+            sweep = _Sweep(None, full=False)
+        else:
+            missing = self.interest - covered
+            if not missing:
                 return
-            await self.bell_receive.receive()
+            sweep = _Sweep(missing, full=False)
+        self.sweep = sweep
+        for root in self.roots:
+            for service, relative in list(root.services.items()):
+                if service not in covered and _contains(sweep.scope, service):
+                    self._list_directory(self._directory(root, service, relative), sweep)
+        if sweep.outstanding == 0:
+            self._sweep_done(sweep)
 
-    async def _work(self) -> None:
-        while not self.gave_up:
-            await self._report_status()
-            if not self.connected:
-                return
-            epoch = self.epoch
-            try:
-                if self.need_resync:
-                    await self._resync()
-                elif self.interest != self.applied_interest or self.kept != self.interest:
-                    await self._apply_interest()
-                elif self.dirty:
-                    await self._refresh_dirty()
-                else:
-                    return
-            except _Interrupted as exc:
-                self.need_resync = True
-                if self.epoch == epoch:
-                    # Which watches the failed reads left set is unknown;
-                    # the re-list asks again for all (the server and kazoo
-                    # fold a repeated watch on one path into one).
-                    self.armed.clear()
-                    # Not a connection change we were told about: do not spin on it.
-                    log.warning(
-                        "zookeeper read failed; re-listing",
-                        extra={"upstream": self.name, "error": str(exc)},
-                    )
-                    await self.backoff.sleep()
+    # -- sweeps -----------------------------------------------------------------------
 
-    async def _report_status(self) -> None:
-        status, self.pending_status = self.pending_status, None
-        if status is not None and status != self.last_status:
-            self.last_status = status
-            await self.events.send(status)
+    def _start_sweep(self, sweep: _Sweep) -> None:
+        self.sweep = sweep
+        for root in self.roots:
+            self._list_root(root, sweep)
 
-    async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
-        """``function(client, *args)`` in a worker thread; _Interrupted if the connection moved."""
-        epoch = self.epoch
-        if not self.connected or self.client is None:
-            raise _Interrupted("not connected")
+    def _done(self, sweep: _Sweep | None) -> None:
+        if sweep is None:
+            return
+        sweep.outstanding -= 1
+        if sweep.outstanding == 0 and sweep is self.sweep:
+            self._sweep_done(sweep)
+
+    def _sweep_done(self, sweep: _Sweep) -> None:
+        self.sweep = None
+        scope = _intersect(sweep.scope, self.interest)
+        if sweep.full:
+            self.covered = scope
+        else:
+            joined = None if self.covered is None or sweep.scope is None else self.covered | scope
+            self.covered = _intersect(joined, self.interest)
+        self.outbox.emit(self._listing(scope))
+        if sweep.full:
+            self.backoff.reset()
+            self.outbox.status(Status(True, "connected"))
+        self._reconcile()
+
+    def _listing(self, scope: frozenset[str] | None) -> Listing:
+        """The complete state of ``scope`` as a Listing; the fan-in will hold exactly that."""
+        services = list(self.claims) if scope is None else [s for s in scope if s in self.claims]
+        if scope is None:
+            self.emitted.clear()
+            self.dirty.clear()
+        else:
+            for service in scope:
+                self.emitted.pop(service, None)
+                self.dirty.pop(service, None)
+        instances: list[Instance] = []
+        for service in services:
+            winners = {
+                instance_id: _winner(claims) for instance_id, claims in self.claims[service].items()
+            }
+            self.emitted[service] = winners
+            instances.extend(winners.values())
+        return Listing(tuple(instances), services=scope)
+
+    def listing_of_everything(self) -> Listing:
+        return self._listing(None)
+
+    # -- reads ------------------------------------------------------------------------
+
+    def _read(self, opcode: int, path: str, handle: Callable[[Reply], None], urgent: bool) -> None:
+        read = _Read(opcode, path, handle, self.generation)
+        if self.in_flight < _WINDOW and not self.waiting:
+            self._send(read)
+        elif urgent:
+            # An event's read is fresher than a listing's: it goes first.
+            self.waiting.appendleft(read)
+        else:
+            self.waiting.append(read)
+
+    def _send(self, read: _Read) -> None:
+        assert self.client is not None
         try:
-            # Abandoned on cancel: a read blocked on a dead ensemble must not
-            # hold up shutdown; closing the client then fails it.
-            result = await trio.to_thread.run_sync(
-                function, self.client, *args, abandon_on_cancel=True
+            self.client.submit(
+                read.opcode,
+                PathWatchRequest(read.path, False),
+                lambda reply: self._answered(read, reply),
             )
-        except _CONNECTION_ERRORS as exc:
-            raise _Interrupted(type(exc).__name__) from exc
-        except KazooException as exc:
-            log.exception("unexpected error from zookeeper", extra={"upstream": self.name})
-            raise _Interrupted(type(exc).__name__) from exc
-        if self.epoch != epoch:
-            raise _Interrupted("connection changed during the read")
-        return result
+        except Overloaded:
+            # Not with reads bounded by _WINDOW; if ever, start over later.
+            self._request_resync("zookeeper client overloaded; re-listing", path=read.path)
+            return
+        except ConnectionLost:
+            return  # the loss is being reported, and every read is forgotten with it
+        self.in_flight += 1
 
-    async def _send(self, event: UpstreamEvent) -> None:
-        await self.events.send(event)
+    def _answered(self, read: _Read, reply: Reply) -> None:
+        if read.generation != self.generation:
+            return
+        self.in_flight -= 1
+        if reply.err == Err.CONNECTIONLOSS:
+            return  # Disconnected follows, and a full listing after the reconnect
+        read.handle(reply)
+        while self.waiting and self.in_flight < _WINDOW and self.connected:
+            self._send(self.waiting.popleft())
+        self.flush()
 
-    # -- reading ----------------------------------------------------------------------
-
-    async def _list(self, path: str) -> list[str] | None:
-        """Children of ``path`` (None if missing), arming its watch unless one is pending."""
-        child_watch = None if ("child", path) in self.armed else self.child_watcher
-        exists_watch = None if ("data", path) in self.armed else self.data_watcher
-        # Marked before the read: the watch can fire, and its note reach
-        # this thread, before the read's own answer does.
-        if child_watch is not None:
-            self.armed.add(("child", path))
-        if exists_watch is not None:
-            self.armed.add(("data", path))
-        children, child_set, exists_set = await self._call(
-            _children, path, child_watch, exists_watch
+    def _unexpected(self, err: int, path: str) -> None:
+        self._request_resync(
+            "unexpected zookeeper error; re-listing", path=self._shown(path), error=_err_name(err)
         )
-        if child_watch is not None and not child_set:
-            self.armed.discard(("child", path))
-        if exists_watch is not None and not exists_set:
-            self.armed.discard(("data", path))
-        return children
 
-    async def _load(
-        self,
-        root: _Root,
-        service: str,
-        relative: str,
-        path: str,
-        previous: Mapping[str, _Znode],
-        *,
-        full: bool,
-    ) -> dict[str, _Znode]:
-        """The instance znodes of one directory, with their watches armed.
+    def _children(self, reply: Reply, path: str) -> tuple[str, ...] | None:
+        """A ``getChildren`` answer: the names, () where there are none to see, None on error."""
+        if reply.err == Err.OK and isinstance(reply.body, GetChildrenResponse):
+            return reply.body.children
+        if reply.err == Err.NONODE:
+            return ()
+        if reply.err == Err.NOAUTH:
+            log.warning(
+                "cannot list a znode: no permission (check the upstream's auth)",
+                extra={"path": self._shown(path), "upstream": self.name},
+            )
+            return ()
+        self._unexpected(reply.err, path)
+        return None
 
-        ``full`` re-reads every znode (after a reconnect nothing is watched);
-        otherwise only names not seen before are read: the others' data
-        watches are pending, so their data is what ``previous`` holds.
-        """
-        children = await self._list(path)
-        if children is None:
-            return {}
-        names = [name for name in children if root.is_instance_name(name)]
-        znodes: dict[str, _Znode] = {}
-        fetch: list[str] = []
-        for name in names:
-            known = previous.get(name)
-            # A Dubbo znode's name is all there is to it: it never changes.
-            if known is not None and (not full or not root.data_in_znodes):
-                znodes[name] = known
-            else:
-                fetch.append(name)
-        if not fetch:
-            return znodes
-        paths = [f"{path}/{name}" for name in fetch]
-        if not root.data_in_znodes:
-            stats = await self._call(_stat_many, paths)
-            for name, stat in zip(fetch, stats, strict=True):
-                if stat is not None:
-                    znodes[name] = self._parse(root, service, relative, name, b"", stat.mzxid)
-            return znodes
-        await self._read_into(root, service, relative, path, fetch, previous, znodes)
-        return znodes
+    def _listing_of(self, path: str, sweep: _Sweep | None) -> _ChildListing:
+        listing = _ChildListing(path, sweep)
+        self.listings.setdefault(path, []).append(listing)
+        if sweep is not None:
+            sweep.outstanding += 1
+        return listing
 
-    async def _read_into(
-        self,
-        root: _Root,
-        service: str,
-        relative: str,
-        path: str,
-        names: Sequence[str],
-        previous: Mapping[str, _Znode],
-        znodes: dict[str, _Znode],
-    ) -> None:
-        """Read ``names`` (arming their data watches) into ``znodes``; drop the gone ones."""
-        requests = []
-        for name in names:
-            node = f"{path}/{name}"
-            if ("data", node) in self.armed:
-                requests.append((node, None))
-            else:
-                self.armed.add(("data", node))  # before the read, as in _list
-                requests.append((node, self.data_watcher))
-        results = await self._call(_get_many, requests)
-        for (node, watch), name, result in zip(requests, names, results, strict=True):
-            if result is None:
-                if watch is not None:
-                    self.armed.discard(("data", node))  # a missing node keeps no watch
-                znodes.pop(name, None)
-                continue
-            data, stat = result
-            known = previous.get(name)
-            if known is not None and known.revision == stat.mzxid:
-                znodes[name] = known  # unchanged: no parse, and no second log line
-            else:
-                znodes[name] = self._parse(root, service, relative, name, data, stat.mzxid)
+    def _listed(self, listing: _ChildListing) -> None:
+        pending = self.listings.get(listing.path)
+        if pending is not None:
+            pending.remove(listing)
+            if not pending:
+                del self.listings[listing.path]
 
-    def _parse(
-        self, root: _Root, service: str, relative: str, name: str, data: bytes, revision: int
-    ) -> _Znode:
-        source = Source(self.name, f"{relative}/{name}", revision)
+    def _list_root(self, root: _Root, sweep: _Sweep | None) -> None:
+        listing = self._listing_of(root.path, sweep)
+        self._read(
+            OpCode.GET_CHILDREN,
+            root.path,
+            lambda reply: self._root_listed(root, listing, reply),
+            urgent=sweep is None,
+        )
+
+    def _root_listed(self, root: _Root, listing: _ChildListing, reply: Reply) -> None:
+        self._listed(listing)
         try:
-            instance = root.layout.parse(service, name, data, source=source)
+            if listing.overtaken:
+                return  # the root's own event listed it again, or emptied it
+            names = self._children(reply, root.path)
+            if names is None:
+                return
+            touched = listing.touched
+            listed: dict[str, str] = {}
+            for child in names:
+                if child not in touched:
+                    service = root.service_of_child(child)
+                    if service is not None:
+                        listed[service] = child + root.tail
+            for service, relative in list(root.services.items()):
+                if service not in listed and relative.partition("/")[0] not in touched:
+                    self._service_gone(root, service)
+            sweep = listing.sweep
+            for service, relative in listed.items():
+                root.services[service] = relative
+                if self._wanted(service) and (sweep is None or _contains(sweep.scope, service)):
+                    self._list_directory(self._directory(root, service, relative), sweep)
+        finally:
+            self._done(listing.sweep)
+
+    def _list_directory(self, directory: _Directory, sweep: _Sweep | None) -> None:
+        listing = self._listing_of(directory.path, sweep)
+        self._read(
+            OpCode.GET_CHILDREN,
+            directory.path,
+            lambda reply: self._directory_listed(directory, listing, reply),
+            urgent=sweep is None,
+        )
+
+    def _directory_listed(
+        self, directory: _Directory, listing: _ChildListing, reply: Reply
+    ) -> None:
+        self._listed(listing)
+        try:
+            if listing.overtaken or self.dirs.get(directory.path) is not directory:
+                return
+            names = self._children(reply, directory.path)
+            if names is None:
+                return
+            root, touched = directory.root, listing.touched
+            present = [n for n in names if n not in touched and root.is_instance_name(n)]
+            keep = touched.union(present)
+            for name in [n for n in directory.znodes if n not in keep]:
+                self._set_znode(directory, name, None)
+            for name in present:
+                # A Dubbo znode's name is all there is to it: it never changes.
+                if root.data_in_znodes or name not in directory.znodes:
+                    self._read_znode(directory, name, listing.sweep)
+        finally:
+            self._done(listing.sweep)
+
+    def _read_znode(self, directory: _Directory, name: str, sweep: _Sweep | None) -> None:
+        path = f"{directory.path}/{name}"
+        stamp = self.stamps.get(path)
+        if stamp is None:
+            stamp = self.stamps[path] = _Stamp()
+        stamp.reads += 1
+        seen = (stamp.events, stamp.deletions)
+        if sweep is not None:
+            sweep.outstanding += 1
+        opcode = OpCode.GET_DATA if directory.root.data_in_znodes else OpCode.EXISTS
+        self._read(
+            opcode,
+            path,
+            lambda reply: self._znode_read(directory, name, path, seen, sweep, reply),
+            urgent=sweep is None,
+        )
+
+    def _znode_read(
+        self,
+        directory: _Directory,
+        name: str,
+        path: str,
+        seen: tuple[int, int],
+        sweep: _Sweep | None,
+        reply: Reply,
+    ) -> None:
+        stamp = self.stamps[path]
+        events, deletions = seen
+        overtaken, deleted = stamp.events != events, stamp.deletions != deletions
+        stamp.reads -= 1
+        if not stamp.reads:
+            del self.stamps[path]
+        try:
+            if self.dirs.get(directory.path) is not directory:
+                return
+            body = reply.body
+            known = directory.znodes.get(name)
+            if overtaken and (
+                # An event for this path arrived while the read was out, so the
+                # answer may predate it. After a deletion it is thrown away (the
+                # event removed the znode). After creations and data changes,
+                # each of which sent a read of its own, it counts only if newer
+                # than what is held: a stale answer never wins, and a znode
+                # written faster than a round trip still moves forward.
+                deleted
+                or reply.err != Err.OK
+                or not isinstance(body, GetDataResponse | StatResponse)
+                or (known is not None and body.stat.mzxid <= known.revision)
+            ):
+                return
+            if reply.err == Err.OK and isinstance(body, GetDataResponse | StatResponse):
+                revision = body.stat.mzxid
+                if known is None or known.revision != revision:
+                    data = (body.data or b"") if isinstance(body, GetDataResponse) else b""
+                    self._set_znode(directory, name, self._parse(directory, name, data, revision))
+            elif reply.err == Err.NONODE:
+                self._set_znode(directory, name, None)
+            elif reply.err == Err.NOAUTH:
+                log.warning(
+                    "cannot read a znode: no permission (check the upstream's auth)",
+                    extra={"path": self._shown(path), "upstream": self.name},
+                )
+                self._set_znode(directory, name, None)
+            else:
+                self._unexpected(reply.err, path)
+        finally:
+            self._done(sweep)
+
+    def _parse(self, directory: _Directory, name: str, data: bytes, revision: int) -> _Znode:
+        root = directory.root
+        source = Source(self.name, f"{directory.relative}/{name}", revision)
+        fields = {
+            "path": f"{root.shown_path(directory.relative)}/{name}",
+            "service": directory.service,
+            "upstream": self.name,
+            "layout": root.layout.NAME,
+        }
+        try:
+            instance = root.layout.parse(directory.service, name, data, source=source)
         except Exception:
             # Layouts promise not to raise; if one does, it is one bad znode,
-            # not a reason to stop mirroring the rest.
-            log.exception(
-                "layout failed on a znode",
-                extra={
-                    "path": f"{root.absolute(relative)}/{name}",
-                    "service": service,
-                    "upstream": self.name,
-                    "layout": root.layout.NAME,
-                },
-            )
+            # not a reason to stop following the rest.
+            log.exception("layout failed on a znode", extra=fields)
             instance = None
         if instance is None:
             log.warning(
                 "skipping a znode that is not an instance of its layout",
-                extra={
-                    "path": f"{root.absolute(relative)}/{name}",
-                    "service": service,
-                    "upstream": self.name,
-                    "layout": root.layout.NAME,
-                    "mzxid": hex(revision),
-                },
+                extra={**fields, "mzxid": hex(revision)},
             )
         return _Znode(revision, instance)
 
-    # -- bookkeeping ----------------------------------------------------------------------
+    def _shown(self, path: str) -> str:
+        return (path[len(self.chroot) :] or "/") if self.chroot else path
 
-    def _add_dir(self, directory: _Directory) -> None:
-        self.dirs[directory.path] = directory
-        self.dirs_by_service.setdefault(directory.service, set()).add(directory.path)
+    # -- watch events -----------------------------------------------------------------
 
-    def _drop_dir(self, path: str) -> str:
-        directory = self.dirs.pop(path)
-        paths = self.dirs_by_service[directory.service]
-        paths.discard(path)
-        if not paths:
-            del self.dirs_by_service[directory.service]
-        return directory.service
-
-    def _view(self, service: str) -> dict[str, Instance]:
-        """The service as the fan-in should see it, merged over its directories."""
-        view: dict[str, Instance] = {}
-        for path in self.dirs_by_service.get(service, ()):
-            for znode in self.dirs[path].znodes.values():
-                instance = znode.instance
-                if instance is None:
-                    continue
-                current = view.get(instance.instance_id)
-                if current is None or _revision(instance) > _revision(current):
-                    view[instance.instance_id] = instance
-        return view
-
-    def _publish(self, services: Iterable[str]) -> list[Change]:
-        """Bring ``emitted`` up to date for ``services``; the changes that takes."""
-        changes: list[Change] = []
-        for service in services:
-            view = self._view(service)
-            changes.extend(diff(self.emitted.get(service, {}), view))
-            if view:
-                self.emitted[service] = view
-            else:
-                self.emitted.pop(service, None)
-        return changes
-
-    # -- the three kinds of work -------------------------------------------------------
-
-    async def _resync(self) -> None:
-        """Re-list everything wanted, re-arm every watch, emit one Listing."""
-        interest = self.interest
-        listed: dict[str, dict[str, str]] = {}
-        for root in self.roots.values():
-            listed[root.path] = root.services_in(await self._list(root.path) or ())
-        directories: list[_Directory] = []
-        for root in self.roots.values():
-            for service, relative in listed[root.path].items():
-                if not _wanted(service, interest):
-                    continue
-                path = root.absolute(relative)
-                known = self.dirs.get(path)
-                znodes = await self._load(
-                    root, service, relative, path, known.znodes if known else {}, full=True
-                )
-                directories.append(_Directory(root, service, relative, path, znodes))
-        # Commit only a complete listing: an interrupted one leaves the old
-        # state, which the next listing is diffed against.
-        for root in self.roots.values():
-            root.services = listed[root.path]
-        self.dirs.clear()
-        self.dirs_by_service.clear()
-        for directory in directories:
-            self._add_dir(directory)
-        self.emitted = {}
-        self._publish(list(self.dirs_by_service))
-        self.applied_interest = self.kept = interest
-        self.need_resync = False
-        self.backoff.reset()
-        instances = tuple(i for view in self.emitted.values() for i in view.values())
-        await self._send(Listing(instances, services=interest))
-        self.pending_status = Status(True, "connected")
-        await self._report_status()
-
-    async def _apply_interest(self) -> None:
-        interest, previous = self.interest, self.applied_interest
-        kept, self.kept = self.kept, interest
-        for path, directory in list(self.dirs.items()):
-            if not _wanted(directory.service, interest):
-                self.emitted.pop(self._drop_dir(path), None)
-        added: set[str] = set()
-        for root in self.roots.values():
-            for service, relative in root.services.items():
-                path = root.absolute(relative)
-                if _wanted(service, interest) and path not in self.dirs:
-                    znodes = await self._load(root, service, relative, path, {}, full=True)
-                    self._add_dir(_Directory(root, service, relative, path, znodes))
-                    added.add(service)
-        self.applied_interest = interest
-        if interest is None:
-            if previous is not None or kept is not None:
-                self._publish(added)
-                instances = tuple(i for view in self.emitted.values() for i in view.values())
-                await self._send(Listing(instances))
+    def on_watch(self, event: WatcherEvent) -> None:
+        kind, path = event.type, event.path
+        if kind not in (_CREATED, _DELETED, _CHANGED) or not self.connected:
             return
-        forgotten = frozenset() if kept is None else interest - kept
-        scope = (frozenset() if previous is None else interest - previous) | forgotten
-        if not scope:
-            return  # narrowed only
-        self._publish(added)
-        instances = tuple(i for s in scope for i in self.emitted.get(s, {}).values())
-        await self._send(Listing(instances, services=frozenset(scope)))
+        self._overtake(path, kind)
+        for root in self.roots:
+            relative = root.relative(path)
+            if relative is not None:
+                self._event(root, relative, path, kind)
+                break
+        self.flush()
 
-    async def _refresh_dirty(self) -> None:
-        dirty, self.dirty = self.dirty, set()
-        roots: list[_Root] = []
-        directories: list[str] = []
-        nodes: dict[str, list[str]] = {}
-        for kind, path in dirty:
-            if path in self.roots:
-                roots.append(self.roots[path])
-            elif path in self.dirs:
-                directories.append(path)
-            elif kind == "data":
-                parent, _, name = path.rpartition("/")
-                if parent in self.dirs:
-                    nodes.setdefault(parent, []).append(name)
-            # Anything else is a path we stopped caring about: not re-armed.
-        touched: set[str] = set()
-        for root in roots:
-            touched |= await self._refresh_root(root)
-        for path in directories:
+    def _overtake(self, path: str, kind: int) -> None:
+        """Mark the reads that ``path``'s event may have overtaken."""
+        stamp = self.stamps.get(path)
+        if stamp is not None:
+            stamp.events += 1
+            if kind == _DELETED:
+                stamp.deletions += 1
+        if kind == _CHANGED:
+            return  # data: no listing's answer depends on it
+        for listing in self.listings.get(path, ()):
+            listing.overtaken = True
+        parent, _, name = path.rpartition("/")
+        for listing in self.listings.get(parent or "/", ()):
+            listing.touched.add(name)
+
+    def _event(self, root: _Root, relative: str, path: str, kind: int) -> None:
+        if not relative:
+            if kind == _CREATED:
+                self._list_root(root, None)
+            elif kind == _DELETED:
+                # Its children went first, each with an event; this is a backstop.
+                for service in list(root.services):
+                    self._service_gone(root, service)
+            return
+        child, slash, _ = relative.partition("/")
+        if not slash:
+            if kind == _CREATED:
+                service = root.service_of_child(child)
+                if service is not None:
+                    self._service_appeared(root, service, child + root.tail)
+            elif kind == _DELETED:
+                service = root.service_of_child(child)
+                if service is not None and root.services.get(service) == child + root.tail:
+                    self._service_gone(root, service)
+            return
+        service_dir = child + root.tail
+        if relative == service_dir:
+            # Dubbo's providers directory, below the interface's znode.
             directory = self.dirs.get(path)
             if directory is not None:
-                directory.znodes = await self._load(
-                    directory.root,
-                    directory.service,
-                    directory.relative,
-                    path,
-                    directory.znodes,
-                    full=False,
-                )
-                touched.add(directory.service)
-        for path, names in nodes.items():
-            directory = self.dirs.get(path)
-            if directory is not None and directory.root.data_in_znodes:
-                await self._read_into(
-                    directory.root,
-                    directory.service,
-                    directory.relative,
-                    path,
-                    [n for n in names if n in directory.znodes],
-                    directory.znodes,
-                    directory.znodes,
-                )
-                touched.add(directory.service)
-        changes = self._publish(touched)
+                if kind == _CREATED:
+                    self._list_directory(directory, None)
+                elif kind == _DELETED:
+                    for name in list(directory.znodes):
+                        self._set_znode(directory, name, None)
+            return
+        parent, _, name = relative.rpartition("/")
+        if parent != service_dir:
+            return
+        directory = self.dirs.get(path[: -len(name) - 1])
+        if directory is None or not root.is_instance_name(name):
+            return
+        if kind == _DELETED:
+            self._set_znode(directory, name, None)
+        elif kind == _CREATED or root.data_in_znodes:
+            self._read_znode(directory, name, None)
+
+    def _service_appeared(self, root: _Root, service: str, relative: str) -> None:
+        root.services[service] = relative
+        if self._wanted(service):
+            # Created empty, its children come with events of their own; the
+            # listing is a backstop that costs one read per new service.
+            self._list_directory(self._directory(root, service, relative), None)
+
+    def _service_gone(self, root: _Root, service: str) -> None:
+        relative = root.services.pop(service, None)
+        if relative is not None:
+            directory = self.dirs.get(root.absolute(relative))
+            if directory is not None:
+                self._drop_directory(directory)
+
+    # -- state ------------------------------------------------------------------------
+
+    def _directory(self, root: _Root, service: str, relative: str) -> _Directory:
+        path = root.absolute(relative)
+        directory = self.dirs.get(path)
+        if directory is None:
+            directory = _Directory(root, service, relative, path)
+            self.dirs[path] = directory
+            self.dirs_by_service.setdefault(service, {})[path] = directory
+        return directory
+
+    def _drop_directory(self, directory: _Directory) -> None:
+        for name in list(directory.znodes):
+            self._set_znode(directory, name, None)
+        del self.dirs[directory.path]
+        by_path = self.dirs_by_service[directory.service]
+        del by_path[directory.path]
+        if not by_path:
+            del self.dirs_by_service[directory.service]
+
+    def _forget(self, service: str) -> None:
+        """Drop a service nobody wants any more, telling the fan-in nothing."""
+        for directory in list(self.dirs_by_service.get(service, {}).values()):
+            self._drop_directory(directory)
+
+    def _set_znode(self, directory: _Directory, name: str, znode: _Znode | None) -> None:
+        if znode is None:
+            old = directory.znodes.pop(name, None)
+        else:
+            old = directory.znodes.get(name)
+            directory.znodes[name] = znode
+        if old is not None and old.instance is not None:
+            self._unclaim(old, old.instance)
+        if znode is not None and znode.instance is not None:
+            self._claim(znode, znode.instance)
+
+    def _claim(self, znode: _Znode, instance: Instance) -> None:
+        by_id = self.claims.setdefault(instance.service, {})
+        held = by_id.get(instance.instance_id)
+        if held is None:
+            by_id[instance.instance_id] = znode
+        elif isinstance(held, list):
+            held.append(znode)
+        else:
+            by_id[instance.instance_id] = [held, znode]
+        self.dirty.setdefault(instance.service, set()).add(instance.instance_id)
+
+    def _unclaim(self, znode: _Znode, instance: Instance) -> None:
+        by_id = self.claims[instance.service]
+        held = by_id[instance.instance_id]
+        if isinstance(held, list):
+            held[:] = [z for z in held if z is not znode]
+            if len(held) == 1:
+                by_id[instance.instance_id] = held[0]
+        else:
+            del by_id[instance.instance_id]
+            if not by_id:
+                del self.claims[instance.service]
+        self.dirty.setdefault(instance.service, set()).add(instance.instance_id)
+
+    def flush(self) -> None:
+        """Emit what changed since the last event, unless a listing will carry it."""
+        if not self.dirty or self.outbox.blocked:
+            return
+        held: frozenset[str] | None = frozenset()
+        if self.sweep is not None:
+            held = self.sweep.scope
+            if held is None:
+                return
+        changes: list[Change] = []
+        for service in [s for s in self.dirty if s not in held]:
+            ids = self.dirty.pop(service)
+            claims = self.claims.get(service, {})
+            emitted = self.emitted.get(service)
+            for instance_id in ids:
+                held = claims.get(instance_id)
+                winner = _winner(held) if held is not None else None
+                current = emitted.get(instance_id) if emitted is not None else None
+                if winner is None:
+                    if current is not None and emitted is not None:
+                        del emitted[instance_id]
+                        changes.append(Remove(service, instance_id))
+                elif current is None or current != winner:
+                    if emitted is None:
+                        emitted = self.emitted[service] = {}
+                    emitted[instance_id] = winner
+                    changes.append(Put(winner))
+            if emitted is not None and not emitted:
+                del self.emitted[service]
         if changes:
-            await self._send(Changed(tuple(changes)))
+            self.outbox.emit(Changed(tuple(changes)))
 
-    async def _refresh_root(self, root: _Root) -> set[str]:
-        services = root.services_in(await self._list(root.path) or ())
-        root.services = services
-        touched: set[str] = set()
-        for path, directory in list(self.dirs.items()):
-            if directory.root is root and services.get(directory.service) != directory.relative:
-                touched.add(self._drop_dir(path))
-        for service, relative in services.items():
-            path = root.absolute(relative)
-            if _wanted(service, self.applied_interest) and path not in self.dirs:
-                znodes = await self._load(root, service, relative, path, {}, full=True)
-                self._add_dir(_Directory(root, service, relative, path, znodes))
-                touched.add(service)
-        return touched
+    def watches(self) -> frozenset[tuple[WatchKind, str]]:
+        return frozenset(("recursive", r.shown) for r in self.roots if r.path in self.watched)
 
 
-def _lost_detail(keeper_state: str) -> str:
-    if keeper_state == KeeperState.EXPIRED_SESSION:
-        return "session expired; reconnecting with a new session"
-    if keeper_state == KeeperState.AUTH_FAILED:
-        return "authentication failed"
-    return "session closed"
+def _err_name(err: int) -> str:
+    try:
+        return Err(err).name
+    except ValueError:
+        return str(err)
 
 
 # ------------------------------------------------------------------ the upstream
@@ -884,7 +1150,7 @@ class ZooKeeperUpstream:
         self.name = name
         self.config = config
         self._interest: frozenset[str] | None = None
-        self._mirror: _Mirror | None = None
+        self._tracker: _Tracker | None = None
 
     @classmethod
     def from_config(cls, name: str, options: Mapping[str, Any]) -> Self:
@@ -892,44 +1158,22 @@ class ZooKeeperUpstream:
 
     def set_interest(self, services: frozenset[str] | None) -> None:
         self._interest = None if services is None else frozenset(services)
-        if self._mirror is not None:
-            self._mirror.set_interest(self._interest)
+        if self._tracker is not None:
+            self._tracker.set_interest(self._interest)
 
     def watches(self) -> frozenset[tuple[WatchKind, str]]:
-        """The upstream watches this adapter believes pending, as ``(kind, path)``.
+        """The upstream watches the session holds, as ``(kind, root)``.
 
-        For diagnostics (and tests): each path appears at most once per
-        kind, which is the "one upstream watch per watched path" promise.
+        For diagnostics (and tests): one persistent recursive watch per
+        configured root, whatever is registered below it.
         """
-        return frozenset(self._mirror.armed) if self._mirror is not None else frozenset()
-
-    def _new_client(self) -> KazooClient:
-        return KazooClient(
-            hosts=self.config.hosts,
-            timeout=self.config.session_timeout,
-            connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=10.0),
-            auth_data=set(self.config.auth),
-        )
+        return self._tracker.watches() if self._tracker is not None else frozenset()
 
     async def run(self, events: trio.MemorySendChannel[UpstreamEvent]) -> None:
-        if self._mirror is not None:
+        if self._tracker is not None:
             raise RuntimeError(f"upstream {self.name!r} is already running")
-        mirror = _Mirror(self.name, self.config, events, self._interest)
-        self._mirror = mirror
-        backoff = Backoff(initial=1.0)
+        self._tracker = _Tracker(self.name, self.config, events, self._interest)
         try:
-            while True:
-                client = self._new_client()
-                client.add_listener(mirror.attach(client))
-                try:
-                    await trio.to_thread.run_sync(client.start_async)
-                    await mirror.serve()
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(_close, client)
-                # Only an authentication failure gets here: kazoo stops
-                # retrying after one, so retry with a fresh client.
-                await backoff.sleep()
+            await self._tracker.run()
         finally:
-            mirror.closed = True
-            self._mirror = None
+            self._tracker = None

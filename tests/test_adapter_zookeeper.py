@@ -5,6 +5,9 @@ provider URL znode, Curator's ServiceInstance JSON, a Finagle ``member_``
 sequential ephemeral, a plain JSON record); the adapter's events are folded
 into a snapshot exactly as the fan-in folds them (tests/upstream_fold.py).
 
+The adapter holds one persistent recursive watch per root and nothing else;
+the tests check that on the server itself (``wchp``, ``mntr``).
+
 The shared ``zookeeper`` serves the tests that only read and write under
 their own ``unique_path``; the tests that count the server's watches or kill
 the server get one of their own from ``zookeeper_factory``.
@@ -105,6 +108,80 @@ def make_upstream(hosts: str, *roots: tuple[str, str], **options: Any) -> ZooKee
             **options,
         },
     )
+
+
+class Link:
+    """A TCP forwarder in front of a real server, whose connections a test can cut.
+
+    ``cut`` closes every forwarded connection and refuses new ones (accept,
+    then close) until ``heal``: a network partition that the server survives,
+    so that a test can change the registry while the adapter cannot see it.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self._cut = False
+        self._links: set[trio.CancelScope] = set()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._forward, listeners)
+
+    def cut(self) -> None:
+        self._cut = True
+        for scope in self._links:
+            scope.cancel()
+
+    def heal(self) -> None:
+        self._cut = False
+
+    async def _forward(self, downstream: trio.SocketStream) -> None:
+        async with downstream:
+            if self._cut:
+                return
+            try:
+                upstream = await trio.open_tcp_stream(*self.target)
+            except OSError:
+                return  # the server is down: the client sees a closed connection
+            async with upstream, trio.open_nursery() as nursery:
+                self._links.add(nursery.cancel_scope)
+                try:
+                    nursery.start_soon(self._pump, downstream, upstream, nursery.cancel_scope)
+                    await self._pump(upstream, downstream, nursery.cancel_scope)
+                finally:
+                    self._links.discard(nursery.cancel_scope)
+
+    @staticmethod
+    async def _pump(
+        source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope
+    ) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            while data := await source.receive_some(65536):
+                await sink.send_all(data)
+        scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def forwarding(server: ZooKeeperServer) -> AsyncIterator[Link]:
+    link = Link((server.host, server.port))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.serve)
+        yield link
+        nursery.cancel_scope.cancel()
+
+
+def session_of(upstream: ZooKeeperUpstream) -> tuple[int, bytes]:
+    """The adapter's session id and password (private: only a test steals sessions)."""
+    tracker = upstream._tracker
+    assert tracker is not None and tracker.client is not None
+    return tracker.client.session_id, tracker.client._passwd
 
 
 def ids(fold: Fold, service: str) -> set[str]:
@@ -416,13 +493,10 @@ async def test_layout_registration_update_and_removal(
         assert seen.source.adapter == "zk-test"
         assert seen.source.key == path.removeprefix(root + "/")
         assert seen.source.revision == stat.mzxid
-        # Data watches only where the layout keeps the instance in the data
-        # (not on Dubbo's znodes, nor on a set's non-member znodes).
-        directory = path.rpartition("/")[0]
-        data_watched = {
-            p for kind, p in upstream.watches() if kind == "data" and p.startswith(directory + "/")
-        }
-        assert data_watched == (set() if case.layout == "dubbo" else {path})
+        # One watch for the whole root, however deep the layout's instances sit.
+        assert upstream.watches() == {("recursive", root)}
+        assert set(await call(data_watches, zookeeper)) >= {root}
+        assert not any(p.startswith(root + "/") for p in await call(data_watches, zookeeper))
 
         path = await case.update(client, root, path)
         await run.until(
@@ -521,6 +595,29 @@ async def test_digest_auth_reads_protected_registrations(
         await call(owner.close)
 
 
+async def test_refused_credentials_are_retried_with_a_new_session(
+    zookeeper: ZooKeeperServer, unique_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ZooKeeper refuses a scheme it has no provider for, and closes the connection.
+    caplog.set_level(logging.ERROR, logger="dispatcher.zk.client")
+    upstream = make_upstream(zookeeper.address, (unique_path, "plain"), auth=["nosuch:x"])
+
+    def refusals() -> int:
+        return sum("refused credentials" in r.getMessage() for r in caplog.records)
+
+    async with running(upstream) as run:
+        await run.until(
+            lambda f: any(s.detail == "authentication failed" for s in f.statuses), "refused"
+        )
+        # The client that was refused cannot run again; the upstream starts
+        # another after a pause, rather than failing or spinning.
+        with trio.fail_after(15):
+            while refusals() < 2:
+                await trio.sleep(0.05)  # polling the log, with a deadline
+        assert not any(s.connected for s in run.fold.statuses)
+        assert not any(isinstance(e, Listing) for e in run.fold.events)
+
+
 async def test_interest_narrows_and_widening_lists(
     zookeeper: ZooKeeperServer, unique_path: str
 ) -> None:
@@ -537,17 +634,15 @@ async def test_interest_narrows_and_widening_lists(
             [listing] = [e for e in run.fold.events if isinstance(e, Listing)]
             assert listing.services == frozenset({"svc-a"})
             assert {i.instance_id for i in listing.instances} == {"a1"}
-            assert all(
-                path.startswith(f"{unique_path}/svc-a") or path == unique_path
-                for _, path in scoped.watches()
-            )
+            # Interest decides what is read, not what is watched: one root, one watch.
+            assert scoped.watches() == {("recursive", unique_path)}
 
         upstream = make_upstream(zookeeper.address, (unique_path, "plain"))
         async with running(upstream) as run:
             await run.until(
                 lambda f: ids(f, "svc-a") == {"a1"} and ids(f, "svc-b") == {"b1"}, "all"
             )
-            assert ("data", b1) in upstream.watches()
+            assert upstream.watches() == {("recursive", unique_path)}
 
             upstream.set_interest(frozenset({"svc-a"}))
             deltas_before = len(run.fold.deltas)
@@ -558,8 +653,8 @@ async def test_interest_narrows_and_widening_lists(
             await call(client.set, a1, plain_record("10.3.0.1", 2))
             await run.until(lambda f: f.instances("svc-a")["a1"].port == 2, "svc-a change seen")
             assert [d.service for d in run.fold.deltas[deltas_before:]] == ["svc-a"]
-            # svc-b's watches fired once and were not re-armed.
-            assert not any("/svc-b" in path for _, path in upstream.watches())
+            # Still the root's one watch; nothing per service came or went.
+            assert upstream.watches() == {("recursive", unique_path)}
             assert b1 not in await call(zookeeper.four_letter, "wchp")
 
             upstream.set_interest(frozenset({"svc-a", "svc-b"}))
@@ -569,7 +664,6 @@ async def test_interest_narrows_and_widening_lists(
             )
             assert isinstance(run.fold.events[-1], Listing)
             assert run.fold.events[-1].services == frozenset({"svc-b"})
-            assert ("data", b1) in upstream.watches()
             assert run.fold.redundant == []
 
 
@@ -599,10 +693,15 @@ def watch_count(server: ZooKeeperServer) -> int:
 
 
 async def wait_watches(
-    server: ZooKeeperServer, upstream: ZooKeeperUpstream, data: set[str], children: set[str]
+    server: ZooKeeperServer, upstream: ZooKeeperUpstream, roots: set[str]
 ) -> None:
-    """Until the server holds exactly these watches, each once, as the adapter believes."""
-    expected = {("data", p) for p in data} | {("child", p) for p in children}
+    """Until the server holds exactly one watch per root, on one session, as the adapter says.
+
+    ZooKeeper 3.8 files a persistent recursive watch in both its data and its
+    child watch tables, so ``zk_watch_count`` counts it twice; ``wchp`` shows it
+    once, under its path.
+    """
+    expected = {("recursive", root) for root in roots}
     seen: tuple[object, ...] = ()
     with trio.move_on_after(15):
         while True:
@@ -610,9 +709,10 @@ async def wait_watches(
             count = await call(watch_count, server)
             seen = (by_path, count, upstream.watches())
             if (
-                set(by_path) == data
+                set(by_path) == roots
+                and len({session for sessions in by_path.values() for session in sessions}) == 1
                 and all(len(sessions) == 1 for sessions in by_path.values())
-                and count == len(data) + len(children)
+                and count == 2 * len(roots)
                 and upstream.watches() == expected
             ):
                 return
@@ -620,7 +720,7 @@ async def wait_watches(
     raise AssertionError(f"watches never became {expected!r}; last seen {seen!r}")
 
 
-async def test_one_upstream_watch_per_path(
+async def test_one_upstream_watch_per_root(
     zookeeper_factory: ServerFactory[ZooKeeperServer],
 ) -> None:
     server = await trio.to_thread.run_sync(zookeeper_factory)
@@ -628,16 +728,13 @@ async def test_one_upstream_watch_per_path(
     upstream = make_upstream(server.address, (plain_root, "plain"), (dubbo_root, "dubbo"))
     instances = {f"{plain_root}/svc-{s}/i-{i}" for s in "ab" for i in range(3)}
     provider = f"{dubbo_root}/{DUBBO_SERVICE}/providers/{dubbo.encode(DUBBO_URL)}"
-    # An interface whose providers directory does not exist yet: an exists watch.
-    missing = f"{dubbo_root}/com.example.Later/providers"
+    # An interface whose providers directory does not exist yet.
+    later = f"{dubbo_root}/com.example.Later"
     async with kazoo(server.address) as client:
-        # Registered before the adapter starts: a directory created while the
-        # adapter finds it missing legitimately keeps the exists watch that saw
-        # it appear, which would make the expected count depend on timing.
         for path in sorted(instances):
             await call(client.create, path, plain_record("10.4.0.1", 80), makepath=True)
         await call(client.create, provider, b"10.0.0.1", makepath=True)
-        await call(client.ensure_path, f"{dubbo_root}/com.example.Later/consumers")
+        await call(client.ensure_path, f"{later}/consumers")
         async with running(upstream) as run:
             await run.until(
                 lambda f: (
@@ -645,37 +742,32 @@ async def test_one_upstream_watch_per_path(
                 ),
                 "everything listed",
             )
-            directories = {
-                plain_root,
-                f"{plain_root}/svc-a",
-                f"{plain_root}/svc-b",
-                dubbo_root,
-                f"{dubbo_root}/{DUBBO_SERVICE}/providers",
-            }
-            await wait_watches(server, upstream, instances | {missing}, directories)
+            await wait_watches(server, upstream, {plain_root, dubbo_root})
 
-            # Churn: every change fires a watch, and each is re-armed exactly once.
+            # Churn: every change is seen, and nothing is ever armed again.
             hot = f"{plain_root}/svc-a/i-0"
             for port in range(81, 101):
                 await call(client.set, hot, plain_record("10.4.0.1", port))
             await call(client.delete, f"{plain_root}/svc-b/i-2")
             await call(client.create, f"{plain_root}/svc-b/i-3", plain_record("10.4.0.2", 80))
+            await call(client.create, f"{plain_root}/svc-c/i-0", plain_record("10.4.0.3", 80),
+                       makepath=True)  # fmt: skip
             await call(
                 client.create,
-                f"{missing}/{dubbo.encode(DUBBO_URL.replace('20880', '20881'))}",
+                f"{later}/providers/{dubbo.encode(DUBBO_URL.replace('20880', '20881'))}",
                 b"",
                 makepath=True,
             )
-            instances = (instances - {f"{plain_root}/svc-b/i-2"}) | {f"{plain_root}/svc-b/i-3"}
             await run.until(
                 lambda f: (
                     f.instances("svc-a")["i-0"].port == 100
                     and ids(f, "svc-b") == {"i-0", "i-1", "i-3"}
+                    and ids(f, "svc-c") == {"i-0"}
                     and "com.example.Later" in f.snapshot
                 ),
                 "churn seen",
             )
-            await wait_watches(server, upstream, instances, directories | {missing})
+            await wait_watches(server, upstream, {plain_root, dubbo_root})
             assert run.fold.redundant == []
 
 
@@ -757,12 +849,7 @@ async def test_sigkill_keeps_state_then_resyncs_exactly_the_changes(
         ]
         assert run.fold.redundant == []
         assert [s.connected for s in run.fold.statuses][-2:] == [False, True]
-        await wait_watches(
-            server,
-            upstream,
-            {f"{svc}/{name}" for name in ("i2", "i3", "i4", "i5")},
-            {root, svc},
-        )
+        await wait_watches(server, upstream, {root})
 
 
 async def test_ensemble_down_at_start_then_up(
@@ -785,11 +872,9 @@ async def test_session_expiry_relists_on_a_new_session(
 ) -> None:
     server = await trio.to_thread.run_sync(zookeeper_factory)
     svc = "/registry/svc"
-    upstream = make_upstream(server.address, ("/registry", "plain"), session_timeout=4.0)
-    async with kazoo(server.address) as admin:
-        await call(
-            admin.ensure_path, svc
-        )  # before the adapter: see test_one_upstream_watch_per_path
+    async with kazoo(server.address) as admin, forwarding(server) as link:
+        upstream = make_upstream(link.address, ("/registry", "plain"), session_timeout=4.0)
+        await call(admin.ensure_path, svc)
         async with running(upstream) as run:
             for name in ("i1", "i2"):
                 await call(
@@ -799,24 +884,25 @@ async def test_session_expiry_relists_on_a_new_session(
             deltas_before = len(run.fold.deltas)
 
             # Expire the adapter's session the way ZooKeeper's own tests do: a
-            # second connection takes the session over, then closes it.
-            mirror = upstream._mirror  # the adapter's kazoo client is private
-            assert mirror is not None and mirror.client is not None
-            session_id, password = mirror.client.client_id
+            # second connection takes the session over, then closes it. The
+            # link is cut meanwhile, or the adapter would take it back first.
+            session_id, password = session_of(upstream)
+            link.cut()
+            await run.until(lambda f: f.stale, "Status(False) once cut off")
             thief = KazooClient(hosts=server.address, client_id=(session_id, password))
             await call(thief.start, 15)
             await call(thief.stop)
             await call(thief.close)
             await call(admin.delete, f"{svc}/i1")
             await call(admin.create, f"{svc}/i3", plain_record("10.7.0.3", 80))
+            link.heal()
 
             await run.until(
                 lambda f: not f.stale and ids(f, "svc") == {"i2", "i3"}, "converged", timeout=30
             )
-            assert any(isinstance(e, Status) and "expired" in e.detail for e in run.fold.events), (
-                run.fold.events
-            )
-            assert mirror.client.client_id[0] != session_id
+            details = [e.detail for e in run.fold.statuses]
+            assert any("expired" in detail for detail in details), details
+            assert session_of(upstream)[0] != session_id
             changes = sorted(
                 (kind, instance.instance_id)
                 for delta in run.fold.deltas[deltas_before:]
@@ -826,5 +912,268 @@ async def test_session_expiry_relists_on_a_new_session(
             assert changes == [("added", "i3"), ("removed", "i1")]
             assert all(not d.updated for d in run.fold.deltas[deltas_before:])
             assert run.fold.redundant == []
-            # Every watch is back, on the new session only.
-            await wait_watches(server, upstream, {f"{svc}/i2", f"{svc}/i3"}, {"/registry", svc})
+            # The watch is back, on the new session only.
+            await wait_watches(server, upstream, {"/registry"})
+
+
+async def test_resumed_session_relists_what_changed_while_away(
+    zookeeper_factory: ServerFactory[ZooKeeperServer],
+) -> None:
+    """SIGKILL, restart on the same data dir within the session timeout: the
+    session resumes, with its watch, but ZooKeeper does not replay what a
+    persistent watch missed, so the adapter lists again and emits exactly
+    the changes made while it was away."""
+    server = await trio.to_thread.run_sync(zookeeper_factory)
+    root, svc = "/registry", "/registry/svc"
+    async with kazoo(server.address) as admin:
+        for name in ("i1", "i2", "i3"):
+            await call(admin.create, f"{svc}/{name}", plain_record("10.9.0.1", 80), makepath=True)
+    async with forwarding(server) as link:
+        upstream = make_upstream(link.address, (root, "plain"), session_timeout=20.0)
+        async with running(upstream) as run:
+            await run.until(lambda f: ids(f, "svc") == {"i1", "i2", "i3"} and not f.stale, "listed")
+            session_id = session_of(upstream)[0]
+            events_before, deltas_before = len(run.fold.events), len(run.fold.deltas)
+
+            # The link stays cut while the server is back, so the changes are
+            # certainly made while the adapter is away.
+            link.cut()
+            await trio.to_thread.run_sync(server.kill)
+            await run.until(lambda f: f.stale, "Status(False) after SIGKILL")
+            await trio.to_thread.run_sync(server.start)
+            async with kazoo(server.address) as other:
+                await call(other.delete, f"{svc}/i1")
+                await call(other.set, f"{svc}/i2", plain_record("10.9.0.2", 81))
+                await call(other.create, f"{svc}/i4", plain_record("10.9.0.4", 80))
+                link.heal()
+                await run.until(lambda f: not f.stale, "reconnected", timeout=30)
+                assert session_of(upstream)[0] == session_id, "the session was not resumed"
+                assert ids(run.fold, "svc") == {"i2", "i3", "i4"}
+                assert run.fold.instances("svc")["i2"].port == 81
+                # One Listing carried the outage's changes, then connected again.
+                assert [type(e) for e in run.fold.events[events_before:]] == [
+                    Status,
+                    Listing,
+                    Status,
+                ]
+                assert [s.detail for s in run.fold.statuses[-2:]] == [
+                    "connection lost; session kept while reconnecting",
+                    "connected",
+                ]
+                # The resumed session's watch works without being added again.
+                await call(other.create, f"{svc}/i5", plain_record("10.9.0.5", 80))
+                await run.until(lambda f: "i5" in ids(f, "svc"), "a change after resuming")
+
+        changes = sorted(
+            (kind, instance.instance_id)
+            for delta in run.fold.deltas[deltas_before:]
+            for kind, group in (
+                ("added", delta.added),
+                ("updated", delta.updated),
+                ("removed", delta.removed),
+            )
+            for instance in group
+        )
+        assert changes == [("added", "i4"), ("added", "i5"), ("removed", "i1"), ("updated", "i2")]
+        assert run.fold.redundant == []
+
+
+# ----------------------------------------------------------------------- directories
+
+
+async def test_deleted_service_directory_takes_its_instances(
+    zookeeper: ZooKeeperServer, unique_path: str
+) -> None:
+    upstream = make_upstream(zookeeper.address, (unique_path, "plain"))
+    svc = f"{unique_path}/svc"
+    async with kazoo(zookeeper.address) as client, running(upstream) as run:
+        for name in ("i1", "i2"):
+            await call(client.create, f"{svc}/{name}", plain_record("10.10.0.1", 80), makepath=True)
+        await call(client.create, f"{unique_path}/other/o1", plain_record("10.10.0.9", 80),
+                   makepath=True)  # fmt: skip
+        await run.until(lambda f: ids(f, "svc") == {"i1", "i2"} and ids(f, "other") == {"o1"},
+                        "listed")  # fmt: skip
+
+        await call(client.delete, svc, recursive=True)
+        await run.until(lambda f: "svc" not in f.snapshot, "service gone with its directory")
+        assert ids(run.fold, "other") == {"o1"}
+
+        # Created again, empty first, then with an instance: followed again.
+        await call(client.create, svc)
+        await call(client.create, f"{svc}/i3", plain_record("10.10.0.3", 80))
+        await run.until(lambda f: ids(f, "svc") == {"i3"}, "re-created service seen")
+
+        # The whole root goes, and comes back.
+        await call(client.delete, unique_path, recursive=True)
+        await run.until(lambda f: len(f.snapshot) == 0, "everything gone with the root")
+        await call(client.create, f"{svc}/i4", plain_record("10.10.0.4", 80), makepath=True)
+        await run.until(lambda f: ids(f, "svc") == {"i4"}, "re-created root seen")
+        assert upstream.watches() == {("recursive", unique_path)}
+        assert run.fold.redundant == []
+
+
+async def test_dubbo_providers_directory_comes_and_goes(
+    zookeeper: ZooKeeperServer, unique_path: str
+) -> None:
+    upstream = make_upstream(zookeeper.address, (unique_path, "dubbo"))
+    interface = f"{unique_path}/{DUBBO_SERVICE}"
+    provider = f"{interface}/providers/{dubbo.encode(DUBBO_URL)}"
+    async with kazoo(zookeeper.address) as client, running(upstream) as run:
+        await call(client.ensure_path, unique_path)
+        await run.until(lambda f: f.statuses and f.statuses[-1].connected, "connected")
+        # The interface's znode first, with only consumers: no service yet.
+        consumer = dubbo.encode(f"consumer://10.0.0.9/{DUBBO_SERVICE}?side=consumer")
+        await call(client.create, f"{interface}/consumers/{consumer}", b"", makepath=True)
+        await call(client.create, provider, b"10.0.0.1", makepath=True)
+        await run.until(lambda f: DUBBO_SERVICE in f.snapshot, "provider seen")
+
+        await call(client.delete, f"{interface}/providers", recursive=True)
+        await run.until(lambda f: DUBBO_SERVICE not in f.snapshot, "providers directory gone")
+        await call(client.create, provider, b"10.0.0.1", makepath=True)
+        await run.until(lambda f: DUBBO_SERVICE in f.snapshot, "provider back")
+        await call(client.delete, interface, recursive=True)
+        await run.until(lambda f: DUBBO_SERVICE not in f.snapshot, "interface gone")
+        assert run.fold.redundant == []
+
+
+async def test_chroot_in_the_connect_string(
+    zookeeper: ZooKeeperServer, unique_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="adapters.zookeeper")
+    upstream = make_upstream(f"{zookeeper.address}{unique_path}", ("/services", "plain"))
+    async with kazoo(zookeeper.address) as client, running(upstream) as run:
+        await call(client.create, f"{unique_path}/services/svc/i1", plain_record("10.11.0.1", 80),
+                   makepath=True)  # fmt: skip
+        await call(client.create, f"{unique_path}/services/svc/bad", b"garbage")
+        await run.until(lambda f: ids(f, "svc") == {"i1"}, "registration under the chroot seen")
+        seen = run.fold.instances("svc")["i1"]
+        assert seen.source is not None and seen.source.key == "svc/i1"
+        assert upstream.watches() == {("recursive", "/services")}
+        assert f"{unique_path}/services" in await call(data_watches, zookeeper)
+        # Paths in logs are as the configuration spells them, chroot-relative.
+        assert [vars(r).get("path") for r in caplog.records] == ["/services/svc/bad"]
+
+
+async def test_changes_racing_the_listing_converge_and_never_go_back(
+    zookeeper: ZooKeeperServer, unique_path: str
+) -> None:
+    """Writes pipelined while the adapter lists a big directory: the end state is
+    exact, no change is told twice, and no instance's revision ever goes back
+    (an answer an event overtook never wins)."""
+    svc = f"{unique_path}/svc"
+    count = 400
+    async with kazoo(zookeeper.address) as client:
+        await call(client.ensure_path, svc)
+
+        def preload() -> None:
+            for result in [
+                client.create_async(f"{svc}/i{n}", plain_record("10.12.0.1", 1000))
+                for n in range(count)
+            ]:
+                result.get()
+
+        await trio.to_thread.run_sync(preload)
+        upstream = make_upstream(zookeeper.address, (unique_path, "plain"))
+
+        def churn() -> None:
+            results = []
+            for n in range(count):
+                if n % 4 == 0:
+                    results.append(client.delete_async(f"{svc}/i{n}"))
+                else:
+                    for port in (1001, 1002, 1003):
+                        results.append(
+                            client.set_async(f"{svc}/i{n}", plain_record("10.12.0.1", port))
+                        )
+                if n % 10 == 0:
+                    results.append(
+                        client.create_async(f"{svc}/new{n}", plain_record("10.12.0.2", 7))
+                    )
+            for result in results:
+                result.get()
+
+        async with running(upstream) as run:
+            await trio.to_thread.run_sync(churn)
+            expected = {f"i{n}" for n in range(count) if n % 4} | {
+                f"new{n}" for n in range(0, count, 10)
+            }
+            await run.until(
+                lambda f: (
+                    not f.stale
+                    and ids(f, "svc") == expected
+                    and all(
+                        i.port == 1003 for k, i in f.instances("svc").items() if k.startswith("i")
+                    )
+                ),
+                "converged",
+                timeout=30,
+            )
+        assert run.fold.redundant == []
+        last: dict[str, int] = {}
+        for event in run.fold.events:
+            puts = (
+                event.instances
+                if isinstance(event, Listing)
+                else [c.instance for c in event.changes if isinstance(c, Put)]
+                if isinstance(event, Changed)
+                else []
+            )
+            for instance in puts:
+                assert instance.source is not None
+                revision = instance.source.revision
+                assert revision >= last.get(instance.instance_id, 0), instance
+                last[instance.instance_id] = revision
+
+
+async def test_a_znode_written_faster_than_a_round_trip_still_moves_forward(
+    zookeeper: ZooKeeperServer, unique_path: str
+) -> None:
+    """Pipelined writes to one znode overtake every read the adapter sends; it
+    still shows newer values while they go on (never an older one), and ends
+    on the last."""
+    hot = f"{unique_path}/svc/hot"
+    writes = 2000
+    upstream = make_upstream(zookeeper.address, (unique_path, "plain"))
+    async with kazoo(zookeeper.address) as client, running(upstream) as run:
+        await call(client.create, hot, plain_record("10.13.0.1", 1), makepath=True)
+        await run.until(lambda f: ids(f, "svc") == {"hot"} and not f.stale, "listed")
+
+        def churn() -> None:
+            pending = [
+                client.set_async(hot, plain_record("10.13.0.1", port))
+                for port in range(2, writes + 2)
+            ]
+            for result in pending:
+                result.get()
+
+        await trio.to_thread.run_sync(churn)
+        await run.until(lambda f: f.instances("svc")["hot"].port == writes + 1, "last write")
+        ports = [
+            change.instance.port
+            for event in run.fold.events
+            if isinstance(event, Changed)
+            for change in event.changes
+            if isinstance(change, Put)
+        ]
+        assert ports == sorted(ports), "an older value came after a newer one"
+        assert len(ports) > 2, "nothing shown between the first value and the last"
+        assert run.fold.redundant == []
+
+
+@pytest.mark.parametrize(
+    ("hosts", "servers", "chroot"),
+    [
+        ("127.0.0.1:2181", (("127.0.0.1", 2181),), ""),
+        ("zk1, zk2:2182/app/", (("zk1", 2181), ("zk2", 2182)), "/app"),
+        ("[::1]:2181,[fe80::1]/a/b", (("::1", 2181), ("fe80::1", 2181)), "/a/b"),
+    ],
+)
+def test_connect_strings(hosts: str, servers: tuple[tuple[str, int], ...], chroot: str) -> None:
+    config = make_upstream(hosts, ("/r", "plain")).config
+    assert (config.servers, config.chroot) == (servers, chroot)
+
+
+@pytest.mark.parametrize("hosts", ["h:99999", "h:x", ":2181", "h:1,", "h:1/a//b", "h:1/.."])
+def test_bad_connect_strings_name_the_key(hosts: str) -> None:
+    with pytest.raises(ConfigError, match=r"upstream 'zk-test': key 'hosts' is not a connect"):
+        make_upstream(hosts, ("/r", "plain"))
