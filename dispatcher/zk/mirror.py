@@ -341,13 +341,23 @@ class Mirror:
             return
         kind = event.type
         triggers = [Trigger(path, EventType(kind))] if kind in _CHANGE_EVENTS else []
+        watches = self.engine.watches
+        reload = [(path, False)] if path in watches.data else []
         self._invalidate(path)
         if kind in (EventType.NODE_CREATED, EventType.NODE_DELETED) and path != self.root:
             parent = parent_of(path)
             self._invalidate(parent)
             triggers.append(Trigger(parent, EventType.NODE_CHILDREN_CHANGED))
+            if parent in watches.child:
+                reload.append((parent, True))
         if kind == EventType.NODE_DELETED:
             self._forget_owner(path)
+        # Watchers read again as soon as they hear of the change: the load
+        # goes upstream before their events go out, so that their reads find
+        # the new state cached instead of all waiting for it.
+        if self.connected:
+            for where, children in reload:
+                self._load(where, children, _ignore)
         if triggers:
             self.engine.announce(triggers)
 
@@ -736,6 +746,10 @@ class Mirror:
             for path in list(self._owned.get(session_id, ())):
                 self._forget_owner(path)
             self.engine.end_session(session_id)
+
+
+def _ignore(_err: int) -> None:
+    """A load nobody waits for (a prefetch): its result is in the cache."""
 
 
 def _written_paths(record: Record) -> list[str]:

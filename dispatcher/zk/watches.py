@@ -93,6 +93,28 @@ class WatchManager:
                     del self._by_watcher[watcher]
         return True
 
+    def _use_up(self, table: dict[str, set[Hashable]], path: str, used: list[Hashable]) -> None:
+        """Remove fired one-shot watches: :meth:`_discard` for many watchers of
+        one path at once (a change watched by thousands of sessions)."""
+        watchers = table[path]
+        if len(used) == len(watchers):
+            del table[path]
+        else:
+            watchers.difference_update(used)
+        other = self.child if table is self.data else self.data
+        still = other.get(path, ())
+        modes, by_watcher = self._modes, self._by_watcher
+        for watcher in used:
+            if watcher in still:
+                continue
+            # A one-shot watch's mode is STANDARD: nothing to count.
+            modes.pop((watcher, path), None)
+            paths = by_watcher.get(watcher)
+            if paths is not None:
+                paths.discard(path)
+                if not paths:
+                    del by_watcher[watcher]
+
     def contains(self, path: str, watcher: Hashable, kind: WatcherType) -> bool:
         in_data = watcher in self.data.get(path, ())
         in_child = watcher in self.child.get(path, ())
@@ -129,17 +151,19 @@ class WatchManager:
     def _trigger(self, table: dict[str, set[Hashable]], path: str, event: EventType,
                  fired: list[Hashable]) -> list[Hashable]:  # fmt: skip
         used_up = []
+        modes = self._modes
+        first = not fired
         for watcher in table.get(path, ()):
-            mode = self._modes.get((watcher, path), Mode.STANDARD)
+            mode = modes.get((watcher, path), Mode.STANDARD)
             if mode is Mode.PERSISTENT_RECURSIVE:
                 if event is EventType.NODE_CHILDREN_CHANGED:
                     continue
             elif mode is Mode.STANDARD:
                 used_up.append(watcher)
-            if watcher not in fired:
+            if first or watcher not in fired:
                 fired.append(watcher)
-        for watcher in used_up:
-            self._discard(table, path, watcher)
+        if used_up:
+            self._use_up(table, path, used_up)
         if self._recursive and table is self.data and event is not EventType.NODE_CHILDREN_CHANGED:
             for ancestor in _ancestors(path):
                 for watcher in table.get(ancestor, ()):
