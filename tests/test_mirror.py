@@ -276,8 +276,11 @@ def test_digest_acls_are_enforced_as_the_ensemble_would(
                 stranger.set(path, b"mine")
             with pytest.raises(NoAuthError):
                 stranger.get_children(path)
-        assert alice.get(path)[0] == b"s3cret"
+        changed = threading.Event()
+        # Read upstream as alice (the mirror may not read it), watched all the same.
+        assert alice.get(path, watch=lambda _e: changed.set())[0] == b"s3cret"
         alice.set(path, b"changed")
+        assert changed.wait(TIMEOUT)
         assert alice.get(path)[0] == b"changed"
         # exists needs no permission, here as upstream.
         assert anonymous.exists(path) == alice.exists(path)

@@ -46,6 +46,7 @@ from dispatcher.zk.client import (
     ConnectionLost,
     Disconnected,
     Expired,
+    KeeperError,
     Reply,
     ZooKeeperClient,
 )
@@ -188,6 +189,7 @@ class Mirror:
             config.hosts, session_timeout_ms=config.session_timeout_ms,
             max_sessions=config.max_sessions, connect_timeout=config.connect_timeout,
             idle_timeout=config.idle_timeout, on_expired=self._writer_expired,
+            on_watch=self._forwarded_event,
         )  # fmt: skip
         #: Ephemerals created through the mirror: path → (downstream session, upstream session).
         self._owners: dict[str, tuple[int, UpstreamSession]] = {}
@@ -242,7 +244,7 @@ class Mirror:
             # watch back from the client, before any other request.
             try:
                 await self._watcher.add_watch(self.root, recursive=True)
-            except (ConnectionLost, Exception) as exc:  # the next Connected retries
+            except (ConnectionLost, KeeperError) as exc:  # the next Connected retries
                 log.warning("could not watch the mirrored subtree",
                             extra={"path": self.root, "error": repr(exc)})
                 return
@@ -295,8 +297,9 @@ class Mirror:
     def _compare(self, path: str, before: CachedNode | None, stat: Stat | None) -> None:
         triggers: list[Trigger] = []
         if before is None:
-            if stat is not None:
-                triggers.append(Trigger(path, EventType.NODE_CREATED))
+            if stat is None:
+                return  # still absent
+            triggers.append(Trigger(path, EventType.NODE_CREATED))
         elif stat is None:
             triggers.append(Trigger(path, EventType.NODE_DELETED))
         else:
@@ -341,6 +344,10 @@ class Mirror:
             return
         kind = event.type
         triggers = [Trigger(path, EventType(kind))] if kind in _CHANGE_EVENTS else []
+        if kind == EventType.NODE_CHILDREN_CHANGED:  # only one-shot watches send it
+            self._invalidate(path)
+            self.engine.announce(triggers)
+            return
         watches = self.engine.watches
         reload = [(path, False)] if path in watches.data else []
         self._invalidate(path)
@@ -360,6 +367,16 @@ class Mirror:
                 self._load(where, children, _ignore)
         if triggers:
             self.engine.announce(triggers)
+
+    def _forwarded_event(self, event: WatcherEvent) -> None:
+        """A watch set by a forwarded read fired on a client's upstream session.
+
+        Handled as an event of the mirror's own session. Where the mirror's
+        session could read the znode too, the change was announced already
+        and this repeats it to whoever watches again by now: a spurious
+        event costs a read, a missed one would leave a client waiting.
+        """
+        self._upstream_event(event)
 
     def _invalidate(self, path: str) -> None:
         self._cache.pop(path, None)
@@ -543,19 +560,25 @@ class Mirror:
     def _forward_read(
         self, client: Client, xid: int, opcode: int, path: str, watch: bool, pending: Pending
     ) -> None:
-        """A read the cache cannot answer goes upstream as the client, uncached."""
+        """A read the cache cannot answer goes upstream as the client, uncached.
+
+        Its watch is set upstream too, on the client's session: ZooKeeper
+        sends a watch event only to sessions that may read the znode, so for
+        a znode the mirror's own session cannot read, the client's session is
+        the only one that hears of its changes (see :meth:`_forwarded_event`).
+        The downstream watch is set when the reply arrives, which on that
+        session comes before the event of any later change.
+        """
 
         def answered(reply: Reply) -> None:
-            if watch and reply.err in (Err.OK, Err.NONODE):
-                if opcode in _CHILD_READS:
-                    if reply.err == Err.OK:
-                        self.engine.watches.add_child(path, client)
-                elif reply.err == Err.OK or opcode == OpCode.EXISTS:
-                    self.engine.watches.add_data(path, client)
+            watched = reply.err == Err.OK or (reply.err == Err.NONODE and opcode == OpCode.EXISTS)
+            if watch and watched:
+                watches = self.engine.watches
+                (watches.add_child if opcode in _CHILD_READS else watches.add_data)(path, client)
             self._relay(client, xid, path, reply)
             pending.finish()
 
-        self._writer_for(client, answered, opcode, PathWatchRequest(path, False))
+        self._writer_for(client, answered, opcode, PathWatchRequest(path, watch))
 
     def rewatch(self, client: Client, kind: str, path: str, relative_zxid: int) -> None:
         """A reconnecting client's watch: catch up as ZooKeeper's setWatches does.
@@ -767,9 +790,10 @@ class _Gone:
 
 
 _GONE = _Gone()
-_CHANGE_EVENTS = frozenset(
-    {EventType.NODE_CREATED, EventType.NODE_DELETED, EventType.NODE_DATA_CHANGED}
-)
+_CHANGE_EVENTS = frozenset({
+    EventType.NODE_CREATED, EventType.NODE_DELETED, EventType.NODE_DATA_CHANGED,
+    EventType.NODE_CHILDREN_CHANGED,
+})  # fmt: skip
 _WRITES = frozenset({
     OpCode.CREATE, OpCode.CREATE2, OpCode.CREATE_CONTAINER, OpCode.CREATE_TTL, OpCode.DELETE,
     OpCode.SET_DATA, OpCode.SET_ACL, OpCode.MULTI,

@@ -27,7 +27,7 @@ from dispatcher.zk.client import (
     ZooKeeperClient,
 )
 from dispatcher.zk.protocol import Err
-from dispatcher.zk.records import Record
+from dispatcher.zk.records import Record, WatcherEvent
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class UpstreamSessions:
         connect_timeout: float,
         idle_timeout: float,
         on_expired: Callable[[UpstreamSession], None],
+        on_watch: Callable[[WatcherEvent], None],
         max_queued: int = 1000,
     ) -> None:
         self.hosts = tuple(hosts)
@@ -115,6 +116,7 @@ class UpstreamSessions:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.on_expired = on_expired
+        self.on_watch = on_watch
         self.max_queued = max_queued
         self.sessions: dict[Credentials, UpstreamSession] = {}
         self._nursery: trio.Nursery | None = None
@@ -144,6 +146,7 @@ class UpstreamSessions:
         client = ZooKeeperClient(
             self.hosts, session_timeout_ms=self.session_timeout_ms, auth=credentials,
             on_session=lambda event: self._session_event(holder[0], event),
+            on_watch=self.on_watch,
         )  # fmt: skip
         session = UpstreamSession(client, credentials, max_queued=self.max_queued)
         holder.append(session)
