@@ -33,6 +33,7 @@ from adapters.zookeeper import ZooKeeperUpstream
 from dispatcher.model import Health, Instance
 from dispatcher.snapshot import Put, Remove
 from dispatcher.upstream import Changed, ConfigError, Listing, Status, UpstreamEvent
+from tests.partition import Partition
 from tests.servers import ServerFactory, ZooKeeperServer
 from tests.upstream_fold import Fold
 
@@ -110,67 +111,9 @@ def make_upstream(hosts: str, *roots: tuple[str, str], **options: Any) -> ZooKee
     )
 
 
-class Link:
-    """A TCP forwarder in front of a real server, whose connections a test can cut.
-
-    ``cut`` closes every forwarded connection and refuses new ones (accept,
-    then close) until ``heal``: a network partition that the server survives,
-    so that a test can change the registry while the adapter cannot see it.
-    """
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = 0
-        self._cut = False
-        self._links: set[trio.CancelScope] = set()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._forward, listeners)
-
-    def cut(self) -> None:
-        self._cut = True
-        for scope in self._links:
-            scope.cancel()
-
-    def heal(self) -> None:
-        self._cut = False
-
-    async def _forward(self, downstream: trio.SocketStream) -> None:
-        async with downstream:
-            if self._cut:
-                return
-            try:
-                upstream = await trio.open_tcp_stream(*self.target)
-            except OSError:
-                return  # the server is down: the client sees a closed connection
-            async with upstream, trio.open_nursery() as nursery:
-                self._links.add(nursery.cancel_scope)
-                try:
-                    nursery.start_soon(self._pump, downstream, upstream, nursery.cancel_scope)
-                    await self._pump(upstream, downstream, nursery.cancel_scope)
-                finally:
-                    self._links.discard(nursery.cancel_scope)
-
-    @staticmethod
-    async def _pump(
-        source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope
-    ) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            while data := await source.receive_some(65536):
-                await sink.send_all(data)
-        scope.cancel()
-
-
 @contextlib.asynccontextmanager
-async def forwarding(server: ZooKeeperServer) -> AsyncIterator[Link]:
-    link = Link((server.host, server.port))
+async def forwarding(server: ZooKeeperServer) -> AsyncIterator[Partition]:
+    link = Partition((server.host, server.port))
     async with trio.open_nursery() as nursery:
         await nursery.start(link.serve)
         yield link
@@ -181,7 +124,7 @@ def session_of(upstream: ZooKeeperUpstream) -> tuple[int, bytes]:
     """The adapter's session id and password (private: only a test steals sessions)."""
     tracker = upstream._tracker
     assert tracker is not None and tracker.client is not None
-    return tracker.client.session_id, tracker.client._passwd
+    return tracker.client.session_id, tracker.client.password
 
 
 def ids(fold: Fold, service: str) -> set[str]:

@@ -468,6 +468,11 @@ class ZooKeeperClient:
         return self._session_id
 
     @property
+    def password(self) -> bytes:
+        """The session's password, which with :attr:`session_id` resumes it."""
+        return self._passwd
+
+    @property
     def last_zxid(self) -> int:
         """The largest zxid seen in a reply header (sent as lastZxidSeen and relativeZxid)."""
         return self._last_zxid
