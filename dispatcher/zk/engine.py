@@ -607,7 +607,13 @@ class Engine:
         if opcode in _LOCAL_OPS:
             return None
         if isinstance(record, MultiRequest):
-            owners = {self._mount_of(r.path) for _, r in record.ops}  # type: ignore[attr-defined]
+            # A malformed path belongs to no backend: whichever gets the multi
+            # answers it with that op's error, as ZooKeeper does.
+            owners = {
+                self._mount_of(r.path)  # type: ignore[attr-defined]
+                for _, r in record.ops
+                if _well_formed(r.path)  # type: ignore[attr-defined]
+            }
             if len(owners) > 1:
                 return _CROSSES_MOUNTS
             return owners.pop() if owners else None
@@ -1107,6 +1113,14 @@ def _path_and_watch(body: bytes) -> tuple[str, bool]:
     except UnicodeDecodeError as exc:
         raise DecodeError("path is not UTF-8") from exc
     return path, body[4 + length] != 0
+
+
+def _well_formed(path: str) -> bool:
+    try:
+        validate_path(path)
+    except InvalidPath:
+        return False
+    return True
 
 
 def _check_version(current: int, expected: int) -> int:
