@@ -359,6 +359,27 @@ def test_digest_auth_is_enforced_like_zookeeper(pair: Pair) -> None:
     ])  # fmt: skip
 
 
+def test_watch_events_go_only_to_watchers_that_may_read(pair: Pair) -> None:
+    """ZooKeeper 3.8 as patched for CVE-2024-23944 (the Debian package here)
+    tells a watcher of a change only if it may READ the znode: an exists
+    watch needs no permission to set, but hears nothing of alice's znode."""
+    root = "/diff-watch-acl"
+    alice = (ACL(31, Id("digest", digest_id("alice:secret"))),)
+    _scenario(pair, root, [
+        ("A", OpCode.CREATE, CreateRequest(root, b"", OPEN_ACL_UNSAFE, 0)),
+        ("A", OpCode.AUTH, AuthPacket(0, "digest", b"alice:secret")),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/alice", b"a", alice, 0)),
+        ("A", OpCode.GET_DATA, PathWatchRequest(f"{root}/alice", True)),
+        ("B", OpCode.EXISTS, PathWatchRequest(f"{root}/alice", True)),
+        ("B", OpCode.GET_CHILDREN, PathWatchRequest(root, True)),
+        ("A", OpCode.SET_DATA, SetDataRequest(f"{root}/alice", b"b", -1)),
+        ("A", OpCode.GET_DATA, PathWatchRequest(f"{root}/alice", True)),
+        ("A", OpCode.DELETE, DeleteRequest(f"{root}/alice", -1)),
+        ("B", OpCode.EXISTS, PathWatchRequest(f"{root}/alice", True)),
+        ("A", OpCode.CREATE, CreateRequest(f"{root}/alice", b"a", alice, 0)),
+    ])  # fmt: skip
+
+
 def test_unknown_auth_scheme_closes_like_zookeeper(
     zookeeper: ZooKeeperServer, zkgate: ZkgateServer
 ) -> None:

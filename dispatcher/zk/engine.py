@@ -87,6 +87,7 @@ from dispatcher.zk.tree import (
     Txn,
     Znode,
     ttl_owner,
+    world_perms,
 )
 from dispatcher.zk.watches import WatcherType, WatchManager
 
@@ -958,8 +959,14 @@ class Engine:
             # One encoding per event, however many watchers hear it.
             body = encode(WatcherEvent(trigger.event, KeeperState.SYNC_CONNECTED, trigger.path))
             packet = frame(XID_NOTIFICATION, -1, Err.OK, body)
+            acl = trigger.acl
+            # A watcher that may not READ the znode loses its watch unheard, as
+            # in ZooKeeper: the event would disclose the znode's path.
+            guarded = acl is not None and not world_perms(acl) & _READ
             for watcher in watchers:
                 assert isinstance(watcher, Client)
+                if guarded and not acls.allowed(acl, Perm.READ, watcher.auth):  # type: ignore[arg-type]
+                    continue
                 watcher.peer.send(packet)
                 self.stats.packets_sent += 1
 

@@ -75,7 +75,7 @@ from dispatcher.zk.records import (
     encode,
 )
 from dispatcher.zk.tree import Trigger, encode_children, encode_data_body, world_perms
-from dispatcher.zk.upstream_sessions import UpstreamSession, UpstreamSessions
+from dispatcher.zk.upstream_sessions import Credentials, UpstreamSession, UpstreamSessions
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,9 @@ class Mirror:
             idle_timeout=config.idle_timeout, on_expired=self._writer_expired,
             on_watch=self._forwarded_event,
         )  # fmt: skip
+        #: Watches of forwarded reads, held upstream on the client's session:
+        #: (credentials, path) → the clients waiting, and for which kind.
+        self._forwarded: dict[tuple[Credentials, str], set[tuple[Client, str]]] = {}
         #: Ephemerals created through the mirror: path → (downstream session, upstream session).
         self._owners: dict[str, tuple[int, UpstreamSession]] = {}
         self._owned: dict[int, set[str]] = {}
@@ -343,7 +346,9 @@ class Mirror:
         if not self._within(path):
             return
         kind = event.type
-        triggers = [Trigger(path, EventType(kind))] if kind in _CHANGE_EVENTS else []
+        triggers = [Trigger(path, EventType(kind), self._acl_of(path))] if (
+            kind in _CHANGE_EVENTS
+        ) else []  # fmt: skip
         if kind == EventType.NODE_CHILDREN_CHANGED:  # only one-shot watches send it
             self._invalidate(path)
             self.engine.announce(triggers)
@@ -353,8 +358,8 @@ class Mirror:
         self._invalidate(path)
         if kind in (EventType.NODE_CREATED, EventType.NODE_DELETED) and path != self.root:
             parent = parent_of(path)
+            triggers.append(Trigger(parent, EventType.NODE_CHILDREN_CHANGED, self._acl_of(parent)))
             self._invalidate(parent)
-            triggers.append(Trigger(parent, EventType.NODE_CHILDREN_CHANGED))
             if parent in watches.child:
                 reload.append((parent, True))
         if kind == EventType.NODE_DELETED:
@@ -368,15 +373,44 @@ class Mirror:
         if triggers:
             self.engine.announce(triggers)
 
-    def _forwarded_event(self, event: WatcherEvent) -> None:
+    def _forwarded_event(self, session: UpstreamSession, event: WatcherEvent) -> None:
         """A watch set by a forwarded read fired on a client's upstream session.
 
-        Handled as an event of the mirror's own session. Where the mirror's
-        session could read the znode too, the change was announced already
-        and this repeats it to whoever watches again by now: a spurious
-        event costs a read, a missed one would leave a client waiting.
+        ZooKeeper sent it because those credentials may read the znode; it
+        goes to the clients whose forwarded reads set it, and to no one else.
+        (Where the mirror's own session could read the znode as well, as when
+        a hot znode's read was forwarded, the parent's watchers may hear of
+        a create or delete twice: a spurious event costs a read.)
         """
-        self._upstream_event(event)
+        path, kind = event.path, event.type
+        if not self._within(path):
+            return
+        self._invalidate(path)
+        if kind in (EventType.NODE_CREATED, EventType.NODE_DELETED) and path != self.root:
+            # The mirror's session did not hear of it (it may not read the
+            # znode); the parent's child watchers must, where they may read it.
+            parent = parent_of(path)
+            trigger = Trigger(parent, EventType.NODE_CHILDREN_CHANGED, self._acl_of(parent))
+            self._invalidate(parent)
+            self.engine.announce([trigger])
+        waiting = self._forwarded.get((session.credentials, path))
+        if not waiting:
+            return
+        # Data watches hear created/changed/deleted, child watches
+        # children-changed/deleted, as ZooKeeper's two watch tables do.
+        hears = {"data"} if kind != EventType.NODE_CHILDREN_CHANGED else {"child"}
+        if kind == EventType.NODE_DELETED:
+            hears = {"data", "child"}
+        for (client, watch_kind) in [w for w in waiting if w[1] in hears]:
+            waiting.discard((client, watch_kind))
+            self.engine.notify(client, EventType(kind), path)
+        if not waiting:
+            del self._forwarded[(session.credentials, path)]
+
+    def _acl_of(self, path: str) -> tuple[ACL, ...] | None:
+        """The cached ACL of ``path``, for telling only watchers that may read it."""
+        node = self._cache.get(path)
+        return None if node is None else node.acl
 
     def _invalidate(self, path: str) -> None:
         self._cache.pop(path, None)
@@ -428,6 +462,8 @@ class Mirror:
             return _MISSING
         node = cache[path]
         engine = self.engine
+        if node is not None and node.acl is None:
+            return _FORWARD  # even exists: its watch is ZooKeeper's to grant (see below)
         if opcode == OpCode.EXISTS:
             if watch:
                 engine.watches.add_data(path, client)
@@ -440,6 +476,8 @@ class Mirror:
             engine.reply(client, xid, Err.NONODE)
             return _ANSWERED
         if node.acl is None:
+            # The mirror may not read the ACL, so it cannot tell who may
+            # watch: ask upstream as the client.
             return _FORWARD
         if not engine.can_read(client, node.acl):
             engine.reply(client, xid, Err.NOAUTH)
@@ -570,11 +608,13 @@ class Mirror:
         session comes before the event of any later change.
         """
 
+        credentials = tuple(client.credentials)
+
         def answered(reply: Reply) -> None:
             watched = reply.err == Err.OK or (reply.err == Err.NONODE and opcode == OpCode.EXISTS)
             if watch and watched:
-                watches = self.engine.watches
-                (watches.add_child if opcode in _CHILD_READS else watches.add_data)(path, client)
+                kind = "child" if opcode in _CHILD_READS else "data"
+                self._forwarded.setdefault((credentials, path), set()).add((client, kind))
             self._relay(client, xid, path, reply)
             pending.finish()
 
@@ -618,12 +658,12 @@ class Mirror:
         def answered(reply: Reply) -> None:
             if reply.err == Err.OK and writes:
                 self._note_ephemerals(client, opcode, record, reply)
-                if not self.connected:
-                    # No event will tell the cache of this write until the
-                    # resync: forget what it touched rather than serve it stale.
-                    for path in _written_paths(record):
-                        self._invalidate(path)
-                        self._invalidate(parent_of(path))
+                # Forget what the write touched rather than count on its event:
+                # none comes while the mirror is cut off, and none ever for a
+                # znode the mirror's own session may not read.
+                for path in _written_paths(record):
+                    self._invalidate(path)
+                    self._invalidate(parent_of(path))
             if writes and reply.err != Err.CONNECTIONLOSS:
                 # The write's own event must be applied before the client may
                 # read again: a sync on the mirror's session puts it behind it.
@@ -632,7 +672,7 @@ class Mirror:
                 finish(reply)
 
         def finish(reply: Reply) -> None:
-            self._relay(client, xid, getattr(record, "path", ""), reply)
+            self._relay(client, xid, getattr(record, "path", ""), reply, record)
             pending.finish()
 
         self._writer_for(client, answered, opcode, record)
@@ -667,22 +707,30 @@ class Mirror:
             return
         session.submit(opcode, record, on_reply)
 
-    def _relay(self, client: Client, xid: int, path: str, reply: Reply) -> None:
+    def _relay(
+        self, client: Client, xid: int, path: str, reply: Reply, request: Record | None = None
+    ) -> None:
         """Answer ``client`` with an upstream reply, owners shown as downstream sessions."""
         body = reply.body
         if reply.err != Err.OK or body is None:
             self.engine.reply(client, xid, reply.err)
             return
-        self.engine.reply(client, xid, Err.OK, encode(self._translated(path, body)))
+        if isinstance(body, MultiResponse) and isinstance(request, MultiRequest):
+            # Each result belongs to its own op's path.
+            pairs = zip(request.ops, body.results, strict=False)
+            body = MultiResponse(tuple(
+                (op, self._translated(getattr(r, "path", ""), result))
+                for (_, r), (op, result) in pairs
+            ))  # fmt: skip
+        else:
+            body = self._translated(path, body)
+        self.engine.reply(client, xid, Err.OK, encode(body))
 
     def _translated(self, path: str, body: Record) -> Record:
         if isinstance(body, StatResponse | GetDataResponse | GetACLResponse | GetChildren2Response):
             return attrs.evolve(body, stat=self._shown(path, body.stat))
         if isinstance(body, Create2Response):
             return attrs.evolve(body, stat=self._shown(body.path, body.stat))
-        if isinstance(body, MultiResponse):
-            results = tuple((op, self._translated(path, r)) for op, r in body.results)
-            return MultiResponse(results)
         return body
 
     def _shown(self, path: str, stat: Stat) -> Stat:
@@ -733,6 +781,10 @@ class Mirror:
         return sorted(self._owned.get(session_id, ()))
 
     def session_ended(self, session_id: int, done: Callable[[], None]) -> None:
+        for key, waiting in list(self._forwarded.items()):
+            waiting.difference_update({w for w in waiting if w[0].session.id == session_id})
+            if not waiting:
+                del self._forwarded[key]
         paths = sorted(self._owned.get(session_id, ()), reverse=True)
         if not paths:
             done()

@@ -146,6 +146,9 @@ class Trigger:
 
     path: str
     event: EventType
+    #: The ACL of the znode the event is about: ZooKeeper 3.8 (as patched for
+    #: CVE-2024-23944) tells only watchers that may READ it. None: unknown.
+    acl: tuple[ACL, ...] | None = None
 
 
 class DataTree:
@@ -257,8 +260,8 @@ class Txn:
         parent.pzxid = self.zxid
         parent.touched()
         tree.index(path, node)
-        self.triggers.append(Trigger(path, EventType.NODE_CREATED))
-        self.triggers.append(Trigger(parent_path, EventType.NODE_CHILDREN_CHANGED))
+        self.triggers.append(Trigger(path, EventType.NODE_CREATED, acl))
+        self.triggers.append(Trigger(parent_path, EventType.NODE_CHILDREN_CHANGED, parent.acl))
         return node
 
     def delete(self, path: str) -> None:
@@ -273,8 +276,8 @@ class Txn:
         parent.pzxid = self.zxid
         parent.touched()
         tree.unindex(path, node)
-        self.triggers.append(Trigger(path, EventType.NODE_DELETED))
-        self.triggers.append(Trigger(parent_path, EventType.NODE_CHILDREN_CHANGED))
+        self.triggers.append(Trigger(path, EventType.NODE_DELETED, node.acl))
+        self.triggers.append(Trigger(parent_path, EventType.NODE_CHILDREN_CHANGED, parent.acl))
 
     def set_data(self, path: str, data: bytes | None, version: int) -> Znode:
         self._remember(path)
@@ -284,7 +287,7 @@ class Txn:
         node.mzxid = self.zxid
         node.mtime = self.time
         node.touched()
-        self.triggers.append(Trigger(path, EventType.NODE_DATA_CHANGED))
+        self.triggers.append(Trigger(path, EventType.NODE_DATA_CHANGED, node.acl))
         return node
 
     def set_bookkeeping_data(self, path: str, data: bytes) -> None:

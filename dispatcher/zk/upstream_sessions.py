@@ -107,7 +107,7 @@ class UpstreamSessions:
         connect_timeout: float,
         idle_timeout: float,
         on_expired: Callable[[UpstreamSession], None],
-        on_watch: Callable[[WatcherEvent], None],
+        on_watch: Callable[[UpstreamSession, WatcherEvent], None],
         max_queued: int = 1000,
     ) -> None:
         self.hosts = tuple(hosts)
@@ -146,7 +146,7 @@ class UpstreamSessions:
         client = ZooKeeperClient(
             self.hosts, session_timeout_ms=self.session_timeout_ms, auth=credentials,
             on_session=lambda event: self._session_event(holder[0], event),
-            on_watch=self.on_watch,
+            on_watch=lambda event: self.on_watch(holder[0], event),
         )  # fmt: skip
         session = UpstreamSession(client, credentials, max_queued=self.max_queued)
         holder.append(session)
