@@ -13,9 +13,11 @@ arrives after an event reflects that event's change. The upstream client
 the mirror applies each frame as it arrives:
 
 * an event drops the cached znode (and, for a create or delete, its parent)
-  and fires the downstream watches it concerns, in the same step, so a client
-  that hears of a change and reads again misses the cache and loads the new
-  state; however many clients read again, one load goes upstream;
+  at once, so no read serves the old state after it;
+* the downstream watches it concerns fire once the znodes their watchers
+  will read again are loaded (one upstream load however many watch), and
+  events fire in the upstream's order, so a client that hears of a change
+  reads the new state from the cache;
 * a load that an event overtook while in flight is thrown away and repeated.
 
 Writes go upstream on a session carrying the writing client's credentials
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 
 import attrs
@@ -161,6 +164,16 @@ class _Load:
     overtaken: bool = False
 
 
+@attrs.define(eq=False)
+class _Announcement:
+    """Watch events held until ``waiting`` loads have landed; ``then`` runs
+    when their turn comes (a write's answer, after every earlier event)."""
+
+    triggers: list[Trigger]
+    waiting: int
+    then: Callable[[], None] | None = None
+
+
 _ANSWERED, _MISSING, _FORWARD = "answered", "missing", "forward"
 
 
@@ -194,6 +207,8 @@ class Mirror:
         #: Watches of forwarded reads, held upstream on the client's session:
         #: (credentials, path) → the clients waiting, and for which kind.
         self._forwarded: dict[tuple[Credentials, str], set[tuple[Client, str]]] = {}
+        #: Events waiting for the loads their watchers will want, in order.
+        self._announcements: deque[_Announcement] = deque()
         #: Ephemerals created through the mirror: path → (downstream session, upstream session).
         self._owners: dict[str, tuple[int, UpstreamSession]] = {}
         self._owned: dict[int, set[str]] = {}
@@ -315,7 +330,7 @@ class Mirror:
                 return
         del self._cache[path]
         if triggers:
-            self.engine.announce(triggers)
+            self._announce(triggers)
 
     def _mark_stale(self) -> None:
         if not self.stale:
@@ -351,7 +366,7 @@ class Mirror:
         ) else []  # fmt: skip
         if kind == EventType.NODE_CHILDREN_CHANGED:  # only one-shot watches send it
             self._invalidate(path)
-            self.engine.announce(triggers)
+            self._announce(triggers)
             return
         watches = self.engine.watches
         reload = [(path, False)] if path in watches.data else []
@@ -364,14 +379,35 @@ class Mirror:
                 reload.append((parent, True))
         if kind == EventType.NODE_DELETED:
             self._forget_owner(path)
-        # Watchers read again as soon as they hear of the change: the load
-        # goes upstream before their events go out, so that their reads find
-        # the new state cached instead of all waiting for it.
-        if self.connected:
-            for where, children in reload:
-                self._load(where, children, _ignore)
-        if triggers:
-            self.engine.announce(triggers)
+        if not triggers:
+            return
+        # Watchers read again as soon as they hear of the change. Their events
+        # go out when the new state is loaded, so those reads find it cached
+        # instead of a thousand of them waiting on one load; later events
+        # queue behind, keeping the upstream's order.
+        announcement = _Announcement(triggers, waiting=len(reload) if self.connected else 0)
+        self._announcements.append(announcement)
+        for where, children in reload if self.connected else ():
+            self._load(where, children, lambda _err, a=announcement: self._loaded_for(a))
+        self._announce_ready()
+
+    def _announce(self, triggers: list[Trigger]) -> None:
+        """Fire ``triggers`` once the events before them have gone out."""
+        self._announcements.append(_Announcement(triggers, 0))
+        self._announce_ready()
+
+    def _loaded_for(self, announcement: _Announcement) -> None:
+        announcement.waiting -= 1
+        self._announce_ready()
+
+    def _announce_ready(self) -> None:
+        queue = self._announcements
+        while queue and queue[0].waiting <= 0:
+            item = queue.popleft()
+            if item.triggers:
+                self.engine.announce(item.triggers)
+            if item.then is not None:
+                item.then()
 
     def _forwarded_event(self, session: UpstreamSession, event: WatcherEvent) -> None:
         """A watch set by a forwarded read fired on a client's upstream session.
@@ -392,7 +428,7 @@ class Mirror:
             parent = parent_of(path)
             trigger = Trigger(parent, EventType.NODE_CHILDREN_CHANGED, self._acl_of(parent))
             self._invalidate(parent)
-            self.engine.announce([trigger])
+            self._announce([trigger])
         waiting = self._forwarded.get((session.credentials, path))
         if not waiting:
             return
@@ -692,11 +728,16 @@ class Mirror:
         self._after_sync(synced)
 
     def _after_sync(self, then: Callable[[], None]) -> None:
-        """Run ``then`` once every event the upstream produced so far is applied."""
+        """Run ``then`` once every event the upstream produced so far has fired."""
+
+        def synced(_reply: Reply) -> None:
+            self._announcements.append(_Announcement([], 0, then))
+            self._announce_ready()
+
         try:
-            self._watcher.submit(OpCode.SYNC, PathRequest(self.root), lambda _reply: then())
+            self._watcher.submit(OpCode.SYNC, PathRequest(self.root), synced)
         except ConnectionLost:
-            then()
+            synced(_LOST)
 
     def _writer_for(
         self, client: Client, on_reply: Callable[[Reply], None], opcode: int, record: Record
@@ -821,10 +862,6 @@ class Mirror:
             for path in list(self._owned.get(session_id, ())):
                 self._forget_owner(path)
             self.engine.end_session(session_id)
-
-
-def _ignore(_err: int) -> None:
-    """A load nobody waits for (a prefetch): its result is in the cache."""
 
 
 def _written_paths(record: Record) -> list[str]:
