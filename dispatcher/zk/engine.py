@@ -622,8 +622,11 @@ class Engine:
         return None if path is None else self._mount_of(path)
 
     def reply(self, client: Client, xid: int, err: int, body: bytes = b"") -> None:
-        """Answer a request a mount deferred (zxid: the engine's current one)."""
-        self._reply(client, xid, Err(err) if not isinstance(err, Err) else err, body)
+        """Answer a request a mount deferred (zxid: the engine's current one).
+
+        ``err`` may be any code an upstream sent, known to :class:`Err` or not.
+        """
+        self._reply(client, xid, err, body)
 
     def announce(self, triggers: list[Trigger]) -> None:
         """A mount's subtree changed: one zxid, and the watches fire."""
@@ -643,7 +646,7 @@ class Engine:
         auth = [a for a in client.auth if a.scheme != "super"]
         return acls.allowed(acl, Perm.READ, auth)
 
-    def _reply(self, client: Client, xid: int, err: Err, body: bytes = b"", zxid: int = -2) -> None:
+    def _reply(self, client: Client, xid: int, err: int, body: bytes = b"", zxid: int = -2) -> None:
         if zxid == -2:
             zxid = self.zxid
         client.peer.send(frame(xid, zxid, err, body))
