@@ -66,16 +66,17 @@ if __package__ in (None, ""):
 from bench.loadgen import (
     LoadError,
     Session,
-    ThroughputSample,
     connect_frame,
     get_data_frame,
     machine_busy_seconds,
     percentile,
-    pipelined_worker,
     process_cpu_seconds,
     set_data_frame,
     split_connections,
 )
+from bench.zk_reads import Target as Server
+from bench.zk_reads import ThroughputRun
+from bench.zk_reads import measure_throughput as measure_reads
 from tests.servers import (
     ServerStartError,
     ZkgateServer,
@@ -563,20 +564,6 @@ def _mntr_int(host: str, port: int, key: str) -> int:
 
 
 @attrs.frozen
-class Server:
-    """A server the benchmark started: where it listens and its process id."""
-
-    name: str
-    host: str
-    port: int
-    pid: int | None
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-@attrs.frozen
 class FanoutRun:
     """One side's watch counts and fan-out rounds."""
 
@@ -616,21 +603,11 @@ class FanoutRun:
 
 
 @attrs.frozen
-class ThroughputRun:
-    rate: float
-    #: CPU used in the window as a share of one core (1.0 = one core busy).
-    server_cpu: float | None
-    loadgen_cpu: float
-    machine_cpu: float | None
-    #: Packets the upstream ZooKeeper received during the run (the reads
-    #: themselves when it is the server under test; ~0 for zkgate's cache).
-    upstream_packets: int
+class ReadRun(ThroughputRun):
+    """A pipelined read run, and what the upstream ZooKeeper received meanwhile
+    (the reads themselves when it is the server under test; ~0 for zkgate's cache)."""
 
-    @property
-    def other_cpu(self) -> float | None:
-        if self.machine_cpu is None or self.server_cpu is None:
-            return None
-        return max(0.0, self.machine_cpu - self.server_cpu - self.loadgen_cpu)
+    upstream_packets: int = 0
 
 
 @attrs.define
@@ -767,47 +744,13 @@ def _cpu_of(pid: int | None) -> float | None:
 
 def measure_throughput(
     pool: Pool, target: Server, zookeeper: Server, args: argparse.Namespace, duration: float
-) -> ThroughputRun:
-    """One pipelined getData run (as bench/zk_reads.py): load, settle, count ``duration``."""
-    packets_before = _mntr_int(zookeeper.host, zookeeper.port, "zk_packets_received")
-    measure_at = time.monotonic() + _SETTLE_SECONDS
-    stop_at = measure_at + duration
-    pending = [
-        pool.apply_async(
-            pipelined_worker,
-            (
-                target.host,
-                target.port,
-                _paths(args)[0],
-                share,
-                args.window,
-                measure_at,
-                stop_at,
-                args.poll_interval_ms / 1000,
-            ),
-        )
-        for share in split_connections(args.connections, args.processes)
-    ]
-    time.sleep(max(0.0, measure_at - time.monotonic()))
-    server_before = _cpu_of(target.pid)
-    machine_before = machine_busy_seconds()
-    time.sleep(max(0.0, stop_at - time.monotonic()))
-    server_after = _cpu_of(target.pid)
-    machine_after = machine_busy_seconds()
-    samples: list[ThroughputSample] = [p.get(timeout=duration + 120) for p in pending]
-    packets_after = _mntr_int(zookeeper.host, zookeeper.port, "zk_packets_received")
-    server_cpu = machine_cpu = None
-    if server_before is not None and server_after is not None:
-        server_cpu = (server_after - server_before) / duration
-    if machine_before is not None and machine_after is not None:
-        machine_cpu = (machine_after - machine_before) / duration
-    return ThroughputRun(
-        rate=sum(s.rate for s in samples),
-        server_cpu=server_cpu,
-        loadgen_cpu=sum(s.cpu_seconds / s.seconds for s in samples if s.seconds > 0),
-        machine_cpu=machine_cpu,
-        upstream_packets=packets_after - packets_before,
-    )
+) -> ReadRun:
+    """One pipelined getData run, as bench/zk_reads.py measures it, counting
+    the packets the upstream ZooKeeper received meanwhile."""
+    before = _mntr_int(zookeeper.host, zookeeper.port, "zk_packets_received")
+    run = measure_reads(pool, target, args, _SETTLE_SECONDS, duration, path=_paths(args)[0])
+    after = _mntr_int(zookeeper.host, zookeeper.port, "zk_packets_received")
+    return ReadRun(**attrs.asdict(run, recurse=False), upstream_packets=after - before)
 
 
 # ---------------------------------------------------------------------- the run

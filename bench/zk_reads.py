@@ -123,10 +123,12 @@ class Results:
 # ------------------------------------------------------------------ measurement
 
 
-def _measure_throughput(
-    pool: Pool, target: Target, args: argparse.Namespace, seconds_before: float, duration: float
+def measure_throughput(
+    pool: Pool, target: Target, args: argparse.Namespace, seconds_before: float, duration: float,
+    *, path: str | None = None,
 ) -> ThroughputRun:
-    """One pipelined run: load for ``seconds_before``, then count for ``duration``.
+    """One pipelined run of getData on ``path`` (``args.path`` by default): load
+    for ``seconds_before``, then count for ``duration``.
 
     While the workers count, this process sleeps, waking only at the window's
     two ends to sample CPU times, so it takes nothing from the server.
@@ -139,7 +141,7 @@ def _measure_throughput(
             (
                 target.host,
                 target.port,
-                args.path,
+                path or args.path,
                 share,
                 args.window,
                 measure_at,
@@ -201,10 +203,10 @@ def run(targets: Sequence[Target], args: argparse.Namespace, out: Results) -> No
     with context.Pool(max(1, min(args.processes, args.connections))) as pool:
         for target in targets:
             _say(f"warming up {target.name} at {target.address} for {args.warmup:.0f} s ...")
-            _measure_throughput(pool, target, args, _SETTLE_SECONDS, args.warmup)
+            measure_throughput(pool, target, args, _SETTLE_SECONDS, args.warmup)
         for repeat in range(1, args.repeats + 1):
             for target in targets:
-                tput = _measure_throughput(pool, target, args, _SETTLE_SECONDS, args.duration)
+                tput = measure_throughput(pool, target, args, _SETTLE_SECONDS, args.duration)
                 out.throughput.setdefault(target.name, []).append(tput)
                 lat = _measure_latency(pool, target, args)
                 out.latency.setdefault(target.name, []).append(lat)
