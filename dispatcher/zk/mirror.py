@@ -147,6 +147,12 @@ class CachedNode:
             self._children_body = encode_children(self.children or ())
         return self._children_body
 
+    def set_children(self, children: tuple[str, ...], stat: Stat) -> None:
+        """The children facet arrived, with a stat at least as fresh as ours."""
+        self.children = frozenset(children)
+        self.stat_record = stat
+        self._stat_bytes = self._data_body = self._children_body = None
+
 
 @attrs.define(eq=False)
 class _Load:
@@ -499,7 +505,9 @@ class Mirror:
         node = cache[path]
         engine = self.engine
         if node is not None and node.acl is None:
-            return _FORWARD  # even exists: its watch is ZooKeeper's to grant (see below)
+            # The mirror may not read the ACL, so it cannot tell who may read
+            # or watch (even through exists): ask upstream as the client.
+            return _FORWARD
         if opcode == OpCode.EXISTS:
             if watch:
                 engine.watches.add_data(path, client)
@@ -511,10 +519,6 @@ class Mirror:
         if node is None:
             engine.reply(client, xid, Err.NONODE)
             return _ANSWERED
-        if node.acl is None:
-            # The mirror may not read the ACL, so it cannot tell who may
-            # watch: ask upstream as the client.
-            return _FORWARD
         if not engine.can_read(client, node.acl):
             engine.reply(client, xid, Err.NOAUTH)
             return _ANSWERED
@@ -608,9 +612,7 @@ class Mirror:
             reply = replies[-1]
             if node is None or not isinstance(reply.body, GetChildren2Response):
                 return  # gone, or unreadable to the mirror: reads go upstream
-            node.children = frozenset(reply.body.children)
-            node.stat_record = self._shown(path, reply.body.stat)
-            node._stat_bytes = node._data_body = node._children_body = None
+            node.set_children(reply.body.children, self._shown(path, reply.body.stat))
 
     def _put(self, path: str, node: CachedNode | None) -> None:
         cache = self._cache
@@ -643,7 +645,6 @@ class Mirror:
         The downstream watch is set when the reply arrives, which on that
         session comes before the event of any later change.
         """
-
         credentials = tuple(client.credentials)
 
         def answered(reply: Reply) -> None:
@@ -665,7 +666,10 @@ class Mirror:
         """
         node = self._cache.get(path, _GONE)
         watches = self.engine.watches
-        known = node is not _GONE and (node is None or node.loaded_zxid <= relative_zxid)
+        # A znode whose ACL the mirror cannot read hears no events here: unknown too.
+        known = node is not _GONE and (
+            node is None or (node.acl is not None and node.loaded_zxid <= relative_zxid)
+        )
         exists = known and node is not None
         if kind == "exist":
             if known and node is None:
