@@ -23,6 +23,7 @@ from dispatcher.zk.client import (
     ConnectionLost,
     Disconnected,
     Expired,
+    KeeperError,
     Reply,
     ZooKeeperClient,
 )
@@ -157,12 +158,20 @@ class UpstreamSessions:
     async def _run_session(self, session: UpstreamSession) -> None:
         with session.cancel_scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(session.client.run)
+                nursery.start_soon(self._keep, session)
                 with trio.move_on_after(self.connect_timeout):
                     await session.client.wait_connected()
                 if not session.client.connected:
                     session.fail_queued()
         session.fail_queued()
+
+    async def _keep(self, session: UpstreamSession) -> None:
+        # A session the upstream refuses ends alone: the gateway goes on.
+        try:
+            await session.client.run()
+        except KeeperError as exc:
+            log.warning("upstream write session stopped", extra={"error": str(exc)})
+            self._close(session)
 
     def _session_event(self, session: UpstreamSession, event: SessionEvent) -> None:
         if isinstance(event, Connected):
