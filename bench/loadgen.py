@@ -118,6 +118,22 @@ def parse_address(value: str) -> tuple[str, int]:
 # ------------------------------------------------------------ one blocking session
 
 
+def read_frame(sock: socket.socket, buffer: bytearray) -> bytes:
+    """Blocking read of one length-prefixed frame's payload from ``sock``;
+    bytes of later frames stay in ``buffer``."""
+    while True:
+        if len(buffer) >= 4:
+            (length,) = _INT.unpack_from(buffer, 0)
+            if len(buffer) >= 4 + length:
+                payload = bytes(buffer[4 : 4 + length])
+                del buffer[: 4 + length]
+                return payload
+        chunk = sock.recv(_RECEIVE_SIZE)
+        if not chunk:
+            raise LoadError("the server closed the connection")
+        buffer += chunk
+
+
 class Session:
     """One blocking ZooKeeper connection with a session: setup, latency, teardown.
 
@@ -145,18 +161,7 @@ class Session:
 
     def read_frame(self) -> bytes:
         """The next length-prefixed frame's payload (without its prefix)."""
-        buf = self._pending
-        while True:
-            if len(buf) >= 4:
-                (length,) = _INT.unpack_from(buf, 0)
-                if len(buf) >= 4 + length:
-                    payload = bytes(buf[4 : 4 + length])
-                    del buf[: 4 + length]
-                    return payload
-            chunk = self.sock.recv(_RECEIVE_SIZE)
-            if not chunk:
-                raise LoadError("server closed the connection")
-            buf += chunk
+        return read_frame(self.sock, self._pending)
 
     def call(self, frame: bytes) -> tuple[int, int, bytes]:
         """Send one request frame and return (xid, err, body) of the next non-event reply."""

@@ -71,6 +71,7 @@ from bench.loadgen import (
     machine_busy_seconds,
     percentile,
     process_cpu_seconds,
+    read_frame,
     set_data_frame,
     split_connections,
 )
@@ -167,22 +168,6 @@ class _Client:
             del buffer[:offset]
 
 
-def _next_frame(client: _Client) -> bytes:
-    """Blocking read of exactly one frame, leaving later frames buffered."""
-    buffer = client.buffer
-    while True:
-        if len(buffer) >= 4:
-            (length,) = _INT.unpack_from(buffer, 0)
-            if len(buffer) >= 4 + length:
-                payload = bytes(buffer[4 : 4 + length])
-                del buffer[: 4 + length]
-                return payload
-        chunk = client.sock.recv(_RECEIVE_SIZE)
-        if not chunk:
-            raise LoadError("the server closed a session's connection")
-        buffer += chunk
-
-
 @attrs.frozen
 class RoundReport:
     """What one swarm process saw in one round (times are CLOCK_REALTIME, ns)."""
@@ -225,7 +210,7 @@ class _Swarm:
             batch = [self._connect() for _ in range(min(_CONNECT_BATCH, self.count - start))]
             for client in batch:
                 _version, timeout_ms, session_id = _CONNECT_RESPONSE.unpack_from(
-                    _next_frame(client), 0
+                    read_frame(client.sock, client.buffer), 0
                 )
                 if session_id == 0:
                     raise LoadError(f"{self.host}:{self.port} refused a session")
@@ -238,7 +223,7 @@ class _Swarm:
             client.xid = len(self.paths)
         for client in self.clients:
             for expected in range(1, len(self.paths) + 1):
-                xid, _zxid, err = _REPLY.unpack_from(_next_frame(client), 0)
+                xid, _zxid, err = _REPLY.unpack_from(read_frame(client.sock, client.buffer), 0)
                 if xid != expected or err != 0:
                     raise LoadError(
                         f"watching {self.paths[expected - 1]}: reply xid {xid} err {err}"
@@ -390,7 +375,7 @@ class _Swarm:
                 pending.append((client, xid))
         for client, xid in pending:
             with contextlib.suppress(OSError, LoadError):
-                while _REPLY.unpack_from(_next_frame(client), 0)[0] != xid:
+                while _REPLY.unpack_from(read_frame(client.sock, client.buffer), 0)[0] != xid:
                     pass
         for client in self.clients:
             client.sock.close()

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Callable
 
 import attrs
 
+from dispatcher.zk.client_connection import RESPONSES
 from dispatcher.zk.jute import Reader, Writer
 from dispatcher.zk.protocol import (
     XID_AUTH,
@@ -27,23 +27,9 @@ from dispatcher.zk.protocol import (
 from dispatcher.zk.records import (
     ConnectRequest,
     ConnectResponse,
-    CountResponse,
-    Create2Response,
-    CreateResponse,
-    ErrorResult,
-    GetACLResponse,
-    GetChildren2Response,
-    GetChildrenResponse,
-    GetDataResponse,
-    MultiResponse,
-    PathResponse,
-    PathsResponse,
     Record,
     ReplyHeader,
-    SetSASLResponse,
-    StatResponse,
     WatcherEvent,
-    WhoAmIResponse,
 )
 
 _LENGTH = struct.Struct(">i")
@@ -52,28 +38,6 @@ _LENGTH = struct.Struct(">i")
 _RESERVED_XIDS = {OpCode.PING: XID_PING, OpCode.AUTH: XID_AUTH, OpCode.SET_WATCHES: XID_SET_WATCHES,
                   OpCode.SET_WATCHES2: XID_SET_WATCHES}
 
-#: How to decode a successful reply body, by opcode.
-RESPONSES: dict[int, Callable[[Reader], Record]] = {
-    OpCode.CREATE: CreateResponse.read,
-    OpCode.CREATE2: Create2Response.read,
-    OpCode.CREATE_CONTAINER: Create2Response.read,
-    OpCode.CREATE_TTL: Create2Response.read,
-    OpCode.EXISTS: StatResponse.read,
-    OpCode.GET_DATA: GetDataResponse.read,
-    OpCode.SET_DATA: StatResponse.read,
-    OpCode.GET_ACL: GetACLResponse.read,
-    OpCode.SET_ACL: StatResponse.read,
-    OpCode.GET_CHILDREN: GetChildrenResponse.read,
-    OpCode.GET_CHILDREN2: GetChildren2Response.read,
-    OpCode.SYNC: PathResponse.read,
-    OpCode.MULTI: MultiResponse.read,
-    OpCode.MULTI_READ: MultiResponse.read,
-    OpCode.GET_EPHEMERALS: PathsResponse.read,
-    OpCode.GET_ALL_CHILDREN_NUMBER: CountResponse.read,
-    OpCode.WHO_AM_I: WhoAmIResponse.read,
-    OpCode.ADD_WATCH: ErrorResult.read,
-    OpCode.SASL: SetSASLResponse.read,
-}
 
 
 @attrs.frozen
@@ -86,7 +50,7 @@ class Reply:
     def decode(self, opcode: int) -> Record | None:
         if self.header.err or not self.body:
             return None
-        return RESPONSES[opcode](Reader(self.body))
+        return RESPONSES[opcode].read(Reader(self.body))
 
 
 class WireClient:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 import attrs
@@ -954,24 +954,37 @@ class Engine:
         """Send each trigger's event to its watchers.
 
         ZooKeeper 3.8 puts -1, not the txn's zxid, in a notification's header.
+        A watcher that hears several events of one transaction (a multi under
+        a recursive watch) gets them in one send, in order.
         """
-        for trigger in triggers:
-            watchers = self.watches.fire(trigger.path, trigger.event)
-            if not watchers:
-                continue
-            # One encoding per event, however many watchers hear it.
-            body = encode(WatcherEvent(trigger.event, KeeperState.SYNC_CONNECTED, trigger.path))
-            packet = frame(XID_NOTIFICATION, -1, Err.OK, body)
-            acl = trigger.acl
-            # A watcher that may not READ the znode loses its watch unheard, as
-            # in ZooKeeper: the event would disclose the znode's path.
-            guarded = acl is not None and not world_perms(acl) & _READ
-            for watcher in watchers:
-                assert isinstance(watcher, Client)
-                if guarded and not acls.allowed(acl, Perm.READ, watcher.auth):  # type: ignore[arg-type]
-                    continue
+        if len(triggers) == 1:
+            for watcher, packet in self._heard(triggers[0]):
                 watcher.peer.send(packet)
-                self.stats.packets_sent += 1
+            return
+        outgoing: dict[Client, list[bytes]] = {}
+        for trigger in triggers:
+            for watcher, packet in self._heard(trigger):
+                outgoing.setdefault(watcher, []).append(packet)
+        for watcher, packets in outgoing.items():
+            watcher.peer.send(b"".join(packets))
+
+    def _heard(self, trigger: Trigger) -> Iterator[tuple[Client, bytes]]:
+        """Who hears ``trigger``, each with the encoded event (encoded once)."""
+        watchers = self.watches.fire(trigger.path, trigger.event)
+        if not watchers:
+            return
+        body = encode(WatcherEvent(trigger.event, KeeperState.SYNC_CONNECTED, trigger.path))
+        packet = frame(XID_NOTIFICATION, -1, Err.OK, body)
+        acl = trigger.acl
+        # A watcher that may not READ the znode loses its watch unheard, as in
+        # ZooKeeper: the event would disclose the znode's path.
+        guarded = acl is not None and not world_perms(acl) & _READ
+        for watcher in watchers:
+            assert isinstance(watcher, Client)
+            if guarded and not acls.allowed(acl, Perm.READ, watcher.auth):  # type: ignore[arg-type]
+                continue
+            self.stats.packets_sent += 1
+            yield watcher, packet
 
     def _notify(self, client: Client, event: EventType, path: str) -> None:
         body = encode(WatcherEvent(event, KeeperState.SYNC_CONNECTED, path))
