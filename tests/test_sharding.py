@@ -522,9 +522,14 @@ class Follower:
             await client.aclose()
 
     async def wait_for(self, ids: set[str]) -> None:
-        with trio.fail_after(TIMEOUT):
+        with trio.move_on_after(TIMEOUT):
             while set(self.instances) != ids:
                 await self.changed.wait()
+        held = set(self.instances)
+        assert held == ids, (
+            f"{self.service} after {TIMEOUT}s: missing {sorted(ids - held)}, "
+            f"extra {sorted(held - ids)}, servers {self.servers}, redirects {self.redirects}"
+        )
 
     def lagged(self, written: dict[str, float], bound: float = 0.5) -> list[tuple[float, set[str]]]:
         """States that lack an instance the registry had held for more than ``bound``
