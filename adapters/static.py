@@ -102,7 +102,11 @@ class StaticConfig:
     def from_options(cls, name: str, options: Mapping[str, Any]) -> Self:
         where = f"upstream {name!r} (static)"
         reject_unknown(options, _OPTIONS, where)
-        path = Path(require(options, "path", str, where)).expanduser()
+        raw = require(options, "path", str, where)
+        try:
+            path = Path(raw).expanduser()
+        except RuntimeError:  # what pathlib raises for ~user when there is no such user
+            raise ConfigError(f"{where}: key 'path' cannot expand the ~ in {raw!r}") from None
         if path.suffix.lower() not in _SUFFIXES:
             raise ConfigError(f"{where}: key 'path' must name a .toml or .json file, not {path}")
         poll_interval = check_type(options.get("poll_interval", 1.0), "poll_interval", float, where)

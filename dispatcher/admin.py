@@ -35,14 +35,22 @@ first sample is counted as not yet connected: readiness errs on the side of
 "not ready" until it reconnects.
 
 The HTTP server is h11 on trio and bounded everywhere: at most
-``max_connections`` connections (one more is answered 503 and closed), a
-request head of at most ``max_request_head`` bytes (431), a body of at most
-``max_request_body`` bytes (413), ``request_timeout`` seconds to send a whole
-request, idle keep-alive included (408 or a close), and ``send_timeout``
-seconds to take a response. Rendering a large snapshot as JSON runs in a
-worker thread (a snapshot is immutable, so this needs no lock), one render at
-a time, and the last full rendering is kept until the version changes, so a
-room full of open status pages costs one rendering per snapshot version.
+``max_connections`` connections, ``max_connections_per_address`` of them from
+one client address (at a cap, the connection waiting longest for its request
+is evicted to make room, and when every one is busy answering, the newcomer is
+answered 503 and closed: see :meth:`AdminServer._admit`), a request head of at
+most ``max_request_head`` bytes (431) that must arrive within
+``header_timeout`` seconds of the request's start and a body of at most
+``max_request_body`` bytes (413) within ``request_timeout`` (408), a keep-alive
+connection idle for at most ``idle_timeout`` seconds (then closed), and
+``send_timeout`` seconds to take a response. On Linux the listening socket
+defers each connection until its first bytes arrive (``TCP_DEFER_ACCEPT``).
+Slow clients hold slots for seconds at most, and never one that a client
+sending its request at once needs.
+Rendering a large snapshot as JSON runs in a worker thread (a snapshot is
+immutable, so this needs no lock), one render at a time, and the last full
+rendering is kept until the version changes, so a room full of open status
+pages costs one rendering per snapshot version.
 """
 
 from __future__ import annotations
@@ -52,8 +60,10 @@ import bisect
 import hashlib
 import json
 import logging
+import math
 import re
 import secrets
+import socket
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from importlib import resources
@@ -74,6 +84,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from dispatcher.containment import InternalErrors
 from dispatcher.model import Health, Instance
 from dispatcher.snapshot import Snapshot
 from dispatcher.zk.protocol import OpCode
@@ -366,10 +377,23 @@ class GatewayCollector(Collector):
         yield from self._subscribers(admin)
         yield from self._proxies(admin)
         yield from self._health(admin)
+        yield self._internal_errors(admin)
         yield CounterMetricFamily(
             "zkgate_admin_connections_refused",
-            "Admin HTTP connections refused because max_connections were open",
+            "Admin HTTP connections refused because max_connections or "
+            "max_connections_per_address were open and busy",
             value=admin.refused,
+        )
+        yield CounterMetricFamily(
+            "zkgate_admin_connections_evicted",
+            "Admin HTTP connections closed to make room for a new one "
+            "(the one waiting longest for its request)",
+            value=admin.evicted,
+        )
+        yield CounterMetricFamily(
+            "zkgate_admin_requests_timed_out",
+            "Admin HTTP requests whose head or body did not arrive in time (408)",
+            value=admin.timed_out,
         )
         served = CounterMetricFamily(
             "zkgate_admin_requests", "Admin HTTP requests answered, by path", labels=["path"]
@@ -377,6 +401,19 @@ class GatewayCollector(Collector):
         for path, count in admin.served.items():
             served.add_metric([path], count)
         yield served
+
+    def _internal_errors(self, admin: AdminServer) -> Metric:
+        gateway = admin.gateway
+        family = CounterMetricFamily(
+            "zkgate_internal_errors",
+            "Unexpected exceptions that closed one connection (not the process), by listener",
+            labels=["listener"],
+        )
+        for listener in (gateway.zookeeper_server, gateway.subscriptions, admin):
+            if listener is not None:
+                errors = listener.internal_errors
+                family.add_metric([errors.listener], errors.count)
+        return family
 
     def _instances(self, snapshot: Snapshot) -> tuple[dict[str, int], int]:
         counted = self._counted
@@ -621,13 +658,78 @@ class AdminLimits:
     """Bounds of the admin HTTP server (see the module docstring)."""
 
     max_connections: int = 64
+    #: Open connections from one client address; one more evicts the
+    #: address's own connection waiting longest, or is answered 503.
+    max_connections_per_address: int = 8
     max_request_head: int = 8192
     max_request_body: int = 1024
+    #: Seconds from a request's start to the end of its head. A request starts
+    #: at its first byte, the first request of a connection at the accept: curl
+    #: and Prometheus open a connection to send a request and write its whole
+    #: head (well under one TCP segment) at once, so it arrives within one
+    #: round trip even after a retransmission or two; only a client trickling
+    #: bytes needs longer.
+    header_timeout: float = 2.0
+    #: Seconds a keep-alive connection may wait for its next request. Generous,
+    #: so that a status page polling every second and a scraper on a 15 s
+    #: interval keep their connection: idle connections are the first to be
+    #: evicted when the caps are reached, so they cost nothing under pressure.
+    idle_timeout: float = 15.0
+    #: Seconds from a request's start to its end, body included.
     request_timeout: float = 10.0
     send_timeout: float = 10.0
     #: How long a refused or failed connection is drained before it is closed,
     #: so that the client reads the error instead of a reset.
     linger: float = 0.5
+
+
+class _Slot:
+    """One admitted connection, as the connection caps see it."""
+
+    __slots__ = ("address", "evicted", "fresh", "method", "released", "waiting")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        #: The scope of the connection's current wait for a request: cancelled
+        #: to evict it. A request being answered is outside it, never evicted.
+        self.waiting = trio.CancelScope()
+        #: Nothing received yet on this connection.
+        self.fresh = True
+        #: The method of the request being read, once its head is in: an
+        #: error answer to a HEAD request must go without its body.
+        self.method = b""
+        self.evicted = False
+        self.released = False
+
+
+class _Queue:
+    """Slots in the order they joined, in all and by client address."""
+
+    def __init__(self) -> None:
+        self._all: dict[_Slot, None] = {}  # a dict as an ordered set
+        self._by_address: dict[str, dict[_Slot, None]] = {}
+
+    def add(self, slot: _Slot) -> None:
+        self._all[slot] = None
+        self._by_address.setdefault(slot.address, {})[slot] = None
+
+    def discard(self, slot: _Slot) -> None:
+        if self._all.pop(slot, False) is None:
+            own = self._by_address[slot.address]
+            del own[slot]
+            if not own:
+                del self._by_address[slot.address]
+
+    def first(self, address: str | None = None) -> _Slot | None:
+        """The earliest slot to join (from ``address``, if given), if any."""
+        slots = self._all if address is None else self._by_address.get(address, {})
+        return next(iter(slots), None)
+
+
+def _throttled(count: int) -> bool:
+    """True for the 1st, 2nd, 4th, 8th... event: a flood of connections must
+    not become a flood of log lines."""
+    return count & (count - 1) == 0
 
 
 @attrs.frozen
@@ -704,11 +806,24 @@ class AdminServer:
         self.registry.register(ProcessCollector(registry=None))
         for collector in collectors:
             self.registry.register(collector)
-        #: Connections refused because ``max_connections`` were open.
+        #: Connections refused (503) because ``max_connections`` or
+        #: ``max_connections_per_address`` were open and none was evictable.
         self.refused = 0
+        #: Connections closed to make room for a new one (see :meth:`_admit`).
+        self.evicted = 0
+        #: Requests whose head or body did not arrive in time (408).
+        self.timed_out = 0
+        self.internal_errors = InternalErrors("admin")
         #: Requests answered, by route (anything else counts as "other").
         self.served: dict[str, int] = dict.fromkeys((*_ROUTES, "other"), 0)
+        #: Admitted connections: in all, and by client address.
         self._connections = 0
+        self._per_address: dict[str, int] = {}
+        # The admitted connections waiting for (the rest of) a request, in the
+        # order they began to wait: the eviction candidates (see _admit).
+        self._started = _Queue()  # something received: part of a request, or a request before
+        self._fresh = _Queue()  # nothing received yet
+        self._refusals: dict[str, int] = {}  # by cap, for the log's throttle
         # A process-unique ETag prefix: versions restart at 0 with the process,
         # and a browser must not revalidate an old process's body against them.
         self._etag_prefix = secrets.token_hex(4)
@@ -726,6 +841,17 @@ class AdminServer:
         """Listen on ``host:port`` until cancelled; ``task_status.started(bound port)``."""
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
+        defer = getattr(socket, "TCP_DEFER_ACCEPT", None)
+        if defer is not None:
+            # Linux hands over a connection only once its first bytes are in
+            # (or header_timeout, rounded up, has passed): a client that
+            # connects and says nothing takes no slot, and a probe's request
+            # is there to read when its connection is admitted, so the next
+            # arrivals cannot evict it first. nginx's "deferred" and Apache's
+            # default AcceptFilter do the same.
+            seconds = max(1, math.ceil(self.limits.header_timeout))
+            for listener in listeners:
+                listener.socket.setsockopt(socket.IPPROTO_TCP, defer, seconds)
         log.info("admin endpoint listening", extra={"listen": f"{host}:{self.port}"})
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sample)
@@ -750,27 +876,126 @@ class AdminServer:
                     yield subscription
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        limits = self.limits
-        if self._connections >= limits.max_connections:
-            self.refused += 1
-            if self.refused & (self.refused - 1) == 0:
-                # The 1st, 2nd, 4th, 8th...: a flood of connections must not
-                # become a flood of log lines.
-                log.warning("admin endpoint refusing connections (max_connections)", extra={
-                    "open": self._connections, "refused": self.refused,
-                })  # fmt: skip
+        try:
+            address = str(stream.socket.getpeername()[0])
+        except OSError:
+            await trio.aclose_forcefully(stream)  # gone before it could be served
+            return
+        await self.serve_stream(stream, address)
+
+    async def serve_stream(self, stream: trio.abc.HalfCloseableStream, address: str) -> None:
+        """Serve one accepted connection whose client is ``address`` (the key of
+        ``max_connections_per_address``), under every limit, until it closes."""
+        slot = self._admit(address)
+        if slot is None:
             await self._refuse(stream)
             return
-        self._connections += 1
         try:
-            await self._http(stream)
+            await self._http(stream, slot)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; nothing to tell it
+        except Exception as exc:
+            # What _http's own error handling did not foresee ends this
+            # connection only (a failing page already answers 500 there).
+            self.internal_errors.record(exc)
         finally:
-            self._connections -= 1
+            self._release(slot)
             await trio.aclose_forcefully(stream)
 
-    async def _refuse(self, stream: trio.SocketStream) -> None:
+    def _admit(self, address: str) -> _Slot | None:
+        """A slot for a new connection from ``address``, or None: refuse it (503).
+
+        At a cap, the admitted connection that has waited longest for its
+        request (an idle keep-alive one, or one whose head is still arriving)
+        is evicted to make room: among the address's own connections for
+        ``max_connections_per_address``, among all for ``max_connections``.
+        It is answered 503 (retry-after 1) if part of a request had come, and
+        closed without a word otherwise, as at its idle deadline. Only when
+        every connection in the cap's reach is busy answering a request is the
+        newcomer refused; those are bounded by ``send_timeout``.
+        A connection on which nothing has arrived yet goes last, after every
+        one that has sent something: it is most likely a client that has just
+        connected and whose request is on its way (a probe arriving during a
+        flood of slow connections must not lose its slot to the next arrivals
+        before its first bytes are read), and it gets header_timeout at most.
+
+        Eviction rather than reserved capacity, because nothing at accept time
+        tells a health probe from a slowloris connection (on loopback they even
+        share an address): reserved slots would fill with slow clients as fast
+        as the shared ones. Behaviour tells them apart. A client that sends
+        its request at once is answered within milliseconds and is never the
+        one waiting longest, while a connection trickling its head or idling
+        grows older with every arrival until it is the one evicted. The cost
+        to the victim is a retry: HTTP clients reopen an idle keep-alive
+        connection by themselves, and a head still incomplete after every
+        younger connection has arrived is a slow client's. The deadlines then
+        bound how long a slow connection holds a slot when nobody needs it.
+        """
+        limits = self.limits
+        if self._per_address.get(address, 0) >= limits.max_connections_per_address:
+            victim = self._started.first(address) or self._fresh.first(address)
+            if victim is None:
+                self._refusal("max_connections_per_address", address)
+                return None
+            self._evict(victim, "max_connections_per_address")
+        if self._connections >= limits.max_connections:
+            victim = self._started.first() or self._fresh.first()
+            if victim is None:
+                self._refusal("max_connections", address)
+                return None
+            self._evict(victim, "max_connections")
+        self._connections += 1
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        return _Slot(address)
+
+    def _refusal(self, cap: str, address: str) -> None:
+        self.refused += 1
+        count = self._refusals[cap] = self._refusals.get(cap, 0) + 1
+        if _throttled(count):
+            log.warning(f"admin endpoint refusing connections ({cap})", extra={
+                "open": self._connections, "address": address, "refused": count,
+            })  # fmt: skip
+
+    def _evict(self, slot: _Slot, cap: str) -> None:
+        slot.evicted = True
+        slot.waiting.cancel()
+        self._release(slot)
+        self.evicted += 1
+        if _throttled(self.evicted):
+            log.warning("admin endpoint evicting the connection waiting longest", extra={
+                "cap": cap, "address": slot.address, "open": self._connections,
+                "evicted": self.evicted,
+            })  # fmt: skip
+
+    def _release(self, slot: _Slot) -> None:
+        """Give the slot back (once: eviction and the connection's end both call this)."""
+        if slot.released:
+            return
+        slot.released = True
+        self._stop_waiting(slot)
+        self._connections -= 1
+        left = self._per_address[slot.address] - 1
+        if left:
+            self._per_address[slot.address] = left
+        else:
+            del self._per_address[slot.address]
+
+    def _start_waiting(self, slot: _Slot, waiting: trio.CancelScope) -> None:
+        slot.waiting = waiting
+        (self._fresh if slot.fresh else self._started).add(slot)
+
+    def _heard(self, slot: _Slot) -> None:
+        """The first bytes on ``slot``'s connection arrived."""
+        slot.fresh = False
+        if not slot.released:
+            self._fresh.discard(slot)
+            self._started.add(slot)
+
+    def _stop_waiting(self, slot: _Slot) -> None:
+        self._fresh.discard(slot)
+        self._started.discard(slot)
+
+    async def _refuse(self, stream: trio.abc.HalfCloseableStream) -> None:
         body = b"too many admin connections\n"
         data = (
             b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
@@ -784,7 +1009,7 @@ class AdminServer:
                 pass
         await trio.aclose_forcefully(stream)
 
-    async def _drain(self, stream: trio.SocketStream) -> None:
+    async def _drain(self, stream: trio.abc.HalfCloseableStream) -> None:
         """Half-close, then read and drop what the client still sends (bounded by
         the caller's deadline and 64 KiB): closing with unread input would
         reset the connection and could destroy the response before it is read."""
@@ -796,15 +1021,25 @@ class AdminServer:
                 return
             left -= len(data)
 
-    async def _http(self, stream: trio.SocketStream) -> None:
+    async def _http(self, stream: trio.abc.HalfCloseableStream, slot: _Slot) -> None:
         limits = self.limits
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_request_head)
-        while True:
+        # The first request starts at the accept (see AdminLimits.header_timeout).
+        start: float | None = trio.current_time()
+        while not slot.evicted:
             error: _Response | None = None
             request: h11.Request | None = None
-            with trio.move_on_after(limits.request_timeout) as waiting:
+            if start is None and conn.trailing_data[0]:
+                start = trio.current_time()  # pipelined: the next request is here already
+            if start is None:
+                deadline = trio.current_time() + limits.idle_timeout
+            else:
+                deadline = start + min(limits.header_timeout, limits.request_timeout)
+            slot.method = b""
+            with trio.CancelScope(deadline=deadline) as waiting:
+                self._start_waiting(slot, waiting)
                 try:
-                    request = await self._read_request(stream, conn)
+                    request = await self._read_request(stream, conn, slot, start)
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
                     error = _text(status, f"bad request: {exc}\n")
@@ -812,12 +1047,30 @@ class AdminServer:
                     error = _text(413, f"request body over {limits.max_request_body} bytes\n")
                 except _HeadTooLarge:
                     error = _text(431, f"request head over {limits.max_request_head} bytes\n")
+            self._stop_waiting(slot)
             if waiting.cancelled_caught:
                 if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
-                    return  # an idle keep-alive connection: just close it
-                error = _text(408, "request not complete in time\n")
+                    return  # nothing of a request yet: just close
+                if slot.evicted:
+                    error = _text(503, "admin endpoint busy; evicted for a newer connection\n",
+                                  ("retry-after", "1"))  # fmt: skip
+                else:
+                    self.timed_out += 1
+                    if _throttled(self.timed_out):
+                        log.info(
+                            "admin endpoint closing a request not complete in time",
+                            extra={"address": slot.address, "timed_out": self.timed_out},
+                        )
+                    error = _text(408, "request not complete in time\n")
+            elif error is not None:
+                log.info("admin endpoint answering a bad request", extra={
+                    "status": error.status, "error": error.body.decode(errors="replace").strip(),
+                })  # fmt: skip
             if error is not None:
-                await self._fail(stream, conn, error)
+                # Done with this connection: its slot is free at once, and the
+                # answer's linger is bounded by time.
+                self._release(slot)
+                await self._fail(stream, conn, error, head_only=slot.method == b"HEAD")
                 return
             if request is None:
                 return  # the client closed the connection between requests
@@ -838,20 +1091,42 @@ class AdminServer:
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
+            start = None  # a later request starts at its first byte
 
     async def _read_request(
-        self, stream: trio.SocketStream, conn: h11.Connection
+        self,
+        stream: trio.abc.HalfCloseableStream,
+        conn: h11.Connection,
+        slot: _Slot,
+        start: float | None,
     ) -> h11.Request | None:
-        """The next complete request (its body read and dropped), or None at EOF."""
+        """The next complete request (its body read and dropped), or None at EOF.
+
+        ``start`` is when the request began, None while a keep-alive
+        connection waits for its first byte. From its start, the head must be
+        complete within ``header_timeout`` and the whole request within
+        ``request_timeout``; the deadline of ``slot.waiting`` is moved so.
+        """
+        limits = self.limits
+        waiting = slot.waiting
         request: h11.Request | None = None
         body = 0
-        limit = self.limits.max_request_body
+        limit = limits.max_request_body
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(_RECEIVE_SIZE))
+                data = await stream.receive_some(_RECEIVE_SIZE)
+                if data and slot.fresh:
+                    self._heard(slot)
+                if start is None and data:
+                    start = trio.current_time()
+                    waiting.deadline = start + min(limits.header_timeout, limits.request_timeout)
+                conn.receive_data(data)
             elif isinstance(event, h11.Request):
                 request = event
+                slot.method = event.method
+                if start is not None:
+                    waiting.deadline = start + limits.request_timeout
                 # h11 bounds only a head still incomplete; one that arrived
                 # whole in a single read is measured here.
                 head = len(event.method) + len(event.target) + 16
@@ -859,7 +1134,7 @@ class AdminServer:
                     head += len(name) + len(value) + 4
                     if name == b"content-length" and int(value) > limit:
                         raise _BodyTooLarge
-                if head > self.limits.max_request_head:
+                if head > limits.max_request_head:
                     raise _HeadTooLarge
             elif isinstance(event, h11.Data):
                 body += len(event.data)
@@ -871,23 +1146,21 @@ class AdminServer:
                 return None
 
     async def _fail(
-        self, stream: trio.SocketStream, conn: h11.Connection, error: _Response
-    ) -> None:
-        log.info("admin endpoint answering a bad request", extra={
-            "status": error.status, "error": error.body.decode(errors="replace").strip(),
-        })  # fmt: skip
+        self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection, error: _Response,
+        *, head_only: bool,
+    ) -> None:  # fmt: skip
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         error = attrs.evolve(error, headers=(*error.headers, ("connection", "close")))
         with trio.move_on_after(self.limits.linger):
             try:
-                await self._send(stream, conn, error, head_only=False)
+                await self._send(stream, conn, error, head_only=head_only)
                 await self._drain(stream)
             except h11.LocalProtocolError:
                 return
 
     async def _send(
-        self, stream: trio.SocketStream, conn: h11.Connection, response: _Response,
+        self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection, response: _Response,
         *, head_only: bool,
     ) -> None:  # fmt: skip
         headers = [

@@ -13,6 +13,7 @@
     extended_types = false          # TTL nodes
     container_check_ms = 60000      # znode.container.checkIntervalMs
     super_digest = "super:BASE64SHA1"
+    four_letter_words = "ruok, srvr, mntr, isro"  # 4lw.commands.whitelist; "*" for all
 
     [dispatcher]                    # the fan-in (all optional)
     interest = "all"                # or "subscribed": load only subscribed services
@@ -22,7 +23,11 @@
     enabled = true                  # /metrics, /health, /ready, /snapshot, /shards, /status, /
     listen = "127.0.0.1:8081"       # written out: a port that cannot be bound stops the
                                     # start; left out: a busy 8081 is logged and skipped
-    max_connections = 64            # open admin connections; one more is answered 503
+    max_connections = 64            # open admin connections; at the cap, the one waiting
+                                    # longest for its request is evicted, or (all busy) 503
+    max_connections_per_address = 8 # the same, per client address
+    header_timeout = 2.0            # seconds from a request's start to the end of its head
+    idle_timeout = 15.0             # seconds a keep-alive connection may wait between requests
 
     [subscriptions]                 # the face proxies subscribe to; off without this table
     listen = "127.0.0.1:7000"
@@ -103,11 +108,13 @@ from typing import Any, Final
 
 import attrs
 
+from dispatcher.admin import AdminLimits
 from dispatcher.fanin import Interest
 from dispatcher.subscription_server import DEFAULT_HISTORY, SubscriptionLimits
 from dispatcher.subscriptions import DEFAULT_QUEUE
 from dispatcher.upstream import ConfigError, Upstream, layout_kind, upstream_kind
 from dispatcher.wire import parse_address
+from dispatcher.zk.fourletter import DEFAULT_WHITELIST, FourLetterWhitelist
 from dispatcher.zk.mirror import MirrorConfig
 from dispatcher.zk.paths import InvalidPath, is_within, validate_path
 from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER
@@ -150,9 +157,15 @@ _ZOOKEEPER_KEYS: Final = (
     "extended_types",
     "container_check_ms",
     "super_digest",
+    "four_letter_words",
 )
+#: Command-line flags whose name is not ``--`` plus the key with dashes.
+_FLAG_NAMES: Final = {"four_letter_words": "--4lw"}
 _DISPATCHER_KEYS: Final = ("interest", "subscriber_queue")
-_ADMIN_KEYS: Final = ("enabled", "listen", "max_connections")
+_ADMIN_KEYS: Final = (
+    "enabled", "listen", "max_connections", "max_connections_per_address", "header_timeout",
+    "idle_timeout",
+)  # fmt: skip
 DEFAULT_ADMIN_LISTEN: Final = "127.0.0.1:8081"
 _SUBSCRIPTIONS_KEYS: Final = ("listen", "unix", "token", "history", "max_connections")
 DEFAULT_SUBSCRIPTIONS_LISTEN: Final = "127.0.0.1:7000"
@@ -184,6 +197,7 @@ class ZooKeeperConfig:
     extended_types: bool = False
     container_check_ms: int = 60000
     super_digest: str | None = None
+    four_letter_words: FourLetterWhitelist = DEFAULT_WHITELIST
 
     @property
     def host(self) -> str:
@@ -217,16 +231,30 @@ class AdminConfig:
     listen: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(_valid_listen)
     )
-    max_connections: int = 64
+    max_connections: int = AdminLimits().max_connections
+    max_connections_per_address: int = AdminLimits().max_connections_per_address
+    header_timeout: float = AdminLimits().header_timeout
+    idle_timeout: float = AdminLimits().idle_timeout
 
     @property
     def address(self) -> tuple[str, int]:
         """``(host, port)`` to listen on."""
         return parse_address(self.listen or DEFAULT_ADMIN_LISTEN)
 
+    def limits(self) -> AdminLimits:
+        """The admin server's bounds: these settings, the rest at their defaults."""
+        return AdminLimits(
+            max_connections=self.max_connections,
+            max_connections_per_address=self.max_connections_per_address,
+            header_timeout=self.header_timeout,
+            idle_timeout=self.idle_timeout,
+        )
+
     def to_mapping(self) -> dict[str, Any]:
         result: dict[str, Any] = {
             "enabled": self.enabled, "max_connections": self.max_connections,
+            "max_connections_per_address": self.max_connections_per_address,
+            "header_timeout": self.header_timeout, "idle_timeout": self.idle_timeout,
         }  # fmt: skip
         if self.listen is not None:
             result["listen"] = self.listen
@@ -398,6 +426,7 @@ class Config:
             "max_client_cnxns": zk.max_client_cnxns,
             "extended_types": zk.extended_types,
             "container_check_ms": zk.container_check_ms,
+            "four_letter_words": str(zk.four_letter_words),
         }
         if zk.super_digest is not None:
             zookeeper["super_digest"] = zk.super_digest
@@ -465,6 +494,12 @@ def load_config(path: Path | str, *, kinds: KindLookup | None = None) -> Config:
         raise ConfigError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # tomllib decodes the whole file before parsing, outside its own errors.
+        raise ConfigError(f"not valid TOML: not UTF-8 (byte {exc.start})") from None
+    except RecursionError:
+        # tomllib recurses once per nested array or inline table.
+        raise ConfigError("not valid TOML: arrays or inline tables nested too deeply") from None
     return parse_config(data, base_dir=path.parent, kinds=kinds)
 
 
@@ -502,14 +537,16 @@ def _zookeeper(
     """Check the ``[zookeeper]`` table (``where=None``: command-line flags, named as such)."""
 
     def name(key: str) -> str:
-        return f"{where}.{key}" if where else "--" + key.replace("_", "-")
+        if where:
+            return f"{where}.{key}"
+        return _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
 
     _reject_unknown(table, _ZOOKEEPER_KEYS, where or "")
     options: dict[str, Any] = {}
     if "listen" in table:
         options["listen"] = _address(table["listen"], name("listen"))
     if "data_dir" in table:
-        data_dir = Path(_string(table["data_dir"], name("data_dir"))).expanduser()
+        data_dir = _user_path(table["data_dir"], name("data_dir"))
         if not data_dir.is_absolute() and base_dir is not None:
             data_dir = base_dir / data_dir
         options["data_dir"] = data_dir
@@ -527,7 +564,24 @@ def _zookeeper(
         if ":" not in digest:
             raise ConfigError(f"{name('super_digest')}: expected USER:BASE64SHA1")
         options["super_digest"] = digest
+    if "four_letter_words" in table:
+        options["four_letter_words"] = _four_letter_words(
+            table["four_letter_words"], name("four_letter_words")
+        )
     return ZooKeeperConfig(**options)
+
+
+def _four_letter_words(value: Any, where: str) -> FourLetterWhitelist:
+    """ZooKeeper's ``4lw.commands.whitelist`` string (``"ruok, srvr"``, ``"*"``), so a
+    value copied from zoo.cfg means the same here; an empty string leaves only ``srvr``."""
+    if not isinstance(value, str):
+        raise ConfigError(
+            f'{where}: must be a comma-separated string such as "ruok, srvr", not {_type(value)}'
+        )
+    try:
+        return FourLetterWhitelist.parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _dispatcher(table: Mapping[str, Any]) -> DispatcherConfig:
@@ -556,10 +610,23 @@ def _admin(table: Mapping[str, Any], where: str = "admin") -> AdminConfig:
         options["enabled"] = _boolean(table["enabled"], f"{where}.enabled")
     if "listen" in table:
         options["listen"] = _address(table["listen"], f"{where}.listen")
-    if "max_connections" in table:
-        options["max_connections"] = _integer(
-            table["max_connections"], f"{where}.max_connections", minimum=1
-        )
+    for key in ("max_connections", "max_connections_per_address"):
+        if key in table:
+            options[key] = _integer(table[key], f"{where}.{key}", minimum=1)
+    # A head allowed longer than a whole request (request_timeout) would be a
+    # setting without effect, and an idle connection kept for days a leak of
+    # slots: refuse both rather than ignore them.
+    request_timeout = AdminLimits().request_timeout
+    for key, most in (("header_timeout", request_timeout), ("idle_timeout", 86400.0)):
+        if key in table:
+            value = table[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{where}.{key}: must be a number of seconds, not {_type(value)}")
+            if not 0 < value <= most:
+                raise ConfigError(
+                    f"{where}.{key}: must be above 0 and at most {most:g} seconds, not {value}"
+                )
+            options[key] = float(value)
     return AdminConfig(**options)
 
 
@@ -572,7 +639,7 @@ def _subscriptions(table: Mapping[str, Any], base_dir: Path | None) -> Subscript
     if "listen" in table:
         options["listen"] = _address(table["listen"], f"{where}.listen")
     if "unix" in table:
-        unix = Path(_string(table["unix"], f"{where}.unix")).expanduser()
+        unix = _user_path(table["unix"], f"{where}.unix")
         if not unix.is_absolute() and base_dir is not None:
             unix = base_dir / unix
         options["unix"] = unix
@@ -947,6 +1014,14 @@ def _string(value: Any, where: str) -> str:
     if not value:
         raise ConfigError(f"{where}: must not be empty")
     return value
+
+
+def _user_path(value: Any, where: str) -> Path:
+    """A non-empty path string with ``~`` expanded; the ConfigError names ``where``."""
+    try:
+        return Path(_string(value, where)).expanduser()
+    except RuntimeError:  # what pathlib raises for ~user when there is no such user
+        raise ConfigError(f"{where}: cannot expand the ~ in {value!r}") from None
 
 
 def _integer(value: Any, where: str, *, minimum: int) -> int:

@@ -14,7 +14,8 @@ Fields an event concerns are passed by the call site with ``extra=``::
 Every key of ``extra`` becomes a ``key=value`` field after ``msg``; the
 common ones come first in a fixed order (:data:`FIELD_ORDER`) so that lines
 about the same session, path or service line up, and ``session`` given as an
-int is written in hex, as ZooKeeper writes session ids. Values are quoted
+int is written in hex, as ZooKeeper writes session ids (so is any
+``*_session`` field, such as the mirror's ``upstream_session``). Values are quoted
 when they contain spaces, quotes, ``=`` or control characters, and newlines
 are escaped, so one event is always exactly one line, tracebacks included
 (``exc="Traceback ...\\n..."``). Any line splits with a logfmt parser (or
@@ -39,7 +40,8 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import Final, Literal, TextIO
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "LOG_FORMATS",
     "LogfmtFormatter",
     "PlainFormatter",
+    "RepeatLimiter",
     "configure_logging",
     "event_fields",
 ]
@@ -82,7 +85,7 @@ def _value(value: object) -> str:
 
 
 def _field_text(key: str, value: object) -> str:
-    if key == "session" and isinstance(value, int) and not isinstance(value, bool):
+    if (key == "session" or key.endswith("_session")) and type(value) is int:
         return f"0x{value:x}"
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -142,6 +145,48 @@ class PlainFormatter(logging.Formatter):
         return text
 
 
+class RepeatLimiter(logging.Filter):
+    """Lets the same warning or error through at most once per ``interval``.
+
+    "The same" is the same logger and the same message template (zkgate's
+    messages are constant; the particulars are fields), so a peer that makes
+    one listener warn in a loop costs one line a second, not one per attempt.
+    The next line let through carries ``suppressed=N``, the repeats dropped
+    since the last one. Lines below WARNING are never held back: they are
+    off by default, and info lines are an audit trail.
+    """
+
+    def __init__(
+        self,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 4096,
+    ) -> None:
+        super().__init__()
+        self.interval = interval
+        self.clock = clock
+        self.max_keys = max_keys
+        # (logger, template) -> (when last let through, repeats dropped since)
+        self._seen: OrderedDict[tuple[str, object], tuple[float, int]] = OrderedDict()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.msg)
+        now = self.clock()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self.interval:
+            self._seen[key] = (last[0], last[1] + 1)
+            return False
+        if last is not None and last[1]:
+            record.suppressed = last[1]
+        self._seen[key] = (now, 0)
+        self._seen.move_to_end(key)
+        if len(self._seen) > self.max_keys:
+            self._seen.popitem(last=False)  # the least recently let through
+        return True
+
+
 def configure_logging(
     level: str | int = "INFO",
     log_format: LogFormat = "logfmt",
@@ -151,13 +196,16 @@ def configure_logging(
     """Send every log record of the process to ``stream`` (stderr) in ``log_format``.
 
     Replaces the handler an earlier call installed (other handlers, such as
-    a test runner's, stay) and returns the new one. ``fields`` are added to every record, e.g. the
-    node id when several gateways log to one place.
+    a test runner's, stay) and returns the new one. Repeated warnings and
+    errors are limited to one a second each (:class:`RepeatLimiter`).
+    ``fields`` are added to every record, e.g. the node id when several
+    gateways log to one place.
     """
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {LOG_FORMATS}, not {log_format!r}")
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(LogfmtFormatter() if log_format == "logfmt" else PlainFormatter())
+    handler.addFilter(RepeatLimiter())
     if fields:
         constant = dict(fields)
 

@@ -86,6 +86,7 @@ import attrs
 import trio
 
 from dispatcher import wire
+from dispatcher.containment import InternalErrors
 from dispatcher.fanin import FanIn
 from dispatcher.model import Instance
 from dispatcher.ownership import Ownership
@@ -363,6 +364,7 @@ class SubscriptionServer:
         self._recorder_stopped: trio.Event | None = None
         #: Connections refused because max_connections were open.
         self.refused = 0
+        self.internal_errors = InternalErrors("subscriptions")
 
     # ------------------------------------------------------------- reading
 
@@ -464,6 +466,9 @@ class SubscriptionServer:
         try:
             async with stream:
                 await connection._run()
+        except Exception as exc:
+            # A bug met by one subscriber ends its connection, not the Dispatcher.
+            self.internal_errors.record(exc, peer=peer)
         finally:
             del self._connections[connection]
             connection._drop_subscription()
@@ -635,6 +640,10 @@ class SubscriberConnection:
                         return
             except wire.WireError as exc:
                 self._fail("bad-request", str(exc))
+                return
+            except Exception as exc:
+                self._server.internal_errors.record(exc, peer=self.peer)
+                self._fail("internal", "the server failed to handle a message; see its log")
                 return
 
     async def _pump(self) -> None:

@@ -38,6 +38,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import stat
 import struct
 from collections.abc import Iterator, Mapping
@@ -49,7 +50,27 @@ import trio
 PROTOCOL_VERSION = 1
 #: The largest frame either side accepts (a snapshot of a few thousand instances).
 MAX_FRAME = 8 * 1024 * 1024
+#: The deepest nesting of arrays and objects a frame may have. The vocabulary
+#: needs 4 (message, instances, instance, metadata); Python's parser recurses
+#: per level and a deep enough frame would exhaust the stack.
+MAX_DEPTH = 16
+#: The most digits an integer may have: every integer of the protocol (ports,
+#: versions, epochs) fits in 64 bits, and int() of a very long digit string is
+#: quadratic, so longer numbers are refused before they are parsed.
+MAX_INT_DIGITS = 20
 _LENGTH = struct.Struct(">I")
+# Every byte but quotes and brackets, for the depth check (bytes.translate
+# deletes them at C speed, so the check costs a fraction of the parse).
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+_STRING = re.compile(rb'"[^"]*"')
+# A \u escape of one half of a surrogate pair without the other: json.loads
+# accepts it, and the str it makes cannot be encoded (a token compared as
+# bytes, a log line).
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+_EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
 
 
 class WireError(Exception):
@@ -148,7 +169,8 @@ class Welcome(Message):
 
 @attrs.frozen
 class Error(Message):
-    """A refusal. Codes: unauthenticated, unsupported-version, bad-request, overloaded."""
+    """A refusal. Codes: unauthenticated, unsupported-version, bad-request, overloaded,
+    internal (the server met a bug handling this peer; see its log)."""
 
     type: ClassVar[str] = "error"
     code: str
@@ -383,15 +405,51 @@ def encode(message: Message) -> bytes:
 
 
 def decode(body: bytes) -> Message:
+    """The message in one frame's body; anything else raises :class:`WireError`."""
+    _check_depth(body)
+    if b"\\u" in body and _LONE_SURROGATE.search(body):
+        raise WireError("a string in the frame holds half of a surrogate pair")
     try:
-        obj = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"frame is not JSON: {exc}") from None
+        obj = json.loads(body, parse_int=_bounded_int)
+    # ValueError covers JSONDecodeError and whatever the parser raises for a
+    # number it will not convert; RecursionError is a backstop for the depth.
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise WireError(f"frame is not JSON: {_clip(str(exc))}") from None
     obj = _object(obj, "message")
-    kind = MESSAGES.get(obj.get("type"))  # type: ignore[arg-type]
+    name = obj.get("type")
+    kind = MESSAGES.get(name) if isinstance(name, str) else None
     if kind is None:
         raise WireError(f"unknown message type {obj.get('type')!r}")
     return kind.fields_from_json(obj)
+
+
+def _check_depth(body: bytes) -> None:
+    """Refuse nesting deeper than :data:`MAX_DEPTH` before the parser, which
+    recurses per level, sees it.
+
+    Escaped backslashes and quotes go first, then everything but quotes and
+    brackets, then whole strings, so that brackets inside strings do not
+    count; matched empty pairs are then removed one level per round, so a
+    frame within the limit is empty after ``MAX_DEPTH`` rounds.
+    """
+    structure = body.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    brackets = _STRING.sub(b"", structure)
+    for _ in range(MAX_DEPTH):
+        if not brackets:
+            return
+        brackets = _EMPTY_PAIR.sub(b"", brackets)
+    if brackets:
+        raise WireError(f"frame nests deeper than {MAX_DEPTH} levels, or its brackets do not match")
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise WireError(f"a number in the frame has more than {MAX_INT_DIGITS} digits")
+    return int(digits)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class FrameDecoder:
@@ -500,6 +558,7 @@ def unlink_if_ours(path: str, identity: os.stat_result) -> None:
 # --- validation helpers -----------------------------------------------------------
 
 _MISSING = object()
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _object(raw: Any, what: str) -> dict[str, Any]:
@@ -519,6 +578,8 @@ def _int(obj: dict[str, Any], key: str, default: Any = _MISSING) -> int:
     value = obj.get(key, default)
     if value is _MISSING or not isinstance(value, int) or isinstance(value, bool):
         raise WireError(f"{key!r} must be an integer")
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise WireError(f"{key!r} is out of range")
     return value
 
 

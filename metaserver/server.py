@@ -32,6 +32,7 @@ that one connection with a log line; nothing a client sends can stop the server.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import socket
@@ -42,6 +43,7 @@ from typing import Final
 import attrs
 import trio
 
+from dispatcher.containment import InternalErrors
 from dispatcher.wire import (
     PROTOCOL_VERSION,
     Error,
@@ -206,6 +208,7 @@ class MetaServer:
         self._answers: _Answers | None = None
         self._changed = trio.Event()
         self._connections = 0
+        self.internal_errors = InternalErrors("meta")
         #: Lookups answered (for the benchmark and tests).
         self.lookups = 0
 
@@ -295,8 +298,12 @@ class MetaServer:
             await connection.try_send(encode(Error("bad-request", str(exc))))
         except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError, trio.TooSlowError):
             pass
-        except Exception:
-            log.exception("connection failed", extra={"peer": peer})
+        except Exception as exc:
+            # A bug met by one peer ends its connection, not the Meta Server.
+            self.internal_errors.record(exc, peer=peer)
+            await connection.try_send(
+                encode(Error("internal", "the server failed to handle a message; see its log"))
+            )
         finally:
             self._connections -= 1
             await trio.aclose_forcefully(stream)
@@ -346,7 +353,7 @@ class _Connection:
             raise _Refused(
                 Error("unsupported-version", f"this server speaks version {PROTOCOL_VERSION}")
             )
-        if hello.token != server.token:
+        if not hmac.compare_digest(hello.token.encode(), server.token.encode()):
             raise _Refused(Error("unauthenticated", "wrong token"))
         await self.send(encode(Welcome(PROTOCOL_VERSION, server.server_id)))
         failure: Exception | None = None

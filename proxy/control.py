@@ -52,6 +52,7 @@ import attrs
 import trio
 
 from dispatcher import wire
+from dispatcher.containment import InternalErrors
 from proxy.endpoints import ServiceTable
 
 __all__ = ["ControlPlane", "ControlSettings", "SessionStatus", "open_wire_stream"]
@@ -153,6 +154,7 @@ class ControlPlane:
         self.tables = dict(tables)
         self.settings = settings or ControlSettings()
         self._rng = rng or random.Random()
+        self.internal_errors = InternalErrors("proxy-control")
         #: The newest assignment epoch seen (from the Meta Server or a Redirect).
         self.epoch = -1
         #: The owner of each service as last learned; None: nobody (or not yet known).
@@ -397,7 +399,7 @@ class ControlPlane:
         if not isinstance(answer, wire.Welcome):
             await _close(conn)
             raise _Closed(f"expected welcome, got {answer.type}")
-        return _Link(conn, answer.server_id, settings)
+        return _Link(conn, answer.server_id, settings, self.internal_errors)
 
 
 class _Link:
@@ -408,10 +410,14 @@ class _Link:
     ended.
     """
 
-    def __init__(self, conn: wire.WireStream, server_id: str, settings: ControlSettings) -> None:
+    def __init__(
+        self, conn: wire.WireStream, server_id: str, settings: ControlSettings,
+        internal_errors: InternalErrors,
+    ) -> None:  # fmt: skip
         self.conn = conn
         self.server_id = server_id
         self.settings = settings
+        self.internal_errors = internal_errors
         self._outbox, self._queued = trio.open_memory_channel[wire.Message](settings.max_queued)
         self._scope = trio.CancelScope()
         self._last_heard = trio.current_time()
@@ -465,6 +471,11 @@ class _Link:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                 wire.WireError) as exc:  # fmt: skip
             self.close(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            # A bug met handling one message: this link closes and is opened
+            # again; the proxy keeps forwarding on the tables it has.
+            self.internal_errors.record(exc, server=self.server_id)
+            self.close(f"internal error ({type(exc).__name__}); see the log")
 
     async def _write(self) -> None:
         async for message in self._queued:

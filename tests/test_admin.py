@@ -596,26 +596,40 @@ async def test_slow_and_idle_clients_are_timed_out(tmp_path: Path) -> None:
         assert await raw(port, b"") == b""
 
 
-async def test_connections_beyond_the_limit_are_refused_then_served_again(
+async def test_a_connection_beyond_the_limit_evicts_a_slow_one_and_is_served(
     tmp_path: Path,
 ) -> None:
+    # Refusal when every connection is busy: tests/test_admin_slow_clients.py.
     limits = AdminLimits(max_connections=2)
     async with admin_only(tmp_path, limits) as (admin, port):
         held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
         try:
+            for stream in held:  # two slow clients: a head begun, never finished
+                await stream.send_all(b"GET /health HTTP/1.1\r\n")
             # Both held connections are accepted before the third arrives.
             with trio.fail_after(TIMEOUT):
                 while admin._connections < 2:
                     await trio.sleep(0.01)
-            refused = await raw(port, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
-            assert status_of(refused) == 503
-            assert b"too many admin connections" in refused
+            request = b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+            served = await raw(port, request)
+            assert status_of(served) == 200
+            # One of the two slow ones made room: told 503, and closed.
+            with trio.fail_after(TIMEOUT):
+                async with trio.open_nursery() as nursery:
+
+                    async def closed(stream: trio.SocketStream) -> None:
+                        answer = await stream.receive_some(65536)
+                        assert status_of(answer) == 503 and b"evicted" in answer
+                        nursery.cancel_scope.cancel()
+
+                    for stream in held:
+                        nursery.start_soon(closed, stream)
         finally:
             for stream in held:
                 await stream.aclose()
-        await eventually(lambda: _status_is(port, "/health", 200), "served again")
         samples = await scrape(port)
-        assert samples[("zkgate_admin_connections_refused_total", ())] == 1
+        assert samples[("zkgate_admin_connections_evicted_total", ())] == 1
+        assert samples[("zkgate_admin_connections_refused_total", ())] == 0
 
 
 # ---------------------------------------------------------------------- configuration

@@ -335,6 +335,7 @@ def test_serve_with_a_config_and_flags_that_override_it(
         listen = "127.0.0.1:{free_port()}"
         data_dir = "from-file"
         tick_ms = 200
+        four_letter_words = "ruok, conf"
         """,
     )
     server = zkgate_factory(["--config", str(path)])  # type: ignore[operator]

@@ -479,9 +479,11 @@ FOUR_LETTER_WORDS = ["ruok", "srvr", "stat", "mntr", "cons", "crst", "dump", "en
 
 @pytest.mark.parametrize("word", FOUR_LETTER_WORDS)
 def test_every_four_letter_word_answers_and_closes(
-    zookeeper: ZooKeeperServer, zkgate: ZkgateServer, word: str
+    zookeeper: ZooKeeperServer, zkgate_factory: ServerFactory[ZkgateServer], word: str
 ) -> None:
     """Monitoring scripts read until EOF: each word gets its answer, then the close."""
+    # Both whitelist every word (the harness's ZooKeeper has 4lw.commands.whitelist=*).
+    zkgate = zkgate_factory(["--4lw", "*"])
     answers = {}
     for name, server in (("zookeeper", zookeeper), ("zkgate", zkgate)):
         # four_letter reads until the server closes; a hang would time it out.

@@ -61,8 +61,9 @@ EVENT_TIMEOUT = 10.0
 
 @pytest.fixture
 def server(zkgate_factory: ServerFactory[ZkgateServer]) -> ZkgateServer:
-    """A fresh zkgate with a short tick, so that sessions expire quickly."""
-    return zkgate_factory(["--tick-ms", str(TICK_MS)])
+    """A fresh zkgate with a short tick, so that sessions expire quickly, answering
+    every four-letter word (``stat`` is not whitelisted by default)."""
+    return zkgate_factory(["--tick-ms", str(TICK_MS), "--4lw", "*"])
 
 
 @contextmanager

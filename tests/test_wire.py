@@ -91,6 +91,39 @@ def test_bad_frames_are_refused_with_a_reason(raw: bytes, complaint: str) -> Non
         list(FrameDecoder().feed(raw))
 
 
+def _raw(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("raw", "complaint"),
+    [
+        # Each of these ended the process: json.loads raised RecursionError or
+        # ValueError, which the decoder did not turn into a WireError.
+        (_raw(b"[" * 100_000 + b"]" * 100_000), "deeper than 16"),
+        (_raw(b"{" * 17 + b"}" * 17), "deeper than 16"),
+        (_raw(b'{"type":"hello","version":' + b"9" * 5000 + b',"token":"t","client_id":"c"}'),
+         "more than 20 digits"),
+        (_raw(b'{"type":"ack","service":"s","version":-' + b"9" * 30 + b"}"), "more than 20"),
+        (_raw(b'{"type":"ack","service":"s","version":18446744073709551616}'), "out of range"),
+        (_raw(b'{"type":"ack","service":"s","version":1e999}'), "'version' must be an integer"),
+        (_raw(b'{"type":"hello","token":"\xff"}'), "not JSON"),
+        (_raw(b'{"type":"hello","version":1,"token":"t","client_id":"c"]'), "brackets"),
+    ],
+)
+def test_frames_built_to_break_the_parser_are_refused(raw: bytes, complaint: str) -> None:
+    with pytest.raises(WireError, match=complaint):
+        list(FrameDecoder().feed(raw))
+
+
+def test_brackets_and_digits_inside_strings_do_not_count() -> None:
+    metadata = {"note": "[" * 100 + "{" * 100 + "\\" + '"' + "9" * 500}
+    message = wire.Full("s", 1, (wire.WireInstance("a:1", "a", 1, metadata=metadata),))
+    assert list(FrameDecoder().feed(wire.encode(message))) == [message]
+    nested = {"type": "ack", "service": "s", "version": 1, "x": [[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]}
+    assert list(FrameDecoder().feed(_frame(nested))) == [wire.Ack("s", 1)]
+
+
 def test_oversized_frames_are_refused_before_buffering() -> None:
     decoder = FrameDecoder(max_frame=1024)
     with pytest.raises(WireError, match="exceeds"):

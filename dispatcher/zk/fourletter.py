@@ -2,18 +2,92 @@
 
 Monitoring tools parse these texts (``mntr`` keys, ``srvr`` lines), so their
 shape follows ZooKeeper's byte for byte where tools read it.
+
+Which words are answered is a :class:`FourLetterWhitelist`, ZooKeeper's
+``4lw.commands.whitelist``: a refused word gets ZooKeeper's refusal text and
+the connection closes, as after any answer.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import resource
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Final
 
+import attrs
+
+from dispatcher.zk.connection import FOUR_LETTER_WORDS
 from dispatcher.zk.engine import Client, Engine
 from dispatcher.zk.protocol import SERVER_VERSION, OpCode
+
+log = logging.getLogger(__name__)
+
+#: The key of :func:`answer`'s ``settings`` that holds the whitelist
+#: (ZooKeeper's name for it); ``conf`` does not print it, as ZooKeeper's does not.
+WHITELIST_SETTING: Final = "4lw.commands.whitelist"
+
+#: Always enabled, whatever the list says: ZooKeeper adds it itself because
+#: ``zkServer.sh status`` depends on it (``FourLetterCommands.isEnabled``).
+_ALWAYS: Final = frozenset({"srvr"})
+
+
+@attrs.frozen
+class FourLetterWhitelist:
+    """The four-letter words a server answers; every other word is refused.
+
+    ``words`` always holds ``srvr``, as in ZooKeeper. Build one with
+    :meth:`parse` (ZooKeeper's comma string) or :meth:`of`, which check the words.
+    """
+
+    words: frozenset[str] = attrs.field(converter=lambda words: frozenset(words) | _ALWAYS)
+
+    @classmethod
+    def of(cls, words: Iterable[str]) -> FourLetterWhitelist:
+        """The whitelist of ``words``; ``*`` among them means every word.
+
+        Raises ValueError naming a word ZooKeeper 3.8 does not know: ZooKeeper
+        ignores such an entry, but a misspelt word silently refused is exactly
+        the mistake a whitelist must not hide.
+        """
+        chosen = set(words)
+        unknown = sorted(chosen - FOUR_LETTER_WORDS - {"*"})
+        if unknown:
+            raise ValueError(
+                f"unknown four-letter word{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))} (known: {', '.join(sorted(FOUR_LETTER_WORDS))}, "
+                "or * for all)"
+            )
+        return cls(FOUR_LETTER_WORDS if "*" in chosen else chosen)
+
+    @classmethod
+    def parse(cls, text: str) -> FourLetterWhitelist:
+        """ZooKeeper's syntax: words separated by commas, each trimmed of
+        whitespace, empty entries skipped, ``*`` for every word, case sensitive."""
+        return cls.of(entry.strip() for entry in text.split(",") if entry.strip())
+
+    def allows(self, word: str) -> bool:
+        return word in self.words
+
+    def __str__(self) -> str:
+        """The comma string :meth:`parse` reads back into an equal whitelist."""
+        if self.words == FOUR_LETTER_WORDS:
+            return "*"
+        return ",".join(sorted(self.words))
+
+
+#: zkgate's default: the words that disclose nothing about clients, sessions,
+#: paths or the host, and change nothing. ZooKeeper 3.8's own default is
+#: ``srvr`` alone; zkgate adds the liveness and metrics words monitoring uses.
+DEFAULT_WHITELIST: Final = FourLetterWhitelist.parse("ruok, srvr, mntr, isro")
+
+
+def refusal(word: str) -> str:
+    """ZooKeeper's answer to a word it will not run (``NopCommand``'s ``println``)."""
+    return f"{word} is not executed because it is not in the whitelist.\n"
 
 
 def _latency(engine: Engine) -> str:
@@ -196,13 +270,25 @@ COMMANDS: dict[str, Callable[[Engine], str]] = {
 
 
 def answer(engine: Engine, word: str, settings: Mapping[str, object]) -> str:
-    """The reply to ``word``; words zkgate does not serve get ZooKeeper's refusal.
+    """The reply to ``word``: its answer, or ZooKeeper's refusal.
 
-    ``settings`` are the server's own (port, data directory, limits), for ``conf``.
+    ``settings`` are the server's own (port, data directory, limits), for
+    ``conf``; under :data:`WHITELIST_SETTING` they may hold the
+    :class:`FourLetterWhitelist` (:data:`DEFAULT_WHITELIST` when absent). A
+    word zkgate does not serve (``dirs``, ``gtmk``, ``hash``, ``stmk``) gets
+    the same refusal, listed or not.
     """
+    whitelist = settings.get(WHITELIST_SETTING, DEFAULT_WHITELIST)
+    if not isinstance(whitelist, FourLetterWhitelist):
+        raise TypeError(f"settings[{WHITELIST_SETTING!r}] must be a FourLetterWhitelist, "
+                        f"not {type(whitelist).__name__}")  # fmt: skip
+    if not whitelist.allows(word):
+        log.debug("four-letter word refused: not in the whitelist", extra={"word": word})
+        return refusal(word)
     if word == "conf":
-        return conf(engine, settings)
+        shown = {key: value for key, value in settings.items() if key != WHITELIST_SETTING}
+        return conf(engine, shown)
     command = COMMANDS.get(word)
     if command is None:
-        return f"{word} is not executed because it is not in the whitelist.\n"
+        return refusal(word)
     return command(engine)

@@ -4,7 +4,9 @@ zkCli's ``setquota`` creates ``/zookeeper/quota<path>/zookeeper_limits`` and
 ``.../zookeeper_stats``; from then on the server keeps the stats node's data
 equal to the usage of ``<path>``'s subtree (``count=<znodes>,bytes=<data
 bytes>``, the root included), counting every change below it. Limits are only
-reported, never enforced: ZooKeeper 3.8 enforces none by default either.
+reported, never enforced: ZooKeeper 3.8 enforces none by default either. A
+stats node whose data does not parse counts as no quota: its usage is no
+longer kept, and writes below it go on.
 """
 
 from __future__ import annotations
@@ -73,15 +75,25 @@ class QuotaUsage:
         stats = self.tree.nodes.get(f"{QUOTA_ROOT}{root}/{STATS}")
         if stats is None:
             return
-        fields = dict(
-            item.split("=", 1) for item in (stats.data or b"").decode().split(",") if "=" in item
-        )
-        try:
-            current_count, current_size = int(fields.get("count", 0)), int(fields.get("bytes", 0))
-        except ValueError:
-            current_count, current_size = self._measure(root)
-        self._write(txn, root, current_count + count, current_size + size)
+        usage = _parse_usage(stats.data)
+        if usage is None:
+            # Anyone who may write the stats node can make it unreadable;
+            # ZooKeeper 3.8 then fails every write below the quota root, and
+            # again after every restart. Here it counts as no quota.
+            return
+        self._write(txn, root, usage[0] + count, usage[1] + size)
 
     def _write(self, txn: Txn, root: str, count: int, size: int) -> None:
         usage = f"count={count},bytes={size}".encode()
         txn.set_bookkeeping_data(f"{QUOTA_ROOT}{root}/{STATS}", usage)
+
+
+def _parse_usage(data: bytes | None) -> tuple[int, int] | None:
+    """``(count, bytes)`` from a stats node's ``count=N,bytes=M``; None if malformed."""
+    try:
+        fields = dict(
+            item.split("=", 1) for item in (data or b"").decode("ascii").split(",") if "=" in item
+        )
+        return int(fields.get("count", 0)), int(fields.get("bytes", 0))
+    except ValueError:  # UnicodeDecodeError and unparsable numbers alike
+        return None
