@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
-
-import trio
 
 from dispatcher import operator
 from dispatcher.config import Config, ConfigError, load_config, parse_config
 from dispatcher.gateway import run_gateway
 from dispatcher.logs import LOG_FORMATS, configure_logging
+from dispatcher.stopping import run_until_stopped
 from dispatcher.zk.store import StoreError
 from metaserver import cli as meta_cli
 from proxy import cli as proxy_cli
@@ -27,7 +29,8 @@ EXIT_USAGE = 2
 
 #: serve's flags that set a ``[zookeeper]`` key; given, they override the file.
 _ZOOKEEPER_FLAGS = ("listen", "data_dir", "tick_ms", "max_buffer", "max_client_cnxns",
-                    "extended_types", "container_check_ms", "super_digest")  # fmt: skip
+                    "extended_types", "container_check_ms", "super_digest",
+                    "four_letter_words")  # fmt: skip
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -35,11 +38,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="zkgate",
         description="A ZooKeeper-compatible service-registry gateway.",
     )
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--log-format", default="logfmt", choices=LOG_FORMATS,
-                        help="logfmt: one key=value line per event, for log pipelines "
-                        "(default); plain: the classic human layout (see dispatcher/logs.py)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _add_log_arguments(parser, default=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
@@ -73,6 +73,10 @@ def _build_parser() -> argparse.ArgumentParser:
                        "reaped, as znode.container.checkIntervalMs (default: 60000)")
     serve.add_argument("--super-digest", metavar="USER:BASE64SHA1",
                        help="digest id allowed everything, as ZooKeeper's superDigest")
+    serve.add_argument("--4lw", dest="four_letter_words", metavar="WORDS",
+                       help="four-letter words answered, comma separated, as "
+                       "4lw.commands.whitelist; '*' for all, srvr always "
+                       "(default: ruok,srvr,mntr,isro)")
     serve.add_argument("--admin-listen", metavar="HOST:PORT|off",
                        help="address of the admin HTTP endpoint (/metrics, /health, /ready, "
                        "the status page at /), or 'off' (default: 127.0.0.1:8081)")
@@ -85,7 +89,30 @@ def _build_parser() -> argparse.ArgumentParser:
         "there, and forward the application's connections to healthy endpoints.",
     )
     proxy_cli.add_arguments(proxy)
+    for subcommand in commands.choices.values():
+        # Also after the subcommand (`zkgate serve --log-level DEBUG`), where
+        # people put them; given there, they win over the ones before it.
+        _add_log_arguments(subcommand, default=False)
     return parser
+
+
+def _add_log_arguments(parser: argparse.ArgumentParser, *, default: bool) -> None:
+    """``--log-level`` and ``--log-format``; without ``default`` a flag left out sets
+    nothing, so that a subcommand's parser does not undo the flag given before it."""
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        default="INFO" if default else argparse.SUPPRESS,
+                        help="least severe level written (default: INFO)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS,
+                        default="logfmt" if default else argparse.SUPPRESS,
+                        help="logfmt: one key=value line per event, for log pipelines "
+                        "(default); plain: the classic human layout (see dispatcher/logs.py)")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("zkgate")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -115,9 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     tune_gc()
     if args.command == "status":
-        return operator.status(args)
+        return _to_stdout(functools.partial(operator.status, args))
     if args.command == "check-config":
-        return operator.check_config(args)
+        return _to_stdout(functools.partial(operator.check_config, args))
     if args.command == "proxy":
         return proxy_cli.run(args)
     if args.command == "meta":
@@ -129,24 +156,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zkgate: error: {where}{exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        trio.run(run_gateway, config)
-    except BaseException as raised:  # sorted below; anything else is re-raised
-        exc = _sole_cause(raised)
-        if isinstance(exc, KeyboardInterrupt):
-            return EXIT_OK
-        if isinstance(exc, ConfigError):
-            print(f"zkgate: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        if isinstance(exc, OSError | StoreError):
-            log.error("cannot serve", extra={"error": str(exc)})
-            return EXIT_RUNTIME
-        raise
+        run_until_stopped(functools.partial(run_gateway, config), what="zkgate serve")
+    except ConfigError as exc:
+        print(f"zkgate: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, StoreError) as exc:
+        log.error("cannot serve", extra={"error": str(exc)})
+        return EXIT_RUNTIME
     return EXIT_OK
 
 
-def _sole_cause(exc: BaseException) -> BaseException:
-    """The one exception inside nested single-exception groups (trio's nurseries
-    wrap a task's failure in one), so that a taken port reads as an OSError."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+class _ClosedPipeGuard:
+    """Standard output that goes quiet once its reader is gone (``zkgate status | head``):
+    the rest of the output is dropped, and the command still exits with its own status."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def write(self, text: str) -> int:
+        if not self.closed:
+            try:
+                sys.stdout.write(text)
+            except BrokenPipeError:
+                self._silence()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed:
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self._silence()
+
+    def _silence(self) -> None:
+        self.closed = True
+        # What is still buffered would fail again when the interpreter flushes
+        # at exit, with a message on stderr: send it nowhere instead.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _to_stdout(command: Callable[..., int]) -> int:
+    """Run an operator command printing to a :class:`_ClosedPipeGuard`."""
+    out = _ClosedPipeGuard()
+    code = command(out=out)
+    out.flush()
+    return code

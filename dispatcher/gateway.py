@@ -42,7 +42,7 @@ from typing import Any
 import trio
 
 from dispatcher import wire
-from dispatcher.admin import AdminLimits, AdminServer, shard_map
+from dispatcher.admin import AdminServer, shard_map
 from dispatcher.config import Config
 from dispatcher.fanin import FanIn
 from dispatcher.health import HealthChecker
@@ -51,13 +51,14 @@ from dispatcher.projection import Projection
 from dispatcher.subscription_server import ReportHandler, SubscriptionLimits, SubscriptionServer
 from dispatcher.upstream import ConfigError, Listing, Status, Upstream, layout_kind
 from dispatcher.zk.engine import Engine, EngineConfig
+from dispatcher.zk.fourletter import WHITELIST_SETTING
 from dispatcher.zk.mirror import Mirror
 from dispatcher.zk.server import ServerLimits, ZooKeeperServer
 from dispatcher.zk.store import TreeStore
 from metaserver.membership import MembershipStore, Registration, open_membership
 from metaserver.sharding import ShardedOwnership, member_owner
 
-__all__ = ["Gateway", "ShardWiring", "run_gateway"]
+__all__ = ["Gateway", "ListenError", "ShardWiring", "run_gateway"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ class Gateway:
             )  # fmt: skip
         #: The ZooKeeper engine, once running (the admin endpoint reads its counters).
         self.engine: Engine | None = None
+        #: The ZooKeeper face's server, once running.
+        self.zookeeper_server: ZooKeeperServer | None = None
         #: The ``[[mirror]]`` mounts, once the engine exists.
         self.mirrors: tuple[Mirror, ...] = ()
         #: The admin endpoint once serving; None when ``[admin]`` is off, or its
@@ -152,17 +155,25 @@ class Gateway:
                 ServerLimits(max_buffer=zk.max_buffer, max_client_cnxns=zk.max_client_cnxns),
                 settings={"dataDir": zk.data_dir, "clientPortAddress": zk.host,
                           "jute.maxbuffer": zk.max_buffer,
-                          "maxClientCnxns": zk.max_client_cnxns},
+                          "maxClientCnxns": zk.max_client_cnxns,
+                          WHITELIST_SETTING: zk.four_letter_words},
             )
+            self.zookeeper_server = server
             async with trio.open_nursery() as nursery:
                 await self._start_admin(nursery, engine)
                 for mirror in mirrors:
                     await self._start_mirror(nursery, mirror)
-                self.port = await nursery.start(server.serve, zk.host, zk.port)
+                self.port = await _start_listener(
+                    nursery, "the ZooKeeper client port (--listen, [zookeeper] listen)",
+                    f"{zk.host}:{zk.port}", server.serve, zk.host, zk.port,
+                )  # fmt: skip
                 log.info(
                     "gateway serving",
                     extra={
                         "node": config.node,
+                        "listen": f"[{zk.host}]:{self.port}" if ":" in zk.host
+                        else f"{zk.host}:{self.port}",
+                        "data_dir": str(zk.data_dir),
                         "upstreams": ",".join(f"{u.name}:{u.kind}" for u in config.upstreams),
                         "interest": config.dispatcher.interest,
                     },
@@ -192,7 +203,7 @@ class Gateway:
             return
         admin = AdminServer(
             self,
-            limits=AdminLimits(max_connections=settings.max_connections),
+            limits=settings.limits(),
             shards=None if self.ownership is None else self._shard_map,
         )
         # The engine calls its observer once per handled request, with the
@@ -200,14 +211,18 @@ class Gateway:
         engine.observer = admin.requests.observe
         host, port = settings.address
         try:
-            await nursery.start(admin.serve, host, port)
-        except OSError as exc:
+            await _start_listener(
+                nursery, "the admin endpoint (--admin-listen, [admin] listen)",
+                f"{host}:{port}", admin.serve, host, port,
+            )  # fmt: skip
+        except ListenError as exc:
             if settings.listen is not None:
                 raise
             log.warning(
-                "admin endpoint not started: cannot listen; "
-                "set [admin] listen to another port, or enabled = false",
-                extra={"listen": f"{host}:{port}", "error": exc.strerror or str(exc)},
+                "admin endpoint not started: cannot listen; set --admin-listen HOST:PORT "
+                "([admin] listen) to a free address, or --admin-listen off "
+                "([admin] enabled = false)",
+                extra={"listen": f"{host}:{port}", "error": exc.strerror},
             )
             return
         self.admin = admin
@@ -232,9 +247,10 @@ class Gateway:
         server, settings = self.subscriptions, self.config.subscriptions
         if server is None or settings is None:
             return
-        self.subscription_port = await nursery.start(
-            server.serve_tcp, settings.host, settings.port
-        )
+        self.subscription_port = await _start_listener(
+            nursery, "subscriptions ([subscriptions] listen)", f"{settings.host}:{settings.port}",
+            server.serve_tcp, settings.host, settings.port,
+        )  # fmt: skip
         if settings.unix is not None:
             await nursery.start(server.serve_unix, settings.unix)
 
@@ -276,6 +292,28 @@ class Gateway:
                 raise ConfigError(f"projection {spec.root}: {exc}") from None
             projections.append(projection)
         return projections
+
+
+class ListenError(OSError):
+    """A listener that cannot be bound; the message says which one, where and why."""
+
+    def __init__(self, listener: str, address: str, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.listener = listener
+        self.address = address
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.address} for {self.listener}: {self.strerror}"
+
+
+async def _start_listener(
+    nursery: trio.Nursery, listener: str, address: str, serve: Any, *args: Any
+) -> Any:
+    """``nursery.start(serve, *args)``, a failure to bind named by :class:`ListenError`."""
+    try:
+        return await nursery.start(serve, *args)
+    except OSError as exc:
+        raise ListenError(listener, address, exc) from exc
 
 
 async def run_gateway(

@@ -14,6 +14,24 @@ metadata (where the layout has room for metadata), so if this subtree is
 ever read back through an upstream, the fan-in recognises them and does not
 import them again. Failing instances are left out, except in the ServerSet
 layout, whose ``status`` field says DEAD instead.
+
+A layout whose clients write into the registry themselves says so with two
+optional module attributes, which the Dubbo layout has: ``CLIENT_PATHS``
+(the paths below the root that clients may write, ``*`` for any one name)
+and ``categories(service)`` (the directories kept beside the instance
+directory). For such a layout the projection keeps a service's directories
+while the service is in the snapshot, even with nothing to show (a Dubbo
+consumer watches ``providers``, ``configurators`` and ``routers`` and fails
+to subscribe without them), and clients write where ``CLIENT_PATHS`` allow,
+with ZooKeeper's answers: a Dubbo consumer's ephemeral ``consumer://`` znode
+is owned by its session, seen and watched by every reader, and gone with
+the session. When a service leaves the snapshot its instance znodes go, and
+its directories go too unless a client's znode is still in them: a
+registered consumer keeps them (with an empty ``providers``, which is what
+its child watch shows) and the projection never deletes a client's znode.
+Directories kept that way stay after the last consumer goes, until the
+service returns or zkgate restarts. Instance directories stay read-only:
+a write there gets NOAUTH.
 """
 
 from __future__ import annotations
@@ -28,9 +46,17 @@ from dispatcher.model import Health, Instance, Metadata
 from dispatcher.subscriptions import EVERYTHING
 from dispatcher.upstream import Layout
 from dispatcher.zk.engine import Engine
-from dispatcher.zk.paths import join
+from dispatcher.zk.paths import join, parent_of
+from dispatcher.zk.protocol import Perm
+from dispatcher.zk.records import ACL, Id
+from dispatcher.zk.tree import OPEN_WORLD, READ_ONLY_WORLD
 
 log = logging.getLogger(__name__)
+
+# A service's znode in a layout clients write into: listed by anyone, and
+# anyone may create the category directories a client expects in it (they
+# exist, so such a create gets NODEEXISTS, as from ZooKeeper).
+_READ_CREATE_WORLD = (ACL(Perm.READ | Perm.CREATE, Id("world", "anyone")),)
 
 
 class Projection:
@@ -47,10 +73,11 @@ class Projection:
         self.node_id = node_id
         # ServerSet members carry a status, so failing ones are shown as DEAD.
         self.hide_failing = hide_failing and layout.NAME != "serverset"
+        self.client_paths: tuple[str, ...] = tuple(getattr(layout, "CLIENT_PATHS", ()))
 
     def mount(self) -> None:
         """Reserve the root in the tree; raises ValueError if it is taken."""
-        self.engine.mount_projection(self.root)
+        self.engine.mount_projection(self.root, open_paths=self.client_paths)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.fanin.subscribe([EVERYTHING]) as updates:
@@ -68,11 +95,39 @@ class Projection:
             name, data = self.layout.render(self._marked(instance))
             children[name] = data
         directory = join(self.root, self.layout.directory(service))
-        self.engine.sync_projection(directory, children)
+        self.engine.sync_projection(
+            directory, children, keep=entry is not None and bool(self.client_paths),
+            beside=self._beside(service, directory),
+        )  # fmt: skip
         log.debug("projected a service", extra={
             "service": service, "instances": len(children), "path": directory,
         })  # fmt: skip
 
+    def _beside(self, service: str, directory: str) -> dict[str, tuple[ACL, ...]]:
+        """The znodes kept with ``directory``, with their ACLs: the service's own
+        znode and its other category directories (Dubbo's), open to clients'
+        registrations where clients write and read-only elsewhere."""
+        categories = getattr(self.layout, "categories", None)
+        if categories is None:
+            return {}
+        beside = {parent_of(directory): _READ_CREATE_WORLD}
+        for relative in categories(service):
+            path = join(self.root, relative)
+            opened = _opens_children(self.client_paths, relative)
+            beside[path] = OPEN_WORLD if opened else READ_ONLY_WORLD
+        return beside
+
     def _marked(self, instance: Instance) -> Instance:
         metadata = Metadata({**instance.metadata, EXPORTED_BY: self.node_id})
         return attrs.evolve(instance, metadata=metadata)
+
+
+def _opens_children(patterns: tuple[str, ...], relative: str) -> bool:
+    """Whether ``patterns`` let clients make any child of the directory ``relative``."""
+    names = relative.split("/")
+    return any(
+        len(pattern) == len(names) + 1
+        and pattern[-1] == "*"
+        and all(want in ("*", name) for want, name in zip(pattern, names, strict=False))
+        for pattern in (p.split("/") for p in patterns)
+    )

@@ -33,6 +33,7 @@ Several Meta Servers may run with the same file: they keep no state and answer t
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import sys
@@ -44,6 +45,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from dispatcher.stopping import run_until_stopped
 from dispatcher.wire import parse_address
 from metaserver.assignment import DEFAULT_BALANCE
 from metaserver.membership import (
@@ -196,16 +198,15 @@ def add_subcommand(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``zkgate meta``: 0 when stopped, 2 for a bad configuration, 1 if it cannot serve."""
+    """``zkgate meta``: 0 when stopped (SIGINT or SIGTERM), 2 for a bad configuration,
+    1 if it cannot serve."""
     try:
         config = load_meta_config(args.config, listen=args.listen)
     except MembershipConfigError as exc:
         print(f"zkgate: error: config {str(args.config)!r}: {exc}", file=sys.stderr)
         return 2
     try:
-        trio.run(run_meta, config)
-    except KeyboardInterrupt:
-        return 0
+        run_until_stopped(functools.partial(run_meta, config), what="zkgate meta")
     except OSError as exc:
         log.error("cannot serve", extra={"error": str(exc)})
         return 1

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import trio
 
+from dispatcher.stopping import run_until_stopped
 from proxy import balancer
 from proxy.control import ControlSettings
 from proxy.forward import ForwardSettings, ListenAddress
@@ -125,7 +126,7 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the sidecar until interrupted; the process exit status."""
+    """Run the sidecar until SIGINT or SIGTERM (exit 0); the process exit status."""
     try:
         config = config_from_args(args)
     except ValueError as exc:
@@ -140,9 +141,7 @@ def run(args: argparse.Namespace) -> int:
                 log.info("proxy ready", extra={"service": name, "listen": str(address)})
 
     try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        return EXIT_OK
+        run_until_stopped(main, what="zkgate proxy")
     except OSError as exc:
         log.error("cannot run the proxy", extra={"error": str(exc)})
         return EXIT_RUNTIME

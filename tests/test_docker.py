@@ -124,3 +124,30 @@ def test_the_image_gets_every_package_and_only_what_the_ignore_file_lets_in() ->
         assert source.rstrip("/") in allowed, f"{source} is excluded from the build context"
     assert "prometheus-client" in str(pyproject["project"]["dependencies"])
     assert "status_page.html" in pyproject["tool"]["setuptools"]["package-data"]["dispatcher"]
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration such as ``30s``, ``1m30s`` or ``1m``, in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s|ms)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+def test_zkgate_containers_stop_with_sigterm_and_time_for_the_clean_stop() -> None:
+    """docker stops a container with its stop signal, then SIGKILLs it after the
+    grace period: zkgate must get SIGTERM (its clean stop) and time to finish
+    it (the mirror gives up on an unanswered closeSession after 2 s)."""
+    anchor = re.search(r"^x-zkgate: &zkgate\n(.*?)(?=^\S)", COMPOSE, re.M | re.S)
+    assert anchor is not None
+    settings = dict(re.findall(r"^  (\w+): (.+)$", anchor.group(1), re.M))
+    assert settings["stop_signal"] == "SIGTERM"
+    assert _seconds(settings["stop_grace_period"]) >= 15
+    # A real PID 1 passes the signals on: as PID 1 itself, a signal zkgate
+    # leaves at its default would be ignored by the kernel.
+    assert settings["init"] == "true"
+    for service in (*DISPATCHERS, "meta", "proxy"):
+        block = re.search(rf"^  {service}:\n(.*?)(?=^  \S|\Z)", COMPOSE, re.M | re.S)
+        assert block is not None and "    <<: *zkgate\n" in block.group(1), service
+        assert "stop_signal" not in block.group(1) and "stop_grace_period" not in block.group(1)
+    assert re.search(r"^STOPSIGNAL SIGTERM$", DOCKERFILE, re.M)

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -107,7 +108,7 @@ def test_dubbo_disabled_providers_are_failing(query: str, health: Health) -> Non
 def test_dubbo_failing_instances_render_disabled() -> None:
     instance = Instance("com.foo.Bar", "h:1", "h", 1, health=Health.FAILING)
     name, _ = dubbo.render(instance)
-    assert dubbo.decode(name) == "dubbo://h:1/com.foo.Bar?disabled=true"
+    assert dubbo.decode(name) == "dubbo://h:1/com.foo.Bar?disabled=true&interface=com.foo.Bar"
 
 
 def test_dubbo_query_rules_follow_dubbo_url_parser() -> None:
@@ -126,7 +127,45 @@ def test_dubbo_omits_metadata_its_parser_would_mis_split() -> None:
         "com.foo.Bar", "h:1", "h", 1, metadata={"good": "x", "bad": "a&b", "worse;": "c"}
     )
     name, _ = dubbo.render(instance)
-    assert dubbo.decode(name) == "dubbo://h:1/com.foo.Bar?good=x"
+    assert dubbo.decode(name) == "dubbo://h:1/com.foo.Bar?good=x&interface=com.foo.Bar"
+
+
+def test_dubbo_metadata_is_written_into_the_url_as_dubbo_writes_it() -> None:
+    instance = Instance(
+        "com.foo.Bar", "h:1", "h", 1, zone=" eu west 1\t",
+        metadata={"app name": "shop co", "bad": "a & b", "empty": "", "blank": "  ", "Z": "y",
+                  "été": "café ☃", "\U0001d538": "s", "\uffff": "t", "path": "/a/b?c=d",
+                  "pct": "100%+1"},
+    )  # fmt: skip
+    name, _ = dubbo.render(instance)
+    # What Dubbo's URL.toFullString then URLEncoder.encode give for these
+    # parameters (checked with a JDK): keys in Java's String order (U+1D538,
+    # a surrogate pair, before U+FFFF), values trimmed, the interface named;
+    # left out: the value its parser would split, and the empty and blank
+    # values, which Dubbo 3 would read back as the key itself.
+    assert name == (
+        "dubbo%3A%2F%2Fh%3A1%2Fcom.foo.Bar%3FZ%3Dy%26app+name%3Dshop+co"
+        "%26interface%3Dcom.foo.Bar%26path%3D%2Fa%2Fb%3Fc%3Dd%26pct%3D100%25%2B1"
+        "%26zone%3Deu+west+1%26%C3%A9t%C3%A9%3Dcaf%C3%A9+%E2%98%83%26%F0%9D%94%B8%3Ds"
+        "%26%EF%BF%BF%3Dt"
+    )
+    parsed = dubbo.parse("com.foo.Bar", name)
+    assert parsed is not None
+    assert parsed.zone == "eu west 1"
+    assert dict(parsed.metadata) == {
+        "app name": "shop co", "Z": "y", "été": "café ☃", "\U0001d538": "s", "\uffff": "t",
+        "path": "/a/b?c=d", "pct": "100%+1", "interface": "com.foo.Bar",
+    }  # fmt: skip
+
+
+def test_dubbo_category_directories_and_client_paths() -> None:
+    assert dubbo.categories("group/com.foo.Bar") == (
+        "group%2Fcom.foo.Bar/consumers", "group%2Fcom.foo.Bar/routers",
+        "group%2Fcom.foo.Bar/configurators",
+    )  # fmt: skip
+    assert dubbo.CLIENT_PATHS == (
+        "*", "*/providers", "*/consumers", "*/routers", "*/configurators", "*/consumers/*",
+    )  # fmt: skip
 
 
 def test_dubbo_directories() -> None:
@@ -336,11 +375,15 @@ serverset_instances = st.builds(
 SAFE_KEY = st.text(max_size=6).filter(
     lambda k: (
         k
+        and k == k.strip("".join(map(chr, range(0x21))))
         and not any(c in k for c in "&;=")
         and k not in {"weight", "zone", "enabled", "disabled", "default.weight"}
     )
 )
-SAFE_VALUE = st.text(max_size=6).filter(lambda v: "&" not in v and ";" not in v)
+# Dubbo trims values as Java's String.trim does and never writes an empty one.
+SAFE_VALUE = st.text(max_size=6).filter(
+    lambda v: "&" not in v and ";" not in v and v == v.strip("".join(map(chr, range(0x21)))) != ""
+)
 
 
 @st.composite
@@ -353,7 +396,7 @@ def dubbo_instances(draw: st.DrawFn) -> Instance:
         host,
         port,
         weight=draw(st.integers(0, 1000)),
-        zone=draw(SAFE_VALUE),
+        zone=draw(SAFE_VALUE | st.just("")),
         protocol=draw(st.sampled_from(["dubbo", "tri", "rest", "grpc"])),
         metadata=draw(_metadata(SAFE_KEY, SAFE_VALUE)),
         health=draw(st.sampled_from([Health.UNKNOWN, Health.FAILING])),
@@ -375,7 +418,11 @@ def test_render_then_parse_gives_the_same_instance(layout: Any, strategy: Any) -
         name, data = layout.render(instance)
         assert "/" not in name
         assert name not in {"", ".", ".."}
-        assert layout.parse(instance.service, name, data) == instance
+        expected = instance
+        if layout is dubbo:  # a Dubbo URL always names its interface
+            metadata = {"interface": instance.service, **instance.metadata}
+            expected = attrs.evolve(instance, metadata=metadata)
+        assert layout.parse(instance.service, name, data) == expected
         assert layout.render(instance) == (name, data)  # deterministic
 
     check()

@@ -47,9 +47,11 @@ from dispatcher.zk.records import (
     CreateResponse,
     GetDataResponse,
     Id,
+    MultiReadRequest,
     PathWatchRequest,
     Stat,
     WatcherEvent,
+    WatchesRequest,
     encode,
 )
 from tests.partition import Partition
@@ -417,6 +419,147 @@ async def test_resumed_session_replays_watches(
             assert (watcher.watches.items[2].type, watcher.watches.items[2].path) == (
                 EventType.NODE_CREATED, f"{root}/tree/seen",
             )  # fmt: skip
+        nursery.cancel_scope.cancel()
+
+
+async def _watched(zk: ZooKeeperClient, path: str, kind: int) -> str:
+    """checkWatches on the server: "OK" or "NOWATCHER" (kind 1 children, 2 data).
+
+    ZooKeeper 3.8.0 answers for any session's watch of the path, so the
+    tests below keep their paths to one watching session."""
+    reply = await zk.call(OpCode.CHECK_WATCHES, WatchesRequest(path, kind))
+    return Err(reply.err).name
+
+
+async def _resume(watcher: Session, partition: Partition, occurrence: int = 1) -> None:
+    """Cut the link and heal it: the session resumes on a new connection,
+    where the client replays its watches with SetWatches2."""
+    partition.cut()
+    await watcher.wait_session(Disconnected(), occurrence)
+    partition.heal()
+    await watcher.wait_session(Connected(watcher.client.session_id, resumed=True), occurrence)
+
+
+async def test_multi_read_sets_no_watch_and_the_replay_adds_none(
+    zookeeper: ZooKeeperServer, unique_path: str
+) -> None:
+    """ZooKeeper ignores the watch flag of the reads inside a multiRead, so
+    the client must not replay them as watches after a reconnect: the server
+    would then hold (and fire) watches the session never had."""
+    root = unique_path
+    partition = Partition((zookeeper.host, zookeeper.port))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partition.serve)
+        async with session([("127.0.0.1", partition.port)]) as watcher:
+            zk = watcher.client
+            await zk.create(root)
+            await zk.create(f"{root}/read", b"v0")
+            await zk.create(f"{root}/watched", b"v0")
+            reply = await zk.call(OpCode.MULTI_READ, MultiReadRequest((
+                (OpCode.GET_DATA, PathWatchRequest(f"{root}/read", True)),
+                (OpCode.GET_CHILDREN, PathWatchRequest(root, True)),
+            )))  # fmt: skip
+            assert reply.err == Err.OK
+            await zk.get_data(f"{root}/watched", watch=True)
+            expected = {
+                (f"{root}/read", 2): "NOWATCHER", (root, 1): "NOWATCHER",
+                (f"{root}/watched", 2): "OK",
+            }  # fmt: skip
+            assert {key: await _watched(zk, *key) for key in expected} == expected
+            await _resume(watcher, partition)
+            assert {key: await _watched(zk, *key) for key in expected} == expected
+            # Events come in the server's order: one for the multiRead's reads
+            # would arrive before the event of the real watch.
+            with kazoo(zookeeper) as kz:
+                await trio.to_thread.run_sync(kz.set, f"{root}/read", b"v1")
+                await trio.to_thread.run_sync(kz.create, f"{root}/new")
+                await trio.to_thread.run_sync(kz.set, f"{root}/watched", b"v1")
+            await watcher.watches.wait_for(lambda items: items, "the real watch's event")
+            assert [(e.type, e.path) for e in watcher.watches.items] == [
+                (EventType.NODE_DATA_CHANGED, f"{root}/watched"),
+            ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_mixed_persistent_and_one_shot_watches_are_replayed_exactly(
+    zookeeper: ZooKeeperServer, unique_path: str
+) -> None:
+    """A recursive watch and a getChildren watch on one path are two watches
+    on ZooKeeper (one per table), and a resumed session must get both back:
+    the child watch still one-shot, the recursive one still hearing the
+    subtree. A getData watch on a path under a persistent watch, used up
+    before the reconnect, must not come back."""
+    root = unique_path
+    partition = Partition((zookeeper.host, zookeeper.port))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partition.serve)
+        async with session([("127.0.0.1", partition.port)]) as watcher:
+            zk = watcher.client
+            await zk.create(root)
+            await zk.create(f"{root}/p", b"v0")
+            await zk.add_watch(root, recursive=True)
+            await zk.get_children(root, watch=True)
+            await zk.add_watch(f"{root}/p", recursive=False)
+            await zk.get_data(f"{root}/p", watch=True)
+            await zk.set_data(f"{root}/p", b"v1")  # uses the one-shot data watch up
+            await watcher.watches.wait_for(lambda items: len(items) == 1, "the data event")
+            before = [(await _watched(zk, path, kind)) for path in (root, f"{root}/p")
+                      for kind in (1, 2)]  # fmt: skip
+            await _resume(watcher, partition)
+            after = [(await _watched(zk, path, kind)) for path in (root, f"{root}/p")
+                     for kind in (1, 2)]  # fmt: skip
+            # /p's data watch is gone on the server until the reconnect.
+            assert before == ["OK", "OK", "OK", "NOWATCHER"]
+            assert after == before
+            watcher.watches.items.clear()
+            with kazoo(zookeeper) as kz:
+                await trio.to_thread.run_sync(kz.create, f"{root}/x")
+                await trio.to_thread.run_sync(kz.create, f"{root}/y")
+                await trio.to_thread.run_sync(kz.set, f"{root}/x", b"1")
+            await watcher.watches.wait_for(lambda items: len(items) >= 4, "four events")
+            assert [(e.type, e.path) for e in watcher.watches.items] == [
+                (EventType.NODE_CREATED, f"{root}/x"),
+                (EventType.NODE_CHILDREN_CHANGED, root),  # the one-shot child watch
+                (EventType.NODE_CREATED, f"{root}/y"),
+                (EventType.NODE_DATA_CHANGED, f"{root}/x"),
+            ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_mixed_watch_whose_node_changed_meanwhile_comes_back_as_it_was(
+    zookeeper: ZooKeeperServer, unique_path: str
+) -> None:
+    """A persistent watch with a getData watch over it, and the data changed
+    while the client was away: the replay's catch-up event uses the one-shot
+    watch up, and the persistent one is left with its child half only, as if
+    the change had happened while connected."""
+    node = f"{unique_path}/p"
+    partition = Partition((zookeeper.host, zookeeper.port))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partition.serve)
+        async with session([("127.0.0.1", partition.port)]) as watcher:
+            zk = watcher.client
+            await zk.create(unique_path)
+            await zk.create(node, b"v0")
+            await zk.add_watch(node, recursive=False)
+            await zk.get_data(node, watch=True)
+            partition.cut()
+            await watcher.wait_session(Disconnected())
+            with kazoo(zookeeper) as kz:
+                await trio.to_thread.run_sync(kz.set, node, b"v1")
+            partition.heal()
+            await watcher.wait_session(Connected(zk.session_id, resumed=True))
+            assert [(e.type, e.path) for e in watcher.watches.items] == [
+                (EventType.NODE_DATA_CHANGED, node),
+            ]
+            assert [await _watched(zk, node, kind) for kind in (1, 2)] == ["OK", "NOWATCHER"]
+            with kazoo(zookeeper) as kz:
+                await trio.to_thread.run_sync(kz.set, node, b"v2")  # no watch left for it
+                await trio.to_thread.run_sync(kz.create, f"{node}/c")
+            await watcher.watches.wait_for(lambda items: len(items) >= 2, "the child event")
+            assert [(e.type, e.path) for e in watcher.watches.items[1:]] == [
+                (EventType.NODE_CHILDREN_CHANGED, node),
+            ]
         nursery.cancel_scope.cancel()
 
 

@@ -19,12 +19,26 @@ metadata. The instance id is the provider address ``host:port``: Dubbo has
 no other instance identity, and a provider re-registering with new
 parameters is an update of the same instance, not a new one.
 
-Not represented: ``passing`` health (rendered like ``unknown``), an empty
-protocol (rendered as ``dubbo``), instance ids other than ``host:port``, and
-metadata entries Dubbo's own URL parser would mis-split (a key containing
-``&``, ``;`` or ``=``, or a value containing ``&`` or ``;``): Dubbo splits
-parameters on both ``&`` and ``;`` without unescaping, so those are
-omitted rather than corrupt the other parameters.
+Rendering writes the URL as Dubbo's ``URL.toFullString`` does: parameters
+sorted by key in Java's ``String`` order, each value trimmed as Java's
+``String.trim`` trims, the whole URL then encoded with ``URLEncoder``; and,
+like every Dubbo provider's URL, it names its ``interface`` (some consumers
+key providers by it), so a parsed rendering has ``interface`` in its
+metadata. Not represented: ``passing`` health (rendered like ``unknown``),
+an empty protocol (rendered as ``dubbo``), instance ids other than
+``host:port``, blanks (characters up to U+0020) at either end of a value
+(trimmed, as Dubbo trims them), empty and blank values (Dubbo 3 reads
+``key=`` back as ``key=key``), and metadata entries Dubbo's own
+URL parser would mis-split or that text cannot carry: a key containing
+``&``, ``;`` or ``=`` or with blanks at an end (Dubbo 2.7 trims each
+``key=value``), a value containing ``&`` or ``;`` (Dubbo splits parameters on
+both without unescaping), text with a lone surrogate (no UTF-8 for it).
+Those are omitted rather than corrupt the other parameters.
+
+Besides ``providers``, a Dubbo consumer expects a service's ``consumers``,
+``configurators`` and ``routers`` directories (:data:`CATEGORIES`): it
+creates them when absent, watches all but ``consumers``, and registers
+itself under ``consumers`` (:data:`CLIENT_PATHS` are the paths it writes).
 """
 
 from __future__ import annotations
@@ -36,11 +50,32 @@ from urllib.parse import unquote_plus
 from adapters.layouts import as_int
 from dispatcher.model import Health, Instance, Source
 
-__all__ = ["NAME", "decode", "directory", "encode", "parse", "render", "service_of"]
+__all__ = [
+    "CATEGORIES",
+    "CLIENT_PATHS",
+    "CONSUMERS",
+    "NAME",
+    "categories",
+    "decode",
+    "directory",
+    "encode",
+    "parse",
+    "render",
+    "service_of",
+]
 
 NAME: Final = "dubbo"
 
 _PROVIDERS: Final = "providers"
+CONSUMERS: Final = "consumers"
+#: A service's category directories, as ``ZookeeperRegistry.toCategoriesPath``
+#: names them: consumers subscribe to the first, third and fourth.
+CATEGORIES: Final = (_PROVIDERS, CONSUMERS, "routers", "configurators")
+#: What a Dubbo consumer writes below the registry's root, relative to it
+#: (``*`` is any one name): the service's znode and its category directories
+#: when absent (``AbstractZookeeperClient.create`` checks, then creates
+#: persistent parents), and its own ``consumer://`` znode.
+CLIENT_PATHS: Final = ("*", *(f"*/{category}" for category in CATEGORIES), f"*/{CONSUMERS}/*")
 _DEFAULT_PROTOCOL: Final = "dubbo"
 _DEFAULT_WEIGHT: Final = 100
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
@@ -51,6 +86,8 @@ _UNRESERVED: Final = frozenset(
 )
 # Query keys the model owns; they are not metadata.
 _MODEL_KEYS: Final = frozenset({"weight", "zone", "enabled", "disabled"})
+# What Java's String.trim removes from both ends: every char up to U+0020.
+_JAVA_BLANKS: Final = "".join(map(chr, range(0x21)))
 
 
 def encode(text: str) -> str:
@@ -82,6 +119,11 @@ def decode(text: str) -> str | None:
 def directory(service: str) -> str:
     """``<interface>/providers``, the interface encoded as Dubbo encodes it."""
     return f"{encode(service)}/{_PROVIDERS}"
+
+
+def categories(service: str) -> tuple[str, ...]:
+    """The service's category directories other than :func:`directory`, relative to the root."""
+    return tuple(f"{encode(service)}/{category}" for category in CATEGORIES[1:])
 
 
 def service_of(directory: str) -> str | None:
@@ -182,28 +224,60 @@ def parse(
         return None
 
 
-def _representable(key: str, value: str) -> bool:
-    return bool(key) and not any(c in key for c in "&;=") and not any(c in value for c in "&;")
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _parameter(key: str, value: str) -> str | None:
+    """``value`` as Dubbo writes it for ``key`` (trimmed), or None when it cannot be written."""
+    value = value.strip(_JAVA_BLANKS)
+    if (
+        not key
+        or key != key.strip(_JAVA_BLANKS)
+        or any(c in key for c in "&;=")
+        or not value
+        or any(c in value for c in "&;")
+        or not (_utf8(key) and _utf8(value))
+    ):
+        return None
+    return value
+
+
+def _java_order(key: str) -> bytes:
+    # TreeMap<String, ...> compares UTF-16 code units; big-endian UTF-16
+    # bytes compare the same way (code points do not, past U+FFFF).
+    return key.encode("utf-16-be", "surrogatepass")
 
 
 def render(instance: Instance) -> tuple[str, bytes]:
     """``instance`` as a provider znode: ``(encoded URL, host bytes)``.
 
-    Parameters are sorted by key, as Dubbo's ``URL.toFullString`` sorts
-    them, so that equal instances always render to the same znode name.
+    The query is built as Dubbo's ``URL.toFullString`` builds it (see the
+    module's docstring), so that equal instances always render to the same
+    znode name and a Dubbo provider's own URL renders byte for byte.
     """
-    params = {k: v for k, v in instance.metadata.items() if _representable(k, v)}
-    for key in _MODEL_KEYS:
-        params.pop(key, None)
+    params: dict[str, str] = {}
+    for key, raw in instance.metadata.items():
+        value = _parameter(key, raw)
+        if value is not None and key not in _MODEL_KEYS:
+            params[key] = value
     # Dubbo reads "default.weight" when "weight" is absent (a pre-2.7
     # spelling), so an explicit weight must be written whenever it is there.
     if instance.weight != _DEFAULT_WEIGHT or "default.weight" in params:
         params["weight"] = str(instance.weight)
-    if instance.zone and _representable("zone", instance.zone):
-        params["zone"] = instance.zone
+    zone = _parameter("zone", instance.zone)
+    if zone is not None:
+        params["zone"] = zone
     if instance.health is Health.FAILING:
         params["disabled"] = "true"
-    query = "&".join(f"{key}={value}" for key, value in sorted(params.items()))
+    interface = _parameter("interface", instance.service)
+    if interface is not None:
+        params.setdefault("interface", interface)
+    query = "&".join(f"{key}={params[key]}" for key in sorted(params, key=_java_order))
     url = (
         f"{instance.protocol or _DEFAULT_PROTOCOL}://"
         f"{_address(instance.host, instance.port)}/{instance.service}"

@@ -16,6 +16,18 @@ class InvalidACL(ValueError):
     """The ACL list cannot be stored; ZooKeeper answers INVALIDACL."""
 
 
+class UnreadableACL(ValueError):
+    """A null scheme or id where ZooKeeper's Java server dereferences it.
+
+    The server's NullPointerException becomes MARSHALLINGERROR, as for any
+    request it fails to process, and the connection stays open.
+    """
+
+
+#: Schemes whose provider reads the id while validating it (a null id fails).
+_ID_READING_SCHEMES = frozenset({"world", "digest", "ip"})
+
+
 def digest_id(user_password: str) -> str:
     """``user:base64(sha1(user:password))``, the id a digest ACL names."""
     user = user_password.split(":", 1)[0]
@@ -46,13 +58,43 @@ def _valid_id(scheme: str, ident: str) -> bool:
     return False
 
 
+def _check_nulls_while_deduplicating(acl: tuple[ACL, ...]) -> None:
+    """Fail where ZooKeeper's duplicate removal dereferences a null.
+
+    ZooKeeper first drops duplicate entries with ``List.contains``, whose
+    ``ACL.equals`` compares perms, then ``scheme.equals``, then ``id.equals``
+    of the entry being added: a null scheme, or a null id beside an earlier
+    entry of the same perms and scheme, throws there.
+    """
+    kept: list[ACL] = []
+    for entry in acl:
+        scheme = entry.id.scheme
+        for other in kept:
+            if other.perms != entry.perms:
+                continue
+            if scheme is None or (scheme == other.id.scheme and entry.id.id is None):
+                raise UnreadableACL("null in an ACL entry compared with another")
+        if entry not in kept:
+            kept.append(entry)
+
+
 def fixup_acl(acl: tuple[ACL, ...] | None, auth: list[Id]) -> tuple[ACL, ...]:
-    """Validate an ACL for storage, expanding ``auth`` entries into the caller's ids."""
+    """Validate an ACL for storage, expanding ``auth`` entries into the caller's ids.
+
+    Raises :class:`InvalidACL` or :class:`UnreadableACL`, as ZooKeeper 3.8's
+    ``fixupACL`` fails, for the first offending entry in order.
+    """
     if not acl:
         raise InvalidACL("empty ACL")
+    if len(acl) > 1:
+        _check_nulls_while_deduplicating(acl)
     out: list[ACL] = []
     for entry in acl:
         scheme, ident = entry.id.scheme, entry.id.id
+        if scheme is None:
+            raise InvalidACL("null ACL scheme")
+        if ident is None and scheme in _ID_READING_SCHEMES:
+            raise UnreadableACL(f"null id for the {scheme} scheme")
         if scheme == "world" and ident == "anyone":
             out.append(entry)
         elif scheme == "auth":
@@ -62,7 +104,7 @@ def fixup_acl(acl: tuple[ACL, ...] | None, auth: list[Id]) -> tuple[ACL, ...]:
             if not expanded:
                 raise InvalidACL("auth scheme without an authenticated id")
             out.extend(expanded)
-        elif _valid_id(scheme, ident):
+        elif ident is not None and _valid_id(scheme, ident):
             out.append(entry)
         else:
             raise InvalidACL(f"invalid ACL id {scheme}:{ident}")

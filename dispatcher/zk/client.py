@@ -59,8 +59,6 @@ from dispatcher.zk.records import (
     DeleteRequest,
     GetChildrenResponse,
     GetDataResponse,
-    MultiReadRequest,
-    MultiResponse,
     PathRequest,
     PathWatchRequest,
     Record,
@@ -227,124 +225,162 @@ class _PendingAuth:
     on_reply: Callable[[int], None] | None
 
 
+class _Armed(enum.Enum):
+    """What one of the server's two watch tables holds for this session on a path."""
+
+    DATA = "data"  # one-shot, set by getData (or exists on a node that is there)
+    EXIST = "exist"  # one-shot, set by exists on a node that is not there
+    CHILD = "child"  # one-shot, set by getChildren
+    PERSISTENT = "persistent"
+    RECURSIVE = "recursive"
+
+
+_ONE_SHOT = frozenset({_Armed.DATA, _Armed.EXIST, _Armed.CHILD})
+
+
 class _ArmedWatches:
     """The watches the server holds for this session, as the client must replay them.
 
-    ZooKeeper 3.8 keeps one watch mode per (connection, path) and the last
-    registration sets it (see dispatcher/zk/watches.py): a one-shot watch set
-    on a path with a persistent one makes the path one-shot, and addWatch
-    replaces any one-shot watches on its path. The sets here follow the same
-    rule, so a replay re-creates exactly what the server had.
+    A model of ZooKeeper 3.8's two watch tables for this one connection (see
+    dispatcher/zk/watches.py): ``data`` and ``child`` map a path to what that
+    table holds there. ``addWatch`` writes both tables with its mode; a
+    one-shot read writes only its own, so ``addWatch(p)`` then
+    ``getChildren(p, watch)`` leaves a persistent data watch and a one-shot
+    child watch, which is what the server then fires. An event uses up the
+    one-shot watches of its path in the tables it triggers (NodeDeleted: both).
+    The reads inside a multiRead arm nothing: ZooKeeper drops their flag.
+
+    One thing the model cannot see: a watch the server uses up without telling
+    (a change to a znode this session may not read) stays here, and a replay
+    sets it again; its next event is then a spurious one, never a lost one.
     """
 
     def __init__(self) -> None:
-        self.data: set[str] = set()
-        self.exist: set[str] = set()
-        self.child: set[str] = set()
-        self.persistent: set[str] = set()
-        self.recursive: set[str] = set()
+        self.data: dict[str, _Armed] = {}
+        self.child: dict[str, _Armed] = {}
+        #: Paths of the last replay with a persistent half and a one-shot half.
+        self._mixed: set[str] = set()
 
     def __bool__(self) -> bool:
-        return bool(self.data or self.exist or self.child or self.persistent or self.recursive)
+        return bool(self.data or self.child)
 
     def clear(self) -> None:
-        for paths in (self.data, self.exist, self.child, self.persistent, self.recursive):
-            paths.clear()
+        self.data.clear()
+        self.child.clear()
+        self._mixed.clear()
 
-    def _arm_standard(self, path: str, table: set[str]) -> None:
-        if path in self.persistent:
-            self.persistent.discard(path)
-            self.data.add(path)
-            self.child.add(path)
-        elif path in self.recursive:
-            self.recursive.discard(path)
-            self.data.add(path)
-        table.add(path)
-
-    def _arm_persistent(self, path: str, recursive: bool) -> None:
-        for paths in (self.data, self.exist, self.child, self.persistent, self.recursive):
-            paths.discard(path)
-        (self.recursive if recursive else self.persistent).add(path)
-
-    def answered(self, opcode: int, request: Record, err: int, body: Record | None) -> None:
+    def answered(self, opcode: int, request: Record, err: int) -> None:
         """A request that may arm or remove a watch got its answer."""
         if opcode == OpCode.EXISTS and isinstance(request, PathWatchRequest):
             # exists arms a watch both ways: on the data if the node is there,
             # on its creation if not.
             if err == Err.OK:
-                self._arm_standard(request.path, self.data)
+                self.data[request.path] = _Armed.DATA
             elif err == Err.NONODE:
-                self._arm_standard(request.path, self.exist)
+                self.data[request.path] = _Armed.EXIST
         elif err != Err.OK:
             return
         elif opcode == OpCode.GET_DATA and isinstance(request, PathWatchRequest):
-            self._arm_standard(request.path, self.data)
+            self.data[request.path] = _Armed.DATA
         elif opcode in (OpCode.GET_CHILDREN, OpCode.GET_CHILDREN2) and isinstance(
             request, PathWatchRequest
         ):
-            self._arm_standard(request.path, self.child)
+            self.child[request.path] = _Armed.CHILD
         elif opcode == OpCode.ADD_WATCH and isinstance(request, AddWatchRequest):
-            self._arm_persistent(request.path, request.mode == AddWatchMode.PERSISTENT_RECURSIVE)
+            recursive = request.mode == AddWatchMode.PERSISTENT_RECURSIVE
+            mode = _Armed.RECURSIVE if recursive else _Armed.PERSISTENT
+            self.data[request.path] = self.child[request.path] = mode
         elif opcode == OpCode.REMOVE_WATCHES and isinstance(request, WatchesRequest):
-            self._removed(request.path, request.type)
-        elif (
-            opcode == OpCode.MULTI_READ
-            and isinstance(request, MultiReadRequest)
-            and isinstance(body, MultiResponse)
-        ):
-            for (op, sub), (result_type, _) in zip(request.ops, body.results, strict=False):
-                if result_type == OpCode.ERROR or not getattr(sub, "watch", False):
-                    continue
-                table = self.data if op == OpCode.GET_DATA else self.child
-                self._arm_standard(sub.path, table)  # type: ignore[attr-defined]
-
-    def _removed(self, path: str, watcher_type: int) -> None:
-        # removeWatches types: 1 children, 2 data, 3 any. A persistent watch
-        # lives in both of the server's tables; removing only one half leaves
-        # a state SetWatches2 cannot express, so the set keeps it whole: a
-        # replay then gives an extra event, never a missing one.
-        if watcher_type in (2, 3):
-            self.data.discard(path)
-            self.exist.discard(path)
-            self.recursive.discard(path)
-        if watcher_type in (1, 3):
-            self.child.discard(path)
-        if watcher_type == 3:
-            self.persistent.discard(path)
+            # removeWatches types: 1 children, 2 data, 3 any.
+            if request.type in (1, 3):
+                self.child.pop(request.path, None)
+            if request.type in (2, 3):
+                self.data.pop(request.path, None)
 
     def fired(self, event: WatcherEvent) -> None:
         """The server sent ``event``: one-shot watches it triggered are gone there."""
-        path = event.path
-        if path in self.persistent or path in self.recursive:
-            return
-        if event.type in (EventType.NODE_CREATED, EventType.NODE_DATA_CHANGED):
-            self.data.discard(path)
-            self.exist.discard(path)
-        elif event.type == EventType.NODE_DELETED:
-            self.data.discard(path)
-            self.exist.discard(path)
-            self.child.discard(path)
-        elif event.type == EventType.NODE_CHILDREN_CHANGED:
-            self.child.discard(path)
+        path, kind = event.path, event.type
+        if kind != EventType.NODE_CHILDREN_CHANGED and self.data.get(path) in _ONE_SHOT:
+            del self.data[path]
+        if kind in (EventType.NODE_DELETED, EventType.NODE_CHILDREN_CHANGED) and (
+            self.child.get(path) is _Armed.CHILD
+        ):
+            del self.child[path]
 
-    def replay(self, relative_zxid: int, max_bytes: int) -> list[SetWatches2]:
-        """SetWatches2 packets that re-arm every watch, each under ``max_bytes`` of paths."""
-        kinds = (self.data, self.exist, self.child, self.persistent, self.recursive)
-        packets: list[SetWatches2] = []
-        lists: list[list[str]] = [[] for _ in kinds]
+    def replay(self, relative_zxid: int, max_bytes: int) -> list[tuple[int, Record]]:
+        """The requests that re-arm every watch on a new connection, in order:
+        SetWatches2 packets, each under ``max_bytes`` of paths, then
+        removeWatches for the halves of persistent watches to take back.
+
+        The server applies a packet's one-shot lists before its persistent
+        ones, and a persistent entry arms both tables. So the persistent
+        watches go first, and a path's one-shot watch goes in a later packet
+        than the persistent watch of the same path: that restores a mix. A
+        persistent watch left in one table (the other half removed, or used
+        up by an event after a one-shot read replaced it) is re-armed in both
+        and the other half removed again.
+        """
+        lists = {_Armed.DATA: 0, _Armed.EXIST: 1, _Armed.CHILD: 2,
+                 _Armed.PERSISTENT: 3, _Armed.RECURSIVE: 4}  # fmt: skip
+        persistent: list[tuple[int, str]] = []
+        one_shot: list[tuple[int, str]] = []
+        take_back: list[tuple[int, Record]] = []
+        for path in sorted(self.data.keys() | self.child.keys()):
+            data, child = self.data.get(path), self.child.get(path)
+            for armed in (data, child):
+                if armed is not None and armed not in _ONE_SHOT:
+                    persistent.append((lists[armed], path))
+                    break
+            for armed in (data, child):
+                if armed is not None and armed in _ONE_SHOT:
+                    one_shot.append((lists[armed], path))
+            if data is None and child is not None and child not in _ONE_SHOT:
+                take_back.append((OpCode.REMOVE_WATCHES, WatchesRequest(path, 2)))
+            elif child is None and data is not None and data not in _ONE_SHOT:
+                take_back.append((OpCode.REMOVE_WATCHES, WatchesRequest(path, 1)))
+        mixed = self._mixed = {path for _, path in persistent} & {path for _, path in one_shot}
+        requests: list[tuple[int, Record]] = []
+        batch: list[list[str]] = [[] for _ in range(5)]
         size = 0
-        for index, paths in enumerate(kinds):
-            for path in sorted(paths):
+
+        def flush() -> None:
+            nonlocal batch, size
+            packet = SetWatches2(relative_zxid, *(tuple(paths) for paths in batch))
+            requests.append((OpCode.SET_WATCHES2, packet))
+            batch = [[] for _ in range(5)]
+            size = 0
+
+        for group in (persistent, one_shot):
+            if group is one_shot and mixed and size:
+                flush()  # one-shot watches of a mixed path after its persistent one
+            for index, path in group:
                 cost = len(path.encode("utf-8")) + 4
                 if size and size + cost > max_bytes:
-                    packets.append(SetWatches2(relative_zxid, *(tuple(x) for x in lists)))
-                    lists = [[] for _ in kinds]
-                    size = 0
-                lists[index].append(path)
+                    flush()
+                batch[index].append(path)
                 size += cost
         if size:
-            packets.append(SetWatches2(relative_zxid, *(tuple(x) for x in lists)))
-        return packets
+            flush()
+        return requests + take_back
+
+    def settle(self) -> list[tuple[int, Record]]:
+        """After :meth:`replay`'s answers: the removeWatches that make the server
+        match this model again where an event used up a one-shot half of a mix.
+
+        Such an event is a catch-up (the node changed while disconnected: the
+        server sends it instead of arming the one-shot watch, so the
+        persistent watch just re-armed keeps that table) or a change during
+        the replay; either way this model has already dropped the half.
+        """
+        requests: list[tuple[int, Record]] = []
+        for path in sorted(self._mixed):
+            data, child = self.data.get(path), self.child.get(path)
+            if data is None and child is not None and child not in _ONE_SHOT:
+                requests.append((OpCode.REMOVE_WATCHES, WatchesRequest(path, 2)))
+            elif child is None and data is not None and data not in _ONE_SHOT:
+                requests.append((OpCode.REMOVE_WATCHES, WatchesRequest(path, 1)))
+        self._mixed = set()
+        return requests
 
 
 class _Connection:
@@ -745,13 +781,28 @@ class ZooKeeperClient:
         for scheme, credential in self._auth:
             frames += encode_request(XID_AUTH, OpCode.AUTH, AuthPacket(0, scheme, credential))
             self._pending_auth.append(_PendingAuth(scheme, None))
-        if replay_watches and self._watches:
+        replay = replay_watches and bool(self._watches)
+        if replay:
             limit = min(_SET_WATCHES_MAX_BYTES, self._max_buffer // 2)
-            for packet in self._watches.replay(self._last_zxid, limit):
-                frames += encode_request(XID_SET_WATCHES, OpCode.SET_WATCHES2, packet)
-                conn.set_watches_outstanding += 1
+            frames += self._watch_requests(conn, self._watches.replay(self._last_zxid, limit))
         if not frames:
             return
+        await self._handshake(conn, frames)
+        if replay and self._auth_failed is None:
+            settling = self._watch_requests(conn, self._watches.settle())
+            if settling:
+                await self._handshake(conn, settling)
+
+    @staticmethod
+    def _watch_requests(conn: _Connection, requests: list[tuple[int, Record]]) -> bytearray:
+        # All with setWatches' xid: the handshake waits for their answers by count.
+        frames = bytearray()
+        for opcode, request in requests:
+            frames += encode_request(XID_SET_WATCHES, opcode, request)
+            conn.set_watches_outstanding += 1
+        return frames
+
+    async def _handshake(self, conn: _Connection, frames: bytearray) -> None:
         await conn.stream.send_all(bytes(frames))
         while self._pending_auth or conn.set_watches_outstanding:
             event = await self._next_event(conn)
@@ -857,8 +908,9 @@ class ZooKeeperClient:
             if conn.set_watches_outstanding <= 0:
                 raise ProtocolError("setWatches reply without a setWatches")
             conn.set_watches_outstanding -= 1
-            if event.err != Err.OK:
-                log.warning("setWatches2 refused: %s", _as_err(event.err),
+            # NOWATCHER: a take-back whose one-shot watch an event used up.
+            if event.err not in (Err.OK, Err.NOWATCHER):
+                log.warning("watch replay refused: %s", _as_err(event.err),
                             extra={"session": self._session_id, "peer": conn.peer})
             return
         if event.xid == self._close_xid:
@@ -872,7 +924,7 @@ class ZooKeeperClient:
             self._last_zxid = max(self._last_zxid, event.zxid)
         body = decode_body(pending.opcode, event.err, event.body)
         if pending.watching is not None:
-            self._watches.answered(pending.opcode, pending.watching, event.err, body)
+            self._watches.answered(pending.opcode, pending.watching, event.err)
         pending.on_reply(Reply(event.err, event.zxid, body))
 
     def _auth_answered(self, err: int) -> None:
@@ -953,9 +1005,7 @@ def _watching(opcode: int, request: Record | None) -> Record | None:
         return request if isinstance(request, PathWatchRequest) and request.watch else None
     if opcode in (OpCode.ADD_WATCH, OpCode.REMOVE_WATCHES):
         return request
-    if opcode == OpCode.MULTI_READ and isinstance(request, MultiReadRequest):
-        watched = any(getattr(sub, "watch", False) for _, sub in request.ops)
-        return request if watched else None
+    # Not a multiRead: ZooKeeper 3.8 drops the watch flag of the reads inside one.
     return None
 
 

@@ -381,7 +381,7 @@ class Mirror:
             parent = parent_of(path)
             triggers.append(Trigger(parent, EventType.NODE_CHILDREN_CHANGED, self._acl_of(parent)))
             self._invalidate(parent)
-            if parent in watches.child:
+            if watches.hears_children(parent):
                 reload.append((parent, True))
         if kind == EventType.NODE_DELETED:
             self._forget_owner(path)

@@ -2,6 +2,12 @@
 
 Field order and types follow ``zookeeper.jute``. Every record can be read and
 written, so the same code serves the server and the test clients that check it.
+
+A null string, buffer or vector (jute length -1) decodes to None, distinct from
+an empty one, in every request field: ZooKeeper's Java server reads it as null
+and answers according to what each operation then does with it, so the request
+handlers decide, never the decoder. Re-encoding writes -1 again, so a mirror
+forwards a null field unchanged.
 """
 
 from __future__ import annotations
@@ -41,12 +47,13 @@ class Empty:
 
 @attrs.frozen
 class Id:
-    scheme: str
-    id: str
+    scheme: str | None
+    #: kazoo sends ``Id("auth", "")`` with a null id (its empty strings are null).
+    id: str | None
 
     @classmethod
     def read(cls, r: Reader) -> Id:
-        return cls(r.string(), r.string())
+        return cls(r.ustring(), r.ustring())
 
     def write(self, w: Writer) -> None:
         w.ustring(self.scheme)
@@ -200,14 +207,14 @@ class ReplyHeader:
 
 @attrs.frozen
 class CreateRequest:
-    path: str
+    path: str | None
     data: bytes | None
     acl: tuple[ACL, ...] | None
     flags: int
 
     @classmethod
     def read(cls, r: Reader) -> CreateRequest:
-        return cls(r.string(), r.buffer(), read_acls(r), r.int())
+        return cls(r.ustring(), r.buffer(), read_acls(r), r.int())
 
     def write(self, w: Writer) -> None:
         w.ustring(self.path)
@@ -218,7 +225,7 @@ class CreateRequest:
 
 @attrs.frozen
 class CreateTTLRequest:
-    path: str
+    path: str | None
     data: bytes | None
     acl: tuple[ACL, ...] | None
     flags: int
@@ -226,7 +233,7 @@ class CreateTTLRequest:
 
     @classmethod
     def read(cls, r: Reader) -> CreateTTLRequest:
-        return cls(r.string(), r.buffer(), read_acls(r), r.int(), r.long())
+        return cls(r.ustring(), r.buffer(), read_acls(r), r.int(), r.long())
 
     def write(self, w: Writer) -> None:
         w.ustring(self.path)
@@ -238,12 +245,12 @@ class CreateTTLRequest:
 
 @attrs.frozen
 class DeleteRequest:
-    path: str
+    path: str | None
     version: int
 
     @classmethod
     def read(cls, r: Reader) -> DeleteRequest:
-        return cls(r.string(), r.int())
+        return cls(r.ustring(), r.int())
 
     def write(self, w: Writer) -> None:
         w.ustring(self.path)
@@ -257,12 +264,12 @@ CheckVersionRequest = DeleteRequest
 class PathWatchRequest:
     """exists, getData, getChildren and getChildren2 all send (path, watch)."""
 
-    path: str
+    path: str | None
     watch: bool
 
     @classmethod
     def read(cls, r: Reader) -> PathWatchRequest:
-        return cls(r.string(), r.bool())
+        return cls(r.ustring(), r.bool())
 
     def write(self, w: Writer) -> None:
         w.ustring(self.path)
@@ -273,11 +280,11 @@ class PathWatchRequest:
 class PathRequest:
     """getACL, sync, getEphemerals and getAllChildrenNumber send only a path."""
 
-    path: str
+    path: str | None
 
     @classmethod
     def read(cls, r: Reader) -> PathRequest:
-        return cls(r.string())
+        return cls(r.ustring())
 
     def write(self, w: Writer) -> None:
         w.ustring(self.path)
@@ -285,13 +292,13 @@ class PathRequest:
 
 @attrs.frozen
 class SetDataRequest:
-    path: str
+    path: str | None
     data: bytes | None
     version: int
 
     @classmethod
     def read(cls, r: Reader) -> SetDataRequest:
-        return cls(r.string(), r.buffer(), r.int())
+        return cls(r.ustring(), r.buffer(), r.int())
 
     def write(self, w: Writer) -> None:
         w.ustring(self.path)
@@ -301,13 +308,13 @@ class SetDataRequest:
 
 @attrs.frozen
 class SetACLRequest:
-    path: str
+    path: str | None
     acl: tuple[ACL, ...] | None
     version: int
 
     @classmethod
     def read(cls, r: Reader) -> SetACLRequest:
-        return cls(r.string(), read_acls(r), r.int())
+        return cls(r.ustring(), read_acls(r), r.int())
 
     def write(self, w: Writer) -> None:
         w.ustring(self.path)
@@ -319,20 +326,29 @@ def _read_paths(r: Reader) -> tuple[str, ...]:
     return tuple(r.vector(Reader.string) or ())
 
 
-def _write_paths(w: Writer, paths: tuple[str, ...]) -> None:
+def _write_paths(w: Writer, paths: tuple[str | None, ...] | None) -> None:
     w.vector(paths, Writer.ustring)
+
+
+#: A setWatches path list as sent: None for a null vector, None entries for null strings.
+WatchPaths = tuple[str | None, ...] | None
+
+
+def _read_watch_paths(r: Reader) -> WatchPaths:
+    paths = r.vector(Reader.ustring)
+    return None if paths is None else tuple(paths)
 
 
 @attrs.frozen
 class SetWatches:
     relative_zxid: int
-    data: tuple[str, ...]
-    exist: tuple[str, ...]
-    child: tuple[str, ...]
+    data: WatchPaths
+    exist: WatchPaths
+    child: WatchPaths
 
     @classmethod
     def read(cls, r: Reader) -> SetWatches:
-        return cls(r.long(), _read_paths(r), _read_paths(r), _read_paths(r))
+        return cls(r.long(), _read_watch_paths(r), _read_watch_paths(r), _read_watch_paths(r))
 
     def write(self, w: Writer) -> None:
         w.long(self.relative_zxid)
@@ -343,15 +359,15 @@ class SetWatches:
 @attrs.frozen
 class SetWatches2:
     relative_zxid: int
-    data: tuple[str, ...]
-    exist: tuple[str, ...]
-    child: tuple[str, ...]
-    persistent: tuple[str, ...]
-    persistent_recursive: tuple[str, ...]
+    data: WatchPaths
+    exist: WatchPaths
+    child: WatchPaths
+    persistent: WatchPaths
+    persistent_recursive: WatchPaths
 
     @classmethod
     def read(cls, r: Reader) -> SetWatches2:
-        return cls(r.long(), *(_read_paths(r) for _ in range(5)))
+        return cls(r.long(), *(_read_watch_paths(r) for _ in range(5)))
 
     def write(self, w: Writer) -> None:
         w.long(self.relative_zxid)
@@ -364,12 +380,13 @@ class SetWatches2:
 @attrs.frozen
 class AuthPacket:
     type: int
-    scheme: str
-    auth: bytes
+    scheme: str | None
+    #: kazoo writes an empty auth as null.
+    auth: bytes | None
 
     @classmethod
     def read(cls, r: Reader) -> AuthPacket:
-        return cls(r.int(), r.string(), r.buffer() or b"")
+        return cls(r.int(), r.ustring(), r.buffer())
 
     def write(self, w: Writer) -> None:
         w.int(self.type)
@@ -379,12 +396,12 @@ class AuthPacket:
 
 @attrs.frozen
 class AddWatchRequest:
-    path: str
+    path: str | None
     mode: int
 
     @classmethod
     def read(cls, r: Reader) -> AddWatchRequest:
-        return cls(r.string(), r.int())
+        return cls(r.ustring(), r.int())
 
     def write(self, w: Writer) -> None:
         w.ustring(self.path)
@@ -395,12 +412,12 @@ class AddWatchRequest:
 class WatchesRequest:
     """checkWatches and removeWatches: a path and a watcher type."""
 
-    path: str
+    path: str | None
     type: int
 
     @classmethod
     def read(cls, r: Reader) -> WatchesRequest:
-        return cls(r.string(), r.int())
+        return cls(r.ustring(), r.int())
 
     def write(self, w: Writer) -> None:
         w.ustring(self.path)
@@ -634,13 +651,13 @@ class GetChildren2Response:
 
 @attrs.frozen
 class PathResponse:
-    """sync answers with the path it synced."""
+    """sync answers with the path it synced (null when the request's was)."""
 
-    path: str
+    path: str | None
 
     @classmethod
     def read(cls, r: Reader) -> PathResponse:
-        return cls(r.string())
+        return cls(r.ustring())
 
     def write(self, w: Writer) -> None:
         w.ustring(self.path)

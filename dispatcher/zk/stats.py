@@ -9,13 +9,16 @@ import attrs
 class ServerStats:
     packets_received: int = 0
     packets_sent: int = 0
-    #: Request latencies in milliseconds, as ZooKeeper reports them in srvr/mntr.
+    #: Request latencies in whole milliseconds, as ZooKeeper measures and
+    #: reports them in srvr/mntr: min and max are whole, so the average of the
+    #: same whole numbers always lies between them as printed.
     min_latency: float = 0.0
     max_latency: float = 0.0
     total_latency: float = 0.0
     latency_count: int = 0
 
     def record_latency(self, millis: float) -> None:
+        millis = float(int(millis))
         if self.latency_count == 0 or millis < self.min_latency:
             self.min_latency = millis
         if millis > self.max_latency:
