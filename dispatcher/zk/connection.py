@@ -55,18 +55,30 @@ class FrameBuffer:
     """Bytes received and not yet taken as frames, for either end of a connection.
 
     Consumed frames are only marked (``_offset``) and dropped on the next
-    receive, so taking many small frames out of one read copies nothing.
+    receive, so taking many small frames out of one read copies nothing. A read
+    that arrives when everything before it was taken is kept as the ``bytes``
+    it came in (no copy); only a frame split across reads is assembled in a
+    ``bytearray``.
     """
 
+    __slots__ = ("_buffer", "_offset")
+
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._buffer: bytes | bytearray = b""
         self._offset = 0
 
     def receive_data(self, data: bytes) -> None:
-        if self._offset:
-            del self._buffer[: self._offset]
-            self._offset = 0
-        self._buffer += data
+        buf, offset = self._buffer, self._offset
+        if offset >= len(buf):
+            self._buffer = bytes(data)
+        elif isinstance(buf, bytearray):
+            if offset:
+                del buf[:offset]
+            buf += data
+        else:
+            self._buffer = bytearray(memoryview(buf)[offset:])
+            self._buffer += data
+        self._offset = 0
 
     @property
     def buffered(self) -> int:
@@ -75,6 +87,8 @@ class FrameBuffer:
 
 class ServerConnection(FrameBuffer):
     """Turns a byte stream from a client into events, one frame at a time."""
+
+    __slots__ = ("_connected", "_finished", "max_buffer")
 
     def __init__(self, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
         super().__init__()
@@ -88,6 +102,9 @@ class ServerConnection(FrameBuffer):
             return None
         buf, start = self._buffer, self._offset
         if len(buf) - start < 4:
+            if start and start == len(buf):
+                # All taken: an idle connection keeps no copy of its last read.
+                self._buffer, self._offset = b"", 0
             return None
         if not self._connected:
             word = bytes(buf[start : start + 4])

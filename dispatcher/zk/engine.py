@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 
 import attrs
 
 from dispatcher.zk import acl as acls
+from dispatcher.zk.durability import GroupCommit
 from dispatcher.zk.jute import DecodeError, Reader
 from dispatcher.zk.paths import InvalidPath, is_within, join, parent_of, validate_path
 from dispatcher.zk.pending import Pending
@@ -98,6 +99,9 @@ _READ, _WRITE, _CREATE, _DELETE, _ADMIN = (
     int(Perm.READ), int(Perm.WRITE), int(Perm.CREATE), int(Perm.DELETE), int(Perm.ADMIN)
 )
 _SPECIAL_PATHS = frozenset({"/", "/zookeeper", "/zookeeper/quota", "/zookeeper/config"})
+# A projection root open to clients' registrations: anyone may list it and
+# create in it; what may be created there is decided by the projection's paths.
+_READ_CREATE_WORLD = (ACL(_READ | _CREATE, Id("world", "anyone")),)
 
 
 class Mount(Protocol):
@@ -173,17 +177,63 @@ class Client:
     auth: list[Id]
     connected_at: float
     #: The digest credentials the client authenticated with, as sent, so a
-    #: mirror can authenticate as the client upstream.
-    credentials: list[tuple[str, bytes]] = attrs.Factory(list)
+    #: mirror can authenticate as the client upstream; see :attr:`credentials`.
+    _credentials: list[tuple[str, bytes]] | None = None
     received: int = 0
     sent: int = 0
     last_zxid: int = 0
     #: The opcode of the last request, for ``cons`` (kept as an int: cheap).
     last_op: int | None = None
     closed: bool = False
+    #: Persistent watches on a null path (addWatch or setWatches2 with one);
+    #: created on first use, which almost never comes.
+    null_watches: NullPathWatches | None = None
 
     def __hash__(self) -> int:
         return id(self)
+
+    @property
+    def credentials(self) -> list[tuple[str, bytes]]:
+        """The digest credentials, as sent; the list is created on first use,
+        as most clients never authenticate and an idle session should not pay
+        for an empty one."""
+        if self._credentials is None:
+            self._credentials = []
+        return self._credentials
+
+
+@attrs.define
+class NullPathWatches:
+    """One connection's watches on a null path, as ZooKeeper 3.8 keeps them.
+
+    The Java server stores such a watch (a HashMap takes a null key) in its
+    data and child watch tables, each of which also records the watch's mode
+    under a key whose ``equals`` dereferences the path. So, per table, the
+    watch may be present and its mode recorded; recording or removing the
+    mode of one already recorded throws (MARSHALLINGERROR), after the
+    watcher was added to, or removed from, the table. No event ever fires
+    on a null path, so only later addWatch and removeWatches calls see them.
+    """
+
+    #: Per table ("data", "child"): the watcher is in the table.
+    present: dict[str, bool] = attrs.Factory(lambda: {"data": False, "child": False})
+    #: Per table: a mode is recorded for it.
+    moded: dict[str, bool] = attrs.Factory(lambda: {"data": False, "child": False})
+
+    def add(self, table: str) -> bool:
+        """Add the watch to ``table``; False where ZooKeeper throws."""
+        self.present[table] = True
+        if self.moded[table]:
+            return False
+        self.moded[table] = True
+        return True
+
+    def remove(self, table: str) -> bool | None:
+        """Remove it from ``table``: False if absent, None where ZooKeeper throws."""
+        if not self.present[table]:
+            return False
+        self.present[table] = False
+        return None if self.moded[table] else True
 
 
 class ZkError(Exception):
@@ -222,8 +272,14 @@ class Engine:
         #: Called with (opcode, seconds) after each request, for metrics; runs
         #: on the hot path, so it must be cheap.
         self.observer: Callable[[int, float], None] | None = None
+        #: Set by a server that runs its commit task: writes then share fsyncs,
+        #: and what the engine sends waits for the writes it could show (see
+        #: :mod:`dispatcher.zk.durability`). None: each write commits alone.
+        self.durability: GroupCommit | None = None
         #: Roots of the read-only subtrees rendered from the unified snapshot.
         self.projection_roots: tuple[str, ...] = ()
+        #: Per projection root, the paths below it opened to clients' writes (split).
+        self.projection_open: dict[str, tuple[tuple[str, ...], ...]] = {}
         #: Subtrees served by another backend (mirrors of upstream ensembles).
         self.mounts: tuple[Mount, ...] = ()
         self.started = wall_clock()
@@ -302,7 +358,7 @@ class Engine:
                 log.info("session moved; closing its old connection",
                          extra={"session": session.id, "peer": peer.remote})
                 self.disconnect(stale)
-                stale.peer.close()
+                self._close_peer(stale.peer)
             log.info("session resumed", extra={"session": session.id, "peer": peer.remote})
         client = Client(peer, session, [Id("ip", peer.remote_ip)], now)
         session.client = client
@@ -391,18 +447,42 @@ class Engine:
         return any(path == root or path.startswith(root + "/") for root in self.projection_roots)
 
     def _refuse_projected(self, path: str) -> None:
-        """Projected znodes are read-only to every client, super included.
+        """Projected znodes are read-only to every client, super included, except
+        where the projection opened its subtree to clients (:meth:`mount_projection`).
 
-        They carry the ACL world:anyone:r, so the answer is the one ZooKeeper
-        gives for such a node: NOAUTH.
+        A refused write gets the answer ZooKeeper gives for a node whose ACL is
+        world:anyone:r: NOAUTH. A write to an opened path goes on to the usual
+        checks (the parent's ACL, existence, versions), so clients get
+        ZooKeeper's own answers there, NODEEXISTS included.
         """
-        if self.projection_roots and self._projected(path):
+        if self.projection_roots and self._projected(path) and not self._opened(path):
             raise ZkError(Err.NOAUTH)
 
-    def mount_projection(self, root: str) -> None:
+    def _opened(self, path: str) -> bool:
+        for root, patterns in self.projection_open.items():
+            if path.startswith(root + "/"):
+                names = path[len(root) + 1 :].split("/")
+                return any(
+                    len(pattern) == len(names)
+                    and all(want in ("*", name) for want, name in zip(pattern, names, strict=True))
+                    for pattern in patterns
+                )
+        return False
+
+    def mount_projection(self, root: str, *, open_paths: Iterable[str] = ()) -> None:
         """Reserve ``root`` for a projection: created (with missing parents) as a
-        read-only, never-stored subtree. A root that already holds stored znodes
-        is refused, so a projection never hides a client's data."""
+        never-stored subtree, read-only to clients. A root that already holds
+        stored znodes is refused, so a projection never hides a client's data.
+
+        ``open_paths`` are the znodes below ``root`` (relative paths, ``*``
+        standing for any one name) that clients may create, change and delete
+        as anywhere in ZooKeeper, subject to the ACLs there: the registrations
+        a layout's clients write themselves (Dubbo consumers under
+        ``*/consumers/*``). With any, the root grants world CREATE as well as
+        READ, so a client can make the directories of a service the
+        projection does not hold (yet). What clients make here is not stored:
+        it lasts as long as the process, like the sessions that own it.
+        """
         validate_path(root)
         if root == "/" or any(root == r or root.startswith(r + "/") or r.startswith(root + "/")
                               for r in self.projection_roots):  # fmt: skip
@@ -412,24 +492,51 @@ class Engine:
                 f"projection root {root} already exists in the embedded tree; "
                 "delete it or choose another root"
             )
+        patterns = tuple(tuple(p.strip("/").split("/")) for p in open_paths)
         self.projection_roots = (*self.projection_roots, root)
+        if patterns:
+            self.projection_open = {**self.projection_open, root: patterns}
         txn = self._internal_txn()
-        self._ensure_directory(txn, root)
+        self._ensure_directory(txn, parent_of(root))
+        txn.create(root, b"", _READ_CREATE_WORLD if patterns else READ_ONLY_WORLD, 0)
         self._commit(txn)
 
-    def sync_projection(self, directory: str, children: Mapping[str, bytes]) -> None:
+    def sync_projection(
+        self,
+        directory: str,
+        children: Mapping[str, bytes],
+        *,
+        keep: bool = False,
+        beside: Mapping[str, tuple[ACL, ...]] | None = None,
+    ) -> None:
         """Make ``directory`` (inside a projection) hold exactly ``children`` (name → data).
 
         One transaction: created, changed and removed znodes get one zxid and
         fire the watches a client's writes would. Missing parent directories
-        are created; a directory left empty is removed (up to, not including,
-        the projection root). Unchanged znodes keep their stats.
+        are created. Unchanged znodes keep their stats.
+
+        ``beside`` are the other znodes (path → ACL) a layout keeps with the
+        directory: a Dubbo service's znode and its other category directories.
+        They are created with it, parents first, and never changed once there.
+        With ``keep`` the directory and ``beside`` stay while ``children`` is
+        empty (a service that is known but has nothing to show). Without it, an
+        empty directory is removed with ``beside`` and the parents left empty
+        (up to, not including, the projection root), unless something that
+        clients made is in them: a client's znode (a consumer's registration)
+        is never deleted here, and keeps the znodes that hold it and their
+        watchers.
         """
         assert self._projected(directory), directory
         tree = self.tree
-        if not children and tree.get(directory) is None:
+        beside = beside or {}
+        if not children and not keep and tree.get(directory) is None:
             return
         txn = self._internal_txn()
+        if children or keep:
+            for path in sorted(beside, key=lambda p: p.count("/")):
+                if tree.get(path) is None:
+                    self._ensure_directory(txn, parent_of(path))
+                    txn.create(path, b"", beside[path], 0)
         self._ensure_directory(txn, directory)
         node = tree.nodes[directory]
         for name in sorted(node.children - set(children)):
@@ -441,8 +548,8 @@ class Engine:
                 txn.create(path, data, READ_ONLY_WORLD, 0)
             elif existing.data != data:
                 txn.set_data(path, data, existing.version + 1)
-        if not children:
-            self._prune_empty(txn, directory)
+        if not children and not keep:
+            self._prune_empty(txn, directory, beside)
         if txn.touched_paths:
             self._commit(txn)
         else:
@@ -468,11 +575,21 @@ class Engine:
             self._delete_projected(txn, join(path, name))
         txn.delete(path)
 
-    def _prune_empty(self, txn: Txn, directory: str) -> None:
-        while directory not in self.projection_roots and not self.tree.nodes[directory].children:
-            parent = parent_of(directory)
-            txn.delete(directory)
-            directory = parent
+    def _prune_empty(self, txn: Txn, directory: str, beside: Iterable[str] = ()) -> None:
+        nodes = self.tree.nodes
+        own = {directory, *beside}
+        if any(join(path, name) not in own for path in own if path in nodes
+               for name in nodes[path].children):  # fmt: skip
+            return  # a client's znode is in there
+        for path in sorted(own, key=lambda p: p.count("/"), reverse=True):
+            if path in nodes and path not in self.projection_roots:
+                txn.delete(path)
+        while directory not in self.projection_roots:
+            if directory in nodes:
+                if nodes[directory].children:
+                    break
+                txn.delete(directory)
+            directory = parent_of(directory)
 
     def reap_containers(self) -> int:
         """Delete empty used containers and expired TTL nodes, as ZooKeeper's ContainerManager.
@@ -525,8 +642,11 @@ class Engine:
             # Reads of (path, watch) are the hot path: decoded in place rather
             # than through a record object.
             path, watch = _path_and_watch(body)
-            mount = self._mount_of(path) if self.mounts else None
-            if mount is None:
+            if path is None:
+                # ZooKeeper's read dereferences the null path: the exception
+                # is answered as MARSHALLINGERROR and the connection stays.
+                self._reply(client, xid, Err.MARSHALLINGERROR)
+            elif (mount := self._mount_of(path) if self.mounts else None) is None:
                 read(client, xid, path, watch)
             else:
                 pending = mount.read(client, xid, opcode, path, watch)
@@ -534,6 +654,9 @@ class Engine:
             self._reply(client, xid, Err.OK)
         elif opcode == OpCode.CLOSE_SESSION:
             pending = self._close_session(client, xid)
+        elif opcode == OpCode.DELETE_CONTAINER:
+            self._delete_container(client, xid)
+            client.last_op = opcode
         else:
             record_type = REQUESTS.get(opcode)
             handler = self._handlers.get(opcode)
@@ -608,6 +731,8 @@ class Engine:
         if opcode in _LOCAL_OPS:
             return None
         if isinstance(record, MultiRequest):
+            if _names_null_path(record):
+                return None  # refused as a whole, before any op: no backend needed
             # A malformed path belongs to no backend: whichever gets the multi
             # answers it with that op's error, as ZooKeeper does.
             owners = {
@@ -649,10 +774,26 @@ class Engine:
     def _reply(self, client: Client, xid: int, err: int, body: bytes = b"", zxid: int = -2) -> None:
         if zxid == -2:
             zxid = self.zxid
-        client.peer.send(frame(xid, zxid, err, body))
+        gate = self.durability
+        if gate is not None and gate.holding:
+            gate.send(client.peer, frame(xid, zxid, err, body))
+        else:
+            client.peer.send(frame(xid, zxid, err, body))
         client.sent += 1
         client.last_zxid = zxid
         self.stats.packets_sent += 1
+
+    def _delete_container(self, client: Client, xid: int) -> None:
+        """deleteContainer from a client: BADARGUMENTS, and the connection stays.
+
+        ZooKeeper 3.8 takes the path of a deleteContainer from the whole
+        request buffer, header included, whose opcode bytes always hold a NUL,
+        so its path check refuses every one a client sends, whatever the body
+        (only the server's own container reaper gets further). The refusal is
+        a failed write: it takes a zxid, which the reply header carries.
+        """
+        self.zxid += 1
+        self._reply(client, xid, Err.BADARGUMENTS, zxid=self.zxid)
 
     def _unimplemented(self, client: Client, xid: int, opcode: int) -> None:
         log.warning("unknown opcode; closing, as ZooKeeper does", extra={
@@ -663,7 +804,23 @@ class Engine:
 
     def _lose(self, client: Client) -> None:
         self.disconnect(client)
-        client.peer.close()
+        self._close_peer(client.peer)
+
+    def _send(self, peer: Peer, data: bytes) -> None:
+        """Send ``data``, after the writes it could show are durable."""
+        gate = self.durability
+        if gate is None:
+            peer.send(data)
+        else:
+            gate.send(peer, data)
+
+    def _close_peer(self, peer: Peer) -> None:
+        """Close ``peer`` once what was sent to it before has left."""
+        gate = self.durability
+        if gate is None:
+            peer.close()
+        else:
+            gate.close(peer)
 
     def _close_session(self, client: Client, xid: int) -> Pending | None:
         log.info("session closed by its client", extra={"session": client.session.id})
@@ -729,6 +886,8 @@ class Engine:
         return node
 
     def _get_acl(self, client: Client, xid: int, req: PathRequest) -> None:
+        if req.path is None:
+            return self._reply(client, xid, Err.MARSHALLINGERROR)
         node = self.tree.get(req.path)
         if node is None:
             return self._reply(client, xid, Err.NONODE)
@@ -748,66 +907,93 @@ class Engine:
         self._reply(client, xid, Err.OK, encode(PathResponse(req.path)))
 
     def _set_watches(self, client: Client, xid: int, req: SetWatches | SetWatches2) -> None:
+        # ZooKeeper walks the lists in order and stops, answering
+        # MARSHALLINGERROR, at a null list or at a null path in the data, exist
+        # or child list (its node lookup throws); what came before stays done.
         relative = req.relative_zxid
         tree, watches = self.tree, self.watches
-        if self.mounts:
-            req = self._rewatch_mounted(client, req)
-        for path in req.data:
-            node = tree.get(path)
-            if node is None:
-                self._notify(client, EventType.NODE_DELETED, path)
-            elif node.mzxid > relative:
-                self._notify(client, EventType.NODE_DATA_CHANGED, path)
-            else:
-                watches.add_data(path, client)
-        for path in req.exist:
-            if tree.get(path) is not None:
-                self._notify(client, EventType.NODE_CREATED, path)
-            else:
-                watches.add_data(path, client)
-        for path in req.child:
-            node = tree.get(path)
-            if node is None:
-                self._notify(client, EventType.NODE_DELETED, path)
-            elif node.pzxid > relative:
-                self._notify(client, EventType.NODE_CHILDREN_CHANGED, path)
-            else:
-                watches.add_child(path, client)
-        if isinstance(req, SetWatches2):
-            for path in req.persistent:
-                watches.add_persistent(path, client, recursive=False)
-            for path in req.persistent_recursive:
-                watches.add_persistent(path, client, recursive=True)
-        self._reply(client, xid, Err.OK)
-
-    def _rewatch_mounted(
-        self, client: Client, req: SetWatches | SetWatches2
-    ) -> SetWatches | SetWatches2:
-        """Hand the mounted paths of a ``setWatches`` to their mounts; return the rest."""
-        kept: dict[str, tuple[str, ...]] = {}
+        mount_of = self._mount_of if self.mounts else None
         for kind in ("data", "exist", "child"):
-            paths = []
-            for path in getattr(req, kind):
-                mount = self._mount_of(path)
-                if mount is None:
-                    paths.append(path)
+            paths = getattr(req, kind)
+            if paths is None:
+                return self._reply(client, xid, Err.MARSHALLINGERROR)
+            for path in paths:
+                if path is None:
+                    return self._reply(client, xid, Err.MARSHALLINGERROR)
+                mount = None if mount_of is None else mount_of(path)
+                if mount is not None:
+                    mount.rewatch(client, kind, path, relative)
+                    continue
+                node = tree.get(path)
+                if kind == "exist":
+                    if node is not None:
+                        self._notify(client, EventType.NODE_CREATED, path)
+                    else:
+                        watches.add_data(path, client)
+                elif node is None:
+                    self._notify(client, EventType.NODE_DELETED, path)
+                elif kind == "data":
+                    if node.mzxid > relative:
+                        self._notify(client, EventType.NODE_DATA_CHANGED, path)
+                    else:
+                        watches.add_data(path, client)
+                elif node.pzxid > relative:
+                    self._notify(client, EventType.NODE_CHILDREN_CHANGED, path)
                 else:
-                    mount.rewatch(client, kind, path, req.relative_zxid)
-            kept[kind] = tuple(paths)
-        return attrs.evolve(req, **kept)
+                    watches.add_child(path, client)
+        if isinstance(req, SetWatches2):
+            for recursive, paths in ((False, req.persistent), (True, req.persistent_recursive)):
+                if paths is None:
+                    return self._reply(client, xid, Err.MARSHALLINGERROR)
+                for path in paths:
+                    if path is not None:
+                        watches.add_persistent(path, client, recursive=recursive)
+                    # A null one goes to the child table, then the data table.
+                    elif not _add_null_watch(client, ("child", "data")):
+                        return self._reply(client, xid, Err.MARSHALLINGERROR)
+        self._reply(client, xid, Err.OK)
 
     def _add_watch(self, client: Client, xid: int, req: AddWatchRequest) -> None:
         if req.mode not in (0, 1):
             # ZooKeeper fails to deserialize an unknown mode: MARSHALLINGERROR.
             return self._reply(client, xid, Err.MARSHALLINGERROR)
-        self.watches.add_persistent(req.path, client, recursive=req.mode == 1)
+        if req.path is None:
+            # ZooKeeper adds it to the data table, then the child table.
+            if not _add_null_watch(client, ("data", "child")):
+                return self._reply(client, xid, Err.MARSHALLINGERROR)
+        else:
+            self.watches.add_persistent(req.path, client, recursive=req.mode == 1)
         self._reply(client, xid, Err.OK, encode(ErrorResult(Err.OK)))
 
     def _check_watches(self, client: Client, xid: int, req: WatchesRequest) -> None:
+        if req.path is None:
+            # ZooKeeper's lookup throws on a null path, whatever is watched.
+            return self._reply(client, xid, Err.MARSHALLINGERROR)
         self._watches_op(client, xid, req, self.watches.contains)
 
     def _remove_watches(self, client: Client, xid: int, req: WatchesRequest) -> None:
+        if req.path is None:
+            return self._remove_null_watch(client, xid, req.type)
         self._watches_op(client, xid, req, self.watches.remove)
+
+    def _remove_null_watch(self, client: Client, xid: int, type_: int) -> None:
+        """removeWatches on a null path, as ZooKeeper 3.8's tables answer it."""
+        try:
+            kind = WatcherType(type_)
+        except ValueError:
+            return self._reply(client, xid, Err.MARSHALLINGERROR)
+        tables = {
+            WatcherType.CHILDREN: ("child",), WatcherType.DATA: ("data",),
+            WatcherType.ANY: ("child", "data"),
+        }[kind]  # fmt: skip
+        held = client.null_watches
+        removed = False
+        for table in tables if held is not None else ():
+            outcome = held.remove(table)  # type: ignore[union-attr]
+            if outcome is None:
+                return self._reply(client, xid, Err.MARSHALLINGERROR)
+            removed = removed or outcome
+        self._reply(client, xid, Err.OK if removed else Err.NOWATCHER)
 
     def _watches_op(
         self, client: Client, xid: int, req: WatchesRequest,
@@ -823,6 +1009,10 @@ class Engine:
         results: list[tuple[int, Record]] = []
         for opcode, record in req.ops:
             assert isinstance(record, PathWatchRequest)
+            if record.path is None:
+                # ZooKeeper's read throws; the reply carries the results so far.
+                body = encode(MultiResponse(tuple(results)))
+                return self._reply(client, xid, Err.MARSHALLINGERROR, body)
             node = self.tree.get(record.path)
             if node is None:
                 results.append((OpCode.ERROR, ErrorResult(Err.NONODE)))
@@ -841,10 +1031,16 @@ class Engine:
         owned = list(self.tree.ephemerals.get(client.session.id, ()))
         for mount in self.mounts:
             owned += mount.ephemerals(client.session.id)
-        paths = tuple(sorted(p for p in owned if p.startswith(req.path)))
+        # ZooKeeper lists them all for a null, blank or "/" prefix (after trim).
+        prefix = req.path
+        if prefix is None or _java_trim(prefix) in ("", "/"):
+            prefix = ""
+        paths = tuple(sorted(p for p in owned if p.startswith(prefix)))
         self._reply(client, xid, Err.OK, encode(PathsResponse(paths)))
 
     def _get_all_children_number(self, client: Client, xid: int, req: PathRequest) -> None:
+        if req.path is None:
+            return self._reply(client, xid, Err.MARSHALLINGERROR)
         node = self.tree.get(req.path)
         if node is None:
             return self._reply(client, xid, Err.NONODE)
@@ -860,6 +1056,12 @@ class Engine:
         self._reply(client, xid, Err.OK, encode(WhoAmIResponse(infos)))
 
     def _sasl(self, client: Client, xid: int, req: GetSASLRequest) -> None:
+        if req.token is None:
+            # ZooKeeper reads the null token's length, throws, and closes the
+            # connection without an answer (the session lives on).
+            log.warning("sasl request with a null token; closing, as ZooKeeper does",
+                        extra={"session": client.session.id, "peer": client.peer.remote})
+            return self._lose(client)
         # A ZooKeeper without SASL configured answers with an empty token.
         self._reply(client, xid, Err.OK, encode(SetSASLResponse(None)), zxid=0)
 
@@ -868,7 +1070,9 @@ class Engine:
         self._reply(client, xid, Err.RECONFIGDISABLED)
 
     def _auth(self, client: Client, xid: int, req: AuthPacket) -> None:
-        if req.scheme == "digest":
+        # A null digest fails in ZooKeeper's provider (caught: AUTHFAILED); a
+        # null scheme names no provider; the ip provider never reads the auth.
+        if req.scheme == "digest" and req.auth is not None:
             ident = acls.digest_id(req.auth.decode("utf-8", "replace"))
             new = [Id("digest", ident)]
             if (req.scheme, req.auth) not in client.credentials:
@@ -908,11 +1112,21 @@ class Engine:
         except ZkError as exc:
             txn.rollback()
             return self._reply(client, xid, exc.err, zxid=txn.zxid)
+        except BaseException:
+            # A bug: the server answers SYSTEMERROR; the tree must not keep half of it.
+            txn.rollback()
+            raise
         self._commit(txn)
         self._reply(client, xid, Err.OK, b"" if result is None else encode(result), txn.zxid)
 
     def _multi(self, client: Client, xid: int, req: MultiRequest) -> None:
         self.zxid += 1
+        if _names_null_path(req):
+            # ZooKeeper reads every op's path (for its pending changes) before
+            # running any and throws on a null one: the zxid is spent, the
+            # reply carries the previous one and an empty result list.
+            body = encode(MultiResponse(()))
+            return self._reply(client, xid, Err.MARSHALLINGERROR, body, self.zxid - 1)
         txn = Txn(self.tree, self.zxid, self._now_ms())
         results: list[tuple[int, Record]] = []
         failed: ZkError | None = None
@@ -922,9 +1136,17 @@ class Engine:
             except ZkError as exc:
                 failed = exc
                 break
+            except BaseException:
+                txn.rollback()
+                raise
             results.append(_multi_result(opcode, result))
         if failed is None:
             self._commit(txn)
+        elif failed.err == Err.MARSHALLINGERROR:
+            # An op that throws (not a KeeperException) fails the whole multi:
+            # ZooKeeper answers it like a failed single write, without results.
+            txn.rollback()
+            return self._reply(client, xid, failed.err, zxid=txn.zxid)
         else:
             txn.rollback()
             # ZooKeeper's answer to a failed multi: the ops before the failure
@@ -940,14 +1162,23 @@ class Engine:
         self._reply(client, xid, Err.OK, encode(MultiResponse(tuple(results))), txn.zxid)
 
     def _commit(self, txn: Txn) -> None:
-        self.quotas.account(txn)
-        # Projected subtrees are rebuilt from the snapshot at start, never stored.
-        paths = [
-            p for p in txn.touched_paths
-            if not self._projected(p) and (not self.mounts or self._mount_of(p) is None)
-        ]
-        if paths:
-            self.store.commit(self.tree, paths)
+        try:
+            self.quotas.account(txn)
+            # Projected subtrees are rebuilt from the snapshot at start, never stored.
+            paths = [
+                p for p in txn.touched_paths
+                if not self._projected(p) and (not self.mounts or self._mount_of(p) is None)
+            ]
+            if paths:
+                if self.durability is None:
+                    self.store.commit(self.tree, paths)
+                else:
+                    self.durability.add(paths)
+        except BaseException:
+            # Nothing of it is durable (the store's transaction rolled back), so
+            # the tree must not show it either: the client gets SYSTEMERROR.
+            txn.rollback()
+            raise
         self._fire(txn.triggers)
 
     def _fire(self, triggers: list[Trigger]) -> None:
@@ -959,14 +1190,14 @@ class Engine:
         """
         if len(triggers) == 1:
             for watcher, packet in self._heard(triggers[0]):
-                watcher.peer.send(packet)
+                self._send(watcher.peer, packet)
             return
         outgoing: dict[Client, list[bytes]] = {}
         for trigger in triggers:
             for watcher, packet in self._heard(trigger):
                 outgoing.setdefault(watcher, []).append(packet)
         for watcher, packets in outgoing.items():
-            watcher.peer.send(b"".join(packets))
+            self._send(watcher.peer, b"".join(packets))
 
     def _heard(self, trigger: Trigger) -> Iterator[tuple[Client, bytes]]:
         """Who hears ``trigger``, each with the encoded event (encoded once)."""
@@ -988,12 +1219,13 @@ class Engine:
 
     def _notify(self, client: Client, event: EventType, path: str) -> None:
         body = encode(WatcherEvent(event, KeeperState.SYNC_CONNECTED, path))
-        client.peer.send(frame(XID_NOTIFICATION, -1, Err.OK, body))
+        self._send(client.peer, frame(XID_NOTIFICATION, -1, Err.OK, body))
         self.stats.packets_sent += 1
 
     def _create(self, txn: Txn, client: Client, opcode: int, req: Record) -> Record:
         assert isinstance(req, CreateRequest | CreateTTLRequest)
-        self._refuse_projected(req.path)
+        if req.path is not None:
+            self._refuse_projected(req.path)
         try:
             mode = CreateMode(req.flags)
         except ValueError:
@@ -1007,13 +1239,13 @@ class Engine:
         elif ttl >= 0:
             raise ZkError(Err.BADARGUMENTS)
         path = req.path
+        if path is None:
+            # ZooKeeper looks for the parent's slash in the null path and throws.
+            raise ZkError(Err.MARSHALLINGERROR)
         cut = path.rfind("/")
         if cut == -1 or "\0" in path:
             raise ZkError(Err.BADARGUMENTS)
-        try:
-            acl = acls.fixup_acl(req.acl, client.auth)
-        except acls.InvalidACL:
-            raise ZkError(Err.INVALIDACL) from None
+        acl = _fixed_acl(req.acl, client.auth)
         parent = self.tree.get(path[:cut])
         if parent is None:
             raise ZkError(Err.NONODE)
@@ -1048,6 +1280,8 @@ class Engine:
 
     def _delete(self, txn: Txn, client: Client, opcode: int, req: DeleteRequest) -> None:
         path = req.path
+        if path is None:
+            raise ZkError(Err.MARSHALLINGERROR)  # ZooKeeper splits the null path and throws
         self._refuse_projected(path)
         cut = path.rfind("/")
         if cut == -1 or "\0" in path or path in _SPECIAL_PATHS:
@@ -1090,15 +1324,45 @@ class Engine:
 
     def _set_acl(self, txn: Txn, client: Client, opcode: int, req: SetACLRequest) -> Record:
         try:
-            validate_path(req.path)
-            acl = acls.fixup_acl(req.acl, client.auth)
+            validate_path(req.path)  # type: ignore[arg-type]  # a null path is invalid
         except InvalidPath:
             raise ZkError(Err.BADARGUMENTS) from None
-        except acls.InvalidACL:
-            raise ZkError(Err.INVALIDACL) from None
-        node = self._validated(client, req.path, _ADMIN)
+        acl = _fixed_acl(req.acl, client.auth)
+        node = self._validated(client, req.path, _ADMIN)  # type: ignore[arg-type]
         aversion = _check_version(node.aversion, req.version)
         return StatResponse(txn.set_acl(req.path, acl, aversion).stat())
+
+
+def _fixed_acl(acl: tuple[ACL, ...] | None, auth: list[Id]) -> tuple[ACL, ...]:
+    """:func:`acls.fixup_acl` with its failures as ZooKeeper answers them."""
+    try:
+        return acls.fixup_acl(acl, auth)
+    except acls.InvalidACL:
+        raise ZkError(Err.INVALIDACL) from None
+    except acls.UnreadableACL:
+        raise ZkError(Err.MARSHALLINGERROR) from None
+
+
+def _names_null_path(req: MultiRequest) -> bool:
+    return any(getattr(record, "path", "") is None for _, record in req.ops)
+
+
+def _add_null_watch(client: Client, tables: Iterable[str]) -> bool:
+    """Add a null-path watch to ``tables`` in order; False where ZooKeeper throws."""
+    held = client.null_watches
+    if held is None:
+        held = client.null_watches = NullPathWatches()
+    return all(held.add(table) for table in tables)
+
+
+def _java_trim(text: str) -> str:
+    """Java's ``String.trim``: strips every character up to U+0020 at both ends."""
+    start, end = 0, len(text)
+    while start < end and text[start] <= " ":
+        start += 1
+    while end > start and text[end - 1] <= " ":
+        end -= 1
+    return text[start:end]
 
 
 def _multi_result(opcode: int, result: Record | None) -> tuple[int, Record]:
@@ -1124,11 +1388,16 @@ _LOCAL_OPS = frozenset({
 _CROSSES_MOUNTS = object()
 
 
-def _path_and_watch(body: bytes) -> tuple[str, bool]:
-    """Decode the (ustring path, bool watch) body of exists/getData/getChildren."""
+def _path_and_watch(body: bytes) -> tuple[str | None, bool]:
+    """Decode the (ustring path, bool watch) body of exists/getData/getChildren.
+
+    The path is None when the client sent a null string (length -1).
+    """
     if len(body) < 5:
         raise DecodeError("record truncated")
     (length,) = _PATH_LENGTH.unpack_from(body)
+    if length == -1:
+        return None, body[4] != 0
     if length < 0 or 4 + length + 1 > len(body):
         raise DecodeError("path length exceeds the frame")
     try:

@@ -1,23 +1,29 @@
 """The trio server around the sans-I/O codec and the synchronous engine.
 
-Each connection runs two tasks in its own nursery: a reader that turns bytes
-into engine calls, and a writer that flushes whatever the engine queued for
-that connection, replies and watch events alike, in one ``send_all`` per
-wake-up. Queues are bounded: a reader stops reading while its connection's
-unsent output is above a high-water mark (so one connection's outstanding
-requests are bounded), and a connection whose unsent output passes a hard cap
-(a watcher that never reads) is closed.
+Each connection is one task, its reader, which turns bytes into engine calls
+and writes the engine's output for that connection (replies and watch events
+alike) straight to the socket, once per batch of requests; output produced by
+other tasks (a watch another session fired, a deferred answer) is written at
+once too. Only while the socket does not take everything does a second task,
+a writer, run beside the reader to flush the rest. Queues are bounded: a reader
+stops reading while its connection's unsent output is above a high-water mark
+(so one connection's outstanding requests are bounded), and a connection whose
+unsent output passes a hard cap (a watcher that never reads) is closed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
+import sys
 from collections.abc import Mapping
 
 import attrs
 import trio
 
+from dispatcher.containment import InternalErrors
 from dispatcher.zk.connection import (
     ConnectRequested,
     FourLetterWord,
@@ -25,15 +31,30 @@ from dispatcher.zk.connection import (
     RequestReceived,
     ServerConnection,
 )
+from dispatcher.zk.durability import GroupCommit
 from dispatcher.zk.engine import Client, Engine
 from dispatcher.zk.fourletter import answer
 from dispatcher.zk.jute import DecodeError
 from dispatcher.zk.pending import Pending
-from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER
+from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER, Err
 
 log = logging.getLogger(__name__)
 
 _RECEIVE_SIZE = 65536
+
+
+def _read_some(fd: int) -> bytes | None:
+    """What the socket has: b"" at its end (or reset), None if nothing yet.
+
+    A function of its own because an exception raised in the reader's frame
+    would give that frame a frame object, kept for the connection's life.
+    """
+    try:
+        return os.read(fd, _RECEIVE_SIZE)
+    except BlockingIOError:
+        return None
+    except OSError:  # reset by the peer: as good as the end of the stream
+        return b""
 
 
 @attrs.frozen
@@ -81,124 +102,195 @@ class OutputBudget:
 
 
 class StreamPeer:
-    """One socket as the engine sees it: a bounded output queue and a close."""
+    """One socket as the engine sees it: a bounded output queue and a close.
+
+    Output is written straight to the socket by whichever task produced it;
+    only what the socket does not take at once is queued (``_out``), and a
+    writer task runs beside the connection's reader only while such a backlog
+    exists. An idle connection is thus one task waiting for its socket to be
+    readable and a few small objects, which is what lets a server hold tens of
+    thousands of sessions.
+
+    It also carries the reader's state (``client``, ``pending``) so that the
+    reader can be interrupted, to start or stop the writer task, or to close,
+    without losing its place.
+    """
+
+    __slots__ = (
+        "_close_deadline",
+        "_drained",
+        "_out",
+        "_port",
+        "_scope",
+        "budget",
+        "client",
+        "closing",
+        "fd",
+        "in_batch",
+        "limits",
+        "pending",
+        "remote_ip",
+        "writing",
+    )
 
     def __init__(
         self, stream: trio.SocketStream, limits: ServerLimits, budget: OutputBudget
     ) -> None:
-        self.stream = stream
         self.limits = limits
         self.budget = budget
         host, port, *_ = stream.socket.getpeername()
-        self.remote_ip = host
-        self.remote = f"/{host}:{port}"
-        self._fd = stream.socket.fileno()
-        self._out = bytearray()
-        self._wake = trio.Event()
-        self._writer_idle = False
+        # One string per client address, however many connections it has.
+        self.remote_ip: str = sys.intern(host)
+        self._port: int = port
+        self.fd: int = stream.socket.fileno()
+        #: Output the socket has not taken yet; None (not an empty buffer) when
+        #: there is none, which is nearly always.
+        self._out: bytearray | None = None
         #: True while this connection's own reader is answering a batch of
         #: requests: its replies are then sent once, at the end of the batch.
         self.in_batch = False
-        self._drained = trio.Event()
+        #: True while a writer task is flushing the backlog.
+        self.writing = False
         self.closing = False
-        self.reader_scope = trio.CancelScope()
-        # A client that stopped reading can block send_all forever; closing
-        # gives the writer close_flush_timeout more, then cancels it.
-        self.writer_scope = trio.CancelScope()
+        self._close_deadline = 0.0
+        #: Set (and dropped) when the backlog falls to the high-water mark;
+        #: created only when the reader waits for that.
+        self._drained: trio.Event | None = None
+        #: The reader's current cancel scope: cancelled to close, or to have
+        #: the reader start a writer task.
+        self._scope: trio.CancelScope | None = None
+        self.client: Client | None = None
+        self.pending: Pending | None = None
+
+    @property
+    def remote(self) -> str:
+        return f"/{self.remote_ip}:{self._port}"
 
     def send(self, data: bytes) -> None:
         if self.closing:
             return
-        self._out += data
-        self.budget.add(len(data))
-        if not self.in_batch:
+        out = self._out
+        if not out and not self.in_batch:
             # Output for a connection that is not answering its own batch: a
-            # watch event, or a deferred answer. Written at once when the
-            # writer is idle, so that firing a watch for a thousand
+            # watch event, or a deferred answer. Nothing is queued before it,
+            # so it goes out at once: firing a watch for a thousand
             # connections costs a thousand writes, not a thousand task switches.
-            self._write_now()
-            if self._out:
-                self._wake.set()
-        if len(self._out) > self.limits.output_hard_cap:
+            sent = self._write(data)
+            if sent == len(data) or self.closing:
+                return
+            self._out = out = bytearray(memoryview(data)[sent:])
+            self.budget.add(len(out))
+            if not self.writing:
+                self._wake_reader()
+        else:
+            if out is None:
+                self._out = out = bytearray()
+            out += data
+            self.budget.add(len(data))
+        if len(out) > self.limits.output_hard_cap:
             log.warning("closing a connection that is not reading",
-                        extra={"peer": self.remote, "unsent": len(self._out)})
+                        extra={"peer": self.remote, "unsent": len(out)})
             self._discard_output()
             self.close()
 
     def end_batch(self) -> None:
-        """The reader answered a batch: send it now if the writer is idle.
-
-        A request/response client would otherwise cost a writer wake-up and a
-        task switch per request.
-        """
+        """The reader answered a batch: send it now, unless a writer task is
+        at work (it takes it next, in order); what the socket does not take
+        stays queued, and the reader starts a writer task for it."""
         self.in_batch = False
-        self._write_now()
-        if self._out or self.closing:
-            self._wake.set()
-
-    def _write_now(self) -> None:
-        """Write what is queued straight to the socket, if the writer task is
-        idle (then nothing of ours is in flight on it); what the socket does
-        not take at once is left to the writer."""
-        if self._out and self._writer_idle and not self.closing:
-            try:
-                sent = os.write(self._fd, self._out)
-            except OSError:  # would block, or broken: the writer deals with both
-                sent = 0
+        out = self._out
+        if out and not self.writing and not self.closing:
+            sent = self._write(out)
             if sent:
-                del self._out[:sent]
+                del out[:sent]
                 self.budget.release(sent)
+            if not out and self._out is out:
+                self._out = None
+
+    def _write(self, data: bytes | bytearray) -> int:
+        """Write what the socket takes now, without waiting; a broken socket
+        closes the connection."""
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self._discard_output()
+            self.close()
+            return 0
+
+    def _wake_reader(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
 
     def _discard_output(self) -> None:
-        self.budget.release(len(self._out))
-        self._out = bytearray()
+        if self._out:
+            self.budget.release(len(self._out))
+        self._out = None
+        self._set_drained()
+
+    def _set_drained(self) -> None:
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
 
     def close(self) -> None:
         if not self.closing:
-            self.writer_scope.deadline = trio.current_time() + self.limits.close_flush_timeout
+            # A client that stopped reading could hold the last output back
+            # forever: it gets close_flush_timeout to take it.
+            self._close_deadline = trio.current_time() + self.limits.close_flush_timeout
         self.closing = True
-        self.reader_scope.cancel()
-        self._wake.set()
+        self._wake_reader()
+
+    @property
+    def unsent(self) -> bool:
+        return bool(self._out)
 
     @property
     def backlogged(self) -> bool:
-        return len(self._out) > self.limits.output_high_water
+        return self._out is not None and len(self._out) > self.limits.output_high_water
 
     async def wait_drained(self) -> None:
-        self._drained = trio.Event()
+        if self._drained is None:
+            self._drained = trio.Event()
         await self._drained.wait()
 
-    async def write_loop(self) -> None:
-        with self.writer_scope:
-            await self._write_until_closed()
+    def reader_scope(self) -> trio.CancelScope:
+        """A fresh cancel scope for the reader, cancelled by :meth:`close`
+        and when output is left for a writer task to flush."""
+        scope = self._scope = trio.CancelScope()
+        return scope
 
-    async def _write_until_closed(self) -> None:
+    async def write_backlog(self) -> None:
+        """The writer task: flush the backlog, then have the reader carry on
+        alone (cancelling its scope ends the nursery the two share)."""
         try:
-            while True:
-                if not self._out:
-                    if self.closing:
-                        return
-                    self._wake = trio.Event()
-                    self._writer_idle = True
-                    try:
-                        await self._wake.wait()
-                    finally:
-                        self._writer_idle = False
-                    continue
-                data, self._out = self._out, bytearray()
-                try:
-                    await self.stream.send_all(data)
-                finally:
-                    self.budget.release(len(data))
-                if len(self._out) <= self.limits.output_high_water:
-                    self._drained.set()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.close()
+            await self.flush()
         finally:
-            self.closing = True
-            self._discard_output()
-            self._drained.set()
-            self.reader_scope.cancel()
+            self.writing = False
+        self._wake_reader()
+
+    async def flush(self) -> None:
+        """Write the queued output as the socket takes it, until none is left
+        or the socket breaks."""
+        while self._out:
+            await trio.lowlevel.wait_writable(self.fd)
+            out = self._out
+            if not out:
+                break
+            sent = self._write(out)
+            if sent:
+                del out[:sent]
+                self.budget.release(sent)
+                if len(out) <= self.limits.output_high_water:
+                    self._set_drained()
+        self._out = None
+
+    async def flush_before_close(self) -> None:
+        """The last output of a closed connection, within close_flush_timeout."""
+        with trio.CancelScope(deadline=self._close_deadline):
+            await self.flush()
+        self._discard_output()
 
 
 class ZooKeeperServer:
@@ -212,6 +304,7 @@ class ZooKeeperServer:
         self.limits = limits or ServerLimits()
         self.settings = dict(settings or {})
         self.budget = OutputBudget(self.limits.global_output_limit)
+        self.internal_errors = InternalErrors("zookeeper")
         self._connections_by_ip: dict[str, int] = {}
 
     async def serve(
@@ -221,11 +314,21 @@ class ZooKeeperServer:
         bound = listeners[0].socket.getsockname()[1]
         self.settings.setdefault("clientPort", bound)
         log.info("serving the ZooKeeper protocol", extra={"listen": f"{host}:{bound}"})
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._expire_sessions)
-            nursery.start_soon(self._reap_containers)
-            task_status.started(bound)
-            await trio.serve_listeners(self._serve_connection, listeners)
+        engine = self.engine
+        engine.durability = GroupCommit(
+            functools.partial(engine.store.prepare_commit, engine.tree)
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(engine.durability.run)
+                nursery.start_soon(self._expire_sessions)
+                nursery.start_soon(self._reap_containers)
+                task_status.started(bound)
+                await trio.serve_listeners(self._serve_connection, listeners)
+        finally:
+            # Writes not yet durable were never acknowledged; whoever uses the
+            # engine after this server commits each write alone again.
+            engine.durability = None
 
     async def _expire_sessions(self) -> None:
         # Expiry runs on ZooKeeper's tick; a session lapses between its timeout
@@ -257,54 +360,95 @@ class ZooKeeperServer:
             return
         self._connections_by_ip[ip] = self._connections_by_ip.get(ip, 0) + 1
         conn = ServerConnection(self.limits.max_buffer)
-        client: Client | None = None
         try:
-            async with stream, trio.open_nursery() as nursery:
-                nursery.start_soon(peer.write_loop)
-                try:
-                    with peer.reader_scope:
-                        client = await self._read_loop(stream, conn, peer)
-                finally:
-                    if client is not None:
-                        self.engine.disconnect(client)
-                    peer.close()
+            try:
+                while not peer.closing:
+                    # One task while all output has gone out; a writer task
+                    # beside the reader while some waits for the socket. Each
+                    # switch cancels the scope, so the reader resumes from the
+                    # state it keeps on the peer.
+                    with peer.reader_scope():
+                        if peer.unsent and not peer.writing:
+                            async with trio.open_nursery() as nursery:
+                                peer.writing = True
+                                nursery.start_soon(peer.write_backlog)
+                                await self._read_loop(conn, peer)
+                        else:
+                            await self._read_loop(conn, peer)
+            finally:
+                if peer.client is not None:
+                    self.engine.disconnect(peer.client)
+                peer.close()
+            await peer.flush_before_close()
+        except Exception as exc:
+            # What _answer_batch did not catch (the connection's own bookkeeping).
+            self.internal_errors.record(exc, peer=peer.remote)
         finally:
+            peer.closing = True
             remaining = self._connections_by_ip[ip] - 1
             if remaining:
                 self._connections_by_ip[ip] = remaining
             else:
                 del self._connections_by_ip[ip]
+            # Closed here, synchronously, so that no write can reach the fd
+            # after it is closed (and perhaps reused) even if we are cancelled.
+            stream.socket.close()
 
-    async def _read_loop(
-        self, stream: trio.SocketStream, conn: ServerConnection, peer: StreamPeer
-    ) -> Client | None:
-        client: Client | None = None
+    async def _read_loop(self, conn: ServerConnection, peer: StreamPeer) -> None:
+        """Read and answer requests until the connection ends, or (with no
+        writer task running) until output is left unsent: the caller then
+        starts a writer task and calls again."""
+        fd = peer.fd
+        budget = self.budget
+        waited = True
         while not peer.closing:
-            if peer.backlogged:
-                await peer.wait_drained()
-                continue
-            if self.budget.exhausted:
-                await self.budget.wait()
-                continue
-            try:
-                data = await stream.receive_some(_RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return client
-            if not data:
-                return client
-            conn.receive_data(data)
-            while True:
-                peer.in_batch = True
-                try:
-                    client, pending = self._answer_batch(conn, peer, client)
-                finally:
-                    peer.end_batch()
-                if pending is None:
-                    break
+            pending = peer.pending
+            if pending is not None:
                 # A mounted subtree answers later: this connection's next
                 # request waits for it, the other connections do not.
                 await pending.wait()
-        return client
+                peer.pending = None
+                self._answer(conn, peer)
+                continue
+            if peer.unsent:
+                if not peer.writing:
+                    return
+                if peer.backlogged:
+                    await peer.wait_drained()
+                    continue
+            if budget.exhausted:
+                await budget.wait()
+                continue
+            gate = self.engine.durability
+            if gate is not None and gate.held_bytes > self.limits.output_high_water:
+                # Output held for a commit in progress is unsent output too:
+                # clients that pipeline faster than the disk wait for it.
+                await gate.wait_durable()
+                continue
+            data = _read_some(fd)
+            if data is None:
+                await trio.lowlevel.wait_readable(fd)
+                waited = True
+                continue
+            if not data:
+                peer.close()
+                return
+            if not waited:
+                # A read that did not wait is still a schedule point, as
+                # trio's own streams make it, or a client that never pauses
+                # would starve the others. Shielded: the bytes are read.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            waited = False
+            conn.receive_data(data)
+            self._answer(conn, peer)
+
+    def _answer(self, conn: ServerConnection, peer: StreamPeer) -> None:
+        """Answer what is buffered, as one batch of output."""
+        peer.in_batch = True
+        try:
+            peer.client, peer.pending = self._answer_batch(conn, peer, peer.client)
+        finally:
+            peer.end_batch()
 
     def _answer_batch(
         self, conn: ServerConnection, peer: StreamPeer, client: Client | None
@@ -313,6 +457,7 @@ class ZooKeeperServer:
         deferred (returned, with the rest left buffered)."""
         engine = self.engine
         while not peer.closing:
+            event = None
             try:
                 event = conn.next_event()
                 if event is None:
@@ -332,6 +477,15 @@ class ZooKeeperServer:
             except (ProtocolError, DecodeError) as exc:
                 log.warning("closing a connection that broke the protocol",
                             extra={"peer": peer.remote, "reason": str(exc)})
+                peer.close()
+            except Exception as exc:
+                # A bug met by one request: that request gets SYSTEMERROR, as
+                # ZooKeeper answers an unexpected failure, and its connection
+                # closes; the other connections and the process go on.
+                self.internal_errors.record(exc, peer=peer.remote)
+                if isinstance(event, RequestReceived) and client is not None:
+                    with contextlib.suppress(Exception):  # recorded above already
+                        engine.reply(client, event.xid, Err.SYSTEMERROR)
                 peer.close()
         return client, None
 

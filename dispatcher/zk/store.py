@@ -3,13 +3,21 @@
 A write is answered only after its transaction is committed here, so an
 acknowledged write survives a crash. Each open bumps a boot counter: zxids and
 session ids are drawn above every value an earlier run could have handed out.
+
+One data directory serves one process: the store holds an exclusive lock on
+``data_dir/zkgate.lock`` (which names the holder's pid) while it is open, so a
+second zkgate on the same directory stops instead of serving a copy of the tree
+that would diverge from the first one's.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import logging
+import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from dispatcher.zk.jute import Reader, Writer
@@ -48,12 +56,58 @@ class StoreError(RuntimeError):
     """The data directory cannot be used."""
 
 
+LOCK_FILE = "zkgate.lock"
+
+
+def _lock(data_dir: Path) -> int:
+    """Take the data directory's lock and write our pid in it; the lock's descriptor.
+
+    ``flock`` is released by the kernel when the process ends however it ends,
+    so a crashed zkgate never leaves a stale lock behind; the pid in the file is
+    only there to tell the second process whom it met.
+    """
+    path = data_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StoreError(f"cannot open {path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise StoreError(
+            f"data directory {data_dir} is in use by another zkgate "
+            f"(pid {holder or 'unknown'}, holding {path}); stop it, or give this one "
+            "another --data-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class TreeStore:
-    """The on-disk copy of a :class:`DataTree` under ``data_dir``."""
+    """The on-disk copy of a :class:`DataTree` under ``data_dir``, locked to this process."""
 
     def __init__(self, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(data_dir / "tree.sqlite3", isolation_level=None)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create {data_dir}: {exc.strerror or exc}") from None
+        self._lock: int | None = _lock(data_dir)
+        try:
+            self._open(data_dir)
+        except BaseException:
+            os.close(self._lock)
+            self._lock = None
+            raise
+
+    def _open(self, data_dir: Path) -> None:
+        # Commits of a group run in a worker thread (one at a time, see
+        # dispatcher.zk.durability), everything else in the event loop's.
+        self._db = sqlite3.connect(
+            data_dir / "tree.sqlite3", isolation_level=None, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
@@ -91,6 +145,11 @@ class TreeStore:
 
     def commit(self, tree: DataTree, paths: Iterable[str]) -> None:
         """Write the current state of ``paths`` (present or deleted) durably."""
+        self.prepare_commit(tree, paths)()
+
+    def prepare_commit(self, tree: DataTree, paths: Iterable[str]) -> Callable[[], None]:
+        """Read the current state of ``paths`` now; the function returned
+        writes it durably (in one transaction, one fsync), from any thread."""
         upserts = []
         deletes = []
         for path in paths:
@@ -103,6 +162,9 @@ class TreeStore:
                     node.mtime, node.version, node.cversion, node.aversion,
                     node.ephemeral_owner, node.pzxid, node.child_creates,
                 ))  # fmt: skip
+        return functools.partial(self._write, upserts, deletes)
+
+    def _write(self, upserts: list[tuple[object, ...]], deletes: list[tuple[str]]) -> None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -118,4 +180,10 @@ class TreeStore:
             raise
 
     def close(self) -> None:
-        self._db.close()
+        """Close the database, then let the data directory go."""
+        try:
+            self._db.close()
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)
+                self._lock = None

@@ -115,9 +115,6 @@ class Znode:
     def touched(self) -> None:
         self._stat_bytes = self._data_body = self._children_body = None
 
-    def copy(self) -> Znode:
-        return attrs.evolve(self, children=set(self.children))
-
     @property
     def is_ephemeral(self) -> bool:
         """Owned by a session (containers and TTL nodes have negative owners)."""
@@ -231,8 +228,13 @@ class Txn:
         self.zxid = zxid
         self.time = time_ms
         self.triggers: list[Trigger] = []
-        # path -> the node as it was before this txn first touched it (None: absent).
+        # path -> the node's fields as they were before this txn first touched
+        # it (None: absent). The copy shares the node's children set, whose
+        # changes are undone from _child_changes instead: copying the set
+        # would make a write under a parent with n children cost O(n).
         self._before: dict[str, Znode | None] = {}
+        # (a children set, a name, True if added), in the order they happened.
+        self._child_changes: list[tuple[set[str], str, bool]] = []
 
     @property
     def touched_paths(self) -> list[str]:
@@ -241,7 +243,7 @@ class Txn:
     def _remember(self, path: str) -> None:
         if path not in self._before:
             node = self.tree.nodes.get(path)
-            self._before[path] = None if node is None else node.copy()
+            self._before[path] = None if node is None else attrs.evolve(node)
 
     def create(
         self, path: str, data: bytes | None, acl: tuple[ACL, ...], ephemeral_owner: int
@@ -254,7 +256,9 @@ class Txn:
                      ephemeral_owner=ephemeral_owner, pzxid=self.zxid)  # fmt: skip
         tree.nodes[path] = node
         parent = tree.nodes[parent_path]
-        parent.children.add(basename(path))
+        name = basename(path)
+        parent.children.add(name)
+        self._child_changes.append((parent.children, name, True))
         parent.cversion += 1
         parent.child_creates += 1
         parent.pzxid = self.zxid
@@ -271,7 +275,9 @@ class Txn:
         self._remember(parent_path)
         node = tree.nodes.pop(path)
         parent = tree.nodes[parent_path]
-        parent.children.discard(basename(path))
+        name = basename(path)
+        parent.children.discard(name)
+        self._child_changes.append((parent.children, name, False))
         parent.cversion += 1
         parent.pzxid = self.zxid
         parent.touched()
@@ -314,6 +320,12 @@ class Txn:
     def rollback(self) -> None:
         """Put every touched node back as it was before this txn."""
         tree = self.tree
+        for children, name, added in reversed(self._child_changes):
+            if added:
+                children.discard(name)
+            else:
+                children.add(name)
+        self._child_changes.clear()
         for path, before in reversed(list(self._before.items())):
             current = tree.nodes.get(path)
             if current is not None:
