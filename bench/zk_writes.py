@@ -14,8 +14,11 @@ sync, ZooKeeper fsyncs its transaction log (``forceSync=yes``, its default).
 * **siblings** (zkgate only): creates under one parent that already has
   1,000 children, then under one that has ``--siblings-large`` (100,000): a
   write's cost must not grow with its parent's children;
-* **sessions**: ``--sessions`` idle sessions opened at once; the server's RSS
-  after, less before, per session.
+* **sessions**: ``--sessions`` idle sessions opened at once; the memory the
+  server holds with them, less before, per session: zkgate's RSS, and
+  ZooKeeper's live heap after a full GC plus any RSS beyond its committed
+  heap (its RSS alone, printed beside it, mostly shows which heap pages the
+  JVM happened to touch).
 
 The last line is::
 
@@ -31,9 +34,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import resource
 import selectors
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,15 +58,16 @@ from bench.loadgen import (
     close_session_frame,
     connect_frame,
     create_frame,
-    parse_address,
     read_frame,
     set_data_frame,
 )
-from bench.zk_reads import Target
-from tests.servers import ServerProcess, ZkgateServer, ZooKeeperServer
+from bench.zk_reads import SERVERS, Target
+from bench.zk_reads import _targets as targets_of
 
-SERVERS = ("zookeeper", "zkgate")
 OP_DELETE = 2
+# "def new generation   total 116224K, used 0K [...]", "tenured generation ...",
+# or G1's "garbage-first heap   total ...": the heap's parts, whatever the GC.
+_HEAP_PART = re.compile(r"(?:generation|heap)\s+total (\d+)K, used (\d+)K")
 _RECEIVE_SIZE = 1 << 18
 
 
@@ -239,22 +245,42 @@ def _rss_kib(pid: int) -> int:
 
 
 def session_kib(target: Target, sessions: int) -> float:
-    """RSS per idle session: the server's RSS with ``sessions`` open, less before.
+    """Memory per idle session: with ``sessions`` open, less before, per session.
 
-    Measured once, on servers that have not held that many sessions before:
-    a second round would mostly reuse memory the first one freed (pymalloc's
-    arenas, the JVM's heap), and measure nothing. A JVM's heap grows in steps,
-    so ZooKeeper's figure varies more from run to run than zkgate's.
+    zkgate: its resident memory (RSS). ZooKeeper: its live heap after a full
+    GC (``jcmd GC.heap_info``) plus its RSS outside the heap. A JVM's RSS says
+    little about what sessions cost: it reserves its heap in steps and keeps
+    what it touched, so the same run measured 0.5 to 15 KiB per session by
+    RSS alone. Live heap is the JVM's fairest figure (it leaves out garbage
+    and GC headroom, which zkgate's RSS includes).
     """
     pid = target.pid
     if pid is None:
-        raise LoadError(f"{target.name}: no pid to read RSS from")
-    before = _rss_kib(pid)
+        raise LoadError(f"{target.name}: no pid to read memory from")
+    measure = _jvm_kib if target.name == "zookeeper" else _rss_kib
+    before, rss_before = measure(pid), _rss_kib(pid)
     with _idle_sessions(target, sessions):
-        after = _rss_kib(pid)
+        after, rss_after = measure(pid), _rss_kib(pid)
     per = (after - before) / sessions
-    _say(f"{target.name:<9} {sessions} idle sessions: +{after - before} KiB, {per:.2f} KiB each")
+    _say(
+        f"{target.name:<9} {sessions} idle sessions: +{after - before} KiB, {per:.2f} KiB each"
+        f" (RSS alone: {(rss_after - rss_before) / sessions:.2f} KiB each)"
+    )
     return per
+
+
+def _jvm_kib(pid: int) -> int:
+    """Live heap after a full GC, plus what the JVM holds outside its heap, in KiB."""
+    subprocess.run(["jcmd", str(pid), "GC.run"], check=True, capture_output=True, timeout=60)
+    info = subprocess.run(
+        ["jcmd", str(pid), "GC.heap_info"], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    parts = _HEAP_PART.findall(info)
+    if not parts:
+        raise LoadError(f"no heap use in jcmd's answer: {info[:200]!r}")
+    committed = sum(int(total) for total, _ in parts)
+    used = sum(int(used) for _, used in parts)
+    return used + max(0, _rss_kib(pid) - committed)
 
 
 @contextlib.contextmanager
@@ -283,28 +309,6 @@ def _idle_sessions(target: Target, count: int) -> Iterator[None]:
 # ------------------------------------------------------------ servers, report
 
 
-@contextlib.contextmanager
-def _targets(args: argparse.Namespace) -> Iterator[list[Target]]:
-    wanted = [args.only] if args.only else list(SERVERS)
-    with contextlib.ExitStack() as stack:
-        targets = []
-        for name in wanted:
-            given = args.zkgate_address if name == "zkgate" else args.zookeeper_address
-            if given:
-                host, port = parse_address(given)
-                targets.append(Target(name, host, port, None))
-                continue
-            _say(f"starting {name} ...")
-            server: ServerProcess
-            if name == "zkgate":
-                server = ZkgateServer(extra_args=["--max-client-cnxns", "0"])
-            else:
-                server = ZooKeeperServer(heap=args.zookeeper_heap)
-            stack.enter_context(server)
-            targets.append(Target(name, server.host, server.port, server.pid))
-        yield targets
-
-
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -316,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-connection", type=int, default=1250,
                         help="znodes each connection creates, sets and deletes")  # fmt: skip
     parser.add_argument("--data-size", type=int, default=100)
-    parser.add_argument("--sibling-creates", type=int, default=250,
+    parser.add_argument("--sibling-creates", type=int, default=1000,
                         help="measured creates per connection under each parent")  # fmt: skip
     parser.add_argument("--siblings-large", type=int, default=100_000)
     parser.add_argument("--sessions", type=int, default=10_000)
@@ -336,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kib: dict[str, float] = {}
     sibling: float | None = None
     workloads = set(args.workloads.split(","))
-    with _targets(args) as targets:
+    with targets_of(args) as targets:
         for target in targets:
             if "writes" in workloads:
                 rates[target.name] = write_rates(target, args, run)

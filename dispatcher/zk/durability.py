@@ -119,8 +119,20 @@ class GroupCommit:
                 self._committing = False
                 durable, self._durable = self._durable, trio.Event()
                 durable.set()
-                for peer, data in group.held:
-                    if data is None:
-                        peer.close()
-                    else:
-                        peer.send(data)
+                _release(group.held)
+
+
+def _release(held: list[tuple[_Peer, bytes | None]]) -> None:
+    """Send what was held, one write per peer: only each peer's own order
+    matters, and a group can hold thousands of replies for a few peers."""
+    out: dict[_Peer, list[bytes]] = {}
+    closing: list[_Peer] = []
+    for peer, data in held:
+        if data is None:
+            closing.append(peer)
+        elif peer not in closing:  # nothing reaches a peer after its close
+            out.setdefault(peer, []).append(data)
+    for peer, chunks in out.items():
+        peer.send(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+    for peer in closing:
+        peer.close()

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 
 class InvalidPath(ValueError):
     """The path breaks ZooKeeper's rules; the server answers BADARGUMENTS."""
 
 
-def _forbidden(ch: str) -> bool:
-    c = ord(ch)
-    return (
-        0 < c <= 0x1F
-        or 0x7F <= c <= 0x9F
-        or 0xD800 <= c <= 0xF8FF
-        or 0xFFF0 <= c <= 0xFFFF
-    )
+# The characters PathUtils.validatePath refuses besides NUL (which has its own
+# message): controls, the C1 range, surrogates and private use, and specials.
+_FORBIDDEN = re.compile("[\x01-\x1f\x7f-\x9f\ud800-\uf8ff\ufff0-\uffff]")
 
 
 def validate_path(path: str) -> None:
@@ -34,7 +31,7 @@ def validate_path(path: str) -> None:
             raise InvalidPath("relative paths not allowed")
         if "\0" in segment:
             raise InvalidPath("null character not allowed")
-        if any(_forbidden(ch) for ch in segment):
+        if _FORBIDDEN.search(segment):
             raise InvalidPath("invalid character")
 
 

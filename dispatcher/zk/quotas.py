@@ -38,7 +38,7 @@ class QuotaUsage:
 
     def account(self, txn: Txn) -> None:
         touched = txn.touched_paths
-        if any(is_within(path, QUOTA_ROOT) for path in touched):
+        if any(path.startswith(QUOTA_ROOT) and is_within(path, QUOTA_ROOT) for path in touched):
             self._roots = self._find_roots()
             for path in touched:
                 if path.endswith("/" + STATS) and txn.before(path) is None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from dispatcher.zk.jute import Reader, Writer
-from dispatcher.zk.records import read_acls, write_acls
+from dispatcher.zk.records import ACL, read_acls, write_acls
 from dispatcher.zk.tree import DataTree, Znode
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
-def _encode_acl(node: Znode) -> bytes:
+def _encode_acl(acl: tuple[ACL, ...]) -> bytes:
     w = Writer()
-    write_acls(w, node.acl)
+    write_acls(w, acl)
     return bytes(w.out)
 
 
@@ -57,6 +57,8 @@ class StoreError(RuntimeError):
 
 
 LOCK_FILE = "zkgate.lock"
+#: Distinct encoded ACLs kept for writes (more are encoded each time).
+_ACL_CACHE = 1024
 
 
 def _lock(data_dir: Path) -> int:
@@ -95,6 +97,7 @@ class TreeStore:
         except OSError as exc:
             raise StoreError(f"cannot create {data_dir}: {exc.strerror or exc}") from None
         self._lock: int | None = _lock(data_dir)
+        self._acls: dict[tuple[ACL, ...], bytes] = {}
         try:
             self._open(data_dir)
         except BaseException:
@@ -158,11 +161,20 @@ class TreeStore:
                 deletes.append((path,))
             else:
                 upserts.append((
-                    path, node.data, _encode_acl(node), node.czxid, node.mzxid, node.ctime,
+                    path, node.data, self._acl_bytes(node.acl), node.czxid, node.mzxid, node.ctime,
                     node.mtime, node.version, node.cversion, node.aversion,
                     node.ephemeral_owner, node.pzxid, node.child_creates,
                 ))  # fmt: skip
         return functools.partial(self._write, upserts, deletes)
+
+    def _acl_bytes(self, acl: tuple[ACL, ...]) -> bytes:
+        # Most znodes share a handful of ACLs, and every write stores its node's.
+        encoded = self._acls.get(acl)
+        if encoded is None:
+            encoded = _encode_acl(acl)
+            if len(self._acls) < _ACL_CACHE:
+                self._acls[acl] = encoded
+        return encoded
 
     def _write(self, upserts: list[tuple[object, ...]], deletes: list[tuple[str]]) -> None:
         db = self._db

@@ -9,6 +9,7 @@ sockets: the engine does that around it.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import attrs
 
@@ -220,6 +221,36 @@ class DataTree:
         self.ttls.discard(path)
 
 
+class Saved(NamedTuple):
+    """A node's fields that a transaction may overwrite, as they were before it."""
+
+    node: Znode
+    data: bytes | None
+    acl: tuple[ACL, ...]
+    world_perms: int
+    version: int
+    cversion: int
+    aversion: int
+    mzxid: int
+    mtime: int
+    pzxid: int
+    child_creates: int
+
+    @classmethod
+    def of(cls, node: Znode) -> Saved:
+        return cls(
+            node, node.data, node.acl, node.world_perms, node.version, node.cversion,
+            node.aversion, node.mzxid, node.mtime, node.pzxid, node.child_creates,
+        )  # fmt: skip
+
+    def restore(self) -> Znode:
+        node = self.node
+        (_, node.data, node.acl, node.world_perms, node.version, node.cversion, node.aversion,
+         node.mzxid, node.mtime, node.pzxid, node.child_creates) = self  # fmt: skip
+        node.touched()
+        return node
+
+
 class Txn:
     """One atomic change of a :class:`DataTree`, undoable until committed."""
 
@@ -228,11 +259,11 @@ class Txn:
         self.zxid = zxid
         self.time = time_ms
         self.triggers: list[Trigger] = []
-        # path -> the node's fields as they were before this txn first touched
-        # it (None: absent). The copy shares the node's children set, whose
-        # changes are undone from _child_changes instead: copying the set
-        # would make a write under a parent with n children cost O(n).
-        self._before: dict[str, Znode | None] = {}
+        # path -> the node and its fields as they were before this txn first
+        # touched it (None: absent). Its children set is not copied (that would
+        # make a write under a parent with n children cost O(n)): its changes
+        # are undone from _child_changes.
+        self._before: dict[str, Saved | None] = {}
         # (a children set, a name, True if added), in the order they happened.
         self._child_changes: list[tuple[set[str], str, bool]] = []
 
@@ -243,7 +274,7 @@ class Txn:
     def _remember(self, path: str) -> None:
         if path not in self._before:
             node = self.tree.nodes.get(path)
-            self._before[path] = None if node is None else attrs.evolve(node)
+            self._before[path] = None if node is None else Saved.of(node)
 
     def create(
         self, path: str, data: bytes | None, acl: tuple[ACL, ...], ephemeral_owner: int
@@ -304,7 +335,7 @@ class Txn:
         node.data = data
         node.touched()
 
-    def before(self, path: str) -> Znode | None:
+    def before(self, path: str) -> Saved | None:
         """The node as it was before this txn touched it (None: it did not exist)."""
         return self._before[path]
 
@@ -326,14 +357,14 @@ class Txn:
             else:
                 children.add(name)
         self._child_changes.clear()
-        for path, before in reversed(list(self._before.items())):
+        for path, saved in reversed(list(self._before.items())):
             current = tree.nodes.get(path)
             if current is not None:
                 tree.unindex(path, current)
-            if before is None:
+            if saved is None:
                 tree.nodes.pop(path, None)
             else:
-                tree.nodes[path] = before
-                tree.index(path, before)
+                node = tree.nodes[path] = saved.restore()
+                tree.index(path, node)
         self._before.clear()
         self.triggers.clear()
