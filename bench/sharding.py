@@ -1,7 +1,8 @@
 """Benchmark: Meta Server shard assignment (simulation), and lookups from a real Meta Server.
 
 Simulation. Assigns N services over K simulated Dispatchers with
-:func:`metaserver.assignment.assign` and prints the load spread (max over mean), the share of
+:func:`dispatcher.sharding.assignment.assign` and prints the load spread (max over mean), the
+share of
 services moved when one Dispatcher joins and when one leaves, the time ``assign`` takes, and
 in-process lookup throughput of ``Assignment.owner``. The peer measured in the same run is plain
 weighted rendezvous hashing (the same code with a balance factor large enough that no bound
@@ -53,7 +54,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dispatcher import wire
-from metaserver.assignment import DEFAULT_BALANCE, Assignment, Member, assign
+from dispatcher.sharding.assignment import DEFAULT_BALANCE, Assignment, Member, assign
 
 MOVE_TARGET = 1.3
 """A join may move at most 1.3 fair shares of n/(K+1) services; a leave 1.3 of n/K."""
@@ -259,7 +260,7 @@ def _register(
     whose session keeps the members alive."""
     from kazoo.client import KazooClient
 
-    from metaserver.membership import Registration, owner_endpoints, quote_service
+    from dispatcher.sharding.membership import Registration, owner_endpoints, quote_service
 
     client = KazooClient(hosts=zk_address, timeout=30)
     client.start(timeout=30)

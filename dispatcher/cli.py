@@ -18,10 +18,12 @@ from dispatcher.gateway import run_gateway
 from dispatcher.logs import LOG_FORMATS, configure_logging
 from dispatcher.stopping import run_until_stopped
 from dispatcher.zk.store import StoreError
-from metaserver import cli as meta_cli
-from proxy import cli as proxy_cli
 
 log = logging.getLogger("zkgate")
+
+#: Entry points of other programs' subcommands: a module with
+#: ``add_subcommand(subparsers)`` whose parser sets ``run(args) -> exit code``.
+COMMANDS = "zkgate.commands"
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -80,15 +82,11 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-listen", metavar="HOST:PORT|off",
                        help="address of the admin HTTP endpoint (/metrics, /health, /ready, "
                        "the status page at /), or 'off' (default: 127.0.0.1:8081)")
-    meta_cli.add_subcommand(commands)
     operator.add_commands(commands)
-    proxy = commands.add_parser(
-        "proxy",
-        help="run a sidecar proxy that routes an application's connections (see proxy/)",
-        description="Learn from the Meta Server which Dispatcher owns each service, subscribe "
-        "there, and forward the application's connections to healthy endpoints.",
-    )
-    proxy_cli.add_arguments(proxy)
+    # The other programs (meta, proxy) bring their own subcommand, found like
+    # upstreams and layouts: the Dispatcher's package imports neither.
+    for entry in sorted(metadata.entry_points(group=COMMANDS), key=lambda e: e.name):
+        entry.load().add_subcommand(commands)
     for subcommand in commands.choices.values():
         # Also after the subcommand (`zkgate serve --log-level DEBUG`), where
         # people put them; given there, they win over the ones before it.
@@ -145,10 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _to_stdout(functools.partial(operator.status, args))
     if args.command == "check-config":
         return _to_stdout(functools.partial(operator.check_config, args))
-    if args.command == "proxy":
-        return proxy_cli.run(args)
-    if args.command == "meta":
-        return meta_cli.run(args)
+    run = getattr(args, "run", None)
+    if run is not None:  # a subcommand from the zkgate.commands entry points
+        return int(run(args))
     try:
         config = _config(args)
     except ConfigError as exc:

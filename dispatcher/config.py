@@ -64,7 +64,7 @@
     root = "/zkgate"                # znode root / etcd key prefix
     session_timeout = 10.0          # ZooKeeper session / etcd lease TTL, seconds
 
-    [sharding]                      # this Dispatcher as one shard (metaserver.sharding)
+    [sharding]                      # this Dispatcher as one shard (dispatcher.sharding.ownership)
     id = "gw-eu-1"                  # member id; default node_id
     weight = 1.0                    # capacity weight
     balance = 1.10                  # bounded-load factor: the same everywhere, Meta Servers too
@@ -110,6 +110,9 @@ import attrs
 
 from dispatcher.admin import AdminLimits
 from dispatcher.fanin import Interest
+from dispatcher.sharding.assignment import DEFAULT_BALANCE
+from dispatcher.sharding.membership import MembershipConfig, MembershipConfigError
+from dispatcher.sharding.ownership import DEFAULT_WARM_TIMEOUT
 from dispatcher.subscription_server import DEFAULT_HISTORY, SubscriptionLimits
 from dispatcher.subscriptions import DEFAULT_QUEUE
 from dispatcher.upstream import ConfigError, Upstream, layout_kind, upstream_kind
@@ -118,9 +121,6 @@ from dispatcher.zk.fourletter import DEFAULT_WHITELIST, FourLetterWhitelist
 from dispatcher.zk.mirror import MirrorConfig
 from dispatcher.zk.paths import InvalidPath, is_within, validate_path
 from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER
-from metaserver.assignment import DEFAULT_BALANCE
-from metaserver.membership import MembershipConfig, MembershipConfigError
-from metaserver.sharding import DEFAULT_WARM_TIMEOUT
 
 __all__ = [
     "DEFAULT_ADMIN_LISTEN",
@@ -296,7 +296,8 @@ class SubscriptionsConfig:
 
 @attrs.frozen
 class ShardingConfig:
-    """The ``[sharding]`` table: this Dispatcher as one shard (see :mod:`metaserver.sharding`).
+    """The ``[sharding]`` table: this Dispatcher as one shard
+    (see :mod:`dispatcher.sharding.ownership`).
 
     ``id`` None means the node id. Advertised addresses left empty are taken from the bound
     ports when the gateway starts.

@@ -33,7 +33,7 @@ The prober is the Dispatcher that owns the service (:meth:`Ownership.owns`),
 unless the ownership object also has a ``probes(service) -> bool`` method,
 which then decides. An ownership whose hand-over lets two Dispatchers serve
 a service for a while (the old owner until the new one has loaded it, as
-:mod:`metaserver.sharding` does) needs it: two servers, but one prober, the
+:mod:`dispatcher.sharding.ownership` does) needs it: two servers, but one prober, the
 one the assignment names. A Dispatcher that serves a service without being
 its prober keeps its last verdicts on it (its subscribers still read them)
 and acts on reports (see below); one that stops serving it drops them.

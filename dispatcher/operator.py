@@ -19,13 +19,16 @@ import sys
 import urllib.error
 import urllib.request
 from collections import Counter
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
 from dispatcher.config import load_config
+from dispatcher.sharding.membership import MembershipConfigError
 from dispatcher.upstream import ConfigError
-from metaserver.cli import load_meta_config
-from metaserver.membership import MembershipConfigError
+
+#: Loaders of other programs' configuration files, by name (``--meta``: "meta").
+CONFIG_CHECKS = "zkgate.config_checks"
 
 EXIT_READY = 0
 EXIT_NOT_READY = 1
@@ -58,7 +61,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def check_config(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     try:
         if args.meta:
-            load_meta_config(args.file)
+            # The Meta Server's own loader, found by entry point: the
+            # Dispatcher's package does not import the Meta Server's.
+            (check,) = metadata.entry_points(group=CONFIG_CHECKS, name="meta")
+            check.load()(args.file)
             print(f"{args.file}: valid Meta Server configuration", file=out)
             return EXIT_READY
         config = load_config(args.file)

@@ -25,7 +25,8 @@ The configuration file (TOML)::
 
 Kind ``memory`` is refused here: in-memory membership lives inside one process, and a Meta
 Server process of its own would see no Dispatcher. (In one process, embed
-:class:`~metaserver.server.MetaServer` on the same :class:`~metaserver.membership.MemoryStore`.)
+:class:`~metaserver.server.MetaServer` on the same
+:class:`~dispatcher.sharding.membership.MemoryStore`.)
 
 Several Meta Servers may run with the same file: they keep no state and answer the same.
 """
@@ -45,15 +46,15 @@ from typing import Any, Final
 import attrs
 import trio
 
-from dispatcher.stopping import run_until_stopped
-from dispatcher.wire import parse_address
-from metaserver.assignment import DEFAULT_BALANCE
-from metaserver.membership import (
+from dispatcher.sharding.assignment import DEFAULT_BALANCE
+from dispatcher.sharding.membership import (
     MembershipConfig,
     MembershipConfigError,
     MembershipStore,
     open_membership,
 )
+from dispatcher.stopping import run_until_stopped
+from dispatcher.wire import parse_address
 from metaserver.server import MetaLimits, MetaServer
 
 __all__ = ["DEFAULT_LISTEN", "MetaConfig", "add_subcommand", "load_meta_config", "run_meta"]
@@ -195,6 +196,7 @@ def add_subcommand(commands: Any) -> None:
                       help="TOML file: token, [membership], [sharding] balance, [meta] limits")
     meta.add_argument("--listen", metavar="HOST:PORT",
                       help=f"address to serve on (default: [meta] listen, else {DEFAULT_LISTEN})")
+    meta.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,8 +10,10 @@ A proxy connects, says :class:`~dispatcher.wire.Hello` with the shared token, an
 * ``Ping`` → ``Pong``.
 
 Stateless: a Meta Server holds no state of its own. It follows the membership views of a
-:class:`~metaserver.membership.MembershipStore` (as a reader: it never registers) and answers
-from :func:`~metaserver.assignment.assign` of the latest one, so any number of Meta Servers on
+:class:`~dispatcher.sharding.membership.MembershipStore` (as a reader: it never registers) and
+answers
+from :func:`~dispatcher.sharding.assignment.assign` of the latest one, so any number of Meta
+Servers on
 the same store answer the same, epoch included, and any of them can be restarted or added at
 any time. While the store cannot be reached it keeps answering from the last view it read;
 before it has read any, lookups get ``Error("unavailable")`` (the connection stays open).
@@ -44,6 +46,14 @@ import attrs
 import trio
 
 from dispatcher.containment import InternalErrors
+from dispatcher.sharding.assignment import (
+    DEFAULT_BALANCE,
+    Assignment,
+    Member,
+    NoLiveMembersError,
+    assign,
+)
+from dispatcher.sharding.membership import MembershipStore, View, owner_endpoints
 from dispatcher.wire import (
     PROTOCOL_VERSION,
     Error,
@@ -58,8 +68,6 @@ from dispatcher.wire import (
     WireError,
     encode,
 )
-from metaserver.assignment import DEFAULT_BALANCE, Assignment, Member, NoLiveMembersError, assign
-from metaserver.membership import MembershipStore, View, owner_endpoints
 
 __all__ = ["MetaLimits", "MetaServer"]
 

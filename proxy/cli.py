@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -89,6 +90,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eject-max-percent", type=int, default=policy.max_ejection_percent,
                         metavar="PCT", help="most of a service's endpoints ejected at once; "
                         "0 turns ejection off (default: %(default)s)")
+
+
+def add_subcommand(commands: Any) -> None:
+    """Add ``proxy`` to the ``zkgate`` command line (``commands``: its subparsers)."""
+    proxy: argparse.ArgumentParser = commands.add_parser(
+        "proxy",
+        help="run a sidecar proxy that routes an application's connections (see proxy/)",
+        description="Learn from the Meta Server which Dispatcher owns each service, subscribe "
+        "there, and forward the application's connections to healthy endpoints.",
+    )
+    add_arguments(proxy)
+    proxy.set_defaults(run=run)
 
 
 def config_from_args(args: argparse.Namespace) -> SidecarConfig:

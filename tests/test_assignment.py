@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metaserver.assignment import (
+from dispatcher.sharding.assignment import (
     DEFAULT_BALANCE,
     Assignment,
     Member,
@@ -77,7 +77,7 @@ def test_same_sets_give_same_mapping_in_any_input_order(
 def test_mapping_does_not_depend_on_the_process_hash_seed() -> None:
     script = textwrap.dedent(
         """
-        from metaserver.assignment import Member, assign
+        from dispatcher.sharding.assignment import Member, assign
         roster = [Member(f"d{i}", 1.0 + i % 3) for i in range(7)]
         result = assign([f"s{i}" for i in range(300)], roster)
         print(sorted(result.owners.items()))

@@ -21,8 +21,8 @@ import pytest
 
 from dispatcher.cli import _build_parser
 from dispatcher.config import load_config
+from dispatcher.sharding.membership import MembershipConfig
 from metaserver.cli import load_meta_config
-from metaserver.membership import MembershipConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"

@@ -597,7 +597,7 @@ class Shards:
     """Service -> owning Dispatcher, changed atomically by the test.
 
     ``move(..., overlap=True)`` hands a service over the way
-    :mod:`metaserver.sharding` does: the old owner keeps serving it too
+    :mod:`dispatcher.sharding.ownership` does: the old owner keeps serving it too
     (``owns`` is True on both) and only the new one is its prober.
     """
 

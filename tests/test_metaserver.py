@@ -4,7 +4,7 @@ Protocol behaviour runs on the in-process membership store (fast, exact). Agreem
 real ZooKeeper and real etcd: two ``zkgate meta`` processes (the command line users run) read
 the same store while members join, leave and die and the catalog grows, and after every step
 both answer with the same epoch and the same owners, which are what
-:func:`metaserver.assignment.assign` gives for that membership.
+:func:`dispatcher.sharding.assignment.assign` gives for that membership.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import pytest
 import trio
 
 from dispatcher import wire
-from metaserver.assignment import assign
-from metaserver.cli import MetaConfig, parse_meta_config, run_meta
-from metaserver.membership import (
+from dispatcher.sharding.assignment import assign
+from dispatcher.sharding.membership import (
     EtcdMembership,
     MembershipConfig,
     MembershipStore,
@@ -35,6 +34,7 @@ from metaserver.membership import (
     Registration,
     ZooKeeperMembership,
 )
+from metaserver.cli import MetaConfig, parse_meta_config, run_meta
 from metaserver.server import MetaLimits, MetaServer
 from tests.servers import REPO_ROOT, EtcdServer, ServerProcess, ZooKeeperServer, free_port
 

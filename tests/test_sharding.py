@@ -36,15 +36,15 @@ import trio
 from dispatcher import wire
 from dispatcher.config import parse_config
 from dispatcher.gateway import Gateway, run_gateway
-from metaserver.assignment import assign
-from metaserver.membership import (
+from dispatcher.sharding.assignment import assign
+from dispatcher.sharding.membership import (
     MembershipConfig,
     MemoryMembership,
     MemoryStore,
     Registration,
 )
+from dispatcher.sharding.ownership import ShardedOwnership
 from metaserver.server import MetaServer
-from metaserver.sharding import ShardedOwnership
 from tests.servers import EtcdServer, ServerFactory, ZkgateServer, ZooKeeperServer, free_port
 from tests.test_metaserver import (
     TOKEN,
@@ -452,7 +452,8 @@ async def test_a_join_moves_about_one_share_and_never_leaves_a_service_unserved(
         assert moved == reference_before.moved(ownership.assignment)
         share = len(c.services) / 4
         assert 0.5 * share <= len(moved) <= 1.5 * share, (len(moved), share)
-        # Mostly to the new shard; the rest is the bounded-load cascade (metaserver.assignment).
+        # Mostly to the new shard; the rest is the bounded-load cascade
+        # (dispatcher.sharding.assignment).
         assert sum(after[s] == "d4" for s in moved) >= 0.75 * len(moved)
         for node, gateway in c.gateways.items():
             owned = c.owned()[node]

@@ -3,7 +3,7 @@
 Dispatcher shards register themselves in a store that already solves liveness and agreement
 (ZooKeeper's ephemeral znodes, etcd's leases), never in a consensus of our own. Everyone who
 needs the shard map (every Dispatcher and every Meta Server) reads the same things from that
-store and feeds members and catalog to :func:`metaserver.assignment.assign`, so they all
+store and feeds members and catalog to :func:`dispatcher.sharding.assignment.assign`, so they all
 compute the same owner for every service without talking to each other:
 
 * **members**: one record per live Dispatcher: its id, capacity weight, and the addresses of its
@@ -16,7 +16,8 @@ compute the same owner for every service without talking to each other:
   answer with the same epoch); and the **inputs epoch**, the epoch of the last change of the
   members or the catalog (what the assignment depends on), equally the same for everyone;
 * **warm markers**: each Dispatcher publishes the inputs epoch for which it has loaded every
-  service assigned to it. The handover rule in :mod:`metaserver.sharding` waits for it ("the
+  service assigned to it. The handover rule in :mod:`dispatcher.sharding.ownership` waits for
+  it ("the
   new owner loads and warms a service before the old one drops it"). A marker names an inputs
   epoch, not the reader's own view of things, so a marker left from an earlier membership can
   never pass for a current one, and two readers who skipped different views still agree on
@@ -88,7 +89,7 @@ from typing import Any, Final, Protocol
 import attrs
 import trio
 
-from metaserver.assignment import Member
+from dispatcher.sharding.assignment import Member
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -192,7 +193,7 @@ class Registration:
         return cls(member_id, subscribe, zookeeper, weight)
 
     def member(self) -> Member:
-        """This registration as :func:`~metaserver.assignment.assign` takes it."""
+        """This registration as :func:`~dispatcher.sharding.assignment.assign` takes it."""
         return Member(
             self.id,
             self.weight,

@@ -4,13 +4,13 @@
 (``dispatcher/ownership.py``: ``epoch``, ``owns(service)``, ``owner_of(service)``, and the
 subscription server's ``ownership_changed()`` hook, which it calls through
 :meth:`ShardedOwnership.add_listener`). It follows the membership views of a
-:class:`~metaserver.membership.MembershipStore`, computes the same
-:func:`~metaserver.assignment.assign` as every Meta Server and every other Dispatcher, and
+:class:`~dispatcher.sharding.membership.MembershipStore`, computes the same
+:func:`~dispatcher.sharding.assignment.assign` as every Meta Server and every other Dispatcher, and
 tells the Dispatcher which services to load (:attr:`ShardedOwnership.interest`).
 
 Handover: "at no moment is a service unserved". A service moves from an old owner A to a new
 owner B when both have seen the membership or catalog change that moves it (its epoch is the
-view's *inputs epoch* I, the same for everyone; see :mod:`metaserver.membership`):
+view's *inputs epoch* I, the same for everyone; see :mod:`dispatcher.sharding.membership`):
 
 1. B puts the service in its interest at once, so its upstreams load it. Until the Dispatcher
    reports it loaded (the probe given to :meth:`~ShardedOwnership.set_loaded_probe`: every
@@ -66,15 +66,15 @@ from typing import Final
 import attrs
 import trio
 
-from dispatcher.wire import Owner
-from metaserver.assignment import (
+from dispatcher.sharding.assignment import (
     DEFAULT_BALANCE,
     Assignment,
     Member,
     NoLiveMembersError,
     assign,
 )
-from metaserver.membership import MembershipStore, View, owner_endpoints
+from dispatcher.sharding.membership import MembershipStore, View, owner_endpoints
+from dispatcher.wire import Owner
 
 __all__ = ["DEFAULT_WARM_TIMEOUT", "ShardedOwnership", "member_owner"]
 

@@ -1,0 +1,9 @@
+"""Dispatcher shards: who owns which service, and the membership store they agree through.
+
+``assignment`` (weighted rendezvous hashing with bounded loads, pure),
+``membership`` (Dispatchers registered in ZooKeeper or etcd, the catalog and
+warm markers), ``ownership`` (one Dispatcher's share and its handovers) and
+``wiring`` (a gateway joined to its shard). The Meta Server reads the same
+membership and computes the same assignment; it imports these, never the
+other way round.
+"""
