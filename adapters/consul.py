@@ -74,9 +74,9 @@ import consul
 import requests
 import trio
 
+from dispatcher.backoff import Backoff
 from dispatcher.model import Health, Instance, Source
 from dispatcher.upstream import (
-    Backoff,
     ConfigError,
     Listing,
     Status,
@@ -85,6 +85,7 @@ from dispatcher.upstream import (
     reject_unknown,
     require,
 )
+from dispatcher.wire import join_address, parse_address
 
 __all__ = ["ConsulConfig", "ConsulUpstream", "instance_from_entry"]
 
@@ -149,13 +150,12 @@ class ConsulConfig:
 
 
 def _parse_address(address: str, where: str) -> tuple[str, int]:
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError(f"{where}: key 'address' must be 'host:port', not {address!r}")
-    if ":" in host and not host.startswith("["):
-        # An IPv6 literal goes into a URL in brackets (py-consul pastes host into one).
-        raise ConfigError(f"{where}: key 'address': write an IPv6 host as [addr]:port")
-    return host, int(port_text)
+    """``(host, port)``; an IPv6 host keeps its brackets (py-consul pastes it into a URL)."""
+    try:
+        host, port = parse_address(address, default_host=None, allow_port_zero=False)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: key 'address' must be 'host:port': {exc}") from None
+    return join_address(host, port).removesuffix(f":{port}"), port
 
 
 def instance_from_entry(

@@ -89,10 +89,11 @@ import grpc
 import trio
 
 from adapters import layouts
+from adapters.layouts import plain
+from dispatcher.backoff import Backoff
 from dispatcher.model import Instance, Source
 from dispatcher.snapshot import Change, Put, Remove
 from dispatcher.upstream import (
-    Backoff,
     Changed,
     ConfigError,
     Listing,
@@ -102,6 +103,7 @@ from dispatcher.upstream import (
     reject_unknown,
     require,
 )
+from dispatcher.wire import join_address, parse_address
 
 __all__ = ["LAYOUTS", "LEASE_KEY", "EtcdUpstream", "PrefixSpec"]
 
@@ -130,7 +132,6 @@ _GRPC_OPTIONS: Final = (
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
 )
-_PLAIN: Final = layouts.get("plain")
 _GRPC_OP_ADD: Final = 0
 _GRPC_OP_DELETE: Final = 1
 _FAILURES: Final = (etcd3.exceptions.Etcd3Exception, grpc.RpcError)
@@ -150,13 +151,11 @@ class PrefixSpec:
 
 def _parse_endpoint(value: str, where: str) -> tuple[str, int]:
     """``(host, port)``; an IPv6 host keeps its brackets, which gRPC's target needs."""
-    host, colon, port_text = value.rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]")
-    bare = host[1:-1] if bracketed else host
-    port = layouts.as_port(port_text) if port_text.isascii() and port_text.isdigit() else None
-    if not colon or not bare or (":" in bare and not bracketed) or not port:
-        raise ConfigError(f"{where}: key 'endpoint' must be 'host:port', not {value!r}")
-    return host, port
+    try:
+        host, port = parse_address(value, default_host=None, allow_port_zero=False)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: key 'endpoint' must be 'host:port': {exc}") from None
+    return join_address(host, port).removesuffix(f":{port}"), port
 
 
 def _parse_prefixes(value: object, where: str) -> tuple[PrefixSpec, ...]:
@@ -208,7 +207,7 @@ def _identity(spec: PrefixSpec, key: str) -> tuple[str, str] | None:
         return None
     if spec.layout == "grpc":
         return directory, name
-    service = _PLAIN.service_of(directory)
+    service = plain.service_of(directory)
     instance_id = layouts.node_text(name)
     if service is None or not instance_id:
         return None
@@ -224,17 +223,10 @@ def _field(record: Mapping[str, Any], name: str) -> Any:
 
 
 def _split_addr(addr: str) -> tuple[str, int] | None:
-    if addr.startswith("["):
-        host, bracket, rest = addr[1:].partition("]")
-        if not bracket or not rest.startswith(":"):
-            return None
-        port_text = rest[1:]
-    else:
-        host, colon, port_text = addr.rpartition(":")
-        if not colon or ":" in host:
-            return None
-    port = layouts.as_port(port_text) if port_text.isascii() and port_text.isdigit() else None
-    return (host, port) if host and port is not None else None
+    try:
+        return parse_address(addr, default_host=None)
+    except ValueError:
+        return None
 
 
 def _grpc_metadata(value: object) -> dict[str, str]:
@@ -305,7 +297,7 @@ def _decode(
         instance = _grpc_instance(service, instance_id, value, source)
     else:
         name = key.rpartition("/")[2]
-        instance = _PLAIN.parse(service, name, value, source=source)
+        instance = plain.parse(service, name, value, source=source)
         if instance is None:
             instance = "not a plain-layout instance"
     if isinstance(instance, str):

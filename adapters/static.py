@@ -167,9 +167,7 @@ def parse_instances(
 def _instance(adapter: str, entry: object, where: str, revision: int) -> Instance:
     if not isinstance(entry, dict):
         raise StaticFileError(f"{where}: must be a table, not {type(entry).__name__}")
-    unknown = sorted(set(entry) - _INSTANCE_KEYS)
-    if unknown:
-        raise StaticFileError(f"{where}: unknown key {unknown[0]!r}")
+    reject_unknown(entry, _INSTANCE_KEYS, where, StaticFileError)
 
     def get(key: str, kind: type, default: Any = None) -> Any:
         if key not in entry:

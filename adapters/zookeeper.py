@@ -89,18 +89,19 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 
-from adapters import layouts
 from adapters.layouts import serverset
+from dispatcher.backoff import Backoff
 from dispatcher.model import Instance, Source
 from dispatcher.snapshot import Change, Put, Remove
 from dispatcher.upstream import (
-    Backoff,
     Changed,
     ConfigError,
+    Layout,
     Listing,
     Status,
     UpstreamEvent,
     check_type,
+    layout_kind,
     reject_unknown,
     require,
 )
@@ -234,11 +235,10 @@ def parse_config(name: str, options: Mapping[str, Any]) -> ZooKeeperUpstreamConf
         reject_unknown(table, ("path", "layout"), f"{where} {key}")
         path = _check_path(require(table, "path", str, f"{where} {key}"), f"{key}.path", where)
         layout = require(table, "layout", str, f"{where} {key}")
-        if layout not in layouts.NAMES:
-            raise ConfigError(
-                f"{where}: key '{key}.layout' must be one of {', '.join(layouts.NAMES)},"
-                f" not {layout!r}"
-            )
+        try:
+            layout_kind(layout)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: key '{key}.layout': {exc}") from None
         for other in roots:
             if _inside(path, other.path) or _inside(other.path, path):
                 raise ConfigError(
@@ -275,7 +275,7 @@ class _Root:
     path: str
     #: The root as configured: what logs and diagnostics show.
     shown: str
-    layout: layouts.Layout
+    layout: Layout
     #: What follows the root's child in a service directory ("/providers" for Dubbo).
     tail: str
     #: Every service under the root (wanted or not): service -> its directory, relative.
@@ -283,7 +283,7 @@ class _Root:
 
     @classmethod
     def of(cls, config: RootConfig, chroot: str) -> _Root:
-        layout = layouts.get(config.layout)
+        layout = layout_kind(config.layout)
         # A service's directory is the root's child named after it, plus a
         # fixed tail; derive the tail from the layout rather than restate it.
         probe = "probe"

@@ -312,26 +312,34 @@ async def run_checker(
         latencies = [failing_at[key] - closed for key in keys if key in failing_at]
         for service, iid in keys:
             if (service, iid) not in failing_at:
-                print(f"not seen failing: {service}/{iid}: {checker.state(service, iid)}, "
-                      f"snapshot {fanin.snapshot.full(service).instances[iid].health}")
+                print(
+                    f"not seen failing: {service}/{iid}: {checker.state(service, iid)}, "
+                    f"snapshot {fanin.snapshot.full(service).instances[iid].health}"
+                )
         missed = len(keys) - len(latencies)
         p50 = percentile(latencies, 0.5) if latencies else float("nan")
         p99 = percentile(latencies, 0.99) if latencies else float("inf")
-        print(f"detection of {len(keys)} closed listeners: p50 {p50 * 1000:.0f} ms, "
-              f"p99 {p99 * 1000:.0f} ms, max {max(latencies, default=0) * 1000:.0f} ms, "
-              f"missed {missed}; bound fall*interval+timeout+100ms = {bound * 1000:.0f} ms; "
-              f"checker's own estimate max {checker.metrics.detection_max * 1000:.0f} ms, "
-              f"latest slot {checker.metrics.lag_max * 1000:.0f} ms late")
+        print(
+            f"detection of {len(keys)} closed listeners: p50 {p50 * 1000:.0f} ms, "
+            f"p99 {p99 * 1000:.0f} ms, max {max(latencies, default=0) * 1000:.0f} ms, "
+            f"missed {missed}; bound fall*interval+timeout+100ms = {bound * 1000:.0f} ms; "
+            f"checker's own estimate max {checker.metrics.detection_max * 1000:.0f} ms, "
+            f"latest slot {checker.metrics.lag_max * 1000:.0f} ms late"
+        )
         subscription.close()
         nursery.cancel_scope.cancel()
 
     probes = min(per_cycle)
     p2p = args.proxies * args.instances
-    print(f"targets: probes_per_cycle == instances: {probes == args.instances and max(per_cycle) == probes}; "  # noqa: E501
-          f"detect p99 <= {bound * 1000:.0f} ms: {p99 <= bound and not missed}; "
-          f"cpu < 0.5 core at {interval:g} s: {cpu / interval < 0.5}")
-    print(f"health: instances={args.instances} probes_per_cycle={probes} p2p_equivalent={p2p} "
-          f"detect_p99_ms={p99 * 1000:.0f} cpu_s_per_cycle={cpu:.3f}")
+    print(
+        f"targets: probes_per_cycle == instances: {probes == args.instances and max(per_cycle) == probes}; "  # noqa: E501
+        f"detect p99 <= {bound * 1000:.0f} ms: {p99 <= bound and not missed}; "
+        f"cpu < 0.5 core at {interval:g} s: {cpu / interval < 0.5}"
+    )
+    print(
+        f"health: instances={args.instances} probes_per_cycle={probes} p2p_equivalent={p2p} "
+        f"detect_p99_ms={p99 * 1000:.0f} cpu_s_per_cycle={cpu:.3f}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -339,8 +347,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--instances", type=int, default=10_000)
     parser.add_argument("--services", type=int, default=100)
-    parser.add_argument("--listeners", type=int, default=None,
-                        help="at most this many real listeners (default: as the fd limit allows)")
+    parser.add_argument(
+        "--listeners",
+        type=int,
+        default=None,
+        help="at most this many real listeners (default: as the fd limit allows)",
+    )
     parser.add_argument("--proxies", type=int, default=1000, help="M, for the p2p equivalent")
     parser.add_argument("--interval", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=1.0)

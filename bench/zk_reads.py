@@ -29,7 +29,7 @@ import multiprocessing
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.pool import Pool
 from pathlib import Path
 
@@ -124,8 +124,13 @@ class Results:
 
 
 def measure_throughput(
-    pool: Pool, target: Target, args: argparse.Namespace, seconds_before: float, duration: float,
-    *, path: str | None = None,
+    pool: Pool,
+    target: Target,
+    args: argparse.Namespace,
+    seconds_before: float,
+    duration: float,
+    *,
+    path: str | None = None,
 ) -> ThroughputRun:
     """One pipelined run of getData on ``path`` (``args.path`` by default): load
     for ``seconds_before``, then count for ``duration``.
@@ -332,13 +337,14 @@ def targets_met(results: Results) -> bool:
     p99_zkgate, p99_zookeeper = results.median_p99("zkgate"), results.median_p99("zookeeper")
     if None in (zkgate, zookeeper, p99_zkgate, p99_zookeeper):
         return False
+    # The `None in (...)` test above rules None out, but does not narrow the names.
     return zkgate >= zookeeper and p99_zkgate <= p99_zookeeper  # type: ignore[operator]
 
 
 # -------------------------------------------------------------------------- CLI
 
 
-def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     def parse(value: str) -> int | float:
         number = kind(value)
         if number <= 0:

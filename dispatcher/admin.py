@@ -515,7 +515,7 @@ class GatewayCollector(Collector):
         if interest is not None:
             yield GaugeMetricFamily(
                 "zkgate_upstream_interest_services",
-                "Services the upstreams are asked to watch (interest = \"subscribed\")",
+                'Services the upstreams are asked to watch (interest = "subscribed")',
                 value=len(interest),
             )
 
@@ -560,7 +560,6 @@ class GatewayCollector(Collector):
             "Updates waiting for all subscribers together",
             value=sum(pending),
         )
-
 
     def _proxies(self, admin: AdminServer) -> Iterator[Metric]:
         server = admin.gateway.subscriptions

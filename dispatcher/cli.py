@@ -53,35 +53,74 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     # Defaults live in dispatcher/config.py, once: a flag left out is None here,
     # so a given flag and the file's value can never be confused.
-    serve.add_argument("--config", type=Path, metavar="FILE",
-                       help="TOML file naming the upstream registries to fan in and the "
-                       "settings below; flags given on the command line override it")
-    serve.add_argument("--listen", metavar="HOST:PORT",
-                       help="address of the ZooKeeper port (default: 127.0.0.1:2181)")
-    serve.add_argument("--data-dir", type=Path, metavar="DIR",
-                       help="where the embedded tree is kept (default: $XDG_DATA_HOME/zkgate)")
-    serve.add_argument("--tick-ms", type=int, metavar="MS",
-                       help="ZooKeeper's tickTime; session timeouts are clamped to "
-                       "2x..20x of it (default: 2000)")
-    serve.add_argument("--max-buffer", type=int, metavar="BYTES",
-                       help="largest frame accepted, as jute.maxbuffer (default: 1048575)")
-    serve.add_argument("--max-client-cnxns", type=int, metavar="N",
-                       help="connections allowed per client IP, as maxClientCnxns; "
-                       "0 for no limit (default: 60)")
-    serve.add_argument("--extended-types", action="store_true", default=None,
-                       help="allow TTL nodes, as zookeeper.extendedTypesEnabled=true")
-    serve.add_argument("--container-check-ms", type=int, metavar="MS",
-                       help="how often empty containers and expired TTL nodes are "
-                       "reaped, as znode.container.checkIntervalMs (default: 60000)")
-    serve.add_argument("--super-digest", metavar="USER:BASE64SHA1",
-                       help="digest id allowed everything, as ZooKeeper's superDigest")
-    serve.add_argument("--4lw", dest="four_letter_words", metavar="WORDS",
-                       help="four-letter words answered, comma separated, as "
-                       "4lw.commands.whitelist; '*' for all, srvr always "
-                       "(default: ruok,srvr,mntr,isro)")
-    serve.add_argument("--admin-listen", metavar="HOST:PORT|off",
-                       help="address of the admin HTTP endpoint (/metrics, /health, /ready, "
-                       "the status page at /), or 'off' (default: 127.0.0.1:8081)")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file naming the upstream registries to fan in and the "
+        "settings below; flags given on the command line override it",
+    )
+    serve.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address of the ZooKeeper port (default: 127.0.0.1:2181)",
+    )
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the embedded tree is kept (default: $XDG_DATA_HOME/zkgate)",
+    )
+    serve.add_argument(
+        "--tick-ms",
+        type=int,
+        metavar="MS",
+        help="ZooKeeper's tickTime; session timeouts are clamped to 2x..20x of it (default: 2000)",
+    )
+    serve.add_argument(
+        "--max-buffer",
+        type=int,
+        metavar="BYTES",
+        help="largest frame accepted, as jute.maxbuffer (default: 1048575)",
+    )
+    serve.add_argument(
+        "--max-client-cnxns",
+        type=int,
+        metavar="N",
+        help="connections allowed per client IP, as maxClientCnxns; 0 for no limit (default: 60)",
+    )
+    serve.add_argument(
+        "--extended-types",
+        action="store_true",
+        default=None,
+        help="allow TTL nodes, as zookeeper.extendedTypesEnabled=true",
+    )
+    serve.add_argument(
+        "--container-check-ms",
+        type=int,
+        metavar="MS",
+        help="how often empty containers and expired TTL nodes are "
+        "reaped, as znode.container.checkIntervalMs (default: 60000)",
+    )
+    serve.add_argument(
+        "--super-digest",
+        metavar="USER:BASE64SHA1",
+        help="digest id allowed everything, as ZooKeeper's superDigest",
+    )
+    serve.add_argument(
+        "--4lw",
+        dest="four_letter_words",
+        metavar="WORDS",
+        help="four-letter words answered, comma separated, as "
+        "4lw.commands.whitelist; '*' for all, srvr always "
+        "(default: ruok,srvr,mntr,isro)",
+    )
+    serve.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT|off",
+        help="address of the admin HTTP endpoint (/metrics, /health, /ready, "
+        "the status page at /), or 'off' (default: 127.0.0.1:8081)",
+    )
     operator.add_commands(commands)
     # The other programs (meta, proxy) bring their own subcommand, found like
     # upstreams and layouts: the Dispatcher's package imports neither.
@@ -97,13 +136,19 @@ def _build_parser() -> argparse.ArgumentParser:
 def _add_log_arguments(parser: argparse.ArgumentParser, *, default: bool) -> None:
     """``--log-level`` and ``--log-format``; without ``default`` a flag left out sets
     nothing, so that a subcommand's parser does not undo the flag given before it."""
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        default="INFO" if default else argparse.SUPPRESS,
-                        help="least severe level written (default: INFO)")
-    parser.add_argument("--log-format", choices=LOG_FORMATS,
-                        default="logfmt" if default else argparse.SUPPRESS,
-                        help="logfmt: one key=value line per event, for log pipelines "
-                        "(default); plain: the classic human layout (see dispatcher/logs.py)")
+    parser.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default="INFO" if default else argparse.SUPPRESS,
+        help="least severe level written (default: INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="logfmt" if default else argparse.SUPPRESS,
+        help="logfmt: one key=value line per event, for log pipelines "
+        "(default); plain: the classic human layout (see dispatcher/logs.py)",
+    )
 
 
 def _version() -> str:

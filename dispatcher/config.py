@@ -115,8 +115,14 @@ from dispatcher.sharding.membership import MembershipConfig, MembershipConfigErr
 from dispatcher.sharding.ownership import DEFAULT_WARM_TIMEOUT
 from dispatcher.subscription_server import DEFAULT_HISTORY, SubscriptionLimits
 from dispatcher.subscriptions import DEFAULT_QUEUE
-from dispatcher.upstream import ConfigError, Upstream, layout_kind, upstream_kind
-from dispatcher.wire import parse_address
+from dispatcher.upstream import (
+    ConfigError,
+    Upstream,
+    layout_kind,
+    reject_unknown,
+    upstream_kind,
+)
+from dispatcher.wire import join_address, parse_address
 from dispatcher.zk.fourletter import DEFAULT_WHITELIST, FourLetterWhitelist
 from dispatcher.zk.mirror import MirrorConfig
 from dispatcher.zk.paths import InvalidPath, is_within, validate_path
@@ -334,7 +340,8 @@ class UpstreamConfig:
     kind: str
     factory: type[Upstream] = attrs.field(repr=False)
     options: Mapping[str, Any] = attrs.field(
-        factory=lambda: MappingProxyType({}), hash=False,
+        factory=lambda: MappingProxyType({}),
+        hash=False,
         converter=lambda value: MappingProxyType(copy.deepcopy(dict(value))),
     )
 
@@ -453,7 +460,7 @@ class Config:
             result["mirror"] = [
                 {
                     "root": m.root,
-                    "hosts": ",".join(f"{h}:{p}" for h, p in m.hosts),
+                    "hosts": ",".join(join_address(h, p) for h, p in m.hosts),
                     "session_timeout": m.session_timeout_ms / 1000,
                     "auth": [f"{scheme}:{cred.decode()}" for scheme, cred in m.auth],
                     "max_sessions": m.max_sessions,
@@ -509,7 +516,7 @@ def parse_config(
 ) -> Config:
     """Check an already parsed TOML document; see :func:`load_config`."""
     lookup = kinds or upstream_kind
-    _reject_unknown(data, _TOP_KEYS, "")
+    reject_unknown(data, _TOP_KEYS, "")
     node_id = None
     if "node_id" in data:
         node_id = _string(data["node_id"], "node_id")
@@ -527,8 +534,17 @@ def parse_config(
     if sharding is not None:
         dispatcher = attrs.evolve(dispatcher, interest="subscribed")
     return Config(
-        node_id, zookeeper, dispatcher, upstreams, projections, health=health, admin=admin,
-        subscriptions=subscriptions, membership=membership, sharding=sharding, mirrors=mirrors,
+        node_id,
+        zookeeper,
+        dispatcher,
+        upstreams,
+        projections,
+        health=health,
+        admin=admin,
+        subscriptions=subscriptions,
+        membership=membership,
+        sharding=sharding,
+        mirrors=mirrors,
     )
 
 
@@ -542,7 +558,7 @@ def _zookeeper(
             return f"{where}.{key}"
         return _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
 
-    _reject_unknown(table, _ZOOKEEPER_KEYS, where or "")
+    reject_unknown(table, _ZOOKEEPER_KEYS, where or "")
     options: dict[str, Any] = {}
     if "listen" in table:
         options["listen"] = _address(table["listen"], name("listen"))
@@ -586,7 +602,7 @@ def _four_letter_words(value: Any, where: str) -> FourLetterWhitelist:
 
 
 def _dispatcher(table: Mapping[str, Any]) -> DispatcherConfig:
-    _reject_unknown(table, _DISPATCHER_KEYS, "dispatcher")
+    reject_unknown(table, _DISPATCHER_KEYS, "dispatcher")
     options: dict[str, Any] = {}
     if "interest" in table:
         interest = _string(table["interest"], "dispatcher.interest")
@@ -605,7 +621,7 @@ def _dispatcher(table: Mapping[str, Any]) -> DispatcherConfig:
 
 def _admin(table: Mapping[str, Any], where: str = "admin") -> AdminConfig:
     """Check the ``[admin]`` table (``where="--admin"``: the command line's flags)."""
-    _reject_unknown(table, _ADMIN_KEYS, where)
+    reject_unknown(table, _ADMIN_KEYS, where)
     options: dict[str, Any] = {}
     if "enabled" in table:
         options["enabled"] = _boolean(table["enabled"], f"{where}.enabled")
@@ -633,7 +649,7 @@ def _admin(table: Mapping[str, Any], where: str = "admin") -> AdminConfig:
 
 def _subscriptions(table: Mapping[str, Any], base_dir: Path | None) -> SubscriptionsConfig:
     where = "subscriptions"
-    _reject_unknown(table, _SUBSCRIPTIONS_KEYS, where)
+    reject_unknown(table, _SUBSCRIPTIONS_KEYS, where)
     if "token" not in table:
         raise ConfigError(f"{where}.token: missing (every subscriber must present it)")
     options: dict[str, Any] = {"token": _string(table["token"], f"{where}.token")}
@@ -686,7 +702,7 @@ def _membership_and_sharding(
         )
     table = _table(data, "sharding")
     where = "sharding"
-    _reject_unknown(table, _SHARDING_KEYS, where)
+    reject_unknown(table, _SHARDING_KEYS, where)
     options: dict[str, Any] = {}
     if "id" in table:
         member_id = _string(table["id"], f"{where}.id")
@@ -760,7 +776,7 @@ def _array_of_tables(value: Any, key: str) -> list[tuple[str, Mapping[str, Any]]
 def _projections(value: Any) -> tuple[ProjectionConfig, ...]:
     result: list[ProjectionConfig] = []
     for where, table in _array_of_tables(value, "projection"):
-        _reject_unknown(table, _PROJECTION_KEYS, where)
+        reject_unknown(table, _PROJECTION_KEYS, where)
         root = _mount_root(table, where, ("root", "layout"), [p.root for p in result])
         layout_name = _string(table["layout"], f"{where}.layout")
         try:
@@ -798,7 +814,7 @@ def _mount_root(
 def _mirrors(value: Any, projections: tuple[ProjectionConfig, ...]) -> tuple[MirrorConfig, ...]:
     result: list[MirrorConfig] = []
     for where, table in _array_of_tables(value, "mirror"):
-        _reject_unknown(table, _MIRROR_KEYS, where)
+        reject_unknown(table, _MIRROR_KEYS, where)
         taken = [p.root for p in projections] + [m.root for m in result]
         root = _mount_root(table, where, ("root", "hosts"), taken)
         hosts = []
@@ -841,7 +857,7 @@ def _adapter_message(where: str, name: str, message: str) -> str:
     # index in front so the message points into the file either way.
     own = f"upstream {name!r}"
     if message.startswith(own):
-        return f"{where} ({name!r}){message[len(own):]}"
+        return f"{where} ({name!r}){message[len(own) :]}"
     return f"{where} ({name!r}): {message}"
 
 
@@ -941,7 +957,7 @@ class HealthConfig:
 
 
 def _health(table: Mapping[str, Any]) -> HealthConfig:
-    _reject_unknown(table, _HEALTH_KEYS, "health")
+    reject_unknown(table, _HEALTH_KEYS, "health")
     options: dict[str, Any] = {}
     if "enabled" in table:
         options["enabled"] = _boolean(table["enabled"], "health.enabled")
@@ -959,7 +975,7 @@ def _health(table: Mapping[str, Any]) -> HealthConfig:
             options[key] = _string(table[key], f"health.{key}")
     overrides: list[ServiceProbe] = []
     for where, entry in _array_of_tables(table.get("service", []), "health.service"):
-        _reject_unknown(entry, _HEALTH_SERVICE_KEYS, where)
+        reject_unknown(entry, _HEALTH_SERVICE_KEYS, where)
         if "name" not in entry:
             raise ConfigError(f"{where}.name: missing (every [[health.service]] needs one)")
         fields = {key: _string(entry[key], f"{where}.{key}") for key in entry}
@@ -990,13 +1006,6 @@ def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{key}: must be a table, not {_type(value)}")
     return value
-
-
-def _reject_unknown(table: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
-    for key in table:
-        if key not in known:
-            path = f"{where}.{key}" if where else key
-            raise ConfigError(f"{path}: unknown key (known here: {', '.join(known)})")
 
 
 def _address(value: Any, where: str) -> str:

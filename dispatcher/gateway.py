@@ -139,12 +139,15 @@ class Gateway:
         upstreams = self.upstreams = tuple(upstream.build() for upstream in config.upstreams)
         store = TreeStore(zk.data_dir)
         try:
-            engine = Engine(store, EngineConfig(
-                tick_ms=zk.tick_ms,
-                super_digest=zk.super_digest,
-                extended_types=zk.extended_types,
-                container_check_ms=zk.container_check_ms,
-            ))
+            engine = Engine(
+                store,
+                EngineConfig(
+                    tick_ms=zk.tick_ms,
+                    super_digest=zk.super_digest,
+                    extended_types=zk.extended_types,
+                    container_check_ms=zk.container_check_ms,
+                ),
+            )
             self.engine = engine
             projections = self._projections(engine)
             mirrors = self._mirrors(engine)
@@ -152,10 +155,13 @@ class Gateway:
             server = ZooKeeperServer(
                 engine,
                 ServerLimits(max_buffer=zk.max_buffer, max_client_cnxns=zk.max_client_cnxns),
-                settings={"dataDir": zk.data_dir, "clientPortAddress": zk.host,
-                          "jute.maxbuffer": zk.max_buffer,
-                          "maxClientCnxns": zk.max_client_cnxns,
-                          WHITELIST_SETTING: zk.four_letter_words},
+                settings={
+                    "dataDir": zk.data_dir,
+                    "clientPortAddress": zk.host,
+                    "jute.maxbuffer": zk.max_buffer,
+                    "maxClientCnxns": zk.max_client_cnxns,
+                    WHITELIST_SETTING: zk.four_letter_words,
+                },
             )
             self.zookeeper_server = server
             async with trio.open_nursery() as nursery:
@@ -170,7 +176,8 @@ class Gateway:
                     "gateway serving",
                     extra={
                         "node": config.node,
-                        "listen": f"[{zk.host}]:{self.port}" if ":" in zk.host
+                        "listen": f"[{zk.host}]:{self.port}"
+                        if ":" in zk.host
                         else f"{zk.host}:{self.port}",
                         "data_dir": str(zk.data_dir),
                         "upstreams": ",".join(f"{u.name}:{u.kind}" for u in config.upstreams),
@@ -282,7 +289,11 @@ class Gateway:
         projections = []
         for spec in self.config.projections:
             projection = Projection(
-                engine, self.fanin, spec.root, layout_kind(spec.layout), self.config.node,
+                engine,
+                self.fanin,
+                spec.root,
+                layout_kind(spec.layout),
+                self.config.node,
                 hide_failing=spec.hide_failing,
             )
             try:

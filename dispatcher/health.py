@@ -775,9 +775,7 @@ class HealthChecker:
             metrics.to_failing += 1
             self._publish(target)
         elif (
-            kind is not _Kind.SLOT
-            and target.health is Health.PASSING
-            and target.recheck_at is None
+            kind is not _Kind.SLOT and target.health is Health.PASSING and target.recheck_at is None
         ):
             # A reported failure confirmed once: confirm the rest quickly.
             self._plan_recheck(target, now + self.config.recheck)
@@ -789,9 +787,7 @@ class HealthChecker:
 
     # ------------------------------------------------------------- reports
 
-    def on_report(
-        self, service: str, instance_id: str, reason: str, client_id: str | None
-    ) -> bool:
+    def on_report(self, service: str, instance_id: str, reason: str, client_id: str | None) -> bool:
         """A proxy reports that ``instance_id`` of ``service`` failed it; True if acted on.
 
         Probes the instance at once (sync: the probe runs in the checker's

@@ -220,7 +220,7 @@ def configure_logging(
     for old in root.handlers[:]:
         if getattr(old, "_zkgate", False):
             root.removeHandler(old)
-    handler._zkgate = True  # type: ignore[attr-defined]
+    handler._zkgate = True  # type: ignore[attr-defined]  # our marker; Handler declares no such field
     root.addHandler(handler)
     root.setLevel(level)
     return handler

@@ -43,10 +43,19 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Read a running zkgate's admin endpoint and print its state. "
         "Exit 0 when it is ready, 1 when it is not, 3 when it cannot be reached.",
     )
-    status.add_argument("--admin", default="127.0.0.1:8081", metavar="HOST:PORT",
-                        help="the node's admin endpoint (default: %(default)s)")
-    status.add_argument("--services", type=int, default=50, metavar="N",
-                        help="list at most N services (default: %(default)s)")
+    status.add_argument(
+        "--admin",
+        default="127.0.0.1:8081",
+        metavar="HOST:PORT",
+        help="the node's admin endpoint (default: %(default)s)",
+    )
+    status.add_argument(
+        "--services",
+        type=int,
+        default=50,
+        metavar="N",
+        help="list at most N services (default: %(default)s)",
+    )
     status.add_argument("--json", action="store_true", help="print /status as JSON")
     check = commands.add_parser(
         "check-config",

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Final, TypeAlias
+from typing import Final, TypeAlias, cast
 
 import attrs
 
@@ -222,7 +222,12 @@ class Snapshot(Mapping[str, ServiceEntry]):
         entries: dict[str, ServiceEntry | None] = {}
         for service, targets in wanted.items():
             entry = self._services.get(service)
-            current = entry.instances if entry is not None else _NO_INSTANCES
+            # Every entry in _services was built by apply() around a MappingProxyType
+            # (and _NO_INSTANCES is one), so the public Mapping type hides a proxy.
+            current = cast(
+                "MappingProxyType[str, Instance]",
+                entry.instances if entry is not None else _NO_INSTANCES,
+            )
             added: list[Instance] = []
             updated: list[Instance] = []
             removed: list[Instance] = []

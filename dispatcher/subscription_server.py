@@ -71,7 +71,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import hmac
 import logging
 import math
 import os
@@ -113,9 +112,6 @@ DEFAULT_HISTORY: Final = 256
 _RECEIVE_SIZE: Final = 65536
 #: Bytes handed to the socket per send: the unit of the send_stall bound.
 _SEND_CHUNK: Final = 65536
-
-#: Longer client ids are refused: they end up in log lines.
-_MAX_CLIENT_ID: Final = 256
 
 ReportHandler = Callable[[str, str, str, str], None]
 """``on_report(service, instance_id, reason, client_id)``: a proxy saw an endpoint fail.
@@ -529,14 +525,6 @@ class SubscriptionServer:
             ("delta", delta.service, delta.to_version), lambda: wire_deltas(delta)
         )
 
-    def _check_token(self, token: str) -> bool:
-        return hmac.compare_digest(token.encode("utf-8"), self._token)
-
-
-def _clip(text: str, limit: int = 300) -> str:
-    """``text`` cut for a log line or an error message (a client chose it: any length)."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
 
 # ---------------------------------------------------------------- one connection
 
@@ -717,22 +705,15 @@ class SubscriberConnection:
     def _handle(self, message: wire.Message) -> None:
         server = self._server
         if self.client_id is None:
-            if not isinstance(message, wire.Hello):
-                self._fail("unauthenticated", f"say hello first, not {message.type}")
-            elif message.version != wire.PROTOCOL_VERSION:
-                self._fail("unsupported-version",
-                           f"this server speaks version {wire.PROTOCOL_VERSION}, "
-                           f"not {message.version}")  # fmt: skip
-            elif not server._check_token(message.token):
-                self._fail("unauthenticated", f"wrong token (client {_clip(message.client_id)})")
-            elif len(message.client_id) > _MAX_CLIENT_ID:
-                self._fail("bad-request", f"client_id longer than {_MAX_CLIENT_ID} characters")
-            else:
-                self.client_id = message.client_id
-                self._reader_scope.deadline = math.inf
-                self._send(wire.encode(wire.Welcome(wire.PROTOCOL_VERSION, server.welcome_id)))
-                log.info("subscriber connected",
-                         extra={"peer": self.peer, "client": self.client_id})  # fmt: skip
+            answer = wire.check_hello(message, server._token, server.welcome_id)
+            if isinstance(answer, wire.Error):
+                self._fail(answer.code, answer.message)
+                return
+            assert isinstance(message, wire.Hello)  # check_hello welcomes nothing else
+            self.client_id = message.client_id
+            self._reader_scope.deadline = math.inf
+            self._send(wire.encode(answer))
+            log.info("subscriber connected", extra={"peer": self.peer, "client": self.client_id})
             return
         if isinstance(message, wire.Subscribe):
             self._subscribe(message.services)
@@ -921,7 +902,7 @@ class SubscriberConnection:
         """Refuse: send ``Error(code, message)``, log one line, close."""
         if self.closing:
             return
-        message = _clip(message, 1000)
+        message = wire.clip(message, 1000)
         self._send(wire.encode(wire.Error(code, message)))
         self._close(f"{code}: {message}")
 
@@ -930,7 +911,7 @@ class SubscriberConnection:
         if self.closing:
             return
         log.log(level, "closing a subscriber", extra={
-            "peer": self.peer, "client": self.client_id, "reason": _clip(reason),
+            "peer": self.peer, "client": self.client_id, "reason": wire.clip(reason),
         })  # fmt: skip
         self.closing = True
         self._drop_subscription()

@@ -285,9 +285,7 @@ class SubscriptionHub:
         """Open subscriptions."""
         return self._open
 
-    def subscribe(
-        self, keys: Iterable[str], *, max_queue: int | None = None
-    ) -> Subscription:
+    def subscribe(self, keys: Iterable[str], *, max_queue: int | None = None) -> Subscription:
         """Subscribe to ``keys`` (service names, or :data:`EVERYTHING`).
 
         The subscription is registered at once: nothing published after this

@@ -23,7 +23,6 @@ never imports an adapter module by name.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import Any, Protocol, Self
@@ -31,7 +30,9 @@ from typing import Any, Protocol, Self
 import attrs
 import trio
 
-from dispatcher.model import Instance
+# Re-exported: the fan-in imports the shared backoff from here.
+from dispatcher.backoff import Backoff as Backoff
+from dispatcher.model import Instance, Source
 from dispatcher.snapshot import Change
 
 ENTRY_POINT_GROUP = "zkgate.upstreams"
@@ -108,47 +109,50 @@ def upstream_kind(kind: str) -> type[Upstream]:
 
 
 class Layout(Protocol):
-    """How one ZooKeeper path layout spells an instance (see ``adapters/layouts``)."""
+    """How one ZooKeeper path layout spells an instance as a znode.
+
+    The one definition for projections (which render) and the ZooKeeper
+    adapter (which parses); layout modules such as ``adapters.layouts.dubbo``
+    satisfy it. ``parse`` never raises on bad input: garbage yields None.
+    """
 
     NAME: str
 
-    def directory(self, service: str) -> str: ...
+    def directory(self, service: str) -> str:
+        """The directory holding ``service``'s instance znodes, relative to the root."""
+        ...
 
-    def render(self, instance: Instance) -> tuple[str, bytes]: ...
+    def service_of(self, directory: str) -> str | None:
+        """The service whose instance directory ``directory`` is, or None."""
+        ...
+
+    def parse(
+        self, service: str, name: str, data: bytes, *, source: Source | None = None
+    ) -> Instance | None:
+        """One znode (``name`` under ``service``'s directory, with ``data``) as an Instance."""
+        ...
+
+    def render(self, instance: Instance) -> tuple[str, bytes]:
+        """``instance`` as ``(znode name, data)`` under its service's directory."""
+        ...
 
 
 def layout_kind(name: str) -> Layout:
-    """The path layout registered as ``name`` (dubbo, curator, serverset, plain)."""
+    """The path layout registered as ``name`` in the ``zkgate.layouts`` entry-point group.
+
+    The one way to find a layout, so a plugin layout works wherever a built-in
+    one does (projections and the ZooKeeper adapter). Loads that entry point
+    only; raises :class:`ConfigError` for an unknown name or one that fails to load.
+    """
     found = entry_points(group=LAYOUT_GROUP, name=name)
     if not found:
         known = ", ".join(sorted(entry_points(group=LAYOUT_GROUP).names)) or "none installed"
         raise ConfigError(f"unknown layout {name!r} (known: {known})")
-    loaded: Layout = next(iter(found)).load()
+    try:
+        loaded: Layout = next(iter(found)).load()
+    except Exception as exc:
+        raise ConfigError(f"layout {name!r} cannot be loaded: {exc!r}") from None
     return loaded
-
-
-@attrs.define
-class Backoff:
-    """Exponential backoff with full jitter, for reconnect loops.
-
-    Full jitter spreads a fleet of gateways that lost the same upstream at the
-    same moment, so they do not all come back at once.
-    """
-
-    initial: float = 0.1
-    maximum: float = 10.0
-    _attempt: int = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self.maximum, self.initial * (2**self._attempt))
-        self._attempt += 1
-        return random.uniform(0, ceiling)
-
-    def reset(self) -> None:
-        self._attempt = 0
-
-    async def sleep(self) -> None:
-        await trio.sleep(self.next_delay())
 
 
 def require(options: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
@@ -168,7 +172,22 @@ def check_type(value: Any, key: str, kind: type, where: str) -> Any:
     return value
 
 
-def reject_unknown(options: Mapping[str, Any], known: Iterable[str], where: str) -> None:
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}")
+def reject_unknown(
+    options: Mapping[str, Any],
+    known: Iterable[str],
+    where: str,
+    error: type[ValueError] = ConfigError,
+) -> None:
+    """Raise ``error`` for the first key of ``options`` (in file order) not in ``known``.
+
+    The one unknown-key check of every configuration table, so every program
+    says it the same way: ``<where>.<key>: unknown key (known here: a, b)``, or
+    ``<key>: ...`` at the top level (``where`` empty). The known keys are listed
+    because the usual cause is a typo.
+    """
+    # A set's order changes between runs; the message must not.
+    allowed = tuple(known) if isinstance(known, list | tuple) else tuple(sorted(known))
+    for key in options:
+        if key not in allowed:
+            path = f"{where}.{key}" if where else str(key)
+            raise error(f"{path}: unknown key (known here: {', '.join(allowed)})")

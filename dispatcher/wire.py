@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hmac
 import json
 import os
 import re
@@ -505,21 +506,82 @@ class WireStream:
         await self.stream.aclose()
 
 
+# --- the handshake ------------------------------------------------------------------
+
+MAX_CLIENT_ID = 256
+"""Longest ``client_id`` a server accepts in a Hello (it goes into logs and status)."""
+
+
+def check_hello(message: Message, token: bytes | str, server_id: str) -> Welcome | Error:
+    """The server's answer to a connection's first message: Welcome, or the Error to
+    send before closing.
+
+    Shared by the Dispatcher's subscription server and the Meta Server so that
+    both refuse the same things with the same codes. The token is compared in
+    constant time (``hmac.compare_digest``): how long a refusal takes must not
+    tell a guesser how many leading bytes were right.
+    """
+    if not isinstance(message, Hello):
+        return Error("unauthenticated", f"say hello first, not {message.type}")
+    if message.version != PROTOCOL_VERSION:
+        return Error(
+            "unsupported-version",
+            f"this server speaks version {PROTOCOL_VERSION}, not {message.version}",
+        )
+    expected = token.encode("utf-8") if isinstance(token, str) else token
+    if not hmac.compare_digest(message.token.encode("utf-8", "surrogatepass"), expected):
+        return Error("unauthenticated", f"wrong token (client {clip(message.client_id)})")
+    if len(message.client_id) > MAX_CLIENT_ID:
+        return Error("bad-request", f"client_id longer than {MAX_CLIENT_ID} characters")
+    return Welcome(PROTOCOL_VERSION, server_id)
+
+
+def clip(text: str, limit: int = 300) -> str:
+    """``text`` cut for a log line or an error message (a peer chose it: any length)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 # --- addresses ----------------------------------------------------------------------
 
 
-def parse_address(value: str) -> tuple[str, int]:
-    """``(host, port)`` from ``HOST:PORT`` or ``[V6]:PORT``; an empty host is 127.0.0.1.
+def parse_address(
+    value: str, *, default_host: str | None = "127.0.0.1", allow_port_zero: bool = True
+) -> tuple[str, int]:
+    """``(host, port)`` from ``HOST:PORT`` or ``[V6]:PORT``; the host comes without brackets.
 
-    Every listen and advertised address in zkgate is spelled this way, so
-    there is one parser for all of them.
+    The one parser of ``HOST:PORT`` in zkgate: listen and advertised
+    addresses, upstream endpoints and the addresses registries store. An
+    empty host is ``default_host`` (refused when None). Port 0 ("any free
+    port") makes sense for a listener only; ``allow_port_zero=False`` refuses
+    it for a peer's address. An IPv6 host must be bracketed: in ``::1:80``
+    nobody can tell the port from the last group. Raises ValueError.
     """
-    host, colon, port = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        colon, port_text = rest[:1], rest[1:]
+        if not bracket or not host:
+            raise ValueError(f"expected HOST:PORT, got {value!r} (an unclosed or empty [])")
+    else:
+        host, colon, port_text = value.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"expected HOST:PORT, got {value!r} (write an IPv6 host as [addr])")
+    # ASCII digits only: str.isdigit also accepts other scripts' digits.
+    if colon != ":" or not (0 < len(port_text) <= 5 and port_text.isascii()
+                            and port_text.isdigit()):  # fmt: skip
         raise ValueError(f"expected HOST:PORT, got {value!r}")
-    return host or "127.0.0.1", int(port)
+    port = int(port_text)
+    if port > 65535 or (port == 0 and not allow_port_zero):
+        raise ValueError(f"expected HOST:PORT, got {value!r} (port must be 1..65535)")
+    if not host:
+        if default_host is None:
+            raise ValueError(f"expected HOST:PORT, got {value!r} (no host)")
+        host = default_host
+    return host, port
+
+
+def join_address(host: str, port: int) -> str:
+    """``HOST:PORT``, with an IPv6 host in brackets: the inverse of :func:`parse_address`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --- Unix socket files --------------------------------------------------------------

@@ -54,6 +54,7 @@ from dispatcher.sharding.membership import (
     open_membership,
 )
 from dispatcher.stopping import run_until_stopped
+from dispatcher.upstream import reject_unknown
 from dispatcher.wire import parse_address
 from metaserver.server import MetaLimits, MetaServer
 
@@ -86,17 +87,10 @@ def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
-def _reject_unknown(table: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
-    for key in table:
-        if key not in known:
-            path = f"{where}.{key}" if where else key
-            raise MembershipConfigError(f"{path}: unknown key (known here: {', '.join(known)})")
-
-
 def parse_meta_config(data: Mapping[str, Any], *, listen: str | None = None) -> MetaConfig:
     """Check a parsed file; ``listen`` (the command line's) wins over ``[meta] listen``.
     Raises :class:`MembershipConfigError` naming the bad key."""
-    _reject_unknown(data, _TOP_KEYS, "")
+    reject_unknown(data, _TOP_KEYS, "", MembershipConfigError)
     token = data.get("token")
     if not isinstance(token, str) or not token:
         raise MembershipConfigError("token: required, a non-empty string (proxies present it)")
@@ -112,14 +106,14 @@ def parse_meta_config(data: Mapping[str, Any], *, listen: str | None = None) -> 
             "'zookeeper' or 'etcd'"
         )
     sharding = _table(data, "sharding")
-    _reject_unknown(sharding, ("balance",), "sharding")
+    reject_unknown(sharding, ("balance",), "sharding", MembershipConfigError)
     balance = sharding.get("balance", DEFAULT_BALANCE)
     if isinstance(balance, bool) or not isinstance(balance, int | float):
         raise MembershipConfigError("sharding.balance: must be a number")
     if not (math.isfinite(balance) and balance >= 1):
         raise MembershipConfigError(f"sharding.balance: must be >= 1, not {balance}")
     meta = _table(data, "meta")
-    _reject_unknown(meta, ("listen", *_META_INTS, *_META_SECONDS), "meta")
+    reject_unknown(meta, ("listen", *_META_INTS, *_META_SECONDS), "meta", MembershipConfigError)
     limits: dict[str, Any] = {}
     for key in _META_INTS:
         if key in meta:
@@ -141,9 +135,7 @@ def parse_meta_config(data: Mapping[str, Any], *, listen: str | None = None) -> 
         parse_address(address)
     except ValueError as exc:
         raise MembershipConfigError(f"{where}: {exc}") from None
-    return MetaConfig(
-        membership, token, address, server_id, float(balance), MetaLimits(**limits)
-    )
+    return MetaConfig(membership, token, address, server_id, float(balance), MetaLimits(**limits))
 
 
 def load_meta_config(path: Path | str, *, listen: str | None = None) -> MetaConfig:
@@ -192,10 +184,18 @@ def add_subcommand(commands: Any) -> None:
         "that answers Lookup and WatchAssignments over the subscription protocol. Run "
         "several with the same configuration; they answer the same.",
     )
-    meta.add_argument("--config", type=Path, metavar="FILE", required=True,
-                      help="TOML file: token, [membership], [sharding] balance, [meta] limits")
-    meta.add_argument("--listen", metavar="HOST:PORT",
-                      help=f"address to serve on (default: [meta] listen, else {DEFAULT_LISTEN})")
+    meta.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        required=True,
+        help="TOML file: token, [membership], [sharding] balance, [meta] limits",
+    )
+    meta.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help=f"address to serve on (default: [meta] listen, else {DEFAULT_LISTEN})",
+    )
     meta.set_defaults(run=run)
 
 

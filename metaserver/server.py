@@ -34,7 +34,6 @@ that one connection with a log line; nothing a client sends can stop the server.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import socket
@@ -55,7 +54,6 @@ from dispatcher.sharding.assignment import (
 )
 from dispatcher.sharding.membership import MembershipStore, View, owner_endpoints
 from dispatcher.wire import (
-    PROTOCOL_VERSION,
     Error,
     FrameDecoder,
     Hello,
@@ -64,8 +62,8 @@ from dispatcher.wire import (
     Ping,
     Pong,
     WatchAssignments,
-    Welcome,
     WireError,
+    check_hello,
     encode,
 )
 
@@ -354,16 +352,10 @@ class _Connection:
         server = self.server
         with trio.fail_after(server.limits.hello_timeout):
             messages = await self.receive()
-        hello = messages[0]
-        if not isinstance(hello, Hello):
-            raise _Refused(Error("unauthenticated", "say hello first"))
-        if hello.version != PROTOCOL_VERSION:
-            raise _Refused(
-                Error("unsupported-version", f"this server speaks version {PROTOCOL_VERSION}")
-            )
-        if not hmac.compare_digest(hello.token.encode(), server.token.encode()):
-            raise _Refused(Error("unauthenticated", "wrong token"))
-        await self.send(encode(Welcome(PROTOCOL_VERSION, server.server_id)))
+        answer = check_hello(messages[0], server.token, server.server_id)
+        if isinstance(answer, Error):
+            raise _Refused(answer)
+        await self.send(encode(answer))
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
             # Errors of the read loop are carried out of the nursery by hand, so that the

@@ -51,45 +51,105 @@ def _service(text: str) -> tuple[str, ListenAddress]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``zkgate proxy``."""
-    parser.add_argument("--meta", required=True, metavar="HOST:PORT",
-                        help="the Meta Server that says which Dispatcher owns each service")
-    parser.add_argument("--service", dest="services", action="append", type=_service,
-                        required=True, metavar="NAME=LISTEN",
-                        help="route service NAME for the application listening on LISTEN: "
-                        "127.0.0.1:PORT or a Unix socket path (repeat for more services)")
-    parser.add_argument("--token", help="the shared token the Meta Server and Dispatchers ask "
-                        "for (or --token-file, or $ZKGATE_TOKEN)")
-    parser.add_argument("--token-file", type=Path, metavar="FILE",
-                        help="read the token from FILE (surrounding whitespace stripped)")
-    parser.add_argument("--client-id", help="how this proxy names itself to the servers "
-                        "(default: zkgate-proxy/HOST/PID)")
-    parser.add_argument("--balancer", choices=balancer.BALANCERS, default="wrr",
-                        help="wrr: smooth weighted round robin; p2c: power of two choices "
-                        "on open connections (default: wrr)")
-    parser.add_argument("--engine", choices=ENGINES, default="epoll",
-                        help="data plane: epoll (one copying thread with its own epoll; "
-                        "less than half the CPU per message, see proxy/splicer.py) or trio "
-                        "(two trio tasks per connection) (default: %(default)s)")
+    parser.add_argument(
+        "--meta",
+        required=True,
+        metavar="HOST:PORT",
+        help="the Meta Server that says which Dispatcher owns each service",
+    )
+    parser.add_argument(
+        "--service",
+        dest="services",
+        action="append",
+        type=_service,
+        required=True,
+        metavar="NAME=LISTEN",
+        help="route service NAME for the application listening on LISTEN: "
+        "127.0.0.1:PORT or a Unix socket path (repeat for more services)",
+    )
+    parser.add_argument(
+        "--token",
+        help="the shared token the Meta Server and Dispatchers ask "
+        "for (or --token-file, or $ZKGATE_TOKEN)",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="read the token from FILE (surrounding whitespace stripped)",
+    )
+    parser.add_argument(
+        "--client-id",
+        help="how this proxy names itself to the servers (default: zkgate-proxy/HOST/PID)",
+    )
+    parser.add_argument(
+        "--balancer",
+        choices=balancer.BALANCERS,
+        default="wrr",
+        help="wrr: smooth weighted round robin; p2c: power of two choices "
+        "on open connections (default: wrr)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="epoll",
+        help="data plane: epoll (one copying thread with its own epoll; "
+        "less than half the CPU per message, see proxy/splicer.py) or trio "
+        "(two trio tasks per connection) (default: %(default)s)",
+    )
     defaults = ForwardSettings()
-    parser.add_argument("--connect-timeout", type=float, default=defaults.connect_timeout,
-                        metavar="SECONDS", help="per endpoint (default: %(default)s)")
-    parser.add_argument("--attempts", type=int, default=defaults.attempts, metavar="N",
-                        help="distinct endpoints tried per connection (default: %(default)s)")
-    parser.add_argument("--endpoint-wait", type=float, default=defaults.endpoint_wait,
-                        metavar="SECONDS", help="how long a connection waits for a first "
-                        "endpoint while there is none (default: %(default)s)")
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=defaults.connect_timeout,
+        metavar="SECONDS",
+        help="per endpoint (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--attempts",
+        type=int,
+        default=defaults.attempts,
+        metavar="N",
+        help="distinct endpoints tried per connection (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--endpoint-wait",
+        type=float,
+        default=defaults.endpoint_wait,
+        metavar="SECONDS",
+        help="how long a connection waits for a first "
+        "endpoint while there is none (default: %(default)s)",
+    )
     policy = OutlierPolicy()
-    parser.add_argument("--eject-after", type=int, default=policy.consecutive_failures,
-                        metavar="N", help="consecutive connect failures that eject an "
-                        "endpoint locally (default: %(default)s)")
-    parser.add_argument("--eject-base", type=float, default=policy.base_ejection,
-                        metavar="SECONDS", help="first ejection's length; the n-th lasts n "
-                        "times as long (default: %(default)s)")
-    parser.add_argument("--eject-max", type=float, default=policy.max_ejection,
-                        metavar="SECONDS", help="longest ejection (default: %(default)s)")
-    parser.add_argument("--eject-max-percent", type=int, default=policy.max_ejection_percent,
-                        metavar="PCT", help="most of a service's endpoints ejected at once; "
-                        "0 turns ejection off (default: %(default)s)")
+    parser.add_argument(
+        "--eject-after",
+        type=int,
+        default=policy.consecutive_failures,
+        metavar="N",
+        help="consecutive connect failures that eject an endpoint locally (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--eject-base",
+        type=float,
+        default=policy.base_ejection,
+        metavar="SECONDS",
+        help="first ejection's length; the n-th lasts n times as long (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--eject-max",
+        type=float,
+        default=policy.max_ejection,
+        metavar="SECONDS",
+        help="longest ejection (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--eject-max-percent",
+        type=int,
+        default=policy.max_ejection_percent,
+        metavar="PCT",
+        help="most of a service's endpoints ejected at once; "
+        "0 turns ejection off (default: %(default)s)",
+    )
 
 
 def add_subcommand(commands: Any) -> None:

@@ -26,7 +26,7 @@ objects current, over :mod:`dispatcher.wire`:
   epoch, makes the proxy ask the Meta Server again (with backoff, so two
   servers that disagree cannot make it spin).
 * **Control plane away.** Every connection reconnects with exponential
-  backoff and jitter; a connection that hears nothing for ``dead_after``
+  backoff and full jitter; a connection that hears nothing for ``dead_after``
   seconds (Pings are sent every ``ping_interval``) counts as lost. The tables
   are never cleared for a lost connection: the proxy keeps routing on the
   last endpoints it had until a Dispatcher tells it otherwise.
@@ -52,6 +52,7 @@ import attrs
 import trio
 
 from dispatcher import wire
+from dispatcher.backoff import Backoff
 from dispatcher.containment import InternalErrors
 from proxy.endpoints import ServiceTable
 
@@ -104,33 +105,24 @@ async def open_wire_stream(address: str, timeout: float) -> wire.WireStream:
             path = address.removeprefix("unix:")
             stream: trio.abc.Stream = await trio.open_unix_socket(path)
         else:
-            host, sep, port = address.rpartition(":")
-            if not sep or not port.isdigit():
-                raise OSError(f"{address!r} is not HOST:PORT")
-            stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+            try:
+                host, port = wire.parse_address(address, allow_port_zero=False)
+            except ValueError as exc:
+                raise OSError(str(exc)) from None
+            stream = await trio.open_tcp_stream(host, port)
     return wire.WireStream(stream)
 
 
-class _Backoff:
-    """Exponential backoff with jitter (each delay drawn from [cap/2, cap])."""
+def _backoff(settings: ControlSettings, rng: random.Random) -> Backoff:
+    return Backoff(settings.backoff_initial, settings.backoff_max, rng)
 
-    def __init__(self, settings: ControlSettings, rng: random.Random) -> None:
-        self._initial = settings.backoff_initial
-        self._max = settings.backoff_max
-        self._rng = rng
-        self.failures = 0
 
-    def connection_ended(self, lived: float) -> None:
-        """A connection that lived ``lived`` seconds ended. Only one that stayed up
-        longer than the longest delay resets the backoff: a server that welcomes and
-        then refuses at once (an Error) must not be redialled in a tight loop."""
-        if lived > self._max:
-            self.failures = 0
-
-    def next_delay(self) -> float:
-        cap = min(self._max, self._initial * (2**self.failures))
-        self.failures += 1
-        return self._rng.uniform(cap / 2, cap)
+def _connection_ended(backoff: Backoff, lived: float) -> None:
+    """A connection that lived ``lived`` seconds ended. Only one that stayed up
+    longer than the longest delay resets the backoff: a server that welcomes and
+    then refuses at once (an Error) must not be redialled in a tight loop."""
+    if lived > backoff.maximum:
+        backoff.reset()
 
 
 class _Closed(Exception):
@@ -210,7 +202,7 @@ class ControlPlane:
     # ------------------------------------------------------------- the Meta Server
 
     async def _meta_loop(self) -> None:
-        backoff = _Backoff(self.settings, self._rng)
+        backoff = _backoff(self.settings, self._rng)
         services = tuple(self.tables)
         while True:
             try:
@@ -247,7 +239,7 @@ class ControlPlane:
                 self._meta_link = None
                 self.meta_connected = False
                 self._notify()
-            backoff.connection_ended(link.age)
+            _connection_ended(backoff, link.age)
             log.warning("lost the Meta Server", extra={"address": self.meta, "reason": reason})
             await trio.sleep(backoff.next_delay())
 
@@ -349,8 +341,8 @@ class ControlPlane:
         self.owners[service] = None
         self._retire_if_idle(session)
         self._redirects[service] += 1
-        delay = _Backoff(self.settings, self._rng)
-        delay.failures = self._redirects[service] - 1
+        delay = _backoff(self.settings, self._rng)
+        delay.attempt = self._redirects[service] - 1
         log.warning("cannot follow a redirect; asking the Meta Server again", extra={
             "service": service, "from_member": session.owner.id,
             "to_member": None if owner is None else owner.id,
@@ -584,7 +576,7 @@ class _Session:
 
     async def run(self) -> None:
         control = self.control
-        backoff = _Backoff(control.settings, control._rng)
+        backoff = _backoff(control.settings, control._rng)
         with self._scope:
             while True:
                 try:
@@ -615,7 +607,7 @@ class _Session:
                 finally:
                     self._link = None
                     control._notify()
-                backoff.connection_ended(link.age)
+                _connection_ended(backoff, link.age)
                 if self._stopping:
                     log.info("left a Dispatcher: no services of ours there",
                              extra={"member": self.owner.id})  # fmt: skip

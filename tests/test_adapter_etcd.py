@@ -31,6 +31,7 @@ from dispatcher.snapshot import Delta
 from dispatcher.upstream import ConfigError, Listing, Status, UpstreamEvent
 from tests.servers import EtcdServer, ServerFactory, free_port
 from tests.upstream_fold import Fold
+from tests.waiting import until
 
 ADAPTER = "etcd-test"
 
@@ -168,14 +169,14 @@ def test_from_config_reads_every_key() -> None:
         ({"endpoint": "h:1", "prefixes": [{"layout": "grpc"}]}, "'prefix'"),
         ({"endpoint": "h:1", "prefixes": [{"prefix": ""}]}, "'prefix'"),
         ({"endpoint": "h:1", "prefixes": [{"prefix": "/s/", "layout": "dubbo"}]}, "'layout'"),
-        ({"endpoint": "h:1", "prefixes": [{"prefix": "/s/", "root": "x"}]}, "'root'"),
+        ({"endpoint": "h:1", "prefixes": [{"prefix": "/s/", "root": "x"}]}, ".root: unknown key"),
         (
             {"endpoint": "h:1", "prefixes": [{"prefix": "/s/"}, {"prefix": "/s/a/"}]},
             "prefixes[1]",
         ),
         ({"endpoint": "h:1", "prefixes": [{"prefix": "/s/"}], "timeout": 0}, "'timeout'"),
         ({"endpoint": "h:1", "prefixes": [{"prefix": "/s/"}], "timeout": "5"}, "'timeout'"),
-        ({"endpoint": "h:1", "prefixes": [{"prefix": "/s/"}], "retries": 3}, "'retries'"),
+        ({"endpoint": "h:1", "prefixes": [{"prefix": "/s/"}], "retries": 3}, ".retries: unknown"),
     ],
 )
 def test_from_config_errors_name_the_key(options: dict[str, Any], named: str) -> None:
@@ -499,9 +500,10 @@ async def test_a_dispatcher_that_falls_behind_gets_a_resync(
             await fold.until(events, connected, message="connected")
             for index in range(40):  # one watch response each, and nobody reading
                 client.put(f"{prefix}s/{index}", grpc_value(f"10.0.0.1:{index + 1}"))
-            with trio.fail_after(10):
-                while not (upstream._session and upstream._session.inbox.overflowed):
-                    await trio.sleep(0.01)
+            await until(
+                lambda: upstream._session and upstream._session.inbox.overflowed,
+                "the watch inbox overflowed",
+            )
             await fold.until(events, lambda f: len(ids(f, "s")) == 40, message="all 40")
             assert listings(fold) == [None, None]
             assert [s.connected for s in fold.statuses] == [True]

@@ -256,7 +256,10 @@ def test_parse_errors_name_the_place() -> None:
 
     base = '[[instance]]\nservice = "s"\nhost = "h"\nport = 1\n'
     assert "line 1" in error("[[instance]\n")
-    assert error(base + "wieght = 5\n") == "[[instance]] #1: unknown key 'wieght'"
+    assert error(base + "wieght = 5\n") == (
+        "[[instance]] #1.wieght: unknown key (known here: health, host, id, metadata,"
+        " port, protocol, service, weight, zone)"
+    )
     assert error(base + base) == "[[instance]] #2: service 's' id 'h:1' repeats [[instance]] #1"
     assert "missing key 'host'" in error('[[instance]]\nservice = "s"\nport = 1\n')
     assert "'health' must be unknown, passing or failing" in error(base + 'health = "ok"\n')
@@ -277,7 +280,7 @@ def test_parse_errors_name_the_place() -> None:
         ({"path": "instances.yaml"}, ".toml or .json"),
         ({"path": "a.toml", "poll_interval": 0}, "'poll_interval'"),
         ({"path": "a.toml", "poll_interval": "1s"}, "'poll_interval' must be float"),
-        ({"path": "a.toml", "reload": True}, "unknown key 'reload'"),
+        ({"path": "a.toml", "reload": True}, r"\.reload: unknown key \(known here: path, poll"),
     ],
 )
 def test_bad_config_is_a_config_error_naming_the_key(

@@ -31,6 +31,7 @@ from dispatcher.gateway import Gateway, run_gateway
 from dispatcher.wire import Owner
 from dispatcher.zk.protocol import OpCode
 from tests.servers import ServerFactory, ZkgateServer, free_port
+from tests.waiting import until
 
 TIMEOUT = 10.0
 
@@ -143,15 +144,6 @@ async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
     return metrics(reply.text)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll ``check`` until it holds; the deadline is TIMEOUT."""
-    with trio.move_on_after(TIMEOUT):
-        while not await check():
-            await trio.sleep(0.05)
-        return
-    raise AssertionError(f"{what}: not within {TIMEOUT}s")
-
-
 def replace(path: Path, text: str) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text)
@@ -213,7 +205,7 @@ def kazoo(port: int) -> KazooClient:
 
 async def test_metrics_show_the_gateway_and_change_with_it(tmp_path: Path) -> None:
     async with gateway(tmp_path) as (running, port):
-        await eventually(
+        await until(
             lambda: _has(port, ("zkgate_instances", ()), 2.0), "the file's instances counted"
         )
         first = await scrape(port)
@@ -246,9 +238,7 @@ async def test_metrics_show_the_gateway_and_change_with_it(tmp_path: Path) -> No
             await trio.to_thread.run_sync(lambda: client.get("/app", watch=lambda event: None))
             subscription = running.fanin.subscribe(["orders", "billing"])
             replace(tmp_path / "services.toml", ORDERS + BILLING)
-            await eventually(
-                lambda: _has(port, ("zkgate_services", ()), 2.0), "the new service counted"
-            )
+            await until(lambda: _has(port, ("zkgate_services", ()), 2.0), "the new service counted")
             second = await scrape(port)
             assert second[("zkgate_zk_sessions", ())] == 1
             assert second[("zkgate_zk_connections", ())] == 1
@@ -269,7 +259,7 @@ async def test_metrics_show_the_gateway_and_change_with_it(tmp_path: Path) -> No
         finally:
             await trio.to_thread.run_sync(client.stop)
             await trio.to_thread.run_sync(client.close)
-        await eventually(
+        await until(
             lambda: _has(port, ("zkgate_zk_connections", ()), 0.0), "the client's disconnect"
         )
         third = await scrape(port)
@@ -301,9 +291,7 @@ def test_request_metrics_count_by_opcode_into_histogram_buckets() -> None:
     assert samples[(bucket, (("le", "0.001"), get_data))] == 4
     assert samples[(bucket, (("le", "0.01"), get_data))] == 4
     assert samples[(bucket, (("le", "+Inf"), get_data))] == 4
-    assert samples[("zkgate_zk_request_duration_seconds_sum", (get_data,))] == pytest.approx(
-        0.0025
-    )
+    assert samples[("zkgate_zk_request_duration_seconds_sum", (get_data,))] == pytest.approx(0.0025)
     create = ("opcode", "create")
     assert samples[(bucket, (("le", "0.01"), create))] == 0
     assert samples[(bucket, (("le", "+Inf"), create))] == 1
@@ -338,21 +326,21 @@ async def test_health_checker_and_subscription_server_metrics(tmp_path: Path) ->
     up = listeners[0].socket.getsockname()[1]
     down = free_port()
     instances = "".join(
-        f'[[instance]]\nservice = "db"\nhost = "127.0.0.1"\nport = {port}\n'
-        for port in (up, down)
+        f'[[instance]]\nservice = "db"\nhost = "127.0.0.1"\nport = {port}\n' for port in (up, down)
     )
     health = {"enabled": True, "interval": 0.2, "timeout": 0.1, "rise": 1, "fall": 1,
               "jitter": 0.0}  # fmt: skip
     subscriptions = {"listen": "127.0.0.1:0", "token": "secret"}
     async with trio.open_nursery() as accepting:
         accepting.start_soon(trio.serve_listeners, _close_at_once, listeners)
-        async with gateway(
-            tmp_path, instances, health=health, subscriptions=subscriptions
-        ) as (_running, port):
+        async with gateway(tmp_path, instances, health=health, subscriptions=subscriptions) as (
+            _running,
+            port,
+        ):
             failing = ("zkgate_instances_by_health", (("health", "failing"),))
             passing = ("zkgate_instances_by_health", (("health", "passing"),))
-            await eventually(lambda: _has(port, failing, 1.0), "the closed port found failing")
-            await eventually(lambda: _has(port, passing, 1.0), "the open port found passing")
+            await until(lambda: _has(port, failing, 1.0), "the closed port found failing")
+            await until(lambda: _has(port, passing, 1.0), "the open port found passing")
             samples = await scrape(port)
             assert samples[("zkgate_health_probes_total", ())] >= 2
             assert samples[("zkgate_health_to_failing_total", ())] >= 1
@@ -390,10 +378,10 @@ async def test_ready_waits_for_every_upstream_then_rides_out_an_outage(tmp_path:
         async def says_why() -> bool:
             return "cannot read" in (await get(port, "/ready")).json()["reasons"][0]
 
-        await eventually(says_why, "the upstream's own explanation in the reason")
+        await until(says_why, "the upstream's own explanation in the reason")
 
         replace(tmp_path / "services.toml", ORDERS)
-        await eventually(lambda: _status_is(port, "/ready", 200), "ready once the file loads")
+        await until(lambda: _status_is(port, "/ready", 200), "ready once the file loads")
         assert (await get(port, "/ready")).json() == {"ready": True}
 
         # The upstream goes away: stale, but still ready (the last state is served).
@@ -403,7 +391,7 @@ async def test_ready_waits_for_every_upstream_then_rides_out_an_outage(tmp_path:
             upstream = (await get(port, "/status")).json()["upstreams"][0]
             return not upstream["connected"] and upstream["stale_seconds"] > 0
 
-        await eventually(stale, "the upstream marked stale")
+        await until(stale, "the upstream marked stale")
         assert (await get(port, "/ready")).status == 200
         status = (await get(port, "/status")).json()
         assert status["ready"] is True
@@ -436,7 +424,7 @@ async def test_not_ready_while_the_zookeeper_port_is_not_bound(tmp_path: Path) -
 
 async def test_snapshot_json_names_every_instance_with_health_and_source(tmp_path: Path) -> None:
     async with gateway(tmp_path) as (running, port):
-        await eventually(lambda: _status_is(port, "/ready", 200), "ready")
+        await until(lambda: _status_is(port, "/ready", 200), "ready")
         reply = await get(port, "/snapshot")
         assert reply.status == 200
         snapshot = reply.json()
@@ -464,7 +452,7 @@ async def test_snapshot_json_names_every_instance_with_health_and_source(tmp_pat
         async def both() -> bool:
             return len((await get(port, "/snapshot")).json()["services"]) == 2
 
-        await eventually(both, "both services")
+        await until(both, "both services")
         head = (await get(port, "/snapshot?limit=1")).json()
         assert list(head["services"]) == ["billing"]
         assert (head["total_services"], head["truncated"]) == (2, True)
@@ -472,7 +460,7 @@ async def test_snapshot_json_names_every_instance_with_health_and_source(tmp_pat
         assert (await get(port, "/snapshot?limit=0")).status == 400
         assert (await get(port, "/snapshot?limit=x")).status == 400
         replace(tmp_path / "services.toml", ORDERS)
-        await eventually(lambda: _not(both), "billing gone again")
+        await until(lambda: _not(both), "billing gone again")
         reply = await get(port, "/snapshot")
 
         # Revalidation: 304 while the version holds, a new body once it changes.
@@ -485,12 +473,12 @@ async def test_snapshot_json_names_every_instance_with_health_and_source(tmp_pat
             reply = await get(port, "/snapshot", headers=[("if-none-match", etag)])
             return reply.status == 200 and "billing" in reply.json()["services"]
 
-        await eventually(changed, "the new version served")
+        await until(changed, "the new version served")
 
 
 async def test_status_reports_upstreams_zookeeper_and_subscribers(tmp_path: Path) -> None:
     async with gateway(tmp_path) as (running, port):
-        await eventually(lambda: _status_is(port, "/ready", 200), "ready")
+        await until(lambda: _status_is(port, "/ready", 200), "ready")
         status = (await get(port, "/status")).json()
         assert status["node"] == "gw-test"
         assert status["ready"] is True and status["reasons"] == []
@@ -526,7 +514,7 @@ async def test_shards_are_off_without_an_ownership_and_mapped_with_one(tmp_path:
         await nursery.start(sharded.run)
         assert sharded.admin is not None and sharded.admin.port is not None
         port = sharded.admin.port
-        await eventually(lambda: _has(port, ("zkgate_services", ()), 2.0), "both services")
+        await until(lambda: _has(port, ("zkgate_services", ()), 2.0), "both services")
         assert (await get(port, "/shards")).json() == {
             "sharding": "on",
             "node": "gw-test",
@@ -607,9 +595,7 @@ async def test_a_connection_beyond_the_limit_evicts_a_slow_one_and_is_served(
             for stream in held:  # two slow clients: a head begun, never finished
                 await stream.send_all(b"GET /health HTTP/1.1\r\n")
             # Both held connections are accepted before the third arrives.
-            with trio.fail_after(TIMEOUT):
-                while admin._connections < 2:
-                    await trio.sleep(0.01)
+            await until(lambda: admin._connections >= 2, "both slow clients accepted", TIMEOUT)
             request = b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
             served = await raw(port, request)
             assert status_of(served) == 200

@@ -34,8 +34,9 @@ def test_the_watch_collapse_benchmark_runs_and_the_ensemble_sees_one_watch() -> 
     assert direct == 50 * 5
     # One persistent recursive watch, which ZooKeeper 3.8 counts twice.
     assert upstream <= 2
-    collapse = re.search(r"through zkgate: +(\d+) watches with 50 clients, (\d+) with 1 client",
-                         run.stdout)
+    collapse = re.search(
+        r"through zkgate: +(\d+) watches with 50 clients, (\d+) with 1 client", run.stdout
+    )
     assert collapse, run.stdout
     assert int(collapse[1]) == int(collapse[2]) == upstream
     assert "re-arming reads returned older data" not in run.stdout

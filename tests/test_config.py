@@ -28,7 +28,7 @@ from dispatcher.config import (
 )
 from dispatcher.gateway import Gateway, run_gateway
 from dispatcher.model import Instance, Source
-from dispatcher.upstream import Listing, Status, Upstream
+from dispatcher.upstream import Listing, Status, Upstream, reject_unknown
 from tests.servers import REPO_ROOT, free_port, wait_for
 from tests.test_fanin import ScriptedUpstream
 
@@ -102,14 +102,19 @@ def test_a_good_file_is_read_whole_and_round_trips(tmp_path: Path) -> None:
 
 
 def test_a_mirror_table_is_read_whole_and_round_trips(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, textwrap.dedent('''
+    config = load_config(
+        write(
+            tmp_path,
+            textwrap.dedent("""
         [[mirror]]
         root = "/services"
         hosts = "zk1:2181, [::1]:2182"
         session_timeout = 4.5
         auth = ["digest:zkgate:secret"]
         max_sessions = 8
-    ''')))
+    """),
+        )
+    )
     (mirror,) = config.mirrors
     assert mirror.root == "/services"
     assert mirror.hosts == (("zk1", 2181), ("::1", 2182))
@@ -120,12 +125,16 @@ def test_a_mirror_table_is_read_whole_and_round_trips(tmp_path: Path) -> None:
 
 
 def test_serve_names_a_mirror_upstream_it_cannot_reach(tmp_path: Path) -> None:
-    path = write(tmp_path, textwrap.dedent(f'''
+    path = write(
+        tmp_path,
+        textwrap.dedent(f"""
         [[mirror]]
         root = "/m"
         hosts = "127.0.0.1:{free_port()}"
         connect_timeout = 1
-    '''), "mirror.toml")
+    """),
+        "mirror.toml",
+    )
     result = _zkgate("--config", str(path), "--listen", f"127.0.0.1:{free_port()}",
                      "--data-dir", str(tmp_path / "data"), cwd=tmp_path)  # fmt: skip
     assert result.returncode == 2, result.stderr
@@ -187,7 +196,7 @@ def test_command_line_flags_override_the_file(tmp_path: Path) -> None:
         ),
         (
             '[[upstream]]\nname = "a"\nkind = "scripted"\nhosts = "zk:2181"\n',
-            "upstream[0] ('a'): unknown key 'hosts'",
+            "upstream[0] ('a').hosts: unknown key (known here: crash_first)",
         ),
         ("[zookeeper\n", "not valid TOML"),
         ('[[mirror]]\nroot = "/m"\n', "mirror[0].hosts: missing"),
@@ -195,8 +204,10 @@ def test_command_line_flags_override_the_file(tmp_path: Path) -> None:
         ('[[mirror]]\nroot = "/m"\nhosts = "zk"\n', "mirror[0].hosts: expected HOST:PORT"),
         ('[[mirror]]\nroot = "/zookeeper/x"\nhosts = "zk:1"\n', "mirror[0].root: cannot be"),
         ('[[mirror]]\nroot = "/m"\nhosts = "zk:1"\nauth = ["ip:1"]\n', "mirror[0].auth[0]:"),
-        ('[[mirror]]\nroot = "/m"\nhosts = "zk:1"\nsession_timeout = 0\n',
-         "mirror[0].session_timeout: must be a positive number"),
+        (
+            '[[mirror]]\nroot = "/m"\nhosts = "zk:1"\nsession_timeout = 0\n',
+            "mirror[0].session_timeout: must be a positive number",
+        ),
         ('[[mirror]]\nroot = "/m"\nhosts = "zk:1"\nroots = []\n', "mirror[0].roots: unknown key"),
         (
             '[[projection]]\nroot = "/m"\nlayout = "plain"\n'
@@ -369,12 +380,12 @@ async def test_a_config_of_static_files_runs_end_to_end(
         [[upstream]]
         name = "db"
         kind = "static"
-        path = "{tmp_path / 'db.toml'}"
+        path = "{tmp_path / "db.toml"}"
         poll_interval = 0.05
         [[upstream]]
         name = "db-legacy"
         kind = "static"
-        path = "{tmp_path / 'db-legacy.toml'}"
+        path = "{tmp_path / "db-legacy.toml"}"
         poll_interval = 0.05
         """,
     )
@@ -399,3 +410,21 @@ async def test_a_config_of_static_files_runs_end_to_end(
         assert first.source is not None and first.source.adapter == "db"
         assert first.weight == 100 and dict(first.metadata) == {"role": "a"}
         nursery.cancel_scope.cancel()
+
+
+def test_every_unknown_key_message_names_the_keys_known_there(tmp_path: Path) -> None:
+    """One format for every table of every program: ``<where>.<key>: unknown key
+    (known here: ...)``, the known keys in a stable order (a typo is the usual cause)."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, '[subscriptions]\ntokn = "x"\n'))
+    assert str(caught.value).startswith("subscriptions.tokn: unknown key (known here: ")
+    assert "token" in str(caught.value)
+
+    class TableError(ValueError):
+        pass
+
+    with pytest.raises(TableError) as error:
+        reject_unknown({"a": 1, "zz": 2, "b": 3}, frozenset({"b", "a", "c"}), "t", TableError)
+    assert str(error.value) == "t.zz: unknown key (known here: a, b, c)"
+    with pytest.raises(ConfigError, match=r"^colour: unknown key \(known here: x, y\)$"):
+        reject_unknown({"colour": 1}, ["x", "y"], "")

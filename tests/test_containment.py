@@ -16,11 +16,13 @@ import struct
 from pathlib import Path
 from typing import NoReturn
 
+import pytest
 import trio
 from kazoo.client import KazooClient
 
 from dispatcher import wire
 from dispatcher.logs import LogfmtFormatter, RepeatLimiter
+from dispatcher.subscription_server import SubscriberConnection
 from dispatcher.zk.protocol import Err, OpCode
 from dispatcher.zk.records import PathRequest
 from tests.servers import ServerFactory, ZkgateServer
@@ -162,19 +164,20 @@ async def _converse_until_full(port: int) -> tuple[wire.Message, wire.Message]:
             return welcome, await conn.receive()
 
 
-async def test_a_subscriber_that_meets_a_bug_gets_an_internal_error(tmp_path: Path) -> None:
+async def test_a_subscriber_that_meets_a_bug_gets_an_internal_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with gateway(tmp_path, subscriptions=SUBSCRIPTIONS) as (running, admin_port):
-        server = running.subscriptions
         port = running.subscription_port
-        assert server is not None and port is not None
-        check_token = server._check_token
-        server._check_token = _bug  # type: ignore[method-assign]
-        answer = await _converse(port, HELLO)
+        assert port is not None
+        with monkeypatch.context() as patch:
+            patch.setattr(SubscriberConnection, "_subscribe", _bug)
+            answer = await _converse(port, HELLO, wire.encode(wire.Subscribe({"orders": None})))
+        assert isinstance(answer[0], wire.Welcome)
         assert [(m.code, m.type) for m in answer if isinstance(m, wire.Error)] == [
             ("internal", "error")
         ]
         assert await _internal_errors(admin_port, "subscriptions") == 1
-        server._check_token = check_token  # type: ignore[method-assign]
         welcome, full = await _converse_until_full(port)
         assert isinstance(welcome, wire.Welcome) and isinstance(full, wire.Full)
 

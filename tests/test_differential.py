@@ -253,8 +253,13 @@ def test_session_close_removes_ephemerals_and_fires_watches(
             assert got is not None
             events.append((got[1].type, got[1].path))
         children = b.call(OpCode.GET_CHILDREN2, PathWatchRequest(root, False))
-        answers.append((closed.header.err, sorted(events),
-                        side.normalize(children.decode(OpCode.GET_CHILDREN2))))
+        answers.append(
+            (
+                closed.header.err,
+                sorted(events),
+                side.normalize(children.decode(OpCode.GET_CHILDREN2)),
+            )
+        )
         side.close()
     assert answers[1] == answers[0]
 
@@ -321,7 +326,8 @@ def test_digest_auth_is_enforced_like_zookeeper(pair: Pair) -> None:
     alice = (ACL(31, Id("digest", digest_id("alice:secret"))),)
     creator_only = (ACL(31, Id("auth", "")),)
     read_only_alice = (
-        ACL(1, Id("digest", digest_id("alice:secret"))), ACL(8, Id("world", "anyone"))
+        ACL(1, Id("digest", digest_id("alice:secret"))),
+        ACL(8, Id("world", "anyone")),
     )
     _scenario(pair, root, [
         ("A", OpCode.CREATE, CreateRequest(root, b"", c, 0)),
@@ -435,9 +441,7 @@ def test_containers_and_ttl_nodes(extended_pair: Pair) -> None:
             return sorted(children.children) == ["mbox", "unused"]  # type: ignore[union-attr]
 
         wait_for(reaped, timeout=15, message="the used container and the TTL nodes to be reaped")
-    expected, actual = extended_pair.run(
-        "B", OpCode.GET_CHILDREN2, PathWatchRequest(root, False)
-    )
+    expected, actual = extended_pair.run("B", OpCode.GET_CHILDREN2, PathWatchRequest(root, False))
     assert _strip(actual, root) == _strip(expected, root)
     assert _strip(actual, root)["body"]["children"] == ["mbox", "unused"]  # type: ignore[index]
 

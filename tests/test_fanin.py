@@ -28,6 +28,7 @@ from dispatcher.model import Instance, Source
 from dispatcher.snapshot import Delta, Put, Remove, Snapshot
 from dispatcher.subscriptions import Subscription
 from dispatcher.upstream import Changed, Listing, Status, UpstreamEvent, reject_unknown
+from tests.waiting import until
 
 
 class ScriptedUpstream:
@@ -145,7 +146,8 @@ async def test_first_upstream_in_config_order_wins_and_keeps_its_source() -> Non
         assert merged.source == Source("a", "/orders/a-id")
         assert merged.weight == 50
         assert [r.source.adapter for r in fanin.reports("orders", "10.0.0.1", 8080)] == [
-            "a", "b",
+            "a",
+            "b",
         ]
 
 
@@ -155,8 +157,13 @@ async def test_winner_record_is_taken_whole_metadata_is_not_merged() -> None:
     async with running(fanin, a, b):
         await a.send(Listing((inst("x", metadata={"version": "2", "zone-hint": "eu"}),)))
         await b.send(
-            Listing((inst("y", upstream="b", zone="us-1",
-                          metadata={"version": "1", "owner": "team-b"}),))
+            Listing(
+                (
+                    inst(
+                        "y", upstream="b", zone="us-1", metadata={"version": "1", "owner": "team-b"}
+                    ),
+                )
+            )
         )
         merged = only(fanin.snapshot)
         assert dict(merged.metadata) == {"version": "2", "zone-hint": "eu"}
@@ -262,7 +269,8 @@ async def test_instances_this_node_exported_are_dropped_and_counted() -> None:
         native = inst("native", port=3)
         await a.send(Listing((ours, theirs, native)))
         assert sorted(fanin.snapshot.full("orders").instances) == [
-            "10.0.0.1:2", "10.0.0.1:3",
+            "10.0.0.1:2",
+            "10.0.0.1:3",
         ]
         assert fanin.counters.looped_back == 1
 
@@ -311,9 +319,8 @@ async def test_a_crashed_adapter_is_marked_stale_kept_and_restarted() -> None:
     a.script = [Status(True), Listing((inst("x"),))]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fanin.run, [a])
+        await until(lambda: a.runs >= 2, "the crashed adapter restarted")
         with trio.fail_after(10):
-            while a.runs < 2:
-                await trio.sleep(0.01)
             await a.running()
             await trio.testing.wait_all_tasks_blocked()
         assert fanin.counters.restarts == 1
@@ -340,23 +347,41 @@ async def test_listing_diff_is_exact() -> None:
     async with running(fanin, a):
         recorder = Recorder(fanin, "orders", "pay")
         await a.send(
-            Listing((inst("1", port=1), inst("2", port=2), inst("3", port=3),
-                     inst("p1", service="pay", port=1)))
+            Listing(
+                (
+                    inst("1", port=1),
+                    inst("2", port=2),
+                    inst("3", port=3),
+                    inst("p1", service="pay", port=1),
+                )
+            )
         )
         assert sorted(len(d.added) for d in recorder.drain()) == [1, 3]
         version = fanin.snapshot.version
 
         # The same listing again (new revisions, same values): nothing.
         await a.send(
-            Listing((inst("1", port=1), inst("2", port=2), inst("3", port=3),
-                     inst("p1", service="pay", port=1)))
+            Listing(
+                (
+                    inst("1", port=1),
+                    inst("2", port=2),
+                    inst("3", port=3),
+                    inst("p1", service="pay", port=1),
+                )
+            )
         )
         assert fanin.snapshot.version == version
         assert recorder.drain() == []
 
         await a.send(
-            Listing((inst("1", port=1), inst("2", port=2, weight=1), inst("4", port=4),
-                     inst("p1", service="pay", port=1)))
+            Listing(
+                (
+                    inst("1", port=1),
+                    inst("2", port=2, weight=1),
+                    inst("4", port=4),
+                    inst("p1", service="pay", port=1),
+                )
+            )
         )
         (delta,) = recorder.drain()
         assert delta.service == "orders"
@@ -466,14 +491,11 @@ def write_instances(path: Path, *tables: str) -> None:
     os.replace(aside, path)
 
 
-async def until(condition: Callable[[], bool], subscription: Subscription | None = None) -> None:
-    """Wait for ``condition``: on the subscription's updates if given, else by polling."""
+async def until_update(condition: Callable[[], bool], subscription: Subscription) -> None:
+    """Read the subscription's updates until ``condition`` holds (checked first)."""
     with trio.fail_after(10):
         while not condition():
-            if subscription is not None:
-                await subscription.__anext__()
-            else:
-                await trio.sleep(0.01)
+            await subscription.__anext__()
 
 
 async def test_two_static_files_merge_hand_over_and_go_stale(tmp_path: Path) -> None:
@@ -503,18 +525,21 @@ async def test_two_static_files_merge_hand_over_and_go_stale(tmp_path: Path) -> 
         def merged() -> bool:
             current = instances()
             winner = current.get("10.0.0.1:80")
-            return len(current) == 2 and winner is not None and winner.source is not None and (
-                winner.source.adapter == "first"
+            return (
+                len(current) == 2
+                and winner is not None
+                and winner.source is not None
+                and (winner.source.adapter == "first")
             )
 
-        await until(merged, sub)
+        await until_update(merged, sub)
         winner = instances()["10.0.0.1:80"]
         assert dict(winner.metadata) == {"owner": "a"} and winner.weight == 100
         await until(lambda: not fanin.stale)
 
         # The first file withdraws the endpoint: the second's record takes over.
         write_instances(first)
-        await until(lambda: instances()["10.0.0.1:80"].weight == 5, sub)
+        await until_update(lambda: instances()["10.0.0.1:80"].weight == 5, sub)
         assert dict(instances()["10.0.0.1:80"].metadata) == {"owner": "b", "tier": "gold"}
 
         # A broken file: the last good state stays, marked stale.

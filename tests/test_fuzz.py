@@ -32,6 +32,8 @@ TARGETS = ("zk_server", "zk_client", "wire", "admin_http", "config")
 #: Executions of each short run: a few seconds each on the 2-core machine
 #: (the admin target is the slowest, a trio run per input).
 RUNS = {"zk_server": 6000, "zk_client": 6000, "wire": 6000, "admin_http": 600, "config": 1500}
+
+
 def _kept_inputs() -> Iterator[object]:
     for kind in ("corpus", "crashes"):
         for target in TARGETS:

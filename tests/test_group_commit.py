@@ -23,6 +23,7 @@ from dispatcher.zk.records import OPEN_ACL_UNSAFE, CreateRequest, PathWatchReque
 from dispatcher.zk.server import ZooKeeperServer
 from dispatcher.zk.store import TreeStore
 from dispatcher.zk.tree import DataTree
+from tests.waiting import until
 from tests.zkwire import WireClient
 
 
@@ -59,14 +60,6 @@ async def serving(tmp_path: Path) -> AsyncIterator[tuple[Engine, HeldStore, int]
             nursery.cancel_scope.cancel()
     finally:
         store.close()
-
-
-async def until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    with trio.move_on_after(timeout):
-        while not check():
-            await trio.sleep(0.01)
-        return
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def nothing_received(client: WireClient) -> bool:

@@ -9,8 +9,12 @@ lists them, a real :class:`FanIn` merges them, and the verdicts come back
 as snapshot deltas that a subscriber reads.
 
 Timing assertions use the bounds the module documents (``fall * interval +
-timeout``, ``rise`` passes, 100 ms from a report), with short intervals so
-the module stays fast.
+timeout``, ``rise`` passes, 100 ms from a report). The checker's own tests run
+on trio's ``MockClock`` with autojump and give the checker :func:`wall` (trio's
+time on a wall-clock scale) as its slot clock: the sockets are real, time is
+virtual, so a schedule is checked without waiting for it and without the
+scheduling noise of a busy machine. The two tests that run a whole gateway
+(kazoo's threads, a static file's poll) stay on the real clock.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import functools
 import itertools
 import json
 import socket
-import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,6 +32,7 @@ import attrs
 import pytest
 import trio
 from kazoo.client import KazooClient
+from trio.testing import MockClock
 
 from dispatcher import wire
 from dispatcher.config import ConfigError, HealthConfig, ServiceProbe, parse_config
@@ -47,10 +51,23 @@ from dispatcher.model import Health, Instance, Source
 from dispatcher.snapshot import Put, Remove
 from dispatcher.subscriptions import Subscription
 from dispatcher.upstream import Changed, Listing, Status, UpstreamEvent
+from tests.waiting import until
 
 TIMEOUT = 10
+EPOCH = 1_800_000_000.0
+"""Where :func:`wall` starts: any wall-clock-like value (slots are phases of it)."""
 SLACK = 0.05
 """Seconds of scheduling noise allowed on top of a documented bound."""
+
+
+def wall() -> float:
+    """The checkers' slot clock here: wall-clock scale, but read from trio.
+
+    Under a ``MockClock`` it is virtual time, so a test that advances the clock
+    moves the slots with it; under the real clock it is as good as ``time.time()``
+    for everything measured here (differences, and slots of one checker).
+    """
+    return EPOCH + trio.current_time()
 
 
 # ------------------------------------------------------------------ listeners
@@ -99,7 +116,7 @@ class Listener:
                 stream = await listener.accept()
             except (trio.ClosedResourceError, OSError):
                 return
-            self.accepted.append(time.time())
+            self.accepted.append(wall())
             self._notify()
             self.nursery.start_soon(self._serve, stream)
 
@@ -214,7 +231,7 @@ def quiet_service(port: int, config: HealthConfig, horizon: float = 10.0) -> str
     For tests about report-triggered probes: a slot probe in the middle
     would be a second, legitimate probe that the test did not ask for.
     """
-    now = time.time()
+    now = wall()
     for n in itertools.count():
         service = f"orders{n}"
         k = first_slot(service, merged(port), now, config.interval, config.jitter)
@@ -237,7 +254,7 @@ class World:
     async def checker(
         self, config: HealthConfig, ownership: Any = None, fanin: FanIn | None = None
     ) -> HealthChecker:
-        checker = HealthChecker(fanin or self.fanin, ownership, config)
+        checker = HealthChecker(fanin or self.fanin, ownership, config, clock=wall)
         await self.nursery.start(checker.run)
         return checker
 
@@ -258,13 +275,6 @@ async def world(*instances: Instance) -> AsyncIterator[World]:
         nursery.cancel_scope.cancel()
 
 
-async def until(predicate: Any, timeout: float = TIMEOUT) -> None:
-    """Poll ``predicate`` (state changed by real sockets and timers) until true."""
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
-
-
 async def next_health(
     subscription: Subscription, instance_id: str, wanted: Health
 ) -> tuple[float, str]:
@@ -274,19 +284,21 @@ async def next_health(
             if update.delta is not None:
                 for instance in update.delta.updated:
                     if instance.instance_id == instance_id and instance.health is wanted:
-                        return time.time(), "updated"
+                        return wall(), "updated"
                 assert instance_id not in update.delta.removed_ids
             elif update.full is not None:
                 found = update.full.instances.get(instance_id)
                 if found is not None and found.health is wanted:
-                    return time.time(), "full"
+                    return wall(), "full"
     raise AssertionError("subscription ended")
 
 
 # ------------------------------------------------------------------ detection
 
 
-async def test_closed_listener_fails_within_bound_and_recovers_after_rise() -> None:
+async def test_closed_listener_fails_within_bound_and_recovers_after_rise(
+    autojump_clock: MockClock,
+) -> None:
     config = health_config(interval=0.3, timeout=0.2, rise=2, fall=2, jitter=0.1)
     async with trio.open_nursery() as nursery:
         listener = await Listener(nursery).open()
@@ -298,7 +310,7 @@ async def test_closed_listener_fails_within_bound_and_recovers_after_rise() -> N
             await next_health(subscription, iid, Health.PASSING)
             assert len(listener.accepted) == 1
 
-            closed = time.time()
+            closed = wall()
             await listener.close()
             failed, how = await next_health(subscription, iid, Health.FAILING)
             # A delta updates the instance in place (a proxy keeps its entry).
@@ -308,7 +320,7 @@ async def test_closed_listener_fails_within_bound_and_recovers_after_rise() -> N
             assert state is not None and state.fails == config.fall
 
             accepted_before = len(listener.accepted)
-            reopened = time.time()
+            reopened = wall()
             await listener.open()
             recovered, _ = await next_health(subscription, iid, Health.PASSING)
             # Exactly ``rise`` passing probes brought it back, at most rise
@@ -325,7 +337,9 @@ async def test_closed_listener_fails_within_bound_and_recovers_after_rise() -> N
         nursery.cancel_scope.cancel()
 
 
-async def test_every_instance_is_probed_once_per_cycle(refused_port: int) -> None:
+async def test_every_instance_is_probed_once_per_cycle(
+    refused_port: int, autojump_clock: MockClock
+) -> None:
     config = health_config(interval=0.2, timeout=0.1)
     async with trio.open_nursery() as nursery:
         listeners = [await Listener(nursery).open() for _ in range(5)]
@@ -364,7 +378,9 @@ def test_combination_rule(source: Health, probe: Health | None, result: Health) 
     assert combine_health(source, probe) is result
 
 
-async def test_source_failing_wins_and_probes_override_the_rest(refused_port: int) -> None:
+async def test_source_failing_wins_and_probes_override_the_rest(
+    refused_port: int, autojump_clock: MockClock
+) -> None:
     async with trio.open_nursery() as nursery:
         up = await Listener(nursery).open()
         # Consul says passing, but nothing listens: the probe wins.
@@ -385,7 +401,9 @@ async def test_source_failing_wins_and_probes_override_the_rest(refused_port: in
         nursery.cancel_scope.cancel()
 
 
-async def test_verdicts_follow_the_instance_not_the_endpoint_forever(refused_port: int) -> None:
+async def test_verdicts_follow_the_instance_not_the_endpoint_forever(
+    refused_port: int, autojump_clock: MockClock
+) -> None:
     dead = inst("orders", refused_port)
     async with world(dead) as w:
         iid = merged(refused_port)
@@ -407,7 +425,7 @@ async def test_verdicts_follow_the_instance_not_the_endpoint_forever(refused_por
         assert w.fanin.probe_health("orders", iid) is None
 
 
-async def test_a_verdict_survives_a_change_of_winning_registry() -> None:
+async def test_a_verdict_survives_a_change_of_winning_registry(autojump_clock: MockClock) -> None:
     primary = ListedUpstream("primary", [inst("orders", 9100, weight=10)])
     fallback = ListedUpstream("fallback", [inst("orders", 9100, weight=20)])
     fanin = FanIn("gw-test")
@@ -423,9 +441,11 @@ async def test_a_verdict_survives_a_change_of_winning_registry() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_a_checker_that_stops_withdraws_its_verdicts(refused_port: int) -> None:
+async def test_a_checker_that_stops_withdraws_its_verdicts(
+    refused_port: int, autojump_clock: MockClock
+) -> None:
     async with world(inst("orders", refused_port)) as w:
-        checker = HealthChecker(w.fanin, None, health_config())
+        checker = HealthChecker(w.fanin, None, health_config(), clock=wall)
         async with trio.open_nursery() as nursery:
             await nursery.start(checker.run)
             await until(lambda: w.health("orders", merged(refused_port)) is Health.FAILING)
@@ -433,7 +453,9 @@ async def test_a_checker_that_stops_withdraws_its_verdicts(refused_port: int) ->
         assert w.health("orders", merged(refused_port)) is Health.UNKNOWN
 
 
-async def test_probe_none_leaves_a_service_alone(refused_port: int) -> None:
+async def test_probe_none_leaves_a_service_alone(
+    refused_port: int, autojump_clock: MockClock
+) -> None:
     config = health_config(services=(ServiceProbe("batch", "none"),))
     async with world(inst("batch", refused_port), inst("orders", refused_port)) as w:
         checker = await w.checker(config)
@@ -448,7 +470,9 @@ async def test_probe_none_leaves_a_service_alone(refused_port: int) -> None:
 @pytest.mark.parametrize(
     ("status", "passes"), [(200, True), (204, True), (302, True), (404, False), (503, False)]
 )
-async def test_http_probe_passes_on_2xx_and_3xx(status: int, passes: bool) -> None:
+async def test_http_probe_passes_on_2xx_and_3xx(
+    status: int, passes: bool, autojump_clock: MockClock
+) -> None:
     async with trio.open_nursery() as nursery:
         listener = await Listener(nursery, http=status).open()
         result = await http_probe("127.0.0.1", listener.port, "/health")
@@ -458,7 +482,9 @@ async def test_http_probe_passes_on_2xx_and_3xx(status: int, passes: bool) -> No
         nursery.cancel_scope.cancel()
 
 
-async def test_http_probe_rejects_what_is_not_http(refused_port: int) -> None:
+async def test_http_probe_rejects_what_is_not_http(
+    refused_port: int, autojump_clock: MockClock
+) -> None:
     async def babble(stream: trio.SocketStream) -> None:
         async with stream:
             await stream.send_all(b"SSH-2.0-OpenSSH_9.2\r\n")
@@ -476,24 +502,24 @@ async def test_http_probe_rejects_what_is_not_http(refused_port: int) -> None:
     assert (await http_probe("127.0.0.1", refused_port, "/") or "").startswith("connect:")
 
 
-async def test_a_probe_that_hangs_fails_after_timeout_and_concurrency_is_bounded() -> None:
+async def test_a_probe_that_hangs_fails_after_timeout_and_concurrency_is_bounded(
+    autojump_clock: MockClock,
+) -> None:
     gate = trio.Event()  # never set: every HTTP probe hangs until its timeout
-    config = health_config(
-        interval=0.5, timeout=0.15, concurrency=3, probe="http", fall=1
-    )
+    config = health_config(interval=0.5, timeout=0.15, concurrency=3, probe="http", fall=1)
     async with trio.open_nursery() as nursery:
         listener = await Listener(nursery, http=200, gate=gate).open()
         # Twelve services share the endpoint: twelve instances, one socket each.
         instances = [inst(f"svc{i}", listener.port) for i in range(12)]
         async with world(*instances) as w:
-            started = time.time()
+            started = wall()
             checker = await w.checker(config)
             iid = merged(listener.port)
             await until(lambda: all(
                 w.health(f"svc{i}", iid) is Health.FAILING for i in range(12)
             ))  # fmt: skip
             # Twelve probes, three at a time, each cut off at the timeout.
-            assert time.time() - started >= 4 * config.timeout
+            assert wall() - started >= 4 * config.timeout
             assert listener.max_open <= config.concurrency
             assert checker.metrics.failures >= 12
         nursery.cancel_scope.cancel()
@@ -502,7 +528,7 @@ async def test_a_probe_that_hangs_fails_after_timeout_and_concurrency_is_bounded
 # ------------------------------------------------------------------ reports
 
 
-async def test_a_report_triggers_a_probe_within_100ms() -> None:
+async def test_a_report_triggers_a_probe_within_100ms(autojump_clock: MockClock) -> None:
     # A long interval: the next slot is far away, so the probe is the report's.
     config = health_config(interval=60.0, timeout=1.0, recheck=0.01)
     async with trio.open_nursery() as nursery:
@@ -513,7 +539,7 @@ async def test_a_report_triggers_a_probe_within_100ms() -> None:
             await until(lambda: checker.state("orders", iid) is not None)
             for round in range(3):
                 seen = len(listener.accepted)
-                sent = time.time()
+                sent = wall()
                 assert checker.on_report("orders", iid, "connect-refused", "proxy-1")
                 probed = await listener.wait_accepted(seen + 1)
                 assert probed - sent < 0.1, f"round {round}: {probed - sent:.3f} s"
@@ -523,7 +549,7 @@ async def test_a_report_triggers_a_probe_within_100ms() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_reports_merge_into_the_probe_in_flight() -> None:
+async def test_reports_merge_into_the_probe_in_flight(autojump_clock: MockClock) -> None:
     gate = trio.Event()
     config = health_config(interval=60.0, timeout=5.0, probe="http")
     async with trio.open_nursery() as nursery:
@@ -545,7 +571,9 @@ async def test_reports_merge_into_the_probe_in_flight() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_reports_without_an_authenticated_client_are_refused() -> None:
+async def test_reports_without_an_authenticated_client_are_refused(
+    autojump_clock: MockClock,
+) -> None:
     config = health_config(interval=60.0, timeout=1.0)
     async with trio.open_nursery() as nursery:
         listener = await Listener(nursery).open()
@@ -568,7 +596,7 @@ async def test_reports_without_an_authenticated_client_are_refused() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_a_reported_failure_is_confirmed_by_quick_rechecks() -> None:
+async def test_a_reported_failure_is_confirmed_by_quick_rechecks(autojump_clock: MockClock) -> None:
     config = health_config(interval=60.0, timeout=0.5, fall=3, recheck=0.1)
     async with trio.open_nursery() as nursery:
         listener = await Listener(nursery).open()
@@ -580,11 +608,11 @@ async def test_a_reported_failure_is_confirmed_by_quick_rechecks() -> None:
             assert checker.on_report(service, iid, "reset", "proxy-1")
             await until(lambda: w.health(service, iid) is Health.PASSING)
             await listener.close()
-            reported = time.time()
+            reported = wall()
             assert checker.on_report(service, iid, "connect-refused", "proxy-1")
             await until(lambda: w.health(service, iid) is Health.FAILING)
             # fall probes, recheck apart, instead of fall intervals (3 minutes).
-            assert time.time() - reported <= (config.fall - 1) * config.recheck + 0.5
+            assert wall() - reported <= (config.fall - 1) * config.recheck + 0.5
             assert checker.metrics.probes_reported == 1 + config.fall
         nursery.cancel_scope.cancel()
 
@@ -663,7 +691,7 @@ def aligned(service: str, port: int, prefix: str, port2: int, config: HealthConf
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["atomic-handover", "overlapping-owners"])
 async def test_two_dispatchers_never_probe_one_instance_twice_in_an_interval(
-    overlap: bool,
+    overlap: bool, autojump_clock: MockClock
 ) -> None:
     config = health_config(interval=0.3, timeout=0.1, jitter=0.1)
     async with trio.open_nursery() as nursery:
@@ -678,12 +706,12 @@ async def test_two_dispatchers_never_probe_one_instance_twice_in_an_interval(
         async with world(*instances) as w1, world(*instances) as w2:
             d1 = await w1.checker(config, shards.view("d1", with_prober=overlap))
             d2 = await w2.checker(config, shards.view("d2", with_prober=overlap))
-            begin = time.time()
+            begin = wall()
             await trio.sleep(4 * config.interval)
 
             # Swap a and b at the instant farthest from their slots.
             moved = [(a, merged(ports[0].port)), (b, merged(ports[1].port))]
-            now = time.time()
+            now = wall()
             slots = []
             for service, iid in moved:
                 k = first_slot(service, iid, now, config.interval, config.jitter)
@@ -692,11 +720,11 @@ async def test_two_dispatchers_never_probe_one_instance_twice_in_an_interval(
             candidates = [now + 0.05 + j * 0.002 for j in range(int(config.interval / 0.002))]
             swap = max(candidates, key=lambda t: min(abs(t - s) for s in slots))
             assert min(abs(swap - s) for s in slots) > 0.1
-            await trio.sleep(swap - time.time())
+            await trio.sleep(swap - wall())
             shards.move(a, "d2", overlap=overlap)
             shards.move(b, "d1", overlap=overlap)
             await trio.sleep(4 * config.interval)
-            end = time.time()
+            end = wall()
         # Both checkers have stopped; let the listeners accept what is still queued.
         await until(lambda: all(
             len(x.accepted) >= sum(
@@ -725,7 +753,9 @@ async def test_two_dispatchers_never_probe_one_instance_twice_in_an_interval(
     assert d1.metrics.skipped_not_owned > 0 and d2.metrics.skipped_not_owned > 0
 
 
-async def test_losing_a_service_withdraws_its_verdicts(refused_port: int) -> None:
+async def test_losing_a_service_withdraws_its_verdicts(
+    refused_port: int, autojump_clock: MockClock
+) -> None:
     shards = Shards({"orders": "d1"})
     async with world(inst("orders", refused_port)) as w:
         checker = await w.checker(health_config(), shards.view("d1"))
@@ -811,7 +841,7 @@ async def test_the_gateway_checks_health_and_takes_proxy_reports(
         await proxy.send(wire.Hello(wire.PROTOCOL_VERSION, "t0ken", "proxy-9"))
         assert isinstance(await proxy.receive(), wire.Welcome)
         seen = len(listener.accepted)
-        sent = time.time()
+        sent = wall()
         await proxy.send(wire.Report("orders", up, "reset"))
         probed = await listener.wait_accepted(seen + 1)
         assert probed - sent < 0.1

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from adapters import layouts
 from adapters.layouts import curator, dubbo, node_name, node_text, plain, serverset
 from dispatcher.model import Health, Instance, Source
+from dispatcher.upstream import ConfigError
 
 # --- real-world records ---------------------------------------------------------
 
@@ -324,7 +325,7 @@ def test_layout_registry() -> None:
         assert name == layout.NAME
         for attribute in ("directory", "service_of", "parse", "render"):
             assert callable(getattr(layout, attribute))
-    with pytest.raises(KeyError, match="unknown layout 'etcd'"):
+    with pytest.raises(ConfigError, match=r"unknown layout 'etcd' \(known: curator, dubbo, "):
         layouts.get("etcd")
 
 

@@ -45,7 +45,7 @@ def test_a_logfmt_line_has_time_level_logger_message_and_fields_in_order() -> No
                path="/a b", custom=3)
     )  # fmt: skip
     assert line == (
-        'ts=2024-05-01T12:00:00.123Z level=info logger=dispatcher.zk.engine '
+        "ts=2024-05-01T12:00:00.123Z level=info logger=dispatcher.zk.engine "
         'msg="session x opened" session=0x1f path="/a b" service=orders peer=/127.0.0.1:5 '
         "custom=3"
     )
@@ -95,7 +95,7 @@ def test_configure_logging_replaces_only_its_own_handler() -> None:
         logging.getLogger("dispatcher.fanin").debug("applied", extra={"service": "orders"})
         assert first.getvalue() == ""
         assert second.getvalue().endswith(
-            'logger=dispatcher.fanin msg=applied service=orders node=gw-1\n'
+            "logger=dispatcher.fanin msg=applied service=orders node=gw-1\n"
         )
     finally:
         for handler in root.handlers[:]:

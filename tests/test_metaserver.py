@@ -53,9 +53,7 @@ class WireClient:
         self.wire = wire.WireStream(stream)
 
     @classmethod
-    async def connect(
-        cls, address: str, *, token: str = TOKEN, hello: bool = True
-    ) -> WireClient:
+    async def connect(cls, address: str, *, token: str = TOKEN, hello: bool = True) -> WireClient:
         host, port = address.rsplit(":", 1)
         client = cls(await trio.open_tcp_stream(host, int(port)))
         if hello:

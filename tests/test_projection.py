@@ -103,7 +103,10 @@ def test_curator_discovery_json_and_serverset_status(
     data, _ = zk.get(f"/services/com.acme.Orders/{A_ID}")
     record = json.loads(data)
     assert (record["name"], record["id"], record["address"], record["port"]) == (
-        "com.acme.Orders", A_ID, "10.0.0.1", 20880,
+        "com.acme.Orders",
+        A_ID,
+        "10.0.0.1",
+        20880,
     )
     assert zk.get_children("/services/com.acme.Orders") == [A_ID]
     members = sorted(zk.get_children("/serversets/com.acme.Orders"))

@@ -22,6 +22,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from dispatcher import wire
 from proxy import balancer
@@ -30,7 +31,8 @@ from proxy.forward import ForwardSettings, ListenAddress, ServiceForwarder
 from proxy.outlier import OutlierDetector, OutlierPolicy
 from proxy.sidecar import ENGINES, Sidecar, SidecarConfig
 from proxy.splicer import EpollSplicer
-from tests.test_proxy_control import FAST, TOKEN, DispatcherDriver, MetaDriver, until
+from tests.test_proxy_control import FAST, TOKEN, DispatcherDriver, MetaDriver
+from tests.waiting import until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -265,7 +267,7 @@ class Traffic:
     async def more(self, requests: int, timeout: float = 10) -> None:
         """Wait until ``requests`` more requests have succeeded."""
         target = self.ok + requests
-        await until(lambda: self.ok >= target, timeout)
+        await until(lambda: self.ok >= target, f"{requests} more requests", timeout)
 
 
 @pytest.fixture(params=ENGINES)
@@ -439,11 +441,15 @@ async def test_no_reachable_endpoint_closes_the_client_at_once(
 async def test_a_connection_waits_for_the_first_endpoints(nursery: trio.Nursery) -> None:
     server = await EchoServer("late").start(nursery)
     table = ServiceTable("echo")
-    _, address = await forwarder_for(nursery, table)
+    forwarder, address = await forwarder_for(nursery, table)
     stream = await connect(address)
     async with trio.open_nursery() as inner:
         inner.start_soon(exchange, stream, b"early bird")
-        await trio.sleep(0.05)  # the connection is parked; then endpoints arrive
+        # The connection is parked (accepted, waiting for the table to change); then
+        # endpoints arrive. Everything here is in-process: once all tasks wait, it is parked.
+        await until(lambda: forwarder.stats.accepted == 1, "the early connection accepted")
+        await trio.testing.wait_all_tasks_blocked()
+        assert forwarder.stats.forwarded == 0 and forwarder.stats.unrouted == 0
         table.apply_full(wire.Full("echo", 1, (server.instance(),)), "d/1")
     await stream.aclose()
     assert server.accepted == 1
@@ -604,7 +610,8 @@ async def test_control_plane_stopped_and_started_while_traffic_flows(
 ) -> None:
     servers = [await EchoServer(n).start(nursery) for n in "ab"]
     meta, d1, sidecar, address = await start_mesh(
-        nursery, servers, ListenAddress(path=str(tmp_path / "echo.sock")), engine=engine)
+        nursery, servers, ListenAddress(path=str(tmp_path / "echo.sock")), engine=engine
+    )
     traffic = Traffic(address)
     await traffic.run_until(nursery, clients=4)
     await traffic.more(50)
@@ -714,7 +721,10 @@ def _write_static(path: Path, servers: list[EchoServer]) -> None:
 
 
 async def test_real_meta_server_and_dispatchers_with_a_shard_failover(
-    nursery: trio.Nursery, tmp_path: Path, zookeeper: object, zkgate_factory: object,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    zookeeper: object,
+    zkgate_factory: object,
     unique_path: str,
 ) -> None:
     """zkgate's own Meta Server and two sharded Dispatchers (``zkgate serve``) on a real

@@ -8,6 +8,10 @@ from this very server incarnation) and record what the proxy sent, so the
 tests can assert on the conversation as well as on the proxy's tables.
 They are protocol drivers, not a registry double: the registries behind a
 Dispatcher play no part in what the proxy does.
+
+Every test runs on trio's ``MockClock`` with autojump: the sockets are real
+and in this process, the time is virtual, so backoff, pings and the silence
+limit take no wall-clock time and their bounds are checked without slack.
 """
 
 from __future__ import annotations
@@ -15,16 +19,18 @@ from __future__ import annotations
 import itertools
 import math
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from dispatcher import wire
 from proxy.control import ControlPlane, ControlSettings
 from proxy.endpoints import ServiceTable
+from tests.waiting import until
 
 TOKEN = "s3cret"
 FAST = ControlSettings(token=TOKEN, client_id="test-proxy", connect_timeout=2.0,
@@ -34,13 +40,6 @@ FAST = ControlSettings(token=TOKEN, client_id="test-proxy", connect_timeout=2.0,
 
 def instance(n: int, port: int = 0, **kw: Any) -> wire.WireInstance:
     return wire.WireInstance(f"i{n}", "127.0.0.1", port or 20000 + n, **kw)
-
-
-async def until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
-    """Poll ``predicate`` (cheap, in-process state) until true, with a deadline."""
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
 
 
 # ============================================================================ drivers
@@ -321,7 +320,9 @@ def ids(table: ServiceTable) -> set[str]:
 # ============================================================================ tests
 
 
-async def test_lookup_subscribe_and_apply_full_then_deltas(nursery: trio.Nursery) -> None:
+async def test_lookup_subscribe_and_apply_full_then_deltas(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     meta, d1 = MetaDriver(), DispatcherDriver("d1")
     await meta.start(nursery)
     await d1.start(nursery)
@@ -343,7 +344,9 @@ async def test_lookup_subscribe_and_apply_full_then_deltas(nursery: trio.Nursery
     await until(lambda: any(a.version == table.version for a in d1.received(wire.Ack)))
 
 
-async def test_reconnect_resumes_with_the_held_version(nursery: trio.Nursery) -> None:
+async def test_reconnect_resumes_with_the_held_version(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     meta, d1 = MetaDriver(), DispatcherDriver("d1")
     await meta.start(nursery)
     await d1.start(nursery)
@@ -355,8 +358,9 @@ async def test_reconnect_resumes_with_the_held_version(nursery: trio.Nursery) ->
     held = table.version
 
     d1.drop_connections()
-    await until(lambda: not control.sessions()["d1"].connected)
-    d1.put("orders", instance(2))  # happens while the proxy is away
+    # No checkpoint in between: the change happens while the proxy is away, however
+    # short its (jittered, possibly near-zero) reconnect delay is.
+    d1.put("orders", instance(2))
     await until(lambda: ids(table) == {"i1", "i2"})
     subscribes = d1.received(wire.Subscribe)
     assert [s.services for s in subscribes] == [{"orders": None}, {"orders": held}]
@@ -364,7 +368,9 @@ async def test_reconnect_resumes_with_the_held_version(nursery: trio.Nursery) ->
     assert table.version == d1.services["orders"].version
 
 
-async def test_a_restarted_dispatcher_gets_no_foreign_version(nursery: trio.Nursery) -> None:
+async def test_a_restarted_dispatcher_gets_no_foreign_version(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     meta, d1 = MetaDriver(), DispatcherDriver("d1")
     await meta.start(nursery)
     await d1.start(nursery)
@@ -430,8 +436,12 @@ async def test_old_owner_feeds_the_table_until_the_new_one_answers(
 
     d2.stop()  # the new owner is not reachable yet
     meta.assign(orders=d2.owner)
-    await until(lambda: control.owner_session("orders") is not None
-                and control.owner_session("orders").owner == d2.owner)  # type: ignore[union-attr]
+    await until(
+        lambda: (
+            control.owner_session("orders") is not None
+            and control.owner_session("orders").owner == d2.owner
+        )
+    )  # type: ignore[union-attr]
     d1.put("orders", instance(2))  # still applied: d1 is all we have
     await until(lambda: ids(table) == {"i1", "i2"})
     assert control.sessions()["d1"].leaving == {"orders"}
@@ -444,7 +454,9 @@ async def test_old_owner_feeds_the_table_until_the_new_one_answers(
     assert ids(table) == {"i7"}
 
 
-async def test_redirect_to_a_newer_owner_is_followed(nursery: trio.Nursery) -> None:
+async def test_redirect_to_a_newer_owner_is_followed(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     meta, d1, d2 = MetaDriver(), DispatcherDriver("d1"), DispatcherDriver("d2")
     for server in (meta, d1, d2):
         await server.start(nursery)
@@ -461,7 +473,9 @@ async def test_redirect_to_a_newer_owner_is_followed(nursery: trio.Nursery) -> N
     assert control.owners["orders"] == d2.owner
 
 
-async def test_redirect_to_nobody_asks_the_meta_server_again(nursery: trio.Nursery) -> None:
+async def test_redirect_to_nobody_asks_the_meta_server_again(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     meta, d1, d2 = MetaDriver(), DispatcherDriver("d1"), DispatcherDriver("d2")
     for server in (meta, d1, d2):
         await server.start(nursery)
@@ -480,7 +494,9 @@ async def test_redirect_to_nobody_asks_the_meta_server_again(nursery: trio.Nurse
     assert ids(table) == {"i2"}
 
 
-async def test_stale_assignments_are_ignored(nursery: trio.Nursery) -> None:
+async def test_stale_assignments_are_ignored(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     meta, d1, d2 = MetaDriver(), DispatcherDriver("d1"), DispatcherDriver("d2")
     for server in (meta, d1, d2):
         await server.start(nursery)
@@ -496,7 +512,9 @@ async def test_stale_assignments_are_ignored(nursery: trio.Nursery) -> None:
     assert control.owners["orders"] == d1.owner
 
 
-async def test_control_plane_away_keeps_the_last_endpoints(nursery: trio.Nursery) -> None:
+async def test_control_plane_away_keeps_the_last_endpoints(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     meta, d1 = MetaDriver(), DispatcherDriver("d1")
     await meta.start(nursery)
     await d1.start(nursery)
@@ -509,7 +527,8 @@ async def test_control_plane_away_keeps_the_last_endpoints(nursery: trio.Nursery
     meta.stop()
     d1.stop()
     await until(lambda: not control.meta_connected and not control.sessions()["d1"].connected)
-    # Some reconnect attempts fail meanwhile; the table stays as it was.
+    # Virtual time: 0.3 s is every backoff step from 0.02 s up to the 0.2 s cap,
+    # so several reconnects fail meanwhile; the table stays as it was.
     await trio.sleep(0.3)
     assert ids(table) == {"i1", "i2"}
 
@@ -520,7 +539,9 @@ async def test_control_plane_away_keeps_the_last_endpoints(nursery: trio.Nursery
     await until(lambda: control.meta_connected)
 
 
-async def test_deltas_that_do_not_chain_ask_for_a_full(nursery: trio.Nursery) -> None:
+async def test_deltas_that_do_not_chain_ask_for_a_full(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     meta, d1 = MetaDriver(), DispatcherDriver("d1")
     await meta.start(nursery)
     await d1.start(nursery)
@@ -536,7 +557,9 @@ async def test_deltas_that_do_not_chain_ask_for_a_full(nursery: trio.Nursery) ->
     assert ids(table) == {"i1"}
 
 
-async def test_reports_reach_the_owner_and_wait_for_a_reconnect(nursery: trio.Nursery) -> None:
+async def test_reports_reach_the_owner_and_wait_for_a_reconnect(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     meta, d1 = MetaDriver(), DispatcherDriver("d1")
     await meta.start(nursery)
     await d1.start(nursery)
@@ -557,7 +580,9 @@ async def test_reports_reach_the_owner_and_wait_for_a_reconnect(nursery: trio.Nu
     assert d1.received(wire.Report)[-1].reason == "connect-timeout"
 
 
-async def test_a_wrong_token_is_retried_without_crashing(nursery: trio.Nursery) -> None:
+async def test_a_wrong_token_is_retried_without_crashing(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     meta = MetaDriver()
     meta.token = "another"
     await meta.start(nursery)
@@ -569,7 +594,9 @@ async def test_a_wrong_token_is_retried_without_crashing(nursery: trio.Nursery) 
     await until(lambda: control.meta_connected)
 
 
-async def test_silent_server_is_dropped_and_redialed(nursery: trio.Nursery) -> None:
+async def test_silent_server_is_dropped_and_redialed(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
     meta, d1 = MetaDriver(), DispatcherDriver("d1")
     await meta.start(nursery)
     await d1.start(nursery)
@@ -583,4 +610,10 @@ async def test_silent_server_is_dropped_and_redialed(nursery: trio.Nursery) -> N
     # A server that stops answering at all is given up on and dialled again.
     hellos = len(d1.hellos)
     d1.mute = True
+    muted = trio.current_time()
     await until(lambda: len(d1.hellos) > hellos, timeout=5)
+    # Virtual time: dropped ``dead_after`` after the last word heard (at most a ping
+    # interval before the mute), then redialled within one backoff.
+    silent = trio.current_time() - muted
+    assert settings.dead_after - settings.ping_interval <= silent
+    assert silent <= settings.dead_after + settings.backoff_max

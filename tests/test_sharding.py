@@ -32,6 +32,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from dispatcher import wire
 from dispatcher.config import parse_config
@@ -54,6 +55,7 @@ from tests.test_metaserver import (
     meta_config_text,
     store_handle,
 )
+from tests.waiting import until
 
 TIMEOUT = 20
 SESSION = 2.0
@@ -84,9 +86,7 @@ async def test_old_owner_serves_until_the_new_owner_is_warm() -> None:
         a_store.register(a_reg)
         await nursery.start(a_store.run)
         await nursery.start(a.run)
-        with trio.fail_after(TIMEOUT):
-            while not all(a.owns(s) for s in services):
-                await trio.sleep(0.01)
+        await until(lambda: all(a.owns(s) for s in services), "a owns everything", TIMEOUT)
         assert a.interest == set(services)
 
         b_scope = trio.CancelScope()
@@ -98,9 +98,9 @@ async def test_old_owner_serves_until_the_new_owner_is_warm() -> None:
 
         await nursery.start(run_b)
         await nursery.start(b.run)
-        with trio.fail_after(TIMEOUT):
-            while b.epoch != store.epoch or a.epoch != store.epoch or not b.warming:
-                await trio.sleep(0.01)
+        await until(
+            lambda: b.epoch == a.epoch == store.epoch and bool(b.warming), "b warming", TIMEOUT
+        )
         moving = sorted(b.warming)
         moved_at = b.epoch
         assert b.view is not None and b.view.inputs_epoch == store.inputs_epoch
@@ -116,7 +116,9 @@ async def test_old_owner_serves_until_the_new_owner_is_warm() -> None:
         # Half loaded: still nothing moves (the warm marker is per member, all or nothing).
         b_loaded.update(moving[: len(moving) // 2])
         b.loaded_changed()
-        await trio.sleep(0.05)
+        # Both shards and the store run in this process: once every task has reacted to
+        # the wake-up and waits again, a warm marker would already be in the store.
+        await trio.testing.wait_all_tasks_blocked()
         assert "b" not in store.warm and a.outgoing == set(moving)
         # B serves what it has loaded (A still does too: both, never neither).
         assert b.owns(moving[0]) and not b.owns(moving[-1]) and b.epoch == moved_at
@@ -125,9 +127,7 @@ async def test_old_owner_serves_until_the_new_owner_is_warm() -> None:
         calls = len(a_calls)
         b_loaded.update(moving)
         b.loaded_changed()
-        with trio.fail_after(TIMEOUT):
-            while a.outgoing:
-                await trio.sleep(0.01)
+        await until(lambda: not a.outgoing, "a hands over everything b loaded", TIMEOUT)
         assert store.warm["b"] == store.inputs_epoch  # the marker names the inputs it covers
         # A told its subscription server to redirect, at a newer epoch than the move's (the
         # marker is an epoch change): its Redirects outrank B's earlier ones back to A.
@@ -150,9 +150,7 @@ async def test_old_owner_serves_until_the_new_owner_is_warm() -> None:
 
         # B leaves: its services come back to A, which has nobody to wait for.
         b_scope.cancel()
-        with trio.fail_after(TIMEOUT):
-            while not all(a.owns(s) for s in services):
-                await trio.sleep(0.01)
+        await until(lambda: all(a.owns(s) for s in services), "a owns everything again", TIMEOUT)
         nursery.cancel_scope.cancel()
 
 
@@ -263,8 +261,12 @@ class Cluster:
             "zookeeper": {"listen": "127.0.0.1:0", "data_dir": str(self.tmp / node)},
             "admin": {"enabled": False},
             "subscriptions": {"listen": f"127.0.0.1:{subscribe_port}", "token": TOKEN},
-            "membership": {"kind": self.kind, "address": self.address, "root": self.root,
-                           "session_timeout": self.session},
+            "membership": {
+                "kind": self.kind,
+                "address": self.address,
+                "root": self.root,
+                "session_timeout": self.session,
+            },
             "sharding": {"id": node, "services": self.services},
             "upstream": [self.registry.upstream()],
         }
@@ -323,10 +325,11 @@ class Cluster:
     async def wait(
         self, condition: Callable[[], bool], what: str, timeout: float = TIMEOUT
     ) -> None:
-        with trio.move_on_after(timeout):
-            while not condition():
-                await trio.sleep(0.02)
+        try:
+            await until(condition, what, timeout, poll=0.02)
             return
+        except AssertionError:
+            pass  # raised again below, with each shard's state in the message
         states = []
         for node, gateway in self.gateways.items():
             o = gateway.sharding.ownership  # type: ignore[union-attr]
@@ -589,7 +592,9 @@ async def test_a_subscriber_follows_a_handover_without_missing_a_change(
         newcomer = Follower(service, meta.address)  # type: ignore[attr-defined]
         c.nursery.start_soon(newcomer.run)
         await c.wait(lambda: c.settled(4) and follower.servers[-1] != first_server, "moved")
-        await trio.sleep(0.2)  # a few more changes after the move
+        # A few more changes after the move, written while both subscribers follow d4.
+        more = len(written) + 5
+        await c.wait(lambda: len(written) >= more, "five more changes after the move")
         stop.set()
         for subscriber in (follower, newcomer):
             await subscriber.wait_for(set(written))
@@ -695,8 +700,13 @@ async def test_assignments_recover_after_the_store_restarts(
         before = c.owned()
         await trio.to_thread.run_sync(server.kill)
         views = [g.sharding.ownership.view for g in c.gateways.values()]  # type: ignore[union-attr]
-        await c.wait(lambda: all(not g.sharding.store.feed.view.connected  # type: ignore[union-attr]
-                                 for g in c.gateways.values()), "everyone saw the outage")
+        await c.wait(
+            lambda: all(
+                not g.sharding.store.feed.view.connected  # type: ignore[union-attr]
+                for g in c.gateways.values()
+            ),
+            "everyone saw the outage",
+        )
         assert all(v is not None for v in views)
         # The last view stays served meanwhile.
         assert c.owned() == before

@@ -253,7 +253,10 @@ async def test_the_status_page_shows_the_shard_map(tmp_path: Path) -> None:
             shards = json.loads(result["result"]["value"])
             assert len(shards["members"]) == 1
             assert shards["members"][0].split("\t") == [
-                "gw-2", "10.1.0.2:9200", "10.1.0.2:2181", "1"
+                "gw-2",
+                "10.1.0.2:9200",
+                "10.1.0.2:2181",
+                "1",
             ]
             assert shards["owners"] == [["billing", "nobody"], ["orders", "gw-2"]]
             await browser.call("Browser.close")

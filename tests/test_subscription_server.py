@@ -212,10 +212,16 @@ async def test_nothing_is_served_before_hello() -> None:
             await client.expect_closed()
 
 
-async def test_a_silent_connection_is_closed_after_the_hello_timeout() -> None:
+async def test_a_silent_connection_is_closed_after_the_hello_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with serving(limits=SubscriptionLimits(hello_timeout=0.2)) as h:
         client = await Client.tcp(h.port)
+        # Virtual time: the server accepted within this same instant, so its deadline
+        # is exactly ``hello_timeout`` from here; not a moment sooner, not later.
+        connected = trio.current_time()
         error = await client.expect(wire.Error)
+        assert trio.current_time() - connected == pytest.approx(0.2, abs=1e-9)
         assert error.code == "unauthenticated" and "no hello" in error.message
         await client.expect_closed()
         await h.connections(0)
@@ -338,8 +344,10 @@ async def test_reconnecting_with_a_version_in_history_gets_only_the_missing_delt
         await again.send(wire.Subscribe({"orders": full.version}))
         missing = await again.settle()
         assert all(isinstance(m, wire.Deltas) for m in missing), missing
-        assert [m.from_version for m in missing] == [full.version, *[m.to_version for m in
-                                                                     missing][:-1]]
+        assert [m.from_version for m in missing] == [
+            full.version,
+            *[m.to_version for m in missing][:-1],
+        ]
         assert missing[-1].to_version == h.version() and len(missing) == 3
         for message in missing:
             apply(state, message)
@@ -547,7 +555,13 @@ def frame(body: bytes) -> bytes:
         struct.pack(">I", wire.MAX_FRAME + 1),  # oversized: refused from its header alone
     ],
     ids=[
-        "not-json", "not-object", "unknown-type", "bad-version", "not-for-us", "star", "oversized",
+        "not-json",
+        "not-object",
+        "unknown-type",
+        "bad-version",
+        "not-for-us",
+        "star",
+        "oversized",
     ],
 )
 async def test_a_bad_frame_closes_that_connection_only(
@@ -799,14 +813,16 @@ def test_history_restarts_after_a_gap_and_is_bounded() -> None:
 
 def test_the_subscriptions_table_is_read_and_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "zkgate.toml"
-    path.write_text(textwrap.dedent("""\
+    path.write_text(
+        textwrap.dedent("""\
         [subscriptions]
         listen = "127.0.0.1:7100"
         unix = "run/sub.sock"
         token = "t0ken"
         history = 16
         max_connections = 8
-    """))
+    """)
+    )
     config = load_config(path)
     assert config.subscriptions == SubscriptionsConfig(
         token="t0ken", listen="127.0.0.1:7100", unix=tmp_path / "run" / "sub.sock",

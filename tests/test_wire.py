@@ -82,8 +82,18 @@ def _frame(obj: object) -> bytes:
         (_frame({"type": "hello", "version": "1", "token": "t", "client_id": "c"}), "'version'"),
         (_frame({"type": "subscribe", "services": {"a": "x"}}), "version number"),
         (_frame({"type": "full", "service": "s", "version": 1, "instances": [{"id": 1}]}), "'id'"),
-        (_frame({"type": "delta", "service": "s", "from_version": 1, "to_version": 2,
-                 "removed": [3]}), "list of strings"),
+        (
+            _frame(
+                {
+                    "type": "delta",
+                    "service": "s",
+                    "from_version": 1,
+                    "to_version": 2,
+                    "removed": [3],
+                }
+            ),
+            "list of strings",
+        ),
     ],
 )
 def test_bad_frames_are_refused_with_a_reason(raw: bytes, complaint: str) -> None:
@@ -102,8 +112,10 @@ def _raw(body: bytes) -> bytes:
         # ValueError, which the decoder did not turn into a WireError.
         (_raw(b"[" * 100_000 + b"]" * 100_000), "deeper than 16"),
         (_raw(b"{" * 17 + b"}" * 17), "deeper than 16"),
-        (_raw(b'{"type":"hello","version":' + b"9" * 5000 + b',"token":"t","client_id":"c"}'),
-         "more than 20 digits"),
+        (
+            _raw(b'{"type":"hello","version":' + b"9" * 5000 + b',"token":"t","client_id":"c"}'),
+            "more than 20 digits",
+        ),
         (_raw(b'{"type":"ack","service":"s","version":-' + b"9" * 30 + b"}"), "more than 20"),
         (_raw(b'{"type":"ack","service":"s","version":18446744073709551616}'), "out of range"),
         (_raw(b'{"type":"ack","service":"s","version":1e999}'), "'version' must be an integer"),
@@ -141,3 +153,83 @@ async def test_wire_stream_carries_messages_both_ways() -> None:
     await a.aclose()
     with pytest.raises(EOFError):
         await b.receive()
+
+
+# --- addresses ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("zk1:2181", ("zk1", 2181)),
+        ("10.0.0.1:0", ("10.0.0.1", 0)),
+        (":2181", ("127.0.0.1", 2181)),
+        ("[::1]:2379", ("::1", 2379)),
+        ("[fe80::1%eth0]:65535", ("fe80::1%eth0", 65535)),
+    ],
+)
+def test_addresses_parse_the_same_everywhere(text: str, expected: tuple[str, int]) -> None:
+    assert wire.parse_address(text) == expected
+    assert wire.parse_address(wire.join_address(*expected)) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("zk1", "expected HOST:PORT"),
+        ("zk1:", "expected HOST:PORT"),
+        ("zk1:65536", "1..65535"),
+        ("zk1:-1", "expected HOST:PORT"),
+        ("zk1:\uff18\uff10", "expected HOST:PORT"),  # fullwidth digits: str.isdigit says yes
+        ("zk1:0000000080", "expected HOST:PORT"),
+        ("::1:2379", r"IPv6 host as \[addr\]"),
+        ("[::1:2379", "unclosed"),
+        ("[]:1", "unclosed or empty"),
+        ("[::1]2379", "expected HOST:PORT"),
+    ],
+)
+def test_bad_addresses_are_refused_with_a_reason(text: str, complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        wire.parse_address(text)
+
+
+def test_peer_addresses_need_a_host_and_a_real_port() -> None:
+    with pytest.raises(ValueError, match="no host"):
+        wire.parse_address(":80", default_host=None)
+    with pytest.raises(ValueError, match=r"1\.\.65535"):
+        wire.parse_address("h:0", allow_port_zero=False)
+
+
+# --- the handshake ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "code", "reason"),
+    [
+        (wire.Ping(), "unauthenticated", "say hello first, not ping"),
+        (Hello(wire.PROTOCOL_VERSION + 1, "s3cret", "p"), "unsupported-version", "not 2"),
+        (Hello(wire.PROTOCOL_VERSION, "s3cre", "p"), "unauthenticated", "wrong token (client p)"),
+        (Hello(wire.PROTOCOL_VERSION, "", "p"), "unauthenticated", "wrong token"),
+        # A lone surrogate survives JSON decoding; it must be refused, not crash the server.
+        (Hello(wire.PROTOCOL_VERSION, "\ud800", "p"), "unauthenticated", "wrong token"),
+        (Hello(wire.PROTOCOL_VERSION, "s3cret", "p" * 257), "bad-request", "longer than 256"),
+    ],
+)
+def test_the_handshake_refuses_with_a_code(message: wire.Message, code: str, reason: str) -> None:
+    for token in ("s3cret", b"s3cret"):
+        answer = wire.check_hello(message, token, "server-1")
+        assert isinstance(answer, wire.Error)
+        assert answer.code == code and reason in answer.message
+
+
+def test_the_handshake_welcomes_the_right_token() -> None:
+    hello = Hello(wire.PROTOCOL_VERSION, "s3cret", "p" * 256)
+    assert wire.check_hello(hello, "s3cret", "server-1") == wire.Welcome(
+        wire.PROTOCOL_VERSION, "server-1"
+    )
+
+
+def test_a_long_client_id_is_clipped_in_the_refusal() -> None:
+    answer = wire.check_hello(Hello(wire.PROTOCOL_VERSION, "no", "x" * 10_000), "s3cret", "s")
+    assert isinstance(answer, wire.Error)
+    assert len(answer.message) < 400 and "(10000 characters)" in answer.message

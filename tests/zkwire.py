@@ -35,9 +35,12 @@ from dispatcher.zk.records import (
 _LENGTH = struct.Struct(">i")
 
 #: Requests that clients send with a fixed xid, as ZooKeeper's own client does.
-_RESERVED_XIDS = {OpCode.PING: XID_PING, OpCode.AUTH: XID_AUTH, OpCode.SET_WATCHES: XID_SET_WATCHES,
-                  OpCode.SET_WATCHES2: XID_SET_WATCHES}
-
+_RESERVED_XIDS = {
+    OpCode.PING: XID_PING,
+    OpCode.AUTH: XID_AUTH,
+    OpCode.SET_WATCHES: XID_SET_WATCHES,
+    OpCode.SET_WATCHES2: XID_SET_WATCHES,
+}
 
 
 @attrs.frozen

@@ -1,7 +1,8 @@
 """ZooKeeper path layouts: how registries spell one instance as one znode.
 
 Each module (``dubbo``, ``curator``, ``serverset``, ``plain``) is a
-:class:`Layout`: it parses one znode under a service's directory into an
+:class:`~dispatcher.upstream.Layout`, registered in the ``zkgate.layouts``
+entry-point group: it parses one znode under a service's directory into an
 :class:`~dispatcher.model.Instance`, and renders an instance back into the
 znode name and data that the layout's own clients read, for projecting the
 unified registry into ZooKeeper. All of it is pure code: bytes and strings
@@ -30,14 +31,13 @@ The helpers below are shared decoding rules for the layout modules, so that
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import re
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final
 from urllib.parse import unquote
 
-from dispatcher.model import Instance, Source
+from dispatcher.upstream import Layout, layout_kind
 
 __all__ = ["NAMES", "Layout", "get"]
 
@@ -46,42 +46,14 @@ __all__ = ["NAMES", "Layout", "get"]
 _DECIMAL: Final = re.compile(r"-?[0-9]{1,18}")
 
 NAMES: Final = ("curator", "dubbo", "plain", "serverset")
-"""The layout names :func:`get` knows, as configuration spells them."""
-
-
-class Layout(Protocol):
-    """What every layout module provides (modules satisfy this protocol)."""
-
-    NAME: str
-
-    def directory(self, service: str) -> str:
-        """The directory holding ``service``'s instance znodes, relative to the root."""
-        ...
-
-    def service_of(self, directory: str) -> str | None:
-        """The service whose instance directory ``directory`` is, or None."""
-        ...
-
-    def parse(
-        self, service: str, name: str, data: bytes, *, source: Source | None = None
-    ) -> Instance | None:
-        """One znode (``name`` under ``service``'s directory, with ``data``) as an Instance."""
-        ...
-
-    def render(self, instance: Instance) -> tuple[str, bytes]:
-        """``instance`` as ``(znode name, data)`` under its service's directory."""
-        ...
+"""The layouts this package ships (plugins may register more; see :func:`get`)."""
 
 
 def get(name: str) -> Layout:
-    """The layout called ``name`` (one of :data:`NAMES`).
-
-    Imported on demand so that this package can also hold the helpers the
-    layout modules import, without a circular import.
-    """
-    if name not in NAMES:
-        raise KeyError(f"unknown layout {name!r}; known layouts: {', '.join(NAMES)}")
-    return cast(Layout, importlib.import_module(f"{__name__}.{name}"))
+    """The layout called ``name``, found the one way zkgate finds layouts:
+    :func:`dispatcher.upstream.layout_kind` (the ``zkgate.layouts`` entry points),
+    so plugin layouts count too. Raises ``ConfigError`` for an unknown name."""
+    return layout_kind(name)
 
 
 def json_object(data: bytes | str) -> dict[str, Any] | None:

@@ -49,6 +49,7 @@ from urllib.parse import unquote_plus
 
 from adapters.layouts import as_int
 from dispatcher.model import Health, Instance, Source
+from dispatcher.wire import join_address, parse_address
 
 __all__ = [
     "CATEGORIES",
@@ -149,24 +150,11 @@ def _split_params(query: str) -> dict[str, str]:
 
 
 def _split_address(authority: str) -> tuple[str, int] | None:
-    authority = authority.rpartition("@")[2]  # drop user:password@
-    if authority.startswith("["):
-        host, bracket, rest = authority[1:].partition("]")
-        if not bracket or not rest.startswith(":"):
-            return None
-        port_text = rest[1:]
-    else:
-        host, colon, port_text = authority.rpartition(":")
-        if not colon:
-            return None
-    port = as_int(port_text) if port_text.isdigit() else None
-    if not host or port is None or port > 65535:
+    try:
+        # Drop user:password@ first: the password may hold a colon.
+        return parse_address(authority.rpartition("@")[2], default_host=None)
+    except ValueError:
         return None
-    return host, port
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _is_true(value: str | None) -> bool:
@@ -210,7 +198,7 @@ def parse(
     try:
         return Instance(
             interface,
-            _address(host, port),
+            join_address(host, port),
             host,
             port,
             weight=_DEFAULT_WEIGHT if weight is None or weight < 0 else weight,
@@ -280,7 +268,7 @@ def render(instance: Instance) -> tuple[str, bytes]:
     query = "&".join(f"{key}={params[key]}" for key in sorted(params, key=_java_order))
     url = (
         f"{instance.protocol or _DEFAULT_PROTOCOL}://"
-        f"{_address(instance.host, instance.port)}/{instance.service}"
+        f"{join_address(instance.host, instance.port)}/{instance.service}"
     )
     if query:
         url = f"{url}?{query}"

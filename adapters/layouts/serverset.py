@@ -37,6 +37,7 @@ from adapters.layouts import (
     text_map,
 )
 from dispatcher.model import Health, Instance, Source
+from dispatcher.wire import join_address, parse_address
 
 __all__ = ["MEMBER_PREFIX", "NAME", "directory", "parse", "render", "service_of"]
 
@@ -78,15 +79,10 @@ def _endpoint(value: object) -> tuple[str, int] | None:
 
 
 def _split_host_port(text: str) -> tuple[str, int] | None:
-    host, colon, port_text = text.rpartition(":")
-    port = as_port(port_text)
-    if not colon or not host or port is None:
+    try:
+        return parse_address(text, default_host=None)
+    except ValueError:
         return None
-    return host.removeprefix("[").removesuffix("]"), port
-
-
-def _join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse(service: str, name: str, data: bytes, *, source: Source | None = None) -> Instance | None:
@@ -108,7 +104,7 @@ def parse(service: str, name: str, data: bytes, *, source: Source | None = None)
         for endpoint_name, value in additional.items():
             endpoint = _endpoint(value)
             if endpoint is not None:
-                metadata[_ENDPOINT_PREFIX + endpoint_name] = _join_host_port(*endpoint)
+                metadata[_ENDPOINT_PREFIX + endpoint_name] = join_address(*endpoint)
     shard = as_int(record.get("shard"))
     if shard is not None:
         metadata[_SHARD] = str(shard)

@@ -27,6 +27,7 @@ __all__ = ["LINGER", "ShardWiring"]
 
 log = logging.getLogger(__name__)
 
+
 class ShardWiring:
     """One gateway as a shard: its membership store, its ownership, and what it loads.
 
@@ -244,8 +245,10 @@ class _TrackedUpstream:
     def _covered(self, scope: frozenset[str] | None) -> bool:
         """Whether a listing of ``scope`` loads something not loaded yet."""
         if scope is None:
-            return not self._listed_all if self._interest is None else bool(
-                self._interest - self._listed
+            return (
+                not self._listed_all
+                if self._interest is None
+                else bool(self._interest - self._listed)
             )
         wanted = scope if self._interest is None else scope & self._interest
         return bool(wanted - self._listed)

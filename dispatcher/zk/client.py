@@ -910,8 +910,11 @@ class ZooKeeperClient:
             conn.set_watches_outstanding -= 1
             # NOWATCHER: a take-back whose one-shot watch an event used up.
             if event.err not in (Err.OK, Err.NOWATCHER):
-                log.warning("watch replay refused: %s", _as_err(event.err),
-                            extra={"session": self._session_id, "peer": conn.peer})
+                log.warning(
+                    "watch replay refused: %s",
+                    _as_err(event.err),
+                    extra={"session": self._session_id, "peer": conn.peer},
+                )
             return
         if event.xid == self._close_xid:
             self._close_answered = True
@@ -936,8 +939,10 @@ class ZooKeeperClient:
             # the same credential would only fail again.
             self._auth_failed = auth.scheme
             self._set_state(ClientState.AUTH_FAILED)
-            log.error("zookeeper refused credentials", extra={"scheme": auth.scheme,
-                                                              "session": self._session_id})
+            log.error(
+                "zookeeper refused credentials",
+                extra={"scheme": auth.scheme, "session": self._session_id},
+            )
             if self._on_session is not None:
                 self._on_session(AuthFailed(auth.scheme))
         if auth.on_reply is not None:

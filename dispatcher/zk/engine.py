@@ -96,7 +96,11 @@ log = logging.getLogger(__name__)
 
 _FRAMED_HEADER = struct.Struct(">iiqi")
 _READ, _WRITE, _CREATE, _DELETE, _ADMIN = (
-    int(Perm.READ), int(Perm.WRITE), int(Perm.CREATE), int(Perm.DELETE), int(Perm.ADMIN)
+    int(Perm.READ),
+    int(Perm.WRITE),
+    int(Perm.CREATE),
+    int(Perm.DELETE),
+    int(Perm.ADMIN),
 )
 _SPECIAL_PATHS = frozenset({"/", "/zookeeper", "/zookeeper/quota", "/zookeeper/config"})
 # A projection root open to clients' registrations: anyone may list it and
@@ -291,6 +295,9 @@ class Engine:
             OpCode.GET_CHILDREN: self._get_children,
             OpCode.GET_CHILDREN2: self._get_children2,
         }
+        # Each handler below takes its opcode's own Record subclass, which the
+        # dispatcher decodes from REQUESTS[opcode]; a dict cannot say that, hence
+        # the dict-item ignores.
         self._handlers: dict[int, Callable[[Client, int, Record], None]] = {
             OpCode.GET_ACL: self._get_acl,  # type: ignore[dict-item]
             OpCode.SYNC: self._sync,  # type: ignore[dict-item]
@@ -308,11 +315,12 @@ class Engine:
             OpCode.SASL: self._sasl,  # type: ignore[dict-item]
             OpCode.RECONFIG: self._reconfig,  # type: ignore[dict-item]
         }
+        # As above: each writer takes its opcode's own Record subclass.
         self._writes: dict[int, Callable[[Txn, Client, int, Record], Record | None]] = {
-            OpCode.CREATE: self._create,  # type: ignore[dict-item]
-            OpCode.CREATE2: self._create,  # type: ignore[dict-item]
-            OpCode.CREATE_CONTAINER: self._create,  # type: ignore[dict-item]
-            OpCode.CREATE_TTL: self._create,  # type: ignore[dict-item]
+            OpCode.CREATE: self._create,
+            OpCode.CREATE2: self._create,
+            OpCode.CREATE_CONTAINER: self._create,
+            OpCode.CREATE_TTL: self._create,
             OpCode.DELETE: self._delete,  # type: ignore[dict-item]
             OpCode.SET_DATA: self._set_data,  # type: ignore[dict-item]
             OpCode.SET_ACL: self._set_acl,  # type: ignore[dict-item]
@@ -344,10 +352,12 @@ class Engine:
                 "session": session.id, "peer": peer.remote, "timeout_ms": session.timeout_ms,
             })  # fmt: skip
         else:
-            session = self.sessions.get(request.session_id)  # type: ignore[assignment]
+            session = self.sessions.get(request.session_id)  # type: ignore[assignment]  # None is checked next
             if session is None or session.passwd != request.passwd or session.closing:
-                log.info("session refused: expired or wrong password",
-                         extra={"session": request.session_id, "peer": peer.remote})
+                log.info(
+                    "session refused: expired or wrong password",
+                    extra={"session": request.session_id, "peer": peer.remote},
+                )
                 self._send_connect(peer, request, ConnectResponse(0, 0, 0, bytes(16)))
                 peer.close()
                 return None
@@ -355,8 +365,10 @@ class Engine:
             self.sessions.touch(session, now)
             stale = session.client
             if isinstance(stale, Client):
-                log.info("session moved; closing its old connection",
-                         extra={"session": session.id, "peer": peer.remote})
+                log.info(
+                    "session moved; closing its old connection",
+                    extra={"session": session.id, "peer": peer.remote},
+                )
                 self.disconnect(stale)
                 self._close_peer(stale.peer)
             log.info("session resumed", extra={"session": session.id, "peer": peer.remote})
@@ -427,8 +439,10 @@ class Engine:
         session = self.sessions.get(session_id)
         if session is None or session.closing:
             return
-        log.warning("session expired with the upstream session holding its ephemerals",
-                    extra={"session": session_id})
+        log.warning(
+            "session expired with the upstream session holding its ephemerals",
+            extra={"session": session_id},
+        )
         self._end_session(session)
         if isinstance(session.client, Client):
             self._lose(session.client)
@@ -667,8 +681,10 @@ class Engine:
             if opcode == OpCode.CHECK:
                 # ZooKeeper 3.8 accepts check only inside a multi: alone, its
                 # reply fails to serialize and the server drops the connection.
-                log.warning("check outside multi; closing, as ZooKeeper does",
-                            extra={"session": client.session.id, "peer": client.peer.remote})
+                log.warning(
+                    "check outside multi; closing, as ZooKeeper does",
+                    extra={"session": client.session.id, "peer": client.peer.remote},
+                )
                 self.zxid += 1
                 self._lose(client)
                 return
@@ -681,6 +697,7 @@ class Engine:
             elif handler is not None:
                 handler(client, xid, record)
             else:
+                # write is not None here: with no handler, the check above required one.
                 self._single_write(client, xid, opcode, record, write)  # type: ignore[arg-type]
             client.last_op = opcode
         elapsed = self.clock() - started
@@ -736,9 +753,9 @@ class Engine:
             # A malformed path belongs to no backend: whichever gets the multi
             # answers it with that op's error, as ZooKeeper does.
             owners = {
-                self._mount_of(r.path)  # type: ignore[attr-defined]
+                self._mount_of(r.path)  # type: ignore[attr-defined]  # every op of a multi has a path
                 for _, r in record.ops
-                if _well_formed(r.path)  # type: ignore[attr-defined]
+                if _well_formed(r.path)  # type: ignore[attr-defined]  # as above
             }
             if len(owners) > 1:
                 return _CROSSES_MOUNTS
@@ -989,14 +1006,17 @@ class Engine:
         held = client.null_watches
         removed = False
         for table in tables if held is not None else ():
-            outcome = held.remove(table)  # type: ignore[union-attr]
+            outcome = held.remove(table)  # type: ignore[union-attr]  # loops only if held is not None
             if outcome is None:
                 return self._reply(client, xid, Err.MARSHALLINGERROR)
             removed = removed or outcome
         self._reply(client, xid, Err.OK if removed else Err.NOWATCHER)
 
     def _watches_op(
-        self, client: Client, xid: int, req: WatchesRequest,
+        self,
+        client: Client,
+        xid: int,
+        req: WatchesRequest,
         op: Callable[[str, Client, WatcherType], bool],
     ) -> None:
         try:
@@ -1059,8 +1079,10 @@ class Engine:
         if req.token is None:
             # ZooKeeper reads the null token's length, throws, and closes the
             # connection without an answer (the session lives on).
-            log.warning("sasl request with a null token; closing, as ZooKeeper does",
-                        extra={"session": client.session.id, "peer": client.peer.remote})
+            log.warning(
+                "sasl request with a null token; closing, as ZooKeeper does",
+                extra={"session": client.session.id, "peer": client.peer.remote},
+            )
             return self._lose(client)
         # A ZooKeeper without SASL configured answers with an empty token.
         self._reply(client, xid, Err.OK, encode(SetSASLResponse(None)), zxid=0)
@@ -1166,7 +1188,8 @@ class Engine:
             self.quotas.account(txn)
             # Projected subtrees are rebuilt from the snapshot at start, never stored.
             paths = [
-                p for p in txn.touched_paths
+                p
+                for p in txn.touched_paths
                 if not self._projected(p) and (not self.mounts or self._mount_of(p) is None)
             ]
             if paths:
@@ -1212,6 +1235,7 @@ class Engine:
         guarded = acl is not None and not world_perms(acl) & _READ
         for watcher in watchers:
             assert isinstance(watcher, Client)
+            # guarded implies acl is not None, which mypy cannot carry across.
             if guarded and not acls.allowed(acl, Perm.READ, watcher.auth):  # type: ignore[arg-type]
                 continue
             self.stats.packets_sent += 1
@@ -1328,7 +1352,7 @@ class Engine:
         except InvalidPath:
             raise ZkError(Err.BADARGUMENTS) from None
         acl = _fixed_acl(req.acl, client.auth)
-        node = self._validated(client, req.path, _ADMIN)  # type: ignore[arg-type]
+        node = self._validated(client, req.path, _ADMIN)  # type: ignore[arg-type]  # validated: not null
         aversion = _check_version(node.aversion, req.version)
         return StatResponse(txn.set_acl(req.path, acl, aversion).stat())
 

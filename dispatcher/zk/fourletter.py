@@ -173,8 +173,10 @@ def mntr(engine: Engine) -> str:
     totals: dict[str, int] = {}
     for mount in engine.mounts:
         for key, value in mount.status().items():
-            totals[key] = max(totals.get(key, 0), value) if key.endswith("stale") else (
-                totals.get(key, 0) + value
+            totals[key] = (
+                max(totals.get(key, 0), value)
+                if key.endswith("stale")
+                else (totals.get(key, 0) + value)
             )
     values += sorted(totals.items())
     return "".join(f"{key}\t{value}\n" for key, value in values)

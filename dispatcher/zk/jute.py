@@ -7,6 +7,7 @@ exception; a :class:`Writer` appends to a ``bytearray``.
 
 from __future__ import annotations
 
+import builtins
 import struct
 from collections.abc import Callable, Iterable
 from typing import TypeVar
@@ -35,18 +36,21 @@ class Reader:
     def remaining(self) -> int:
         return len(self.data) - self.offset
 
-    def _take(self, fmt: struct.Struct) -> object:
+    def _take(self, fmt: struct.Struct) -> int:
         if self.offset + fmt.size > len(self.data):
             raise DecodeError("record truncated")
+        value: int  # _take only reads the integer formats (bool() reads its byte itself)
         (value,) = fmt.unpack_from(self.data, self.offset)
         self.offset += fmt.size
         return value
 
     def int(self) -> int:
-        return self._take(_INT)  # type: ignore[return-value]
+        return self._take(_INT)
 
-    def long(self) -> int:
-        return self._take(_LONG)  # type: ignore[return-value]
+    # From here on the class body's ``int`` is the method above, so annotations
+    # name the type as ``builtins.int``.
+    def long(self) -> builtins.int:
+        return self._take(_LONG)
 
     def bool(self) -> bool:
         if self.offset >= len(self.data):
@@ -104,7 +108,8 @@ class Writer:
     def int(self, value: int) -> None:
         self.out += _INT.pack(value)
 
-    def long(self, value: int) -> None:
+    # ``int`` is the method above from here on (see Reader.long).
+    def long(self, value: builtins.int) -> None:
         self.out += _LONG.pack(value)
 
     def bool(self, value: bool) -> None:

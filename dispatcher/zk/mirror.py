@@ -252,15 +252,19 @@ class Mirror:
             self._nursery.start_soon(self._watch_and_resync, event.resumed)
         elif isinstance(event, Disconnected):
             if not self.stale:
-                log.warning("mirror lost its upstream; serving the cache, stale",
-                            extra={"path": self.root, "cached": len(self._cache)})
+                log.warning(
+                    "mirror lost its upstream; serving the cache, stale",
+                    extra={"path": self.root, "cached": len(self._cache)},
+                )
             self._mark_stale()
         elif isinstance(event, Expired):
             log.warning("mirror's upstream session expired", extra={"path": self.root})
             self._mark_stale()
         elif isinstance(event, AuthFailed):
-            log.error("the upstream refused the mirror's credentials",
-                      extra={"path": self.root, "scheme": event.scheme})
+            log.error(
+                "the upstream refused the mirror's credentials",
+                extra={"path": self.root, "scheme": event.scheme},
+            )
 
     async def _watch_and_resync(self, resumed: bool) -> None:
         if not resumed:
@@ -269,8 +273,10 @@ class Mirror:
             try:
                 await self._watcher.add_watch(self.root, recursive=True)
             except (ConnectionLost, KeeperError) as exc:  # the next Connected retries
-                log.warning("could not watch the mirrored subtree",
-                            extra={"path": self.root, "error": repr(exc)})
+                log.warning(
+                    "could not watch the mirrored subtree",
+                    extra={"path": self.root, "error": repr(exc)},
+                )
                 return
         self._resync()
 
@@ -295,6 +301,7 @@ class Mirror:
                 try:
                     self._watcher.submit(
                         OpCode.EXISTS, PathWatchRequest(path, False),
+                        # mypy cannot infer a lambda whose defaults bind the loop's values.
                         lambda reply, p=path, b=before: checked(p, b, reply),  # type: ignore[misc]
                     )  # fmt: skip
                 except ConnectionLost:
@@ -356,8 +363,10 @@ class Mirror:
         if self.stale:
             self.since = time.time()
             self.resyncs += 1
-            log.info("mirror in sync with its upstream",
-                     extra={"path": self.root, "cached": len(self._cache)})
+            log.info(
+                "mirror in sync with its upstream",
+                extra={"path": self.root, "cached": len(self._cache)},
+            )
         self.stale = False
 
     # --- upstream events -----------------------------------------------------------
@@ -443,7 +452,7 @@ class Mirror:
         hears = {"data"} if kind != EventType.NODE_CHILDREN_CHANGED else {"child"}
         if kind == EventType.NODE_DELETED:
             hears = {"data", "child"}
-        for (client, watch_kind) in [w for w in waiting if w[1] in hears]:
+        for client, watch_kind in [w for w in waiting if w[1] in hears]:
             waiting.discard((client, watch_kind))
             self.engine.notify(client, EventType(kind), path)
         if not waiting:
@@ -467,9 +476,7 @@ class Mirror:
 
     # --- reads ----------------------------------------------------------------------
 
-    def read(
-        self, client: Client, xid: int, opcode: int, path: str, watch: bool
-    ) -> Pending | None:
+    def read(self, client: Client, xid: int, opcode: int, path: str, watch: bool) -> Pending | None:
         outcome = self._answer(client, xid, opcode, path, watch)
         if outcome is _ANSWERED:
             return None
@@ -681,8 +688,8 @@ class Mirror:
         elif known:  # known to be gone
             self.engine.notify(client, EventType.NODE_DELETED, path)
         else:
-            changed = EventType.NODE_DATA_CHANGED if kind == "data" else (
-                EventType.NODE_CHILDREN_CHANGED
+            changed = (
+                EventType.NODE_DATA_CHANGED if kind == "data" else (EventType.NODE_CHILDREN_CHANGED)
             )
             self.engine.notify(client, changed, path)
 
@@ -842,8 +849,10 @@ class Mirror:
             if reply.err in (Err.OK, Err.NONODE):
                 self._forget_owner(path)
             else:
-                log.warning("could not delete an ephemeral upstream; will retry",
-                            extra={"path": path, "session": session_id, "error": reply.err})
+                log.warning(
+                    "could not delete an ephemeral upstream; will retry",
+                    extra={"path": path, "session": session_id, "error": reply.err},
+                )
             if remaining == 0:
                 done()
 
@@ -870,8 +879,8 @@ class Mirror:
 
 def _written_paths(record: Record) -> list[str]:
     if isinstance(record, MultiRequest):
-        return [r.path for _, r in record.ops]  # type: ignore[attr-defined]
-    return [record.path]  # type: ignore[attr-defined]
+        return [r.path for _, r in record.ops]  # type: ignore[attr-defined]  # write ops have paths
+    return [record.path]  # type: ignore[attr-defined]  # Record declares no path; writes have one
 
 
 def _redacted(entry: ACL) -> bool:

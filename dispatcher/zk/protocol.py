@@ -116,9 +116,7 @@ class CreateMode(enum.IntEnum):
 
     @property
     def is_ttl(self) -> bool:
-        return self in (
-            CreateMode.PERSISTENT_WITH_TTL, CreateMode.PERSISTENT_SEQUENTIAL_WITH_TTL
-        )
+        return self in (CreateMode.PERSISTENT_WITH_TTL, CreateMode.PERSISTENT_SEQUENTIAL_WITH_TTL)
 
     @property
     def is_sequential(self) -> bool:

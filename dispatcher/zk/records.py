@@ -372,7 +372,11 @@ class SetWatches2:
     def write(self, w: Writer) -> None:
         w.long(self.relative_zxid)
         for paths in (
-            self.data, self.exist, self.child, self.persistent, self.persistent_recursive
+            self.data,
+            self.exist,
+            self.child,
+            self.persistent,
+            self.persistent_recursive,
         ):
             _write_paths(w, paths)
 

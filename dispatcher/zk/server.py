@@ -188,8 +188,10 @@ class StreamPeer:
             out += data
             self.budget.add(len(data))
         if len(out) > self.limits.output_hard_cap:
-            log.warning("closing a connection that is not reading",
-                        extra={"peer": self.remote, "unsent": len(out)})
+            log.warning(
+                "closing a connection that is not reading",
+                extra={"peer": self.remote, "unsent": len(out)},
+            )
             self._discard_output()
             self.close()
 
@@ -297,7 +299,9 @@ class ZooKeeperServer:
     """Serves one :class:`Engine` over TCP."""
 
     def __init__(
-        self, engine: Engine, limits: ServerLimits | None = None,
+        self,
+        engine: Engine,
+        limits: ServerLimits | None = None,
         settings: Mapping[str, object] | None = None,
     ) -> None:
         self.engine = engine
@@ -315,9 +319,7 @@ class ZooKeeperServer:
         self.settings.setdefault("clientPort", bound)
         log.info("serving the ZooKeeper protocol", extra={"listen": f"{host}:{bound}"})
         engine = self.engine
-        engine.durability = GroupCommit(
-            functools.partial(engine.store.prepare_commit, engine.tree)
-        )
+        engine.durability = GroupCommit(functools.partial(engine.store.prepare_commit, engine.tree))
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(engine.durability.run)
@@ -354,8 +356,9 @@ class ZooKeeperServer:
         ip = peer.remote_ip
         limit = self.limits.max_client_cnxns
         if limit and self._connections_by_ip.get(ip, 0) >= limit:
-            log.warning("too many connections from one address",
-                        extra={"peer": peer.remote, "max": limit})
+            log.warning(
+                "too many connections from one address", extra={"peer": peer.remote, "max": limit}
+            )
             await stream.aclose()
             return
         self._connections_by_ip[ip] = self._connections_by_ip.get(ip, 0) + 1
@@ -475,8 +478,10 @@ class ZooKeeperServer:
                     peer.send(answer(engine, event.word, self.settings).encode())
                     peer.close()
             except (ProtocolError, DecodeError) as exc:
-                log.warning("closing a connection that broke the protocol",
-                            extra={"peer": peer.remote, "reason": str(exc)})
+                log.warning(
+                    "closing a connection that broke the protocol",
+                    extra={"peer": peer.remote, "reason": str(exc)},
+                )
                 peer.close()
             except Exception as exc:
                 # A bug met by one request: that request gets SYSTEMERROR, as
