@@ -84,7 +84,6 @@ import logging
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, Self
-from urllib.parse import urlsplit
 
 import attrs
 import trio
@@ -117,6 +116,7 @@ from dispatcher.zk.client import (
     Reply,
     SessionEvent,
     ZooKeeperClient,
+    split_connect_string,
 )
 from dispatcher.zk.protocol import Err, EventType, OpCode
 from dispatcher.zk.records import (
@@ -133,7 +133,6 @@ __all__ = ["RootConfig", "ZooKeeperUpstream", "ZooKeeperUpstreamConfig", "parse_
 log = logging.getLogger(__name__)
 
 _DEFAULT_SESSION_TIMEOUT: Final = 10.0
-_DEFAULT_PORT: Final = 2181
 #: Reads in flight at once: enough to hide the round trip, far below the
 #: client's own bound, so that one huge directory never meets Overloaded.
 _WINDOW: Final = 1000
@@ -177,29 +176,6 @@ class ZooKeeperUpstreamConfig:
     @property
     def chroot(self) -> str:
         return split_connect_string(self.hosts)[1]
-
-
-def split_connect_string(hosts: str) -> tuple[tuple[tuple[str, int], ...], str]:
-    """``(host, port)`` pairs and the chroot ("" for none) of a connect string.
-
-    The syntax of ZooKeeper's and kazoo's clients: comma-separated
-    ``host[:port]`` (port 2181 by default, IPv6 in brackets), then an
-    optional chroot path. Raises ValueError naming what is wrong.
-    """
-    host_ports, slash, chroot = hosts.partition("/")
-    servers: list[tuple[str, int]] = []
-    for part in host_ports.split(","):
-        part = part.strip()
-        # urlsplit knows bracketed IPv6 and rejects bad ports.
-        parsed = urlsplit(f"zk://{part}")
-        host = parsed.hostname
-        if not host:
-            raise ValueError(f"no host in {part!r}")
-        servers.append((host, parsed.port or _DEFAULT_PORT))
-    root = f"/{chroot}".rstrip("/") if slash else ""
-    if root and any(segment in {"", ".", ".."} for segment in root.split("/")[1:]):
-        raise ValueError(f"chroot {root!r} is not a znode path")
-    return tuple(servers), root
 
 
 def _check_path(path: str, key: str, where: str) -> str:

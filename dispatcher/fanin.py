@@ -116,10 +116,12 @@ from typing import Any, Final, Literal
 import attrs
 import trio
 
+from dispatcher.backoff import Backoff
 from dispatcher.model import Health, Instance, Source
 from dispatcher.snapshot import Change, Delta, Put, Remove, Snapshot
 from dispatcher.subscriptions import DEFAULT_QUEUE, Subscription, SubscriptionHub
-from dispatcher.upstream import Backoff, Changed, Listing, Status, Upstream, UpstreamEvent
+from dispatcher.upstream import Changed, Listing, Status, Upstream, UpstreamEvent
+from dispatcher.wire import join_address
 
 __all__ = [
     "EXPORTED_BY",
@@ -200,7 +202,7 @@ def combine_health(source: Health, probe: Health | None) -> Health:
 
 def endpoint_id(host: str, port: int) -> str:
     """The merged instance id for an endpoint: ``host:port``, ``[host]:port`` for IPv6."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_address(host, port)
 
 
 def _file(endpoints: dict[str, _Ids], merged_id: str, instance_id: str) -> None:

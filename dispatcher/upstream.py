@@ -30,8 +30,6 @@ from typing import Any, Protocol, Self
 import attrs
 import trio
 
-# Re-exported: the fan-in imports the shared backoff from here.
-from dispatcher.backoff import Backoff as Backoff
 from dispatcher.model import Instance, Source
 from dispatcher.snapshot import Change
 

@@ -99,7 +99,8 @@ from dispatcher.sharding.membership_core import (
 )
 from dispatcher.sharding.membership_etcd import EtcdMembership
 from dispatcher.sharding.membership_memory import MemoryMembership, MemoryStore
-from dispatcher.sharding.membership_zookeeper import ZooKeeperMembership, split_connect_string
+from dispatcher.sharding.membership_zookeeper import ZooKeeperMembership
+from dispatcher.zk.client import split_connect_string
 
 __all__ = [
     "DEFAULT_ROOT",

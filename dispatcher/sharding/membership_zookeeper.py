@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
-from urllib.parse import urlsplit
 
 import attrs
 import trio
@@ -38,6 +37,7 @@ from dispatcher.zk.client import (
     Reply,
     SessionEvent,
     ZooKeeperClient,
+    split_connect_string,
 )
 from dispatcher.zk.protocol import CreateMode, Err, OpCode
 from dispatcher.zk.records import (
@@ -53,35 +53,11 @@ from dispatcher.zk.records import (
     WatcherEvent,
 )
 
-__all__ = ["ZooKeeperMembership", "split_connect_string"]
+__all__ = ["ZooKeeperMembership"]
 
 _PARTS: Final = ("members", "services", "warm")
-_DEFAULT_PORT: Final = 2181
 _RETRY_PAUSE: Final = 0.2
 """Pause before retrying after a request failed while the session stayed connected."""
-
-
-def split_connect_string(hosts: str) -> tuple[tuple[tuple[str, int], ...], str]:
-    """``(host, port)`` pairs and the chroot ("" for none) of a ZooKeeper connect string:
-    comma-separated ``host[:port]`` (port 2181 by default, IPv6 in brackets), then an optional
-    chroot path, as ZooKeeper's and kazoo's clients take it. ValueError says what is wrong."""
-    host_ports, slash, chroot = hosts.partition("/")
-    servers: list[tuple[str, int]] = []
-    for part in host_ports.split(","):
-        part = part.strip()
-        try:
-            # urlsplit knows bracketed IPv6 and refuses a port out of range.
-            parsed = urlsplit(f"zk://{part}")
-            host, port = parsed.hostname, parsed.port
-        except ValueError as exc:
-            raise ValueError(f"bad host:port {part!r} ({exc})") from None
-        if not host:
-            raise ValueError(f"no host in {part!r}")
-        servers.append((host, port or _DEFAULT_PORT))
-    root = f"/{chroot}".rstrip("/") if slash else ""
-    if root and any(segment in {"", ".", ".."} for segment in root.split("/")[1:]):
-        raise ValueError(f"chroot {root!r} is not a znode path")
-    return tuple(servers), root
 
 
 @attrs.define

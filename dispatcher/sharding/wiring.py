@@ -19,6 +19,7 @@ from dispatcher.fanin import FanIn
 from dispatcher.sharding.membership import MembershipStore, Registration, open_membership
 from dispatcher.sharding.ownership import ShardedOwnership
 from dispatcher.upstream import Listing, Status, Upstream
+from dispatcher.wire import join_address
 
 if TYPE_CHECKING:
     from dispatcher.gateway import Gateway
@@ -159,7 +160,7 @@ def _advertised(host: str, port: int) -> str:
     """``host:port`` for others to dial; a wildcard address advertises the host name."""
     if host in ("", "0.0.0.0", "::"):
         host = socket.gethostname()
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_address(host, port)
 
 
 _POLL_APPLIED = 0.002

@@ -24,6 +24,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import attrs
 import trio
@@ -84,6 +85,7 @@ __all__ = [
     "Reply",
     "SessionEvent",
     "ZooKeeperClient",
+    "split_connect_string",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,8 @@ log = logging.getLogger(__name__)
 OPEN_ACL = OPEN_ACL_UNSAFE
 
 _RECEIVE_SIZE = 65536
+#: ZooKeeper's client port, where a connect string names none.
+_DEFAULT_PORT = 2181
 #: First pause after a full round of failed connection attempts; it doubles per
 #: round up to ``max_backoff``. Small, because the usual cause is a server that
 #: is restarting and answers again within a second or two.
@@ -1040,3 +1044,26 @@ def _single_error() -> Iterator[None]:
         if inner is group:
             raise
         raise inner from None
+
+
+def split_connect_string(hosts: str) -> tuple[tuple[tuple[str, int], ...], str]:
+    """``(host, port)`` pairs and the chroot ("" for none) of a ZooKeeper connect string:
+    comma-separated ``host[:port]`` (port 2181 by default, IPv6 in brackets), then an optional
+    chroot path, as ZooKeeper's and kazoo's clients take it. ValueError says what is wrong."""
+    host_ports, slash, chroot = hosts.partition("/")
+    servers: list[tuple[str, int]] = []
+    for part in host_ports.split(","):
+        part = part.strip()
+        try:
+            # urlsplit knows bracketed IPv6 and refuses a port out of range.
+            parsed = urlsplit(f"zk://{part}")
+            host, port = parsed.hostname, parsed.port
+        except ValueError as exc:
+            raise ValueError(f"bad host:port {part!r} ({exc})") from None
+        if not host:
+            raise ValueError(f"no host in {part!r}")
+        servers.append((host, port or _DEFAULT_PORT))
+    root = f"/{chroot}".rstrip("/") if slash else ""
+    if root and any(segment in {"", ".", ".."} for segment in root.split("/")[1:]):
+        raise ValueError(f"chroot {root!r} is not a znode path")
+    return tuple(servers), root
