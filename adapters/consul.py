@@ -75,8 +75,8 @@ import requests
 import trio
 
 from dispatcher.backoff import Backoff
-from dispatcher.model import Health, Instance, Source
-from dispatcher.upstream import (
+from dispatcher.core.model import Health, Instance, Source
+from dispatcher.core.upstream import (
     ConfigError,
     Listing,
     Status,

@@ -36,7 +36,7 @@ re-list always agree on what a key means.
 
 Protocol with etcd, per connection: range every watched key range at one
 revision R (paged, so no response outgrows gRPC's message limit), emit a
-:class:`~dispatcher.upstream.Listing`, then watch from R+1, so that no change
+:class:`~dispatcher.core.upstream.Listing`, then watch from R+1, so that no change
 is missed or seen twice. Every reconnect re-lists (the fan-in diffs the
 listing against what it held, so consumers see exactly the changes made
 while we were away), and so does a watch whose start revision was compacted
@@ -91,9 +91,9 @@ import trio
 from adapters import layouts
 from adapters.layouts import plain
 from dispatcher.backoff import Backoff
-from dispatcher.model import Instance, Source
-from dispatcher.snapshot import Change, Put, Remove
-from dispatcher.upstream import (
+from dispatcher.core.model import Instance, Source
+from dispatcher.core.snapshot import Change, Put, Remove
+from dispatcher.core.upstream import (
     Changed,
     ConfigError,
     Listing,

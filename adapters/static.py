@@ -2,7 +2,7 @@
 
 For services that no registry knows (a database, a partner's endpoint, a
 laptop), or to try zkgate without one. The file is the whole truth: every
-change to it becomes a complete :class:`~dispatcher.upstream.Listing`, which
+change to it becomes a complete :class:`~dispatcher.core.upstream.Listing`, which
 the fan-in diffs into exactly the instances added, changed and removed.
 
 File format, by suffix. TOML (``.toml``), one ``[[instance]]`` table each::
@@ -63,8 +63,8 @@ from typing import Any, Final, Self
 import attrs
 import trio
 
-from dispatcher.model import Health, Instance, Source
-from dispatcher.upstream import (
+from dispatcher.core.model import Health, Instance, Source
+from dispatcher.core.upstream import (
     ConfigError,
     Listing,
     Status,

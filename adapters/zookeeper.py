@@ -90,9 +90,9 @@ import trio
 
 from adapters.layouts import serverset
 from dispatcher.backoff import Backoff
-from dispatcher.model import Instance, Source
-from dispatcher.snapshot import Change, Put, Remove
-from dispatcher.upstream import (
+from dispatcher.core.model import Instance, Source
+from dispatcher.core.snapshot import Change, Put, Remove
+from dispatcher.core.upstream import (
     Changed,
     ConfigError,
     Layout,
@@ -1120,7 +1120,7 @@ def _err_name(err: int) -> str:
 
 
 class ZooKeeperUpstream:
-    """A ZooKeeper ensemble as a :class:`dispatcher.upstream.Upstream` (see the module doc)."""
+    """A ZooKeeper ensemble as a :class:`dispatcher.core.upstream.Upstream` (see the module doc)."""
 
     def __init__(self, name: str, config: ZooKeeperUpstreamConfig) -> None:
         self.name = name

@@ -83,9 +83,9 @@ from bench.fanin_peer import (
     zk_peer,
 )
 from bench.loadgen import machine_busy_seconds, percentile, process_cpu_seconds
-from dispatcher.fanin import FanIn
-from dispatcher.model import Instance
-from dispatcher.upstream import Upstream
+from dispatcher.core.fanin import FanIn
+from dispatcher.core.model import Instance
+from dispatcher.core.upstream import Upstream
 from dispatcher.zk.protocol import OpCode
 from dispatcher.zk.records import OPEN_ACL_UNSAFE, CreateRequest
 from tests.servers import EtcdServer, ZooKeeperServer

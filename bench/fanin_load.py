@@ -1,6 +1,6 @@
 """``bench/fanin.py``'s in-process parts: the apply rate and the memory per instance.
 
-Both drive a real :class:`~dispatcher.fanin.FanIn` through its public
+Both drive a real :class:`~dispatcher.core.fanin.FanIn` through its public
 ``run`` with a :class:`FeedUpstream`, an adapter whose events the benchmark
 sends (as ``tests/test_fanin.py``'s ScriptedUpstream does), so that what is
 measured is the fan-in alone: the forwarder, the consumer's merge, one
@@ -39,11 +39,11 @@ from adapters import layouts
 from adapters.layouts import plain
 from bench.loadgen import machine_busy_seconds
 from dispatcher.cli import tune_gc
-from dispatcher.fanin import FanIn
-from dispatcher.model import Instance, Source
-from dispatcher.snapshot import Change, Put, Remove, Snapshot
-from dispatcher.subscriptions import EVERYTHING, Subscription
-from dispatcher.upstream import Changed, Listing, UpstreamEvent
+from dispatcher.core.fanin import FanIn
+from dispatcher.core.model import Instance, Source
+from dispatcher.core.snapshot import Change, Put, Remove, Snapshot
+from dispatcher.core.subscriptions import EVERYTHING, Subscription
+from dispatcher.core.upstream import Changed, Listing, UpstreamEvent
 
 __all__ = [
     "BATCHES",
@@ -65,7 +65,7 @@ _PHASE_TIMEOUT = 600.0
 
 
 class FeedUpstream:
-    """An :class:`~dispatcher.upstream.Upstream` whose events the benchmark sends itself."""
+    """An :class:`~dispatcher.core.upstream.Upstream` whose events the benchmark sends itself."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -103,7 +103,7 @@ def realistic_instances(count: int, adapter: str = "feed") -> Iterator[Instance]
     About 100 instances per service and 20 per host (one host runs many
     services, each on its own port), a 36-character id, three metadata keys
     (``version``, ``application``, ``env``), a zone, and a
-    :class:`~dispatcher.model.Source` with its own key and a zxid-sized
+    :class:`~dispatcher.core.model.Source` with its own key and a zxid-sized
     revision. Each is parsed from its plain-layout JSON, so every instance owns
     fresh copies of its metadata values and id, as a parsed record does.
     """
@@ -419,8 +419,8 @@ class MemoryResult:
 
 _REPO = Path(__file__).resolve().parents[1]
 _PARTS: Final = (
-    ("dispatcher/fanin.py", "fan-in: per-endpoint bookkeeping and merged (re-id'd) copies"),
-    ("dispatcher/snapshot.py", "snapshot: service dicts and entries"),
+    ("dispatcher/core/fanin.py", "fan-in: per-endpoint bookkeeping and merged (re-id'd) copies"),
+    ("dispatcher/core/snapshot.py", "snapshot: service dicts and entries"),
     ("", "instance records as the adapter built them (parse, JSON, Source, ids)"),
 )
 

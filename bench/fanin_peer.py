@@ -44,7 +44,7 @@ from typing import Any
 import attrs
 
 from adapters.layouts import plain
-from dispatcher.model import Instance
+from dispatcher.core.model import Instance
 from dispatcher.zk.jute import Reader
 from dispatcher.zk.protocol import XID_NOTIFICATION, OpCode
 from dispatcher.zk.records import (

@@ -1,13 +1,13 @@
 """Benchmark: the central health checker over 10,000 instances.
 
-One :class:`~dispatcher.health.HealthChecker` (owning every service) probes
+One :class:`~dispatcher.core.health.HealthChecker` (owning every service) probes
 ``--instances`` instances with TCP connects. As many as the file-descriptor
 limit comfortably allows are real listeners on 127.0.0.1, served by a
 separate listener process (this script with ``--serve``: a plain selector
 loop that accepts and closes), so that the checker process's CPU time is
 the checker's alone; the rest are refused endpoints (``127.0.x.y:9``, where
 nothing listens). The instances come from a scripted upstream through a real
-:class:`~dispatcher.fanin.FanIn`, and detection is observed the way a proxy
+:class:`~dispatcher.core.fanin.FanIn`, and detection is observed the way a proxy
 sees it: through a subscription to the fan-in's deltas.
 
 Measured:
@@ -51,11 +51,11 @@ from typing import Any, Self
 import trio
 
 from dispatcher.config import HealthConfig
-from dispatcher.fanin import FanIn
-from dispatcher.health import HealthChecker
-from dispatcher.model import Health, Instance, Source
-from dispatcher.subscriptions import EVERYTHING
-from dispatcher.upstream import Listing, Status, UpstreamEvent
+from dispatcher.core.fanin import FanIn
+from dispatcher.core.health import HealthChecker
+from dispatcher.core.model import Health, Instance, Source
+from dispatcher.core.subscriptions import EVERYTHING
+from dispatcher.core.upstream import Listing, Status, UpstreamEvent
 
 FD_MARGIN = 1000
 """File descriptors kept free in the listener process for accepted connections and the rest."""

@@ -19,7 +19,7 @@
     interest = "all"                # or "subscribed": load only subscribed services
     subscriber_queue = 1024         # updates a subscriber may lag before it is collapsed
 
-    [admin]                         # the admin HTTP endpoint (dispatcher.admin); on by default
+    [admin]                         # the admin HTTP endpoint (faces/admin.py); on by default
     enabled = true                  # /metrics, /health, /ready, /snapshot, /shards, /status, /
     listen = "127.0.0.1:8081"       # written out: a port that cannot be bound stops the
                                     # start; left out: a busy 8081 is logged and skipped
@@ -41,7 +41,7 @@
     kind = "zookeeper"              # an entry point of the zkgate.upstreams group
     # ... the kind's own options, checked by its from_config
 
-    [health]                        # central health checking (dispatcher.health)
+    [health]                        # central health checking (dispatcher.core.health)
     enabled = false                 # probe the instances of the services this node owns
     interval = 5.0                  # seconds between two probes of one instance
     timeout = 1.0                   # seconds a probe may take; less than interval
@@ -78,10 +78,10 @@ those it is handing over), so ``[dispatcher] interest`` is ``"subscribed"``
 and may not be written as ``"all"``.
 
 The order of the ``[[upstream]]`` tables is the merge precedence (the first
-upstream that reports an endpoint wins; see :mod:`dispatcher.fanin`).
+upstream that reports an endpoint wins; see :mod:`dispatcher.core.fanin`).
 
 Every mistake is found when the file is loaded, before anything starts, and
-raised as one :class:`~dispatcher.upstream.ConfigError` whose message starts
+raised as one :class:`~dispatcher.core.upstream.ConfigError` whose message starts
 with the path of the bad key, e.g. ``zookeeper.tick_ms: ...`` or
 ``upstream[1]: ...`` (array indexes count from 0) followed by the adapter's
 own message for the kind's options. Unknown keys are errors, not ignored: a
@@ -108,20 +108,20 @@ from typing import Any, Final
 
 import attrs
 
-from dispatcher.admin import AdminLimits
-from dispatcher.fanin import Interest
-from dispatcher.sharding.assignment import DEFAULT_BALANCE
-from dispatcher.sharding.membership import MembershipConfig, MembershipConfigError
-from dispatcher.sharding.ownership import DEFAULT_WARM_TIMEOUT
-from dispatcher.subscription_server import DEFAULT_HISTORY, SubscriptionLimits
-from dispatcher.subscriptions import DEFAULT_QUEUE
-from dispatcher.upstream import (
+from dispatcher.core.fanin import Interest
+from dispatcher.core.subscriptions import DEFAULT_QUEUE
+from dispatcher.core.upstream import (
     ConfigError,
     Upstream,
     layout_kind,
     reject_unknown,
     upstream_kind,
 )
+from dispatcher.faces.admin import AdminLimits
+from dispatcher.faces.subscription_server import DEFAULT_HISTORY, SubscriptionLimits
+from dispatcher.sharding.assignment import DEFAULT_BALANCE
+from dispatcher.sharding.membership import MembershipConfig, MembershipConfigError
+from dispatcher.sharding.ownership import DEFAULT_WARM_TIMEOUT
 from dispatcher.wire import join_address, parse_address
 from dispatcher.zk.fourletter import DEFAULT_WHITELIST, FourLetterWhitelist
 from dispatcher.zk.mirror import MirrorConfig
@@ -224,7 +224,7 @@ class DispatcherConfig:
 
 @attrs.frozen
 class AdminConfig:
-    """The ``[admin]`` table: the admin HTTP endpoint (see :mod:`dispatcher.admin`).
+    """The ``[admin]`` table: the admin HTTP endpoint (see :mod:`dispatcher.faces.admin`).
 
     ``listen`` None means "not configured": the endpoint then tries
     :data:`DEFAULT_ADMIN_LISTEN` and, if that port is taken (a second
@@ -271,7 +271,7 @@ class AdminConfig:
 class SubscriptionsConfig:
     """The ``[subscriptions]`` table: the subscription server proxies connect to.
 
-    See :mod:`dispatcher.subscription_server`. Without the table the gateway
+    See :mod:`dispatcher.faces.subscription_server`. Without the table the gateway
     serves no subscriptions. ``token`` is left out of ``repr`` so that it
     never reaches a log line.
     """
@@ -897,7 +897,7 @@ class ServiceProbe:
 
 @attrs.frozen
 class HealthConfig:
-    """The ``[health]`` table: the central health checker (see :mod:`dispatcher.health`).
+    """The ``[health]`` table: the central health checker (see :mod:`dispatcher.core.health`).
 
     Times are in seconds. Invalid values raise ``ValueError`` naming the key.
     """

@@ -5,14 +5,14 @@ the ZooKeeper protocol on the embedded durable tree (exactly as
 ``zkgate serve`` without a configuration does) and, beside it, runs the
 fan-in over the configured upstreams, and renders the merged snapshot into
 the ``[[projection]]`` roots of the ZooKeeper face
-(:mod:`dispatcher.projection`).
+(:mod:`dispatcher.faces.projection`).
 
 With a ``[subscriptions]`` table it also serves the subscription protocol to
-proxies (:mod:`dispatcher.subscription_server`), by default as the sole
+proxies (:mod:`dispatcher.faces.subscription_server`), by default as the sole
 owner of every service.
 
 With ``[health] enabled = true`` it also runs the central health checker
-(:mod:`dispatcher.health`) on the services this node owns; its verdicts go
+(:mod:`dispatcher.core.health`) on the services this node owns; its verdicts go
 into the fan-in's snapshot, and proxies' failure reports reach it (unless
 the caller passes its own ``on_report``).
 
@@ -22,14 +22,14 @@ are bound, owns the services :mod:`dispatcher.sharding.ownership` gives it, load
 those (plus the ones it is handing over) from its upstreams, and its
 subscription server redirects the rest.
 
-The admin HTTP endpoint (:mod:`dispatcher.admin`: metrics, health, readiness,
+The admin HTTP endpoint (:mod:`dispatcher.faces.admin`: metrics, health, readiness,
 the snapshot, the shard map, the status page) starts first, unless
 ``[admin] enabled = false``; a busy *default* port is logged and skipped.
 
 If either half fails, the nursery cancels the other and the error ends the
 process: a gateway that silently lost its ZooKeeper port, or its fan-in,
 would look healthy while serving nothing. Upstream outages are not failures
-here; the fan-in rides them out (see :mod:`dispatcher.fanin`).
+here; the fan-in rides them out (see :mod:`dispatcher.core.fanin`).
 """
 
 from __future__ import annotations
@@ -40,17 +40,21 @@ from typing import Any
 import trio
 
 from dispatcher import wire
-from dispatcher.admin import AdminServer, shard_map
 from dispatcher.config import Config
-from dispatcher.fanin import FanIn
-from dispatcher.health import HealthChecker
-from dispatcher.ownership import Ownership, SoleOwnership
-from dispatcher.projection import Projection
+from dispatcher.core.fanin import FanIn
+from dispatcher.core.health import HealthChecker
+from dispatcher.core.ownership import Ownership, SoleOwnership
+from dispatcher.core.upstream import ConfigError, Upstream, layout_kind
+from dispatcher.faces.admin import AdminServer, shard_map
+from dispatcher.faces.projection import Projection
+from dispatcher.faces.subscription_server import (
+    ReportHandler,
+    SubscriptionLimits,
+    SubscriptionServer,
+)
 from dispatcher.sharding.membership import MembershipStore
 from dispatcher.sharding.ownership import member_owner
 from dispatcher.sharding.wiring import ShardWiring
-from dispatcher.subscription_server import ReportHandler, SubscriptionLimits, SubscriptionServer
-from dispatcher.upstream import ConfigError, Upstream, layout_kind
 from dispatcher.zk.engine import Engine, EngineConfig
 from dispatcher.zk.fourletter import WHITELIST_SETTING
 from dispatcher.zk.mirror import Mirror

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dispatcher.config import load_config
+from dispatcher.core.upstream import ConfigError
 from dispatcher.sharding.membership import MembershipConfigError
-from dispatcher.upstream import ConfigError
 
 #: Loaders of other programs' configuration files, by name (``--meta``: "meta").
 CONFIG_CHECKS = "zkgate.config_checks"

@@ -1,4 +1,4 @@
-"""Fuzz target: the admin endpoint's HTTP request path (:mod:`dispatcher.admin`).
+"""Fuzz target: the admin endpoint's HTTP request path (:mod:`dispatcher.faces.admin`).
 
 Contract: whatever a client sends on one connection, the admin server answers
 with HTTP (any status: 400, 408, 413, 431 are all fine) or closes without a
@@ -25,9 +25,9 @@ import h11
 import trio
 import trio.testing
 
-from dispatcher.admin import AdminLimits, AdminServer
 from dispatcher.config import parse_config
 from dispatcher.containment import InternalErrors
+from dispatcher.faces.admin import AdminLimits, AdminServer
 from dispatcher.gateway import Gateway
 from fuzz._common import chunks, instrument
 
@@ -128,6 +128,6 @@ def TestOneInput(data: bytes) -> None:
 if __name__ == "__main__":
     import atheris
 
-    instrument("dispatcher.admin", "h11", "fuzz")
+    instrument("dispatcher.faces.admin", "h11", "fuzz")
     atheris.Setup(sys.argv, TestOneInput)
     atheris.Fuzz()

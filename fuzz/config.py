@@ -1,7 +1,7 @@
 """Fuzz target: the configuration loader (:func:`dispatcher.config.load_config`).
 
 Contract: whatever the file holds, loading it raises only
-:class:`~dispatcher.upstream.ConfigError` (``zkgate serve`` turns that into a
+:class:`~dispatcher.core.upstream.ConfigError` (``zkgate serve`` turns that into a
 message naming the key and exit code 2); a TOML syntax error, undecodable
 bytes, a value of the wrong type and an unknown key included. Anything else
 escaping is a crash.

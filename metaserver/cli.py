@@ -46,6 +46,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from dispatcher.core.upstream import reject_unknown
 from dispatcher.sharding.assignment import DEFAULT_BALANCE
 from dispatcher.sharding.membership import (
     MembershipConfig,
@@ -54,7 +55,6 @@ from dispatcher.sharding.membership import (
     open_membership,
 )
 from dispatcher.stopping import run_until_stopped
-from dispatcher.upstream import reject_unknown
 from dispatcher.wire import parse_address
 from metaserver.server import MetaLimits, MetaServer
 

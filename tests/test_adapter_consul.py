@@ -20,8 +20,8 @@ import requests
 import trio
 
 from adapters.consul import ConsulUpstream, instance_from_entry
-from dispatcher.model import Health, Instance, Source
-from dispatcher.upstream import ConfigError, Listing, Status, UpstreamEvent
+from dispatcher.core.model import Health, Instance, Source
+from dispatcher.core.upstream import ConfigError, Listing, Status, UpstreamEvent
 from tests.consul_double import ConsulDouble, parse_go_duration
 from tests.upstream_fold import Fold
 from tests.waiting import until

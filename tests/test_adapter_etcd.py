@@ -26,9 +26,9 @@ import trio
 
 import adapters.etcd
 from adapters.etcd import LEASE_KEY, EtcdUpstream, PrefixSpec
-from dispatcher.model import Instance
-from dispatcher.snapshot import Delta
-from dispatcher.upstream import ConfigError, Listing, Status, UpstreamEvent
+from dispatcher.core.model import Instance
+from dispatcher.core.snapshot import Delta
+from dispatcher.core.upstream import ConfigError, Listing, Status, UpstreamEvent
 from tests.servers import EtcdServer, ServerFactory, free_port
 from tests.upstream_fold import Fold
 from tests.waiting import until

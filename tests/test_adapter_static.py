@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from adapters.static import StaticFileError, StaticUpstream, parse_instances
-from dispatcher.model import Health, Instance
-from dispatcher.upstream import ConfigError, Listing, Status, UpstreamEvent
+from dispatcher.core.model import Health, Instance
+from dispatcher.core.upstream import ConfigError, Listing, Status, UpstreamEvent
 from tests.upstream_fold import Fold
 
 ORDERS_TOML = """\

@@ -30,9 +30,9 @@ from kazoo.security import make_digest_acl
 
 from adapters.layouts import dubbo
 from adapters.zookeeper import ZooKeeperUpstream
-from dispatcher.model import Health, Instance
-from dispatcher.snapshot import Put, Remove
-from dispatcher.upstream import Changed, ConfigError, Listing, Status, UpstreamEvent
+from dispatcher.core.model import Health, Instance
+from dispatcher.core.snapshot import Put, Remove
+from dispatcher.core.upstream import Changed, ConfigError, Listing, Status, UpstreamEvent
 from tests.partition import Partition
 from tests.servers import ServerFactory, ZooKeeperServer
 from tests.upstream_fold import Fold

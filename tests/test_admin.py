@@ -25,8 +25,8 @@ import trio
 from kazoo.client import KazooClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher.admin import AdminLimits, AdminServer, RequestMetrics
 from dispatcher.config import AdminConfig, ConfigError, parse_config
+from dispatcher.faces.admin import AdminLimits, AdminServer, RequestMetrics
 from dispatcher.gateway import Gateway, run_gateway
 from dispatcher.wire import Owner
 from dispatcher.zk.protocol import OpCode
@@ -494,7 +494,7 @@ async def test_status_reports_upstreams_zookeeper_and_subscribers(tmp_path: Path
 
 @attrs.frozen
 class TwoShards:
-    """An :class:`~dispatcher.ownership.Ownership`: ``orders`` is gw-2's, the rest unowned."""
+    """An :class:`~dispatcher.core.ownership.Ownership`: ``orders`` is gw-2's, the rest unowned."""
 
     epoch: int = 7
 

@@ -20,8 +20,8 @@ import trio
 import trio.testing
 
 from bench.admin_slowloris import measure
-from dispatcher.admin import AdminLimits, AdminServer
 from dispatcher.config import ConfigError, parse_config
+from dispatcher.faces.admin import AdminLimits, AdminServer
 from dispatcher.gateway import Gateway, run_gateway
 from tests.servers import ServerFactory, ZkgateServer, free_port
 

@@ -26,9 +26,9 @@ from dispatcher.config import (
     load_config,
     parse_config,
 )
+from dispatcher.core.model import Instance, Source
+from dispatcher.core.upstream import Listing, Status, Upstream, reject_unknown
 from dispatcher.gateway import Gateway, run_gateway
-from dispatcher.model import Instance, Source
-from dispatcher.upstream import Listing, Status, Upstream, reject_unknown
 from tests.servers import REPO_ROOT, free_port, wait_for
 from tests.test_fanin import ScriptedUpstream
 

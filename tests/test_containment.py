@@ -21,8 +21,8 @@ import trio
 from kazoo.client import KazooClient
 
 from dispatcher import wire
+from dispatcher.faces.subscription_server import SubscriberConnection
 from dispatcher.logs import LogfmtFormatter, RepeatLimiter
-from dispatcher.subscription_server import SubscriberConnection
 from dispatcher.zk.protocol import Err, OpCode
 from dispatcher.zk.records import PathRequest
 from tests.servers import ServerFactory, ZkgateServer

@@ -23,16 +23,16 @@ import trio
 import trio.testing
 
 from adapters.static import StaticUpstream
-from dispatcher.fanin import EXPORTED_BY, FanIn, endpoint_id
-from dispatcher.model import Instance, Source
-from dispatcher.snapshot import Delta, Put, Remove, Snapshot
-from dispatcher.subscriptions import Subscription
-from dispatcher.upstream import Changed, Listing, Status, UpstreamEvent, reject_unknown
+from dispatcher.core.fanin import EXPORTED_BY, FanIn, endpoint_id
+from dispatcher.core.model import Instance, Source
+from dispatcher.core.snapshot import Delta, Put, Remove, Snapshot
+from dispatcher.core.subscriptions import Subscription
+from dispatcher.core.upstream import Changed, Listing, Status, UpstreamEvent, reject_unknown
 from tests.waiting import until
 
 
 class ScriptedUpstream:
-    """An :class:`~dispatcher.upstream.Upstream` whose events the test sends.
+    """An :class:`~dispatcher.core.upstream.Upstream` whose events the test sends.
 
     ``crash_first`` makes the first ``run`` raise after it sent its script
     (an adapter bug); ``interest_calls`` records every ``set_interest``.
@@ -468,12 +468,12 @@ async def test_equal_records_keep_the_first_source_but_reports_tell_the_winner()
 async def test_one_debug_line_per_snapshot_version(caplog: pytest.LogCaptureFixture) -> None:
     fanin = FanIn("node-1")
     a = ScriptedUpstream("a")
-    with caplog.at_level("DEBUG", logger="dispatcher.fanin"):
+    with caplog.at_level("DEBUG", logger="dispatcher.core.fanin"):
         async with running(fanin, a):
             await a.send(Listing((inst("x"), inst("p", service="pay"))))
             await a.send(Listing((inst("x"), inst("p", service="pay"))))  # no change
             await a.send(Changed((Remove("pay", "p"),)))
-    lines = [r.getMessage() for r in caplog.records if r.name == "dispatcher.fanin"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "dispatcher.core.fanin"]
     versions = [line for line in lines if line.startswith("snapshot version")]
     assert versions == [
         "snapshot version 1: 2 service(s) changed (orders, pay)",

@@ -2,7 +2,7 @@
 
 The fan-in keeps each upstream's records filed under the endpoint id and
 finds a winner by looking the endpoint up per upstream (see "Memory" in
-:mod:`dispatcher.fanin`). Here a randomized run checks that compact
+:mod:`dispatcher.core.fanin`). Here a randomized run checks that compact
 bookkeeping against a plain model of the documented rules (precedence, the
 smallest id within one upstream, loop prevention, exact listings, the probe
 overlay) after every event, and the subscribers' deltas for exactness; and
@@ -23,11 +23,11 @@ import trio
 import trio.testing
 
 from bench.fanin_load import FeedUpstream, realistic_instances
-from dispatcher.fanin import EXPORTED_BY, FanIn, combine_health, endpoint_id
-from dispatcher.model import Health, Instance, Source
-from dispatcher.snapshot import Change, Delta, Put, Remove
-from dispatcher.subscriptions import EVERYTHING
-from dispatcher.upstream import Changed, Listing, UpstreamEvent
+from dispatcher.core.fanin import EXPORTED_BY, FanIn, combine_health, endpoint_id
+from dispatcher.core.model import Health, Instance, Source
+from dispatcher.core.snapshot import Change, Delta, Put, Remove
+from dispatcher.core.subscriptions import EVERYTHING
+from dispatcher.core.upstream import Changed, Listing, UpstreamEvent
 from tests.test_fanin import Recorder, ScriptedUpstream, running
 
 NODE = "node-1"
@@ -269,7 +269,7 @@ async def test_a_record_already_under_its_endpoint_id_is_served_as_sent() -> Non
 #: The target of issue #4 (and of bench/fanin.py): everything the fan-in keeps,
 #: the upstreams' records included, per instance.
 BUDGET = 1024
-#: What dispatcher/fanin.py and dispatcher/snapshot.py themselves allocate per
+#: What dispatcher/core/fanin.py and dispatcher/core/snapshot.py themselves allocate per
 #: instance: the record under the endpoint id (120 B), the endpoint id string
 #: (~65 B), two dict slots in the fan-in and one in the snapshot. 286 B today.
 OWN_BUDGET = 320

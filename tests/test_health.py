@@ -36,9 +36,8 @@ from trio.testing import MockClock
 
 from dispatcher import wire
 from dispatcher.config import ConfigError, HealthConfig, ServiceProbe, parse_config
-from dispatcher.fanin import FanIn, combine_health
-from dispatcher.gateway import Gateway, run_gateway
-from dispatcher.health import (
+from dispatcher.core.fanin import FanIn, combine_health
+from dispatcher.core.health import (
     TICK,
     HealthChecker,
     first_slot,
@@ -47,10 +46,11 @@ from dispatcher.health import (
     slot_time,
     tcp_probe,
 )
-from dispatcher.model import Health, Instance, Source
-from dispatcher.snapshot import Put, Remove
-from dispatcher.subscriptions import Subscription
-from dispatcher.upstream import Changed, Listing, Status, UpstreamEvent
+from dispatcher.core.model import Health, Instance, Source
+from dispatcher.core.snapshot import Put, Remove
+from dispatcher.core.subscriptions import Subscription
+from dispatcher.core.upstream import Changed, Listing, Status, UpstreamEvent
+from dispatcher.gateway import Gateway, run_gateway
 from tests.waiting import until
 
 TIMEOUT = 10

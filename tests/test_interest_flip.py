@@ -19,8 +19,8 @@ import trio
 
 from adapters.etcd import EtcdUpstream
 from adapters.zookeeper import ZooKeeperUpstream
-from dispatcher.fanin import FanIn
-from dispatcher.upstream import Upstream
+from dispatcher.core.fanin import FanIn
+from dispatcher.core.upstream import Upstream
 from tests.servers import EtcdServer, ZooKeeperServer
 
 INSTANCE = json.dumps({"host": "10.1.0.1", "port": 8080}).encode()

@@ -4,7 +4,7 @@ The plugin is a real distribution on ``sys.path`` (a ``.dist-info`` with an
 ``entry_points.txt`` in the ``zkgate.layouts`` group), so it is found the way
 an operator's ``pip install`` would make it found: configuration checks,
 projections and the ZooKeeper adapter all ask the one lookup,
-:func:`dispatcher.upstream.layout_kind`.
+:func:`dispatcher.core.upstream.layout_kind`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from kazoo.client import KazooClient
 
 from adapters.zookeeper import _Root, parse_config
 from dispatcher.config import load_config
-from dispatcher.model import Instance
-from dispatcher.upstream import ConfigError, layout_kind
+from dispatcher.core.model import Instance
+from dispatcher.core.upstream import ConfigError, layout_kind
 from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer, wait_for
 
 _MODULE = "zkgate_flat_layout"
@@ -29,7 +29,7 @@ _MODULE = "zkgate_flat_layout"
 _LAYOUT_SOURCE = """
 from __future__ import annotations
 
-from dispatcher.model import Instance, Source
+from dispatcher.core.model import Instance, Source
 from dispatcher.wire import parse_address
 
 NAME = "flat"

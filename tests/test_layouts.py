@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from adapters import layouts
 from adapters.layouts import curator, dubbo, node_name, node_text, plain, serverset
-from dispatcher.model import Health, Instance, Source
-from dispatcher.upstream import ConfigError
+from dispatcher.core.model import Health, Instance, Source
+from dispatcher.core.upstream import ConfigError
 
 # --- real-world records ---------------------------------------------------------
 

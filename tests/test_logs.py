@@ -92,10 +92,10 @@ def test_configure_logging_replaces_only_its_own_handler() -> None:
         configure_logging("INFO", "logfmt", stream=first)
         handler = configure_logging("DEBUG", "logfmt", stream=second, fields={"node": "gw-1"})
         assert [h for h in root.handlers if h not in before] == [handler]
-        logging.getLogger("dispatcher.fanin").debug("applied", extra={"service": "orders"})
+        logging.getLogger("dispatcher.core.fanin").debug("applied", extra={"service": "orders"})
         assert first.getvalue() == ""
         assert second.getvalue().endswith(
-            "logger=dispatcher.fanin msg=applied service=orders node=gw-1\n"
+            "logger=dispatcher.core.fanin msg=applied service=orders node=gw-1\n"
         )
     finally:
         for handler in root.handlers[:]:

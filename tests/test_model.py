@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher.model import EMPTY_METADATA, Health, Instance, Metadata, Source
+from dispatcher.core.model import EMPTY_METADATA, Health, Instance, Metadata, Source
 
 
 def make(**changes: object) -> Instance:

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.model import Health, Instance, Source
-from dispatcher.snapshot import Change, Delta, Put, Remove, ServiceEntry, Snapshot, diff
+from dispatcher.core.model import Health, Instance, Source
+from dispatcher.core.snapshot import Change, Delta, Put, Remove, ServiceEntry, Snapshot, diff
 
 
 def inst(service: str, instance_id: str, port: int = 80, **kw: object) -> Instance:

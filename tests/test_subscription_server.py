@@ -28,18 +28,18 @@ import trio.testing
 
 from dispatcher import wire
 from dispatcher.config import ConfigError, SubscriptionsConfig, load_config, parse_config
-from dispatcher.fanin import FanIn, Interest
-from dispatcher.gateway import Gateway, run_gateway
-from dispatcher.model import Health, Instance, Source
-from dispatcher.ownership import Ownership, SoleOwnership
-from dispatcher.snapshot import Delta, Put, Remove
-from dispatcher.subscription_server import (
+from dispatcher.core.fanin import FanIn, Interest
+from dispatcher.core.model import Health, Instance, Source
+from dispatcher.core.ownership import Ownership, SoleOwnership
+from dispatcher.core.snapshot import Delta, Put, Remove
+from dispatcher.core.upstream import Changed, Listing
+from dispatcher.faces.subscription_server import (
     DEFAULT_HISTORY,
     DeltaHistory,
     SubscriptionLimits,
     SubscriptionServer,
 )
-from dispatcher.upstream import Changed, Listing
+from dispatcher.gateway import Gateway, run_gateway
 from tests.test_fanin import ScriptedUpstream
 
 TOKEN = "s3cret-token"
@@ -574,7 +574,7 @@ async def test_a_bad_frame_closes_that_connection_only(
         await bystander.expect(wire.Full)
 
         bad = await h.connect("bad")
-        with caplog.at_level(logging.WARNING, logger="dispatcher.subscription_server"):
+        with caplog.at_level(logging.WARNING, logger="dispatcher.faces.subscription_server"):
             await bad.send_raw(garbage)
             error = await bad.expect(wire.Error)
             assert error.code == "bad-request"

@@ -16,11 +16,11 @@ import pytest
 import trio
 import trio.testing
 
-from dispatcher.fanin import FanIn
-from dispatcher.model import Instance, Source
-from dispatcher.snapshot import Put, Remove, Snapshot
-from dispatcher.subscriptions import Subscription, SubscriptionHub, Update
-from dispatcher.upstream import Changed, Listing
+from dispatcher.core.fanin import FanIn
+from dispatcher.core.model import Instance, Source
+from dispatcher.core.snapshot import Put, Remove, Snapshot
+from dispatcher.core.subscriptions import Subscription, SubscriptionHub, Update
+from dispatcher.core.upstream import Changed, Listing
 from tests.test_fanin import ScriptedUpstream, running
 
 

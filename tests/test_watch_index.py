@@ -7,7 +7,7 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher.watch_index import WatchIndex
+from dispatcher.core.watch_index import WatchIndex
 
 
 def test_first_subscriber_creates_and_last_removes_the_upstream_interest() -> None:

@@ -3,8 +3,8 @@
 An adapter's events only mean something once folded: a :class:`Listing` is the
 complete state of some services, so what a consumer sees is its diff against
 what the upstream had before. :class:`Fold` applies events exactly as the
-contract in ``dispatcher/upstream.py`` describes and records every
-:class:`~dispatcher.snapshot.Delta`, so a test can assert both the resulting
+contract in ``dispatcher/core/upstream.py`` describes and records every
+:class:`~dispatcher.core.snapshot.Delta`, so a test can assert both the resulting
 state and that a change produced exactly the deltas it should (a re-list after
 a reconnect that emits nothing is a delta-free fold).
 
@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import trio
 
-from dispatcher.model import Instance
-from dispatcher.snapshot import Delta, Snapshot, diff
-from dispatcher.upstream import Changed, Listing, Status, UpstreamEvent
+from dispatcher.core.model import Instance
+from dispatcher.core.snapshot import Delta, Snapshot, diff
+from dispatcher.core.upstream import Changed, Listing, Status, UpstreamEvent
 
 __all__ = ["Fold"]
 

@@ -1,9 +1,9 @@
 """ZooKeeper path layouts: how registries spell one instance as one znode.
 
 Each module (``dubbo``, ``curator``, ``serverset``, ``plain``) is a
-:class:`~dispatcher.upstream.Layout`, registered in the ``zkgate.layouts``
+:class:`~dispatcher.core.upstream.Layout`, registered in the ``zkgate.layouts``
 entry-point group: it parses one znode under a service's directory into an
-:class:`~dispatcher.model.Instance`, and renders an instance back into the
+:class:`~dispatcher.core.model.Instance`, and renders an instance back into the
 znode name and data that the layout's own clients read, for projecting the
 unified registry into ZooKeeper. All of it is pure code: bytes and strings
 in, values out.
@@ -37,7 +37,7 @@ import re
 from typing import Any, Final
 from urllib.parse import unquote
 
-from dispatcher.upstream import Layout, layout_kind
+from dispatcher.core.upstream import Layout, layout_kind
 
 __all__ = ["NAMES", "Layout", "get"]
 
@@ -51,7 +51,7 @@ NAMES: Final = ("curator", "dubbo", "plain", "serverset")
 
 def get(name: str) -> Layout:
     """The layout called ``name``, found the one way zkgate finds layouts:
-    :func:`dispatcher.upstream.layout_kind` (the ``zkgate.layouts`` entry points),
+    :func:`dispatcher.core.upstream.layout_kind` (the ``zkgate.layouts`` entry points),
     so plugin layouts count too. Raises ``ConfigError`` for an unknown name."""
     return layout_kind(name)
 

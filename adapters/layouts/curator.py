@@ -37,7 +37,7 @@ import re
 from typing import Any, Final
 
 from adapters.layouts import as_int, as_port, as_text, json_bytes, json_object, node_name, node_text
-from dispatcher.model import Health, Instance, Metadata, Source
+from dispatcher.core.model import Health, Instance, Metadata, Source
 
 __all__ = [
     "DEFAULT_PAYLOAD_CLASS",

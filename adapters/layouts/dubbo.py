@@ -48,7 +48,7 @@ from typing import Final
 from urllib.parse import unquote_plus
 
 from adapters.layouts import as_int
-from dispatcher.model import Health, Instance, Source
+from dispatcher.core.model import Health, Instance, Source
 from dispatcher.wire import join_address, parse_address
 
 __all__ = [

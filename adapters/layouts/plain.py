@@ -26,7 +26,7 @@ from adapters.layouts import (
     node_text,
     text_map,
 )
-from dispatcher.model import Instance, Source
+from dispatcher.core.model import Instance, Source
 
 __all__ = ["NAME", "directory", "parse", "render", "service_of"]
 

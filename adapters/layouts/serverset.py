@@ -36,7 +36,7 @@ from adapters.layouts import (
     node_text,
     text_map,
 )
-from dispatcher.model import Health, Instance, Source
+from dispatcher.core.model import Health, Instance, Source
 from dispatcher.wire import join_address, parse_address
 
 __all__ = ["MEMBER_PREFIX", "NAME", "directory", "parse", "render", "service_of"]

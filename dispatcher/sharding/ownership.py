@@ -1,7 +1,7 @@
 """One Dispatcher's share of the services: what it owns, what it hands over, what it loads.
 
 :class:`ShardedOwnership` is the sharded implementation of the Dispatcher's ownership protocol
-(``dispatcher/ownership.py``: ``epoch``, ``owns(service)``, ``owner_of(service)``, and the
+(``dispatcher/core/ownership.py``: ``epoch``, ``owns(service)``, ``owner_of(service)``, and the
 subscription server's ``ownership_changed()`` hook, which it calls through
 :meth:`ShardedOwnership.add_listener`). It follows the membership views of a
 :class:`~dispatcher.sharding.membership.MembershipStore`, computes the same

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from dispatcher.config import Config
-from dispatcher.fanin import FanIn
+from dispatcher.core.fanin import FanIn
+from dispatcher.core.upstream import Listing, Status, Upstream
 from dispatcher.sharding.membership import MembershipStore, Registration, open_membership
 from dispatcher.sharding.ownership import ShardedOwnership
-from dispatcher.upstream import Listing, Status, Upstream
 from dispatcher.wire import join_address
 
 if TYPE_CHECKING:
@@ -170,13 +170,13 @@ _POLL_APPLIED = 0.002
 class _TrackedUpstream:
     """An upstream as the fan-in runs it, noting which wanted services its listings covered.
 
-    A :class:`~dispatcher.upstream.Listing` covers the services of its scope (all of them
+    A :class:`~dispatcher.core.upstream.Listing` covers the services of its scope (all of them
     for scope None), and the adapters list exactly their interest of the moment, so a
     service is *loaded* here once a listing that covers it has been applied after the service
     became wanted (narrowing forgets it; the fan-in drops the data then too).
 
     "Applied": the fan-in applies each upstream's events in order, and shows the detail of
-    the last :class:`~dispatcher.upstream.Status` in :attr:`FanIn.status`. So after relaying
+    the last :class:`~dispatcher.core.upstream.Status` in :attr:`FanIn.status`. So after relaying
     a listing that covers new services, the relay sends a Status with the same ``connected``
     and a detail that names the listing, and waits until the fan-in shows it (the detail is
     the adapter's own with ``[listing N applied]`` appended; the adapter's next Status

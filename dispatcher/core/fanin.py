@@ -1,9 +1,9 @@
 """Fan-in: many upstream registries, one merged, versioned snapshot.
 
-:class:`FanIn` runs every configured :class:`~dispatcher.upstream.Upstream`,
+:class:`FanIn` runs every configured :class:`~dispatcher.core.upstream.Upstream`,
 keeps what each one currently reports, merges them into one
-:class:`~dispatcher.snapshot.Snapshot` and hands each new version's deltas to
-its :class:`~dispatcher.subscriptions.SubscriptionHub`.
+:class:`~dispatcher.core.snapshot.Snapshot` and hands each new version's deltas to
+its :class:`~dispatcher.core.subscriptions.SubscriptionHub`.
 
 The merge rules (users rely on these; keep them in the docs when changing):
 
@@ -41,7 +41,7 @@ The merge rules (users rely on these; keep them in the docs when changing):
   not have it) and counted in :attr:`FanInCounters.looped_back`.
 
 Probe health (the health checker's overlay, :meth:`FanIn.set_probe_health`):
-the Dispatcher's own health checker (:mod:`dispatcher.health`) reports what
+the Dispatcher's own health checker (:mod:`dispatcher.core.health`) reports what
 its probes say about a merged instance, and the snapshot's ``health`` of
 that instance is then the combination :func:`combine_health` of the
 winner's own (source) health and the probe result:
@@ -117,10 +117,10 @@ import attrs
 import trio
 
 from dispatcher.backoff import Backoff
-from dispatcher.model import Health, Instance, Source
-from dispatcher.snapshot import Change, Delta, Put, Remove, Snapshot
-from dispatcher.subscriptions import DEFAULT_QUEUE, Subscription, SubscriptionHub
-from dispatcher.upstream import Changed, Listing, Status, Upstream, UpstreamEvent
+from dispatcher.core.model import Health, Instance, Source
+from dispatcher.core.snapshot import Change, Delta, Put, Remove, Snapshot
+from dispatcher.core.subscriptions import DEFAULT_QUEUE, Subscription, SubscriptionHub
+from dispatcher.core.upstream import Changed, Listing, Status, Upstream, UpstreamEvent
 from dispatcher.wire import join_address
 
 __all__ = [
@@ -721,7 +721,7 @@ class FanIn:
         version; the returned deltas are also published to subscribers.
 
         This is the one entry point through which anything but an upstream
-        changes the snapshot; it is meant for :mod:`dispatcher.health`.
+        changes the snapshot; it is meant for :mod:`dispatcher.core.health`.
         """
         touched: dict[_Key, Instance] = {}
         for service, instance_id, health in results:

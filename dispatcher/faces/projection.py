@@ -41,10 +41,10 @@ import logging
 import attrs
 import trio
 
-from dispatcher.fanin import EXPORTED_BY, FanIn
-from dispatcher.model import Health, Instance, Metadata
-from dispatcher.subscriptions import EVERYTHING
-from dispatcher.upstream import Layout
+from dispatcher.core.fanin import EXPORTED_BY, FanIn
+from dispatcher.core.model import Health, Instance, Metadata
+from dispatcher.core.subscriptions import EVERYTHING
+from dispatcher.core.upstream import Layout
 from dispatcher.zk.engine import Engine
 from dispatcher.zk.paths import join, parent_of
 from dispatcher.zk.protocol import Perm

@@ -30,8 +30,8 @@ from typing import Any, Protocol, Self
 import attrs
 import trio
 
-from dispatcher.model import Instance, Source
-from dispatcher.snapshot import Change
+from dispatcher.core.model import Instance, Source
+from dispatcher.core.snapshot import Change
 
 ENTRY_POINT_GROUP = "zkgate.upstreams"
 LAYOUT_GROUP = "zkgate.layouts"

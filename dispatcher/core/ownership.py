@@ -7,7 +7,7 @@ the server does not care whether ownership comes from one process
 (:class:`SoleOwnership`) or from a membership store and rendezvous hashing
 (the sharded implementation, which lives elsewhere and calls
 :meth:`SubscriptionServer.ownership_changed
-<dispatcher.subscription_server.SubscriptionServer.ownership_changed>`
+<dispatcher.faces.subscription_server.SubscriptionServer.ownership_changed>`
 whenever its answers change).
 
 The protocol is deliberately this small: anything richer (membership,

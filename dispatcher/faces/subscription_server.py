@@ -41,7 +41,7 @@ The delta history. Every delta that reaches the server is kept, per
 service, for the last ``history`` versions of that service (and
 ``history_total`` deltas across all services), so that a proxy that
 reconnects with a recent version resumes. Deltas of one service chain
-(:mod:`dispatcher.snapshot` guarantees ``from_version`` equals the previous
+(:mod:`dispatcher.core.snapshot` guarantees ``from_version`` equals the previous
 ``to_version``, across emptying and re-creation too); a gap (deltas nobody
 here read) restarts the chain. With ``interest = "all"`` the server keeps
 one subscription to every service just to record history, so a service's
@@ -61,7 +61,7 @@ not take the next 64 KiB within ``send_stall`` seconds, closes the
 connection.
 
 Ownership. :meth:`SubscriptionServer.ownership_changed` re-asks the
-:class:`~dispatcher.ownership.Ownership` for every subscribed service and
+:class:`~dispatcher.core.ownership.Ownership` for every subscribed service and
 sends a ``Redirect`` (and drops the subscription) for each one this
 Dispatcher no longer owns.
 """
@@ -86,11 +86,11 @@ import trio
 
 from dispatcher import wire
 from dispatcher.containment import InternalErrors
-from dispatcher.fanin import FanIn
-from dispatcher.model import Instance
-from dispatcher.ownership import Ownership
-from dispatcher.snapshot import Delta, ServiceEntry
-from dispatcher.subscriptions import EVERYTHING, Subscription, Update
+from dispatcher.core.fanin import FanIn
+from dispatcher.core.model import Instance
+from dispatcher.core.ownership import Ownership
+from dispatcher.core.snapshot import Delta, ServiceEntry
+from dispatcher.core.subscriptions import EVERYTHING, Subscription, Update
 
 __all__ = [
     "DEFAULT_HISTORY",
@@ -320,7 +320,7 @@ def _log_report(service: str, instance_id: str, reason: str, client_id: str) -> 
 
 
 class SubscriptionServer:
-    """Serves one :class:`~dispatcher.fanin.FanIn` to proxies; see the module docstring.
+    """Serves one :class:`~dispatcher.core.fanin.FanIn` to proxies; see the module docstring.
 
     ``token`` is the shared secret every client must present; ``server_id``
     names this Dispatcher (its ``Welcome`` adds an incarnation). Run

@@ -2,7 +2,7 @@
 
 A :class:`Snapshot` is never modified: :meth:`Snapshot.apply` returns a new
 one that shares every unchanged :class:`ServiceEntry` (and every unchanged
-:class:`~dispatcher.model.Instance` inside a changed entry) with the old one.
+:class:`~dispatcher.core.model.Instance` inside a changed entry) with the old one.
 Readers keep whatever snapshot they picked up for as long as they like and
 never take a lock; the writer (one task, the fan-in) publishes a new
 snapshot by rebinding a single reference.
@@ -32,7 +32,7 @@ from typing import Final, TypeAlias, cast
 
 import attrs
 
-from dispatcher.model import Instance
+from dispatcher.core.model import Instance
 
 __all__ = [
     "Change",

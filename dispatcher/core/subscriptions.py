@@ -18,7 +18,7 @@ subscription is therefore bounded by ``max_queue`` updates plus one set entry
 per subscribed service, however far behind it falls.
 
 The hub indexes subscribers by service in a
-:class:`~dispatcher.watch_index.WatchIndex`: a publish costs one lookup per
+:class:`~dispatcher.core.watch_index.WatchIndex`: a publish costs one lookup per
 changed service, and the first subscriber of a service (or the last one to
 leave) is reported to the owner through ``on_interest_changed``, so that ten
 thousand subscribers of one service cost the upstream registries one
@@ -39,8 +39,8 @@ from typing import Final
 import attrs
 import trio
 
-from dispatcher.snapshot import Delta, ServiceEntry, Snapshot
-from dispatcher.watch_index import WatchIndex
+from dispatcher.core.snapshot import Delta, ServiceEntry, Snapshot
+from dispatcher.core.watch_index import WatchIndex
 
 __all__ = [
     "DEFAULT_QUEUE",

@@ -85,13 +85,13 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from dispatcher.containment import InternalErrors
-from dispatcher.model import Health, Instance
-from dispatcher.snapshot import Snapshot
+from dispatcher.core.model import Health, Instance
+from dispatcher.core.snapshot import Snapshot
 from dispatcher.zk.protocol import OpCode
 
 if TYPE_CHECKING:
+    from dispatcher.core.ownership import Ownership
     from dispatcher.gateway import Gateway
-    from dispatcher.ownership import Ownership
     from dispatcher.wire import Owner
 
 __all__ = [
@@ -760,7 +760,7 @@ def _load_page() -> tuple[bytes, str]:
     """The status page, and a Content-Security-Policy that allows exactly its
     inline script and style (by hash) and fetches to this origin: the page
     renders strings from upstream registries, so nothing else may run."""
-    page = resources.files("dispatcher").joinpath(_PAGE).read_bytes()
+    page = resources.files("dispatcher.faces").joinpath(_PAGE).read_bytes()
     hashes: dict[str, list[str]] = {"script": [], "style": []}
     for tag in hashes:
         pattern = rf"<{tag}>(.*?)</{tag}>".encode()

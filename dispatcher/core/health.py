@@ -1,9 +1,9 @@
 """Central health checking: each instance probed once per interval, by its service's owner.
 
 When every proxy probes every instance, probes grow with proxies times instances.
-Here the Dispatcher that owns a service (see :mod:`dispatcher.ownership`)
+Here the Dispatcher that owns a service (see :mod:`dispatcher.core.ownership`)
 probes each of its instances once per interval and puts the verdict into its
-snapshot (:meth:`FanIn.set_probe_health <dispatcher.fanin.FanIn.set_probe_health>`),
+snapshot (:meth:`FanIn.set_probe_health <dispatcher.core.fanin.FanIn.set_probe_health>`),
 so every subscriber learns it from the deltas it already receives: probes
 per interval equal the number of instances, whatever the number of proxies.
 
@@ -49,7 +49,7 @@ and one refused connection is information. It matters most at a hand-over,
 where the new owner starts from unknown and would otherwise route to a dead
 endpoint for ``fall`` more intervals. The verdict (passing or failing) is the
 checker's *probe health*; the fan-in combines it with the registry's own
-health by :func:`dispatcher.fanin.combine_health` (source failing wins,
+health by :func:`dispatcher.core.fanin.combine_health` (source failing wins,
 else the probe result, else the source's health). A Dispatcher that stops
 owning a service withdraws its verdicts on that service's instances (its
 snapshot falls back to the source's health, as on any non-owner), and so
@@ -114,10 +114,10 @@ import attrs
 import trio
 
 from dispatcher.config import HealthConfig, ServiceProbe
-from dispatcher.fanin import FanIn, endpoint_id
-from dispatcher.model import Health
-from dispatcher.ownership import Ownership
-from dispatcher.snapshot import ServiceEntry
+from dispatcher.core.fanin import FanIn, endpoint_id
+from dispatcher.core.model import Health
+from dispatcher.core.ownership import Ownership
+from dispatcher.core.snapshot import ServiceEntry
 
 __all__ = [
     "FLUSH_DELAY",
