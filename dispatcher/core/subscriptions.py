@@ -32,7 +32,7 @@ can never interleave halfway.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Final
 
@@ -335,11 +335,19 @@ class SubscriptionHub:
             for subscription in everyone:
                 subscription._push(update)
 
-    def close(self) -> None:
-        """Close every subscription (their readers' iterations end)."""
+    def subscriptions(self) -> Iterator[Subscription]:
+        """Every open subscription, once each (one may be indexed under several keys)."""
+        seen: set[int] = set()
         for key in tuple(self._index.keys()):
             for subscription in self._index.subscribers(key):
-                subscription.close()
+                if id(subscription) not in seen:
+                    seen.add(id(subscription))
+                    yield subscription
+
+    def close(self) -> None:
+        """Close every subscription (their readers' iterations end)."""
+        for subscription in tuple(self.subscriptions()):
+            subscription.close()
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         self._open -= 1

@@ -864,15 +864,7 @@ class AdminServer:
 
     def subscriptions(self) -> Iterator[Any]:
         """Every open subscription of the fan-in's hub, once each."""
-        # SubscriptionHub has no public iterator of its subscriptions (one is
-        # proposed); until it has, its index is the only list of them.
-        index = self.gateway.fanin.hub._index
-        seen: set[int] = set()
-        for key in tuple(index.keys()):
-            for subscription in index.subscribers(key):
-                if id(subscription) not in seen:
-                    seen.add(id(subscription))
-                    yield subscription
+        return self.gateway.fanin.hub.subscriptions()
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:
