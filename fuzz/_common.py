@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import gc
+import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class Cursor:
@@ -69,3 +70,13 @@ def instrument(*packages: str) -> None:
     for obj in gc.get_objects():
         if isinstance(obj, types.FunctionType) and wanted(obj.__module__):
             atheris.instrument_func(obj)
+
+
+def fuzz_main(test_one_input: Callable[[bytes], None], *packages: str) -> None:
+    """A target's ``__main__``: instrument ``packages`` and run libFuzzer with
+    the command line's arguments (corpus directories, ``-runs``, ...)."""
+    import atheris
+
+    instrument(*packages)
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()

@@ -19,7 +19,6 @@ reads everything the server says until it closes.
 from __future__ import annotations
 
 import functools
-import sys
 
 import h11
 import trio
@@ -29,7 +28,7 @@ from dispatcher.config import parse_config
 from dispatcher.containment import InternalErrors
 from dispatcher.faces.admin import AdminLimits, AdminServer
 from dispatcher.gateway import Gateway
-from fuzz._common import chunks, instrument
+from fuzz._common import chunks, fuzz_main
 
 #: Small bounds so that the fuzzer reaches the 431 and 413 answers.
 LIMITS = AdminLimits(max_request_head=1024, max_request_body=64)
@@ -126,8 +125,4 @@ def TestOneInput(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    import atheris
-
-    instrument("dispatcher.faces.admin", "h11", "fuzz")
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    fuzz_main(TestOneInput, "dispatcher.faces.admin", "h11", "fuzz")

@@ -26,14 +26,13 @@ import functools
 import json
 import math
 import shutil
-import sys
 import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from dispatcher.config import ConfigError, load_config, parse_config
-from fuzz._common import Cursor, instrument
+from fuzz._common import Cursor, fuzz_main
 
 #: Valid configurations the structured mode starts from: scenarios 2, 3 and 4
 #: of the README, and a document with every table the loader knows.
@@ -306,8 +305,4 @@ def TestOneInput(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    import atheris
-
-    instrument("dispatcher", "adapters", "metaserver", "tomllib", "fuzz")
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    fuzz_main(TestOneInput, "dispatcher", "adapters", "metaserver", "tomllib", "fuzz")

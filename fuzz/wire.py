@@ -16,10 +16,8 @@ Input layout: the first byte chooses the mode.
 
 from __future__ import annotations
 
-import sys
-
 from dispatcher.wire import FrameDecoder, Message, WireError, decode, encode
-from fuzz._common import chunks, instrument
+from fuzz._common import chunks, fuzz_main
 
 #: Small limit so that the fuzzer reaches the oversized-frame refusal.
 MAX_FRAME = 4096
@@ -48,8 +46,4 @@ def TestOneInput(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    import atheris
-
-    instrument("dispatcher.wire", "json", "fuzz")
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    fuzz_main(TestOneInput, "dispatcher.wire", "json", "fuzz")

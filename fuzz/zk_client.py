@@ -20,8 +20,6 @@ Input layout: the first byte chooses the mode.
 
 from __future__ import annotations
 
-import sys
-
 from dispatcher.zk.client_connection import (
     RESPONSES,
     ClientConnection,
@@ -34,7 +32,7 @@ from dispatcher.zk.client_connection import (
 from dispatcher.zk.jute import DecodeError, Reader
 from dispatcher.zk.protocol import OpCode
 from dispatcher.zk.records import ConnectResponse, Record, WatcherEvent, encode
-from fuzz._common import chunks, instrument
+from fuzz._common import chunks, fuzz_main
 
 #: Every opcode a client sends, the body-less ones included (their replies
 #: decode to None), in a fixed order the corpus relies on.
@@ -94,8 +92,4 @@ def TestOneInput(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    import atheris
-
-    instrument("dispatcher.zk", "fuzz")
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    fuzz_main(TestOneInput, "dispatcher.zk", "fuzz")

@@ -20,8 +20,6 @@ Input layout: the first byte chooses the mode.
 
 from __future__ import annotations
 
-import sys
-
 from dispatcher.zk.connection import (
     ConnectRequested,
     FourLetterWord,
@@ -33,7 +31,7 @@ from dispatcher.zk.engine import _path_and_watch
 from dispatcher.zk.jute import DecodeError, Reader
 from dispatcher.zk.protocol import OpCode
 from dispatcher.zk.records import REQUESTS, ConnectRequest, Record, encode
-from fuzz._common import chunks, instrument
+from fuzz._common import chunks, fuzz_main
 
 #: The engine decodes these (path, watch) bodies in place, not through a record.
 READ_OPCODES = frozenset({OpCode.GET_DATA, OpCode.EXISTS, OpCode.GET_CHILDREN,
@@ -108,8 +106,4 @@ def TestOneInput(data: bytes) -> None:
 
 
 if __name__ == "__main__":
-    import atheris
-
-    instrument("dispatcher.zk", "fuzz")
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    fuzz_main(TestOneInput, "dispatcher.zk", "fuzz")

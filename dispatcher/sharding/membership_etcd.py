@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
 import trio
 
+from dispatcher.backoff import Backoff
 from dispatcher.sharding.membership_core import (
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_ROOT,
@@ -33,21 +33,6 @@ from dispatcher.sharding.membership_core import (
 )
 
 __all__ = ["EtcdMembership"]
-
-
-class _Backoff:
-    def __init__(self, initial: float = 0.2, maximum: float = 5.0) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self._next = initial
-
-    def reset(self) -> None:
-        self._next = self.initial
-
-    async def sleep(self) -> None:
-        delay = random.uniform(0, self._next)  # full jitter
-        self._next = min(self.maximum, self._next * 2)
-        await trio.sleep(delay)
 
 
 @attrs.define
@@ -161,7 +146,7 @@ class EtcdMembership:
         import etcd3  # noqa: F401  (fail here, loudly, if the client library is missing)
 
         task_status.started()
-        backoff = _Backoff()
+        backoff = Backoff(initial=0.2, maximum=5.0)
         try:
             while True:
                 session = _EtcdSession(self._shared, trio.lowlevel.current_trio_token())
