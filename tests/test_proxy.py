@@ -291,7 +291,9 @@ async def forwarder_for(
         splicer = EpollSplicer()
         await nursery.start(splicer.run)
     forwarder = ServiceForwarder(
-        table, balancer.make(kind), OutlierDetector(policy),
+        # A seeded rng: p2c's picks among idle endpoints are random, and a
+        # spread asserted over 30 of them must not depend on the draw.
+        table, balancer.make(kind, random.Random(1)), OutlierDetector(policy),
         ForwardSettings(**{"connect_timeout": 1.0, "endpoint_wait": 2.0, **settings}),  # type: ignore[arg-type]
         on_eject=on_eject, splicer=splicer,
     )  # fmt: skip
