@@ -59,6 +59,12 @@ one, which the whole process shares and which long-held blocking queries
 would exhaust. Each loop has its own client (its own requests session and
 connection), since a requests session is not meant to be shared between
 threads.
+
+Transport. A loop asks its queries through a :class:`Fetch`, one per loop,
+made by the ``connect`` the upstream is given; the default is the py-consul
+client in worker threads described above. Tests give an in-process one, so
+that blocking queries, rate limits and backoff run on trio's clock, virtual
+under ``trio.testing.MockClock``.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ import logging
 import math
 import random
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Protocol, Self, TypeVar
 
 import attrs
 import consul
@@ -87,7 +93,7 @@ from dispatcher.core.upstream import (
 )
 from dispatcher.wire import join_address, parse_address
 
-__all__ = ["ConsulConfig", "ConsulUpstream", "instance_from_entry"]
+__all__ = ["ConsulConfig", "ConsulUpstream", "Fetch", "Query", "instance_from_entry"]
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +155,40 @@ class ConsulConfig:
         return cls(host, port, scheme, token or None, services, wait, min_interval)
 
 
+@attrs.frozen
+class Query:
+    """One call of a loop: a read of the catalog or of one service's health."""
+
+    service: str | None  # None: /v1/catalog/services; else /v1/health/service/<service>
+    index: int  # the X-Consul-Index to wait past; 0 is a plain, non-blocking read
+    wait: str  # how long the agent may hold it, as a Go duration ("58125ms")
+    token: str | None
+
+    @property
+    def endpoint(self) -> str:
+        """The API path below ``/v1/``, which also names the loop in logs and Status."""
+        return _endpoint(self.service)
+
+
+def _endpoint(service: str | None) -> str:
+    return "catalog/services" if service is None else f"health/service/{service}"
+
+
+class Fetch(Protocol):
+    """How a loop asks a :class:`Query`: the transport, injectable for tests.
+
+    Returns the answer's ``X-Consul-Index`` as sent and ``convert(index,
+    body)`` of its decoded JSON body; ``convert`` is pure and may run in
+    another thread. An answer that is not a result (4xx, 5xx, no index
+    header, undecodable) raises ``consul.ConsulException``; a failed
+    connection raises ``requests.RequestException``.
+    """
+
+    async def __call__(self, query: Query, convert: Callable[[str, Any], _T]) -> tuple[str, _T]:
+        """Ask ``query`` and return its index and converted body."""
+        ...
+
+
 def _parse_address(address: str, where: str) -> tuple[str, int]:
     """``(host, port)``; an IPv6 host keeps its brackets (py-consul pastes it into a URL)."""
     try:
@@ -207,11 +247,17 @@ class ConsulUpstream:
     default: every service in the catalog), ``wait`` (seconds a blocking
     query may be held, default 60, at most 600) and ``min_interval`` (seconds
     between the starts of two calls of one loop, default 1).
+
+    ``connect`` makes each loop's :class:`Fetch` when the loop starts; the
+    default is py-consul over HTTP to ``config``'s address.
     """
 
-    def __init__(self, name: str, config: ConsulConfig) -> None:
+    def __init__(
+        self, name: str, config: ConsulConfig, *, connect: Callable[[], Fetch] | None = None
+    ) -> None:
         self.name = name
         self.config = config
+        self._connect = self._http_fetch if connect is None else connect
         self._interest: frozenset[str] | None = None
         self._catalog: frozenset[str] | None = config.services
         self._loops: dict[str, trio.CancelScope] = {}
@@ -273,11 +319,8 @@ class ConsulUpstream:
             self._nursery.start_soon(self._report)
 
     async def _catalog_loop(self) -> None:
-        def fetch(client: consul.Consul, index: int, wait: str) -> tuple[str, frozenset[str]]:
-            found, services = client.catalog.services(
-                index=index, wait=wait, token=self.config.token
-            )
-            return found, frozenset(services or ())
+        def convert(found: str, services: Any) -> frozenset[str]:
+            return frozenset(services or ())
 
         async def handle(names: frozenset[str]) -> None:
             before = self._catalog or frozenset()
@@ -290,16 +333,13 @@ class ConsulUpstream:
                     await self._send(Listing((), frozenset({service})))
             self._reconcile()
 
-        await self._poll("catalog/services", fetch, handle)
+        await self._poll(None, convert, handle)
 
     async def _service_loop(self, service: str, scope: trio.CancelScope) -> None:
         last: frozenset[Instance] | None = None
 
-        def fetch(client: consul.Consul, index: int, wait: str) -> tuple[str, tuple[Instance, ...]]:
-            found, entries = client.health.service(
-                service, index=index, wait=wait, token=self.config.token
-            )
-            return found, self._instances(service, entries or (), int(found))
+        def convert(found: str, entries: Any) -> tuple[Instance, ...]:
+            return self._instances(service, entries or (), int(found))
 
         async def handle(instances: tuple[Instance, ...]) -> None:
             nonlocal last
@@ -309,18 +349,18 @@ class ConsulUpstream:
                 await self._send(Listing(instances, frozenset({service})))
 
         with scope:
-            await self._poll(f"health/service/{service}", fetch, handle)
+            await self._poll(service, convert, handle)
 
     async def _poll(
         self,
-        what: str,
-        fetch: Callable[[consul.Consul, int, str], tuple[str, _T]],
+        service: str | None,
+        convert: Callable[[str, Any], _T],
         handle: Callable[[_T], Awaitable[None]],
     ) -> None:
         """Run one blocking loop forever, by the rules in the module docstring."""
         config = self.config
-        client = consul.Consul(host=config.host, port=config.port, scheme=config.scheme)
-        assert self._limiter is not None
+        fetch = self._connect()
+        what = _endpoint(service)
         backoff = Backoff()
         index = 0
         next_start = trio.current_time()
@@ -329,9 +369,7 @@ class ConsulUpstream:
             next_start = trio.current_time() + config.min_interval
             wait = f"{round(config.wait * random.uniform(15 / 16, 1) * 1000)}ms"
             try:
-                found, result = await trio.to_thread.run_sync(
-                    fetch, client, index, wait, abandon_on_cancel=True, limiter=self._limiter
-                )
+                found, result = await fetch(Query(service, index, wait, config.token), convert)
                 answered = int(found)
             except _CALL_ERRORS as exc:
                 index = 0  # re-list as soon as the agent answers again
@@ -351,8 +389,34 @@ class ConsulUpstream:
             await handle(result)
             await self._succeeded(what)
 
+    def _http_fetch(self) -> Fetch:
+        """A loop's py-consul client, each call in a worker thread (see the module docstring)."""
+        config = self.config
+        client = consul.Consul(host=config.host, port=config.port, scheme=config.scheme)
+        limiter = self._limiter
+        assert limiter is not None
+
+        def call(query: Query) -> tuple[str, Any]:
+            if query.service is None:
+                return client.catalog.services(
+                    index=query.index, wait=query.wait, token=query.token
+                )
+            return client.health.service(
+                query.service, index=query.index, wait=query.wait, token=query.token
+            )
+
+        async def fetch(query: Query, convert: Callable[[str, Any], _T]) -> tuple[str, _T]:
+            def blocking() -> tuple[str, _T]:
+                found, body = call(query)
+                return found, convert(found, body)
+
+            return await trio.to_thread.run_sync(blocking, abandon_on_cancel=True, limiter=limiter)
+
+        return fetch
+
     def _instances(self, service: str, entries: Any, index: int) -> tuple[Instance, ...]:
-        # Runs in the worker thread: pure conversion, no trio state.
+        # Called as a Fetch's convert, in the worker thread by default: pure
+        # conversion, no trio state.
         instances = []
         for entry in entries:
             try:

@@ -142,9 +142,7 @@ def parse_instances(
         container, label = "instance", "[[instance]]"
     if not isinstance(document, dict):
         raise StaticFileError(f"the top level must be a table with {container!r}")
-    unknown = sorted(set(document) - {container})
-    if unknown:
-        raise StaticFileError(f"unknown top-level key {unknown[0]!r} (expected {container!r})")
+    reject_unknown(document, (container,), "", StaticFileError)
     entries = document.get(container, [])
     if not isinstance(entries, list):
         raise StaticFileError(f"{container!r} must be a list of {label} tables")

@@ -118,8 +118,8 @@ from dispatcher.zk.client import (
     ZooKeeperClient,
     split_connect_string,
 )
-from dispatcher.zk.protocol import Err, EventType, OpCode
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.protocol import Err, EventType, OpCode
+from dispatcher.zk.codec.records import (
     AddWatchRequest,
     GetChildrenResponse,
     GetDataResponse,
@@ -665,7 +665,12 @@ class _Tracker:
         if sweep.full:
             self.covered = scope
         else:
-            joined = None if self.covered is None or sweep.scope is None else self.covered | scope
+            # scope is None only when sweep.scope is; the test says so to the type checker.
+            joined = (
+                None
+                if self.covered is None or sweep.scope is None or scope is None
+                else self.covered | scope
+            )
             self.covered = _intersect(joined, self.interest)
         self.outbox.emit(self._listing(scope))
         if sweep.full:
@@ -963,8 +968,8 @@ class _Tracker:
                 self._list_root(root, None)
             elif kind == _DELETED:
                 # Its children went first, each with an event; this is a backstop.
-                for service in list(root.services):
-                    self._service_gone(root, service)
+                for known in list(root.services):
+                    self._service_gone(root, known)
             return
         child, slash, _ = relative.partition("/")
         if not slash:
@@ -1077,19 +1082,19 @@ class _Tracker:
         """Emit what changed since the last event, unless a listing will carry it."""
         if not self.dirty or self.outbox.blocked:
             return
-        held: frozenset[str] | None = frozenset()
+        held: frozenset[str] = frozenset()
         if self.sweep is not None:
-            held = self.sweep.scope
-            if held is None:
+            if self.sweep.scope is None:
                 return
+            held = self.sweep.scope
         changes: list[Change] = []
         for service in [s for s in self.dirty if s not in held]:
             ids = self.dirty.pop(service)
             claims = self.claims.get(service, {})
             emitted = self.emitted.get(service)
             for instance_id in ids:
-                held = claims.get(instance_id)
-                winner = _winner(held) if held is not None else None
+                claim = claims.get(instance_id)
+                winner = _winner(claim) if claim is not None else None
                 current = emitted.get(instance_id) if emitted is not None else None
                 if winner is None:
                     if current is not None and emitted is not None:

@@ -86,8 +86,8 @@ from bench.loadgen import machine_busy_seconds, percentile, process_cpu_seconds
 from dispatcher.core.fanin import FanIn
 from dispatcher.core.model import Instance
 from dispatcher.core.upstream import Upstream
-from dispatcher.zk.protocol import OpCode
-from dispatcher.zk.records import OPEN_ACL_UNSAFE, CreateRequest
+from dispatcher.zk.codec.protocol import OpCode
+from dispatcher.zk.codec.records import OPEN_ACL_UNSAFE, CreateRequest
 from tests.servers import EtcdServer, ZooKeeperServer
 from tests.zkwire import WireClient
 

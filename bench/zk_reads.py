@@ -335,10 +335,9 @@ def targets_met(results: Results) -> bool:
     """The issue's bar: at least ZooKeeper's throughput, and a p99 no worse than its."""
     zkgate, zookeeper = results.median_rate("zkgate"), results.median_rate("zookeeper")
     p99_zkgate, p99_zookeeper = results.median_p99("zkgate"), results.median_p99("zookeeper")
-    if None in (zkgate, zookeeper, p99_zkgate, p99_zookeeper):
+    if zkgate is None or zookeeper is None or p99_zkgate is None or p99_zookeeper is None:
         return False
-    # The `None in (...)` test above rules None out, but does not narrow the names.
-    return zkgate >= zookeeper and p99_zkgate <= p99_zookeeper  # type: ignore[operator]
+    return zkgate >= zookeeper and p99_zkgate <= p99_zookeeper
 
 
 # -------------------------------------------------------------------------- CLI

@@ -13,11 +13,12 @@ from importlib import metadata
 from pathlib import Path
 
 from dispatcher import operator
-from dispatcher.config import Config, ConfigError, load_config, parse_config
+from dispatcher.config import Config, load_config, parse_config
 from dispatcher.gateway import run_gateway
 from dispatcher.logs import LOG_FORMATS, configure_logging
+from dispatcher.settings import ConfigError
 from dispatcher.stopping import run_until_stopped
-from dispatcher.zk.store import StoreError
+from dispatcher.zk.server.store import StoreError
 
 log = logging.getLogger("zkgate")
 
@@ -51,7 +52,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "zkgate is a single-node ZooKeeper-compatible registry on a durable embedded tree. "
         "Flags left out take their value from --config, else ZooKeeper's defaults.",
     )
-    # Defaults live in dispatcher/config.py, once: a flag left out is None here,
+    # Defaults live in the config classes, once: a flag left out is None here,
     # so a given flag and the file's value can never be confused.
     serve.add_argument(
         "--config",

@@ -22,7 +22,7 @@ are bound, owns the services :mod:`dispatcher.sharding.ownership` gives it, load
 those (plus the ones it is handing over) from its upstreams, and its
 subscription server redirects the rest.
 
-The admin HTTP endpoint (:mod:`dispatcher.faces.admin`: metrics, health, readiness,
+The admin HTTP endpoint (:mod:`dispatcher.faces.admin.http`: metrics, health, readiness,
 the snapshot, the shard map, the status page) starts first, unless
 ``[admin] enabled = false``; a busy *default* port is logged and skipped.
 
@@ -45,7 +45,8 @@ from dispatcher.core.fanin import FanIn
 from dispatcher.core.health import HealthChecker
 from dispatcher.core.ownership import Ownership, SoleOwnership
 from dispatcher.core.upstream import ConfigError, Upstream, layout_kind
-from dispatcher.faces.admin import AdminServer, shard_map
+from dispatcher.faces.admin.http import AdminServer
+from dispatcher.faces.admin.rendering import shard_map
 from dispatcher.faces.projection import Projection
 from dispatcher.faces.subscription_server import (
     ReportHandler,
@@ -55,11 +56,11 @@ from dispatcher.faces.subscription_server import (
 from dispatcher.sharding.membership import MembershipStore
 from dispatcher.sharding.ownership import member_owner
 from dispatcher.sharding.wiring import ShardWiring
-from dispatcher.zk.engine import Engine, EngineConfig
-from dispatcher.zk.fourletter import WHITELIST_SETTING
 from dispatcher.zk.mirror import Mirror
-from dispatcher.zk.server import ServerLimits, ZooKeeperServer
-from dispatcher.zk.store import TreeStore
+from dispatcher.zk.server.engine import Engine, EngineConfig
+from dispatcher.zk.server.fourletter import WHITELIST_SETTING
+from dispatcher.zk.server.listener import ServerLimits, ZooKeeperServer
+from dispatcher.zk.server.store import TreeStore
 
 __all__ = ["Gateway", "ListenError", "ShardWiring", "run_gateway"]
 
@@ -90,7 +91,11 @@ class Gateway:
         #: This gateway as a shard; None without ``[sharding]`` (or with an ``ownership``).
         self.sharding: ShardWiring | None = None
         if ownership is None and config.sharding is not None:
-            self.sharding = ShardWiring(config, self.fanin, membership=membership)
+            if config.membership is None:  # only a Config built by hand can lack it
+                raise ValueError("ShardWiring needs [membership] and [sharding]")
+            self.sharding = ShardWiring(
+                config.sharding, config.membership, config.node, self.fanin, membership=membership
+            )
             ownership = self.sharding.ownership
         #: The central health checker; None unless ``[health] enabled``.
         self.health: HealthChecker | None = None
@@ -126,7 +131,7 @@ class Gateway:
         #: The ``[[mirror]]`` mounts, once the engine exists.
         self.mirrors: tuple[Mirror, ...] = ()
         #: The admin endpoint once serving; None when ``[admin]`` is off, or its
-        #: default port was taken (see :class:`~dispatcher.config.AdminConfig`).
+        #: default port was taken (see :class:`~dispatcher.faces.admin.config.AdminConfig`).
         self.admin: AdminServer | None = None
         #: Who owns which service when sharded; None: this node owns them all.
         self.ownership = ownership

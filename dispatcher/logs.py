@@ -2,7 +2,7 @@
 
 ``zkgate --log-format logfmt`` (the default) writes lines such as::
 
-    ts=2024-05-01T12:00:00.123Z level=info logger=dispatcher.zk.engine msg="session opened" \
+    ts=2024-05-01T12:00:00.123Z level=info logger=dispatcher.zk.server.engine msg="session opened" \
         session=0x100000001 peer=/127.0.0.1:53412
 
 (one line; broken here for the page).

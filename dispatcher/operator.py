@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dispatcher.config import load_config
-from dispatcher.core.upstream import ConfigError
+from dispatcher.settings import ConfigError
 from dispatcher.sharding.membership import MembershipConfigError
 
 #: Loaders of other programs' configuration files, by name (``--meta``: "meta").

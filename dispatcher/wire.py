@@ -460,7 +460,8 @@ class FrameDecoder:
         self.max_frame = max_frame
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> Iterator[Message]:
+    def feed(self, data: bytes | bytearray) -> Iterator[Message]:
+        """Buffer ``data``; yield every message it completes, in order."""
         self._buffer += data
         while len(self._buffer) >= 4:
             (length,) = _LENGTH.unpack_from(self._buffer)

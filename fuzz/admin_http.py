@@ -1,4 +1,4 @@
-"""Fuzz target: the admin endpoint's HTTP request path (:mod:`dispatcher.faces.admin`).
+"""Fuzz target: the admin endpoint's HTTP request path (:mod:`dispatcher.faces.admin.http`).
 
 Contract: whatever a client sends on one connection, the admin server answers
 with HTTP (any status: 400, 408, 413, 431 are all fine) or closes without a
@@ -26,7 +26,7 @@ import trio.testing
 
 from dispatcher.config import parse_config
 from dispatcher.containment import InternalErrors
-from dispatcher.faces.admin import AdminLimits, AdminServer
+from dispatcher.faces.admin.http import AdminLimits, AdminServer
 from dispatcher.gateway import Gateway
 from fuzz._common import chunks, fuzz_main
 

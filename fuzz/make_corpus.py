@@ -9,14 +9,20 @@ so entries a long fuzzing run added by hand stay.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 from dispatcher import wire
-from dispatcher.zk.client_connection import RESPONSES, encode_connect, encode_request
-from dispatcher.zk.protocol import XID_NOTIFICATION, OpCode
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.client_connection import RESPONSES, ClientConnection, Connect, Request
+from dispatcher.zk.codec.connection import (
+    ConnectAccepted,
+    ConnectRequested,
+    Notification,
+    Reply,
+    ServerConnection,
+)
+from dispatcher.zk.codec.protocol import OpCode
+from dispatcher.zk.codec.records import (
     ACL,
     OPEN_ACL_UNSAFE,
     AddWatchRequest,
@@ -47,7 +53,6 @@ from dispatcher.zk.records import (
     PathWatchRequest,
     ReconfigRequest,
     Record,
-    ReplyHeader,
     SetACLRequest,
     SetDataRequest,
     SetSASLResponse,
@@ -64,7 +69,6 @@ from fuzz import config as config_target
 from fuzz import zk_client, zk_server
 
 CORPUS = Path(__file__).parent / "corpus"
-_LENGTH = struct.Struct(">i")
 #: Mode bytes of the stream modes: whole 128-byte reads, and one byte at a time.
 WHOLE, BYTEWISE = 0x7F, 0x00
 
@@ -159,27 +163,39 @@ CONNECT_RESPONSE = ConnectResponse(0, 30_000, 0x0100_0000_0000_0001, b"\x07" * 1
 FOUR_LETTER_WORDS = ("ruok", "srvr", "stat", "mntr", "cons", "dump", "wchs", "isro")
 
 
-def _frame(body: bytes) -> bytes:
-    return _LENGTH.pack(len(body)) + body
-
-
 def _name(opcode: int) -> str:
     return OpCode(opcode).name.lower()
 
 
+def _client() -> tuple[ClientConnection, bytes]:
+    """A client codec that has sent :data:`CONNECT_REQUEST`, and those bytes."""
+    client = ClientConnection()
+    return client, client.send(Connect(CONNECT_REQUEST))
+
+
+def _server() -> tuple[ServerConnection, bytes]:
+    """A server codec that has accepted :data:`CONNECT_REQUEST` with
+    :data:`CONNECT_RESPONSE`, and the bytes of that answer."""
+    server = ServerConnection()
+    server.receive_data(_client()[1])
+    assert isinstance(server.next_event(), ConnectRequested)
+    return server, server.send(ConnectAccepted(CONNECT_RESPONSE))
+
+
 def zk_server_seeds() -> Iterator[tuple[str, bytes]]:
-    connect = encode_connect(CONNECT_REQUEST)
+    client, connect = _client()
     everything = bytearray(connect)
     for xid, opcode in enumerate(sorted(REQUEST_SAMPLES), start=1):
-        request = encode_request(xid, opcode, REQUEST_SAMPLES[opcode])
+        request = client.send(Request(xid, opcode, REQUEST_SAMPLES[opcode]))
         everything += request
         yield f"stream-{_name(opcode)}", bytes([WHOLE]) + connect + request
-    everything += encode_request(0, OpCode.PING) + encode_request(0, OpCode.CLOSE_SESSION)
+    everything += client.send(Request(0, OpCode.PING))
+    everything += client.send(Request(0, OpCode.CLOSE_SESSION))
     yield "stream-all-whole", bytes([WHOLE]) + everything
     yield "stream-all-bytewise", bytes([BYTEWISE]) + everything
     # A client older than 3.4 sends no readOnly byte.
     old = ConnectRequest(0, 0, 30_000, 0, b"", None)
-    yield "stream-connect-without-readonly", bytes([WHOLE]) + encode_connect(old)
+    yield "stream-connect-without-readonly", bytes([WHOLE]) + ClientConnection().send(Connect(old))
     for word in FOUR_LETTER_WORDS:
         yield f"stream-4lw-{word}", bytes([WHOLE]) + word.encode()
     for index, record_type in enumerate(zk_server.DECODERS):
@@ -194,19 +210,17 @@ def zk_server_seeds() -> Iterator[tuple[str, bytes]]:
 
 
 def zk_client_seeds() -> Iterator[tuple[str, bytes]]:
-    connected = _frame(encode(CONNECT_RESPONSE))
+    server, connected = _server()
     everything = bytearray(connected)
     count = len(zk_client.REPLY_OPCODES)
     for index, opcode in enumerate(zk_client.REPLY_OPCODES):
         xid = count + index  # the target maps xid to REPLY_OPCODES[xid % count]
-        body = encode(RESPONSE_SAMPLES[opcode]) if opcode in RESPONSES else b""
-        reply = _frame(encode(ReplyHeader(xid, 100 + index, 0)) + body)
+        body = RESPONSE_SAMPLES[opcode] if opcode in RESPONSES else b""
+        reply = server.send(Reply(xid, 100 + index, 0, body))
         everything += reply
         yield f"stream-{_name(opcode)}", bytes([WHOLE]) + connected + reply
-    failed = _frame(encode(ReplyHeader(count + 1, 200, -101)))  # NONODE: header only
-    notification = _frame(
-        encode(ReplyHeader(XID_NOTIFICATION, -1, 0)) + encode(WatcherEvent(3, 3, "/app"))
-    )
+    failed = server.send(Reply(count + 1, 200, -101))  # NONODE: header only
+    notification = server.send(Notification(WatcherEvent(3, 3, "/app")))
     everything += failed + notification
     yield "stream-error-reply", bytes([WHOLE]) + connected + failed
     yield "stream-notification", bytes([WHOLE]) + connected + notification

@@ -1,17 +1,19 @@
 """Fuzz target: the ZooKeeper codec as zkgate's own client reads a server.
 
-Contract: whatever a server sends, :class:`~dispatcher.zk.client_connection.ClientConnection`,
-:func:`~dispatcher.zk.client_connection.decode_body` and the reply records
-raise only :class:`~dispatcher.zk.connection.ProtocolError` (which
+Contract: whatever a server sends, :class:`~dispatcher.zk.codec.client_connection.ClientConnection`,
+:func:`~dispatcher.zk.codec.client_connection.decode_body` and the reply records
+raise only :class:`~dispatcher.zk.codec.connection.ProtocolError` (which
 ``client_connection`` re-exports and raises for every undecodable frame) or
-:class:`~dispatcher.zk.jute.DecodeError` (the direct decoding of a record);
+:class:`~dispatcher.zk.codec.jute.DecodeError` (the direct decoding of a record);
 anything else escaping is a crash. A record that decodes must survive a write
 and a second read unchanged.
 
 Input layout: the first byte chooses the mode.
 
 * below 0x80: a byte stream from a server, delivered in chunks of
-  ``first byte + 1`` bytes: a ConnectResponse, then replies and watch
+  ``first byte + 1`` bytes, after the client sent its ConnectRequest: a
+  ConnectResponse (one with a timeout of 0 refuses the session and ends the
+  stream), then replies and watch
   notifications. The client knows which request an xid answered; here the
   reply with xid ``x`` answers ``REPLY_OPCODES[x % len(REPLY_OPCODES)]``;
 * 0x80 and above: the rest is one body, decoded by the record that the low
@@ -20,18 +22,25 @@ Input layout: the first byte chooses the mode.
 
 from __future__ import annotations
 
-from dispatcher.zk.client_connection import (
+from dispatcher.zk.codec.client_connection import (
     RESPONSES,
     ClientConnection,
+    Connect,
     Connected,
     ProtocolError,
     ReplyReceived,
     WatchNotified,
     decode_body,
 )
-from dispatcher.zk.jute import DecodeError, Reader
-from dispatcher.zk.protocol import OpCode
-from dispatcher.zk.records import ConnectResponse, Record, WatcherEvent, encode
+from dispatcher.zk.codec.jute import DecodeError, Reader
+from dispatcher.zk.codec.protocol import OpCode
+from dispatcher.zk.codec.records import (
+    ConnectRequest,
+    ConnectResponse,
+    Record,
+    WatcherEvent,
+    encode,
+)
 from fuzz._common import chunks, fuzz_main
 
 #: Every opcode a client sends, the body-less ones included (their replies
@@ -46,6 +55,8 @@ DECODERS: tuple[type[Record], ...] = (
     WatcherEvent,
     *(RESPONSES[opcode] for opcode in sorted(RESPONSES)),
 )
+#: What the client asks before the server's bytes arrive.
+CONNECT = ConnectRequest(0, 0, 30_000, 0, bytes(16), False)
 #: Small limit so that the fuzzer reaches the oversized-frame refusal.
 MAX_BUFFER = 4096
 
@@ -60,6 +71,7 @@ def check_record(record: Record) -> None:
 
 def feed_stream(payload: bytes, chunk: int) -> None:
     conn = ClientConnection(max_buffer=MAX_BUFFER)
+    conn.send(Connect(CONNECT))
     for piece in chunks(payload, chunk):
         conn.receive_data(piece)
         while (event := conn.next_event()) is not None:

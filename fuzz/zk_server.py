@@ -1,9 +1,9 @@
 """Fuzz target: the ZooKeeper codec as the server reads it.
 
-Contract: whatever a client sends, :class:`~dispatcher.zk.connection.ServerConnection`
-and the request records of :data:`~dispatcher.zk.records.REQUESTS` raise only
-:class:`~dispatcher.zk.connection.ProtocolError` or
-:class:`~dispatcher.zk.jute.DecodeError` (the server closes the connection on
+Contract: whatever a client sends, :class:`~dispatcher.zk.codec.connection.ServerConnection`
+and the request records of :data:`~dispatcher.zk.codec.records.REQUESTS` raise only
+:class:`~dispatcher.zk.codec.connection.ProtocolError` or
+:class:`~dispatcher.zk.codec.jute.DecodeError` (the server closes the connection on
 either); anything else escaping is a crash. A record that decodes must also
 survive a write and a second read unchanged, or the codec disagrees with
 itself.
@@ -12,25 +12,32 @@ Input layout: the first byte chooses the mode.
 
 * below 0x80: a byte stream from a client, delivered in chunks of
   ``first byte + 1`` bytes, framed by ``ServerConnection`` (connect request or
-  four-letter word, then requests) with every request body decoded as the
-  engine decodes it;
+  four-letter word, then requests; the session is accepted as a server
+  would) with every request body decoded as the engine decodes it;
 * 0x80 and above: the rest is one body, decoded by the record that the low
   seven bits choose from :data:`DECODERS` (modulo its length).
 """
 
 from __future__ import annotations
 
-from dispatcher.zk.connection import (
+from dispatcher.zk.codec.connection import (
+    ConnectAccepted,
     ConnectRequested,
     FourLetterWord,
     ProtocolError,
     RequestReceived,
     ServerConnection,
 )
-from dispatcher.zk.engine import _path_and_watch
-from dispatcher.zk.jute import DecodeError, Reader
-from dispatcher.zk.protocol import OpCode
-from dispatcher.zk.records import REQUESTS, ConnectRequest, Record, encode
+from dispatcher.zk.codec.jute import DecodeError, Reader
+from dispatcher.zk.codec.protocol import OpCode
+from dispatcher.zk.codec.records import (
+    REQUESTS,
+    ConnectRequest,
+    ConnectResponse,
+    Record,
+    encode,
+)
+from dispatcher.zk.server.engine import _path_and_watch
 from fuzz._common import chunks, fuzz_main
 
 #: The engine decodes these (path, watch) bodies in place, not through a record.
@@ -45,6 +52,8 @@ DECODERS: tuple[type[Record], ...] = (
     ConnectRequest,
     *(REQUESTS[opcode] for opcode in sorted(REQUESTS)),
 )
+#: The answer to every ConnectRequest, so that requests after it are read.
+ACCEPTED = ConnectResponse(0, 30_000, 1, bytes(16), False)
 #: Index of the in-place (path, watch) decoder in the direct mode.
 PATH_AND_WATCH = len(DECODERS)
 
@@ -80,6 +89,7 @@ def feed_stream(payload: bytes, chunk: int) -> None:
                 return  # the word is the whole conversation
             else:
                 assert isinstance(event, ConnectRequested)
+                conn.send(ConnectAccepted(ACCEPTED))
         # The buffer never holds more than one frame and one read.
         if conn.buffered > 4 + MAX_BUFFER + chunk:
             raise AssertionError(f"{conn.buffered} bytes buffered")

@@ -46,7 +46,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from dispatcher.core.upstream import reject_unknown
+from dispatcher.settings import reject_unknown
 from dispatcher.sharding.assignment import DEFAULT_BALANCE
 from dispatcher.sharding.membership import (
     MembershipConfig,

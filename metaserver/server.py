@@ -438,8 +438,10 @@ class _Connection:
 
 def _peer(stream: trio.abc.Stream) -> str:
     sock = getattr(stream, "socket", None)
+    if sock is None:
+        return "?"
     try:
-        host, port = sock.getpeername()[:2]  # type: ignore[union-attr]
+        host, port = sock.getpeername()[:2]
     except (AttributeError, OSError):
         return "?"
     return f"{host}:{port}"

@@ -122,8 +122,12 @@ class ListenAddress:
         return f"unix:{self.path}" if self.path else f"{self.host}:{self.port}"
 
 
-def _at_least(minimum: float) -> Callable[[object, attrs.Attribute[float], float], None]:
-    def check(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+def _at_least(
+    minimum: float,
+) -> Callable[[object, attrs.Attribute[float] | attrs.Attribute[int], float], None]:
+    def check(
+        instance: object, attribute: attrs.Attribute[float] | attrs.Attribute[int], value: float
+    ) -> None:
         if value < minimum:
             raise ValueError(f"{attribute.name} must be >= {minimum}, not {value!r}")
 
@@ -335,7 +339,8 @@ async def _open(address: tuple[str, int], timeout: float) -> socket.socket:
         if not infos:
             raise _ConnectFailed("resolve-failed", f"{host!r} has no address") from None
         family, _, _, _, sockaddr = infos[0]
-        target = sockaddr[:2]  # type: ignore[assignment]
+        # An AF_INET or AF_INET6 address (SOCK_STREAM over TCP): host and port come first.
+        target = (str(sockaddr[0]), int(sockaddr[1]))
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)

@@ -32,7 +32,9 @@ from proxy.endpoints import EndpointState, ServiceTable
 __all__ = ["OutlierDetector", "OutlierPolicy"]
 
 
-def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+def _positive(
+    instance: object, attribute: attrs.Attribute[float] | attrs.Attribute[int], value: float
+) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be > 0, not {value!r}")
 

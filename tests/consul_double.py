@@ -5,7 +5,18 @@ DESIGN.md), so the Consul adapter is tested against this in-process HTTP
 server instead; real Consul is exercised by the compose files under
 ``docker/``. Every other registry in the suite is a real server. This module
 implements, as Consul documents them, exactly the parts of the API that
-``adapters/consul.py`` uses:
+``adapters/consul.py`` uses, and serves them two ways:
+
+* over HTTP on a real loopback socket (:meth:`ConsulDouble.start`), what the
+  adapter's default transport, py-consul, talks to;
+* in process (:meth:`ConsulDouble.fetch`, the adapter's ``Fetch``), so that a
+  test on trio's ``MockClock`` sees blocking queries held for exactly their
+  ``wait`` in virtual time.
+
+Both go through one coroutine, :meth:`ConsulDouble.serve`: the state lives
+in the test's trio run and a held query waits on trio's clock. The HTTP
+server's threads hand each request to that run, so the double must be used
+(created, controlled, started) from inside it.
 
 * ``GET /v1/catalog/services``: a map of service name to the union of its
   tags (https://developer.hashicorp.com/consul/api-docs/catalog#list-services).
@@ -37,7 +48,8 @@ restore: the index goes backwards), :meth:`~ConsulDouble.fail` /
 :meth:`~ConsulDouble.recover` (answer 500 "No cluster leader"),
 :meth:`~ConsulDouble.answer_zero_index` (the old Consul bug the blocking-query
 docs warn about), and :meth:`~ConsulDouble.requests`, a log of every request
-with its parameters, token, status and the index it was answered with.
+with its parameters, token, status, the index it was answered with, and when
+(trio's clock) it arrived and was answered.
 
 Left out, on purpose (the adapter uses none of it): writes over HTTP (the
 agent and catalog register endpoints; tests register through the controls),
@@ -50,20 +62,26 @@ namespaces, partitions and peers, Connect, gzip, and every other endpoint.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import threading
-import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar
 
 import attrs
+import consul
+import trio
 
-__all__ = ["DEFAULT_NODE", "ConsulDouble", "RequestRecord", "parse_go_duration"]
+from adapters.consul import Query
+
+__all__ = ["DEFAULT_NODE", "BusyLoopError", "ConsulDouble", "RequestRecord", "parse_go_duration"]
+
+_T = TypeVar("_T")
 
 DEFAULT_NODE: Final = "node-1"
 """The node that :meth:`ConsulDouble.register` puts instances on unless told otherwise."""
@@ -72,6 +90,10 @@ CHECK_STATUSES: Final = frozenset({"passing", "warning", "critical"})
 
 _DEFAULT_WAIT: Final = 5 * 60.0  # Consul's default when index is given without wait
 _MAX_WAIT: Final = 10 * 60.0  # Consul caps wait at 10 minutes
+# Requests at one instant of trio's clock past which the double refuses to go
+# on: under a MockClock a client that asks without ever waiting stops virtual
+# time, so without this it would spin until the suite's timeout.
+_BUSY_LOOP: Final = 1000
 _DURATION_UNITS: Final = {
     "ns": 1e-9,
     "us": 1e-6,
@@ -113,7 +135,7 @@ class RequestRecord:
     path: str
     params: Mapping[str, str]
     token: str | None
-    arrived: float  # time.monotonic()
+    arrived: float  # trio.current_time()
     status: int | None = None
     index: int | None = None  # the X-Consul-Index answered, None for errors
     answered: float | None = None
@@ -159,26 +181,37 @@ class _Service:
     modify_index: int
 
 
+class BusyLoopError(RuntimeError):
+    """A client asked more than ``_BUSY_LOOP`` times without trio's clock moving."""
+
+
 class _Unavailable(Exception):
     """The double is told to fail: answer 500 the way a Consul server without a leader does."""
 
 
 class ConsulDouble:
-    """An in-process HTTP server that answers like a Consul agent (see the module docstring).
+    """A double of a Consul agent's HTTP API (see the module docstring).
 
-    Use as a context manager (or call :meth:`start` and :meth:`close`). All
-    state is guarded by one condition variable; every write advances the Raft
-    index and wakes the blocking queries it concerns.
+    Create it, control it and serve it from one trio run: every write
+    advances the Raft index and wakes the blocking queries it concerns, and
+    a held query waits on that run's clock. :meth:`fetch` needs nothing
+    more; :meth:`start` (or ``with``) also serves HTTP on 127.0.0.1.
 
     With ``consul_service`` (the default) the catalog holds the ``consul``
     service itself, as every real Consul cluster's does (each server
     registers it on port 8300), so a client that discovers every service sees
-    it too.
+    it too. ``jitter=False`` holds a blocking query for exactly its ``wait``
+    instead of adding up to ``wait / 16`` as Consul does, so that a test on
+    virtual time can assert exact times.
     """
 
-    def __init__(self, *, datacenter: str = "dc1", consul_service: bool = True) -> None:
+    def __init__(
+        self, *, datacenter: str = "dc1", consul_service: bool = True, jitter: bool = True
+    ) -> None:
         self.datacenter = datacenter
-        self._lock = threading.Condition()
+        self._jitter = jitter
+        # Set and replaced on every change: what held queries wait on.
+        self._changed = trio.Event()
         self._raft_index = 1
         self._services_index = 1  # last write to the services table
         self._service_index: dict[str, int] = {}  # service name -> last write touching it
@@ -186,6 +219,7 @@ class ConsulDouble:
         self._services: dict[tuple[str, str], _Service] = {}  # (node, service id)
         self._checks: dict[tuple[str, str], _Check] = {}  # (node, check id)
         self._log: list[RequestRecord] = []
+        self._instant = (-math.inf, 0)  # (trio time, requests that arrived at it)
         self._restores = 0  # bumped by reset_index: abandons every blocking query
         self._failing: tuple[int, str] | None = None
         self._fail_budget: int | None = None
@@ -193,6 +227,7 @@ class ConsulDouble:
         self._closed = False
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
         if consul_service:
             self.add_node("consul-server", "127.0.0.1")
             self.register("consul", "consul", port=8300, node="consul-server")
@@ -200,9 +235,11 @@ class ConsulDouble:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Self:
+        """Serve HTTP on a free 127.0.0.1 port; call from inside the trio run."""
+        self._trio_token = trio.lowlevel.current_trio_token()
         server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         server.daemon_threads = True
-        server.double = self  # type: ignore[attr-defined]
+        server.double = self  # type: ignore[attr-defined]  # how _Handler finds its double
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever,
@@ -215,9 +252,8 @@ class ConsulDouble:
 
     def close(self) -> None:
         """Stop serving; blocked queries are answered at once so their clients are released."""
-        with self._lock:
-            self._closed = True
-            self._lock.notify_all()
+        self._closed = True
+        self._notify()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -240,31 +276,29 @@ class ConsulDouble:
         """``"127.0.0.1:<port>"``, what the adapter's ``address`` option takes."""
         if self._server is None:
             raise RuntimeError("the double is not started")
-        host, port = self._server.server_address[:2]
-        return f"{host}:{port}"
+        return f"127.0.0.1:{self._server.server_port}"
 
     # ------------------------------------------------------------------ controls
 
     @property
     def index(self) -> int:
         """The current Raft index."""
-        with self._lock:
-            return self._raft_index
+        return self._raft_index
 
     def add_node(self, node: str, address: str, *, serf_health: str | None = "passing") -> None:
         """Add (or re-address) a node; ``serf_health=None`` makes a node with no checks at all,
         as an externally registered node (no agent, no ``serfHealth``) is."""
-        with self._lock:
-            index = self._write()
-            existing = self._nodes.get(node)
-            if existing is None:
-                self._nodes[node] = _Node(node, address, index, index, _node_id(node))
-            else:
-                existing.address = address
-                existing.modify_index = index
-            if serf_health is not None:
-                self._put_check(node, "serfHealth", serf_health, "", index)
-            self._touch_node(node, index)
+        index = self._write()
+        existing = self._nodes.get(node)
+        if existing is None:
+            self._nodes[node] = _Node(node, address, index, index, _node_id(node))
+        else:
+            existing.address = address
+            existing.modify_index = index
+        if serf_health is not None:
+            self._put_check(node, "serfHealth", serf_health, "", index)
+        self._touch_node(node, index)
+        self._notify()
 
     def register(
         self,
@@ -286,46 +320,44 @@ class ConsulDouble:
         ``serfHealth``. ``checks`` maps check ids to statuses.
         """
         service_id = service_id or service
-        with self._lock:
-            if node not in self._nodes:
-                self.add_node(node, "127.0.0.1")
-            index = self._write()
-            key = (node, service_id)
-            previous = self._services.get(key)
-            self._services[key] = _Service(
-                node=node,
-                service_id=service_id,
-                name=service,
-                address=address,
-                port=port,
-                tags=tuple(tags),
-                meta=dict(meta or {}),
-                weights=weights,
-                create_index=previous.create_index if previous else index,
-                modify_index=index,
-            )
-            for check_id, status in (checks or {}).items():
-                self._put_check(node, check_id, status, service_id, index)
-            self._services_index = index
-            self._service_index[service] = index
-            if previous is not None and previous.name != service:
-                self._service_index[previous.name] = index
-            self._lock.notify_all()
+        if node not in self._nodes:
+            self.add_node(node, "127.0.0.1")
+        index = self._write()
+        key = (node, service_id)
+        previous = self._services.get(key)
+        self._services[key] = _Service(
+            node=node,
+            service_id=service_id,
+            name=service,
+            address=address,
+            port=port,
+            tags=tuple(tags),
+            meta=dict(meta or {}),
+            weights=weights,
+            create_index=previous.create_index if previous else index,
+            modify_index=index,
+        )
+        for check_id, status in (checks or {}).items():
+            self._put_check(node, check_id, status, service_id, index)
+        self._services_index = index
+        self._service_index[service] = index
+        if previous is not None and previous.name != service:
+            self._service_index[previous.name] = index
+        self._notify()
         return service_id
 
     def deregister(self, service_id: str, *, node: str = DEFAULT_NODE) -> None:
         """Remove an instance and its checks."""
-        with self._lock:
-            removed = self._services.pop((node, service_id), None)
-            if removed is None:
-                raise KeyError(f"no service {service_id!r} on node {node!r}")
-            index = self._write()
-            for key in [k for k, c in self._checks.items() if c.node == node]:
-                if self._checks[key].service_id == service_id:
-                    del self._checks[key]
-            self._services_index = index
-            self._service_index[removed.name] = index
-            self._lock.notify_all()
+        removed = self._services.pop((node, service_id), None)
+        if removed is None:
+            raise KeyError(f"no service {service_id!r} on node {node!r}")
+        index = self._write()
+        for key in [k for k, c in self._checks.items() if c.node == node]:
+            if self._checks[key].service_id == service_id:
+                del self._checks[key]
+        self._services_index = index
+        self._service_index[removed.name] = index
+        self._notify()
 
     def set_check(
         self, check_id: str, status: str, *, service_id: str = "", node: str = DEFAULT_NODE
@@ -335,21 +367,20 @@ class ConsulDouble:
         Like Consul, writing the status a check already has changes nothing
         and does not advance any index.
         """
-        with self._lock:
-            if node not in self._nodes:
-                raise KeyError(f"no node {node!r}")
-            if service_id and (node, service_id) not in self._services:
-                raise KeyError(f"no service {service_id!r} on node {node!r}")
-            existing = self._checks.get((node, check_id))
-            if existing is not None and existing.status == status:
-                return
-            index = self._write()
-            self._put_check(node, check_id, status, service_id, index)
-            if service_id:
-                self._service_index[self._services[(node, service_id)].name] = index
-            else:
-                self._touch_node(node, index)
-            self._lock.notify_all()
+        if node not in self._nodes:
+            raise KeyError(f"no node {node!r}")
+        if service_id and (node, service_id) not in self._services:
+            raise KeyError(f"no service {service_id!r} on node {node!r}")
+        existing = self._checks.get((node, check_id))
+        if existing is not None and existing.status == status:
+            return
+        index = self._write()
+        self._put_check(node, check_id, status, service_id, index)
+        if service_id:
+            self._service_index[self._services[(node, service_id)].name] = index
+        else:
+            self._touch_node(node, index)
+        self._notify()
 
     def reset_index(self, to: int = 1) -> None:
         """Make every index go backwards to ``to``, keeping the data: a snapshot restore.
@@ -359,31 +390,33 @@ class ConsulDouble:
         blocking queries in flight return at once with the new, lower index;
         this does the same. Later writes count up from ``to``.
         """
-        with self._lock:
-            self._raft_index = to
-            self._services_index = to
-            self._service_index = dict.fromkeys(self._service_index, to)
-            for record in (*self._nodes.values(), *self._services.values(), *self._checks.values()):
-                record.create_index = min(record.create_index, to)
-                record.modify_index = min(record.modify_index, to)
-            self._restores += 1
-            self._lock.notify_all()
+        self._raft_index = to
+        self._services_index = to
+        self._service_index = dict.fromkeys(self._service_index, to)
+        records: list[_Node | _Service | _Check] = [
+            *self._nodes.values(),
+            *self._services.values(),
+            *self._checks.values(),
+        ]
+        for record in records:
+            record.create_index = min(record.create_index, to)
+            record.modify_index = min(record.modify_index, to)
+        self._restores += 1
+        self._notify()
 
     def fail(self, requests: int | None = None, *, status: int = 500) -> None:
         """Answer ``status`` with "No cluster leader" (what a Consul agent answers while its
         servers have no leader) to the next ``requests`` requests, or until
         :meth:`recover` when None. Blocking queries in flight fail at once too, as
         they do when a leader is lost."""
-        with self._lock:
-            self._failing = (status, "No cluster leader")
-            self._fail_budget = requests
-            self._lock.notify_all()
+        self._failing = (status, "No cluster leader")
+        self._fail_budget = requests
+        self._notify()
 
     def recover(self) -> None:
-        with self._lock:
-            self._failing = None
-            self._fail_budget = None
-            self._lock.notify_all()
+        self._failing = None
+        self._fail_budget = None
+        self._notify()
 
     def answer_zero_index(self, on: bool = True) -> None:
         """Fault injection: answer ``X-Consul-Index: 0`` without blocking.
@@ -395,20 +428,23 @@ class ConsulDouble:
         an index below the real one return at once, so only the client's own
         rate limit stands between it and a busy loop.
         """
-        with self._lock:
-            self._zero_index = on
-            self._lock.notify_all()
+        self._zero_index = on
+        self._notify()
 
     def requests(self, path: str | None = None) -> list[RequestRecord]:
         """Copies of the logged requests, oldest first, optionally only those for ``path``."""
-        with self._lock:
-            return [attrs.evolve(r) for r in self._log if path is None or r.path == path]
+        return [attrs.evolve(r) for r in self._log if path is None or r.path == path]
 
     # ------------------------------------------------------------------ state helpers
 
     def _write(self) -> int:
         self._raft_index += 1
         return self._raft_index
+
+    def _notify(self) -> None:
+        """Wake every held query, which then looks again at what it waits for."""
+        self._changed.set()
+        self._changed = trio.Event()
 
     def _put_check(
         self, node: str, check_id: str, status: str, service_id: str, index: int
@@ -435,7 +471,7 @@ class ConsulDouble:
             if service.node == node:
                 self._service_index[service.name] = index
 
-    # ------------------------------------------------------------------ reads (lock held)
+    # ------------------------------------------------------------------ reads
 
     def _catalog_services(self) -> tuple[int, Any]:
         tags: dict[str, set[str]] = {}
@@ -511,8 +547,61 @@ class ConsulDouble:
 
     # ------------------------------------------------------------------ serving
 
-    def _answer(self, record: RequestRecord) -> tuple[int, dict[str, str], bytes]:
-        """Serve one logged GET; runs in the server's per-connection thread."""
+    async def serve(
+        self, method: str, path: str, params: Mapping[str, str], token: str | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Answer one request as the agent would: ``(status, headers, body)``.
+
+        The one entry point of both transports; the request is logged first,
+        its status, index and answer time once it is answered. Raises
+        :class:`BusyLoopError` instead, failing the test at once, for the
+        ``_BUSY_LOOP``-th request at one instant of trio's clock.
+        """
+        now = trio.current_time()
+        at, count = self._instant
+        self._instant = (now, count + 1 if at == now else 1)
+        if self._instant[1] > _BUSY_LOOP:
+            raise BusyLoopError(
+                f"{self._instant[1]} requests at one instant of trio time: a client in a busy loop"
+            )
+        record = RequestRecord(
+            method=method, path=path, params=dict(params), token=token, arrived=now
+        )
+        self._log.append(record)
+        headers: dict[str, str] = {}
+        if method != "GET":
+            status, body = 405, b"method not allowed\n"
+        else:
+            try:
+                status, headers, body = await self._answer(record)
+            except _Unavailable as failure:
+                status, message = failure.args[0]
+                body = f"{message}\n".encode()
+        record.status = status
+        record.index = int(headers["X-Consul-Index"]) if "X-Consul-Index" in headers else None
+        record.answered = trio.current_time()
+        headers.setdefault("Content-Type", "text/plain; charset=utf-8")
+        return status, headers, body
+
+    async def fetch(self, query: Query, convert: Callable[[str, Any], _T]) -> tuple[str, _T]:
+        """The adapter's ``Fetch``, in process: what py-consul would send, return and raise.
+
+        Like py-consul, it sends ``index`` (and with it ``wait``) only when
+        the index is not 0, and raises ``consul.ConsulException("<status>
+        <body>")`` for an answer that is not a result.
+        """
+        params = {"index": str(query.index), "wait": query.wait} if query.index else {}
+        status, headers, body = await self.serve(
+            "GET", f"/v1/{query.endpoint}", params, query.token
+        )
+        if status != 200:
+            raise consul.ConsulException(f"{status} {body.decode()}")
+        if "X-Consul-Index" not in headers:
+            raise consul.ConsulException(f"Missing index header: {headers}")
+        found = headers["X-Consul-Index"]
+        return found, convert(found, json.loads(body))
+
+    async def _answer(self, record: RequestRecord) -> tuple[int, dict[str, str], bytes]:
         read: Callable[[], tuple[int, Any]]
         if record.path == "/v1/catalog/services":
             read = self._catalog_services
@@ -532,26 +621,26 @@ class ConsulDouble:
         except ValueError:
             return 400, {}, b"Invalid wait time\n"
         wait = min(wait or _DEFAULT_WAIT, _MAX_WAIT)
-        deadline = time.monotonic() + wait + random.uniform(0, wait / 16)
+        jitter = random.uniform(0, wait / 16) if self._jitter else 0.0
+        deadline = record.arrived + wait + jitter
 
-        with self._lock:
-            restores = self._restores
-            while True:
-                self._check_failing()
-                index, body = read()
-                if (
-                    min_index == 0
-                    or index > min_index
-                    or self._closed
-                    or self._restores != restores
-                    or self._zero_index
-                ):
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._lock.wait(remaining)
-            answered_index = 0 if self._zero_index else max(index, 1)
+        restores = self._restores
+        while True:
+            self._check_failing()
+            index, body = read()
+            if (
+                min_index == 0
+                or index > min_index
+                or self._closed
+                or self._restores != restores
+                or self._zero_index
+                or trio.current_time() >= deadline
+            ):
+                break
+            changed = self._changed
+            with trio.move_on_at(deadline):
+                await changed.wait()
+        answered_index = 0 if self._zero_index else max(index, 1)
         headers = {
             "Content-Type": "application/json",
             "X-Consul-Index": str(answered_index),
@@ -571,32 +660,25 @@ class ConsulDouble:
         raise _Unavailable(self._failing)
 
     def _handle(self, handler: _Handler) -> None:
+        """Serve one HTTP request; runs in the server's per-connection thread."""
         split = urllib.parse.urlsplit(handler.path)
         params = dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True))
-        record = RequestRecord(
-            method=handler.command,
-            path=split.path,
-            params=params,
-            token=handler.headers.get("X-Consul-Token"),
-            arrived=time.monotonic(),
-        )
-        with self._lock:
-            self._log.append(record)
-        headers: dict[str, str] = {}
-        if handler.command != "GET":
-            status, body = 405, b"method not allowed\n"
-        else:
-            try:
-                status, headers, body = self._answer(record)
-            except _Unavailable as failure:
-                status, message = failure.args[0]
-                body = f"{message}\n".encode()
-        with self._lock:
-            record.status = status
-            record.index = int(headers["X-Consul-Index"]) if "X-Consul-Index" in headers else None
-            record.answered = time.monotonic()
+        assert self._trio_token is not None
+        try:
+            status, headers, body = trio.from_thread.run(
+                self.serve,
+                handler.command,
+                split.path,
+                params,
+                handler.headers.get("X-Consul-Token"),
+                trio_token=self._trio_token,
+            )
+        except (trio.RunFinishedError, trio.Cancelled):
+            # The test's run is over (a client abandoned by a cancelled
+            # adapter asks late): there is no agent left to answer for.
+            handler.close_connection = True
+            return
         handler.send_response(status)
-        headers.setdefault("Content-Type", "text/plain; charset=utf-8")
         for key, value in headers.items():
             handler.send_header(key, value)
         handler.send_header("Content-Length", str(len(body)))

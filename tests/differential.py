@@ -34,8 +34,8 @@ from typing import Any
 
 import attrs
 
-from dispatcher.zk.protocol import Err, OpCode
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.protocol import Err, OpCode
+from dispatcher.zk.codec.records import (
     ErrorResult,
     MultiRequest,
     Record,

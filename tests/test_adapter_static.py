@@ -265,7 +265,7 @@ def test_parse_errors_name_the_place() -> None:
     assert "'health' must be unknown, passing or failing" in error(base + 'health = "ok"\n')
     assert "metadata 'v' must be a string" in error(base + "metadata = { v = 1 }\n")
     assert "port must be in 0..65535" in error(base.replace("port = 1", "port = 70000"))
-    assert "unknown top-level key 'instances'" in error("[[instances]]\n")
+    assert "instances: unknown key (known here: instance)" in error("[[instances]]\n")
     assert error('{"instances": [}', Path("x.json")).startswith("line 1, column 16")
     assert "top level" in error("[]", Path("x.json"))
     assert parse_instances("a", toml, b"") == ()

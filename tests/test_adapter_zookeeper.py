@@ -89,7 +89,7 @@ class Running:
     async def until(
         self, predicate: Callable[[StrictFold], object], message: str, timeout: float = 15.0
     ) -> None:
-        await self.fold.until(self.receive, predicate, timeout=timeout, message=message)  # type: ignore[arg-type]
+        await self.fold.until(self.receive, predicate, timeout=timeout, message=message)
 
 
 @contextlib.asynccontextmanager

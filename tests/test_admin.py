@@ -26,10 +26,11 @@ from kazoo.client import KazooClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher.config import AdminConfig, ConfigError, parse_config
-from dispatcher.faces.admin import AdminLimits, AdminServer, RequestMetrics
+from dispatcher.faces.admin.http import AdminLimits, AdminServer
+from dispatcher.faces.admin.metrics import RequestMetrics
 from dispatcher.gateway import Gateway, run_gateway
 from dispatcher.wire import Owner
-from dispatcher.zk.protocol import OpCode
+from dispatcher.zk.codec.protocol import OpCode
 from tests.servers import ServerFactory, ZkgateServer, free_port
 from tests.waiting import until
 

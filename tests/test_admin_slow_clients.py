@@ -21,7 +21,7 @@ import trio.testing
 
 from bench.admin_slowloris import measure
 from dispatcher.config import ConfigError, parse_config
-from dispatcher.faces.admin import AdminLimits, AdminServer
+from dispatcher.faces.admin.http import AdminLimits, AdminServer
 from dispatcher.gateway import Gateway, run_gateway
 from tests.servers import ServerFactory, ZkgateServer, free_port
 

@@ -312,6 +312,6 @@ def test_assignment_is_read_only() -> None:
     result = assign(["a"], members(2))
     assert isinstance(result, Assignment)
     with pytest.raises(TypeError):
-        result.owners["a"] = "dispatcher-001"  # type: ignore[index]
+        result.owners["a"] = "dispatcher-001"  # type: ignore[index]  # the point: read-only
     with pytest.raises(AttributeError):
-        result.epoch = 5  # type: ignore[misc]
+        result.epoch = 5  # type: ignore[misc]  # the point: the field is frozen

@@ -27,8 +27,9 @@ from dispatcher.config import (
     parse_config,
 )
 from dispatcher.core.model import Instance, Source
-from dispatcher.core.upstream import Listing, Status, Upstream, reject_unknown
+from dispatcher.core.upstream import Listing, Status, Upstream
 from dispatcher.gateway import Gateway, run_gateway
+from dispatcher.settings import reject_unknown
 from tests.servers import REPO_ROOT, free_port, wait_for
 from tests.test_fanin import ScriptedUpstream
 
@@ -209,6 +210,10 @@ def test_command_line_flags_override_the_file(tmp_path: Path) -> None:
             "mirror[0].session_timeout: must be a positive number",
         ),
         ('[[mirror]]\nroot = "/m"\nhosts = "zk:1"\nroots = []\n', "mirror[0].roots: unknown key"),
+        (
+            '[[mirror]]\nroot = "/m"\nhosts = "zk:1"\nsession_timeout = inf\n',
+            "mirror[0].session_timeout: must be a finite number of seconds, not inf",
+        ),
         (
             '[[projection]]\nroot = "/m"\nlayout = "plain"\n'
             '[[mirror]]\nroot = "/m/a"\nhosts = "zk:1"\n',
@@ -428,3 +433,10 @@ def test_every_unknown_key_message_names_the_keys_known_there(tmp_path: Path) ->
     assert str(error.value) == "t.zz: unknown key (known here: a, b, c)"
     with pytest.raises(ConfigError, match=r"^colour: unknown key \(known here: x, y\)$"):
         reject_unknown({"colour": 1}, ["x", "y"], "")
+    # [membership], which zkgate meta reads too, says it the same way.
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, '[membership]\nkind = "memory"\nrooot = "/x"\n[sharding]\n'))
+    assert str(caught.value) == (
+        "membership.rooot: unknown key (known here: kind, address, root, session_timeout, "
+        "stamp_grace)"
+    )

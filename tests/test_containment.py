@@ -23,8 +23,10 @@ from kazoo.client import KazooClient
 from dispatcher import wire
 from dispatcher.faces.subscription_server import SubscriberConnection
 from dispatcher.logs import LogfmtFormatter, RepeatLimiter
-from dispatcher.zk.protocol import Err, OpCode
-from dispatcher.zk.records import PathRequest
+from dispatcher.zk.codec.protocol import Err, OpCode
+from dispatcher.zk.codec.records import PathRequest, Record
+from dispatcher.zk.server.engine import Client
+from dispatcher.zk.server.tree import Txn
 from tests.servers import ServerFactory, ZkgateServer
 from tests.test_admin import gateway, kazoo, scrape
 from tests.zkwire import WireClient
@@ -83,7 +85,7 @@ async def test_a_write_that_meets_a_bug_leaves_nothing_behind(tmp_path: Path) ->
         engine = running.engine
         create = engine._writes[OpCode.CREATE]
 
-        def create_then_fail(txn, client, opcode, record):  # type: ignore[no-untyped-def]
+        def create_then_fail(txn: Txn, client: Client, opcode: int, record: Record) -> NoReturn:
             create(txn, client, opcode, record)  # the txn has changed the tree...
             raise RuntimeError("...and then a bug")
 

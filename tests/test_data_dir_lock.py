@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from kazoo.client import KazooClient
 
-from dispatcher.zk.store import StoreError, TreeStore
+from dispatcher.zk.server.store import StoreError, TreeStore
 from tests.servers import REPO_ROOT, ServerFactory, ZkgateServer, free_port
 
 

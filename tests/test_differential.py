@@ -14,9 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatcher.zk.acl import digest_id
-from dispatcher.zk.protocol import CreateMode, OpCode
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.protocol import CreateMode, OpCode
+from dispatcher.zk.codec.records import (
     ACL,
     OPEN_ACL_UNSAFE,
     AddWatchRequest,
@@ -26,6 +25,7 @@ from dispatcher.zk.records import (
     CreateTTLRequest,
     DeleteRequest,
     Empty,
+    GetChildrenResponse,
     GetSASLRequest,
     Id,
     MultiReadRequest,
@@ -40,6 +40,7 @@ from dispatcher.zk.records import (
     SetWatches2,
     WatchesRequest,
 )
+from dispatcher.zk.server.acl import digest_id
 from tests.differential import Pair, Side
 from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer, four_letter, wait_for
 from tests.zkwire import WireClient
@@ -108,11 +109,11 @@ def _rooted(record: Record, root: str) -> Record:
 
     if isinstance(record, MultiRequest):
         return MultiRequest(tuple((op, _rooted(r, root)) for op, r in record.ops))
-    path: str = record.path  # type: ignore[attr-defined]
+    path: str = record.path  # type: ignore[attr-defined]  # each drawn request but Multi has one
     real = path[1:] if path.startswith("!") else f"{root}/{path}"
     if path.startswith("!/") and len(path) > 2:
         real = root + path[1:]
-    return attrs.evolve(record, path=real)  # type: ignore[misc]
+    return attrs.evolve(record, path=real)  # type: ignore[misc]  # Record is a protocol; all attrs
 
 
 def _strip(value: object, root: str) -> object:
@@ -438,12 +439,14 @@ def test_containers_and_ttl_nodes(extended_pair: Pair) -> None:
         def reaped(client: WireClient = client) -> bool:
             reply = client.call(OpCode.GET_CHILDREN, PathWatchRequest(root, False))
             children = reply.decode(OpCode.GET_CHILDREN)
-            return sorted(children.children) == ["mbox", "unused"]  # type: ignore[union-attr]
+            assert isinstance(children, GetChildrenResponse)
+            return sorted(children.children) == ["mbox", "unused"]
 
         wait_for(reaped, timeout=15, message="the used container and the TTL nodes to be reaped")
     expected, actual = extended_pair.run("B", OpCode.GET_CHILDREN2, PathWatchRequest(root, False))
     assert _strip(actual, root) == _strip(expected, root)
-    assert _strip(actual, root)["body"]["children"] == ["mbox", "unused"]  # type: ignore[index]
+    stripped = _strip(actual, root)
+    assert isinstance(stripped, dict) and stripped["body"]["children"] == ["mbox", "unused"]
 
 
 def test_connections_per_ip_are_capped_like_zookeeper(

@@ -27,9 +27,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatcher.zk.acl import digest_id
-from dispatcher.zk.protocol import Err, EventType, OpCode
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.protocol import Err, EventType, OpCode
+from dispatcher.zk.codec.records import (
     ACL,
     OPEN_ACL_UNSAFE,
     AddWatchRequest,
@@ -52,6 +51,7 @@ from dispatcher.zk.records import (
     SetWatches2,
     WatchesRequest,
 )
+from dispatcher.zk.server.acl import digest_id
 from tests.differential import Pair, Side
 from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer
 from tests.test_differential import NAMES, _multi_ops, _read_ops, _rooted, _strip, _write_ops
@@ -338,7 +338,9 @@ def _replay_set_watches(m: Mirrored, which: str = "candidate") -> list[Any]:
     a.call(OpCode.SET_DATA, SetDataRequest(f"{root}/same", b"y", -1))
     ping = side.clients["B"].call(OpCode.PING)
     out.append(sorted((e.type, e.path) for _, e in ping.events))
-    return _strip(out, root)  # type: ignore[return-value]
+    stripped = _strip(out, root)
+    assert isinstance(stripped, list)
+    return stripped
 
 
 def test_set_watches_without_a_cache_errs_towards_events(mirrored: Mirrored) -> None:

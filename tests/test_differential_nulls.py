@@ -27,10 +27,10 @@ from kazoo.client import KazooClient
 from kazoo.protocol import serialization as kazoo_wire
 from kazoo.security import CREATOR_ALL_ACL
 
-from dispatcher.zk.client_connection import RESPONSES
-from dispatcher.zk.jute import Reader, Writer
-from dispatcher.zk.protocol import XID_NOTIFICATION, Err, OpCode
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.client_connection import RESPONSES
+from dispatcher.zk.codec.jute import Reader, Writer
+from dispatcher.zk.codec.protocol import XID_NOTIFICATION, Err, OpCode
+from dispatcher.zk.codec.records import (
     ACL,
     REQUESTS,
     AddWatchRequest,

@@ -2,7 +2,7 @@
 
 ZooKeeper 3.8 keeps a data-watch table and a child-watch table, each with its
 own mode per (connection, path): ``addWatch`` writes both, a one-shot read
-writes one (see dispatcher/zk/watches.py). So a connection that mixes an
+writes one (see dispatcher/zk/server/watches.py). So a connection that mixes an
 ``addWatch`` with getData/exists/getChildren watches on one path, or on a
 parent and its child, hears a mix of both kinds' events, and what it hears
 depends on the order. Every mix below runs on real ZooKeeper 3.8 and on
@@ -24,8 +24,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from dispatcher.zk.protocol import Err, EventType, OpCode
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.protocol import Err, EventType, OpCode
+from dispatcher.zk.codec.records import (
     OPEN_ACL_UNSAFE,
     AddWatchRequest,
     CreateRequest,

@@ -123,7 +123,8 @@ def test_the_image_gets_every_package_and_only_what_the_ignore_file_lets_in() ->
         assert (REPO / source).exists(), source
         assert source.rstrip("/") in allowed, f"{source} is excluded from the build context"
     assert "prometheus-client" in str(pyproject["project"]["dependencies"])
-    assert "status_page.html" in pyproject["tool"]["setuptools"]["package-data"]["dispatcher.faces"]
+    package_data = pyproject["tool"]["setuptools"]["package-data"]
+    assert "status_page.html" in package_data["dispatcher.faces.admin"]
 
 
 def _seconds(duration: str) -> float:

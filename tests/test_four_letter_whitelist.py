@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from dispatcher.config import ConfigError, load_config, parse_config
-from dispatcher.zk.connection import FOUR_LETTER_WORDS
-from dispatcher.zk.engine import Engine
-from dispatcher.zk.fourletter import (
+from dispatcher.zk.codec.connection import FOUR_LETTER_WORDS
+from dispatcher.zk.codec.protocol import OpCode
+from dispatcher.zk.server.engine import Engine
+from dispatcher.zk.server.fourletter import (
     COMMANDS,
     DEFAULT_WHITELIST,
     WHITELIST_SETTING,
@@ -29,8 +30,7 @@ from dispatcher.zk.fourletter import (
     answer,
     refusal,
 )
-from dispatcher.zk.protocol import OpCode
-from dispatcher.zk.store import TreeStore
+from dispatcher.zk.server.store import TreeStore
 from tests.servers import REPO_ROOT, ServerFactory, ZkgateServer, ZooKeeperServer, four_letter
 from tests.zkwire import WireClient
 

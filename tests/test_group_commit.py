@@ -17,12 +17,12 @@ from pathlib import Path
 
 import trio
 
-from dispatcher.zk.engine import Engine
-from dispatcher.zk.protocol import Err, OpCode
-from dispatcher.zk.records import OPEN_ACL_UNSAFE, CreateRequest, PathWatchRequest
-from dispatcher.zk.server import ZooKeeperServer
-from dispatcher.zk.store import TreeStore
-from dispatcher.zk.tree import DataTree
+from dispatcher.zk.codec.protocol import Err, OpCode
+from dispatcher.zk.codec.records import OPEN_ACL_UNSAFE, CreateRequest, PathWatchRequest
+from dispatcher.zk.server.engine import Engine
+from dispatcher.zk.server.listener import ZooKeeperServer
+from dispatcher.zk.server.store import TreeStore
+from dispatcher.zk.server.tree import DataTree
 from tests.waiting import until
 from tests.zkwire import WireClient
 

@@ -543,7 +543,11 @@ async def test_a_report_triggers_a_probe_within_100ms(autojump_clock: MockClock)
                 assert checker.on_report("orders", iid, "connect-refused", "proxy-1")
                 probed = await listener.wait_accepted(seen + 1)
                 assert probed - sent < 0.1, f"round {round}: {probed - sent:.3f} s"
-                await until(lambda: not checker.state("orders", iid).in_flight)  # type: ignore[union-attr]
+                await until(
+                    lambda: (
+                        (state := checker.state("orders", iid)) is not None and not state.in_flight
+                    )
+                )
                 await trio.sleep(config.recheck)  # the minimum gap between report probes
             assert checker.metrics.reports == 3
         nursery.cancel_scope.cancel()

@@ -20,6 +20,7 @@ import trio
 from adapters.etcd import EtcdUpstream
 from adapters.zookeeper import ZooKeeperUpstream
 from dispatcher.core.fanin import FanIn
+from dispatcher.core.subscriptions import Subscription
 from dispatcher.core.upstream import Upstream
 from tests.servers import EtcdServer, ZooKeeperServer
 
@@ -66,8 +67,8 @@ async def test_resubscribing_at_once_brings_the_data_back(
     await trio.to_thread.run_sync(register)
     fanin = FanIn("flip-test", interest="subscribed")
 
-    async def instances_seen(subscription: object) -> int:
-        async for update in subscription:  # type: ignore[attr-defined]
+    async def instances_seen(subscription: Subscription) -> int:
+        async for update in subscription:
             entry = update.full if update.full is not None else None
             count = len(entry.instances) if entry is not None else len(fanin.snapshot.full(
                 update.service).instances)  # fmt: skip

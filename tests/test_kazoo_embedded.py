@@ -34,12 +34,12 @@ from kazoo.security import (
     make_digest_acl_credential,
 )
 
-from dispatcher.zk.protocol import XID_SET_WATCHES, CreateMode, Err, OpCode
-from dispatcher.zk.protocol import EventType as WireEvent
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.protocol import XID_SET_WATCHES, CreateMode, Err, OpCode
+from dispatcher.zk.codec.protocol import EventType as WireEvent
+from dispatcher.zk.codec.records import (
     OPEN_ACL_UNSAFE as WIRE_OPEN_ACL,
 )
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.records import (
     CreateRequest,
     CreateResponse,
     GetDataResponse,
@@ -744,9 +744,9 @@ def test_restart_keeps_data_stats_and_acls(server: ZkgateServer, unique_path: st
             if path.startswith(leases):
                 continue
             assert after[path] == (data, stat, children, acl), path
-        lease_stat = after[leases][1]
-        assert isinstance(lease_stat, ZnodeStat)
-        assert lease_stat.czxid == before[leases][1].czxid  # type: ignore[union-attr]
+        lease_stat, stat_before = after[leases][1], before[leases][1]
+        assert isinstance(lease_stat, ZnodeStat) and isinstance(stat_before, ZnodeStat)
+        assert lease_stat.czxid == stat_before.czxid
 
         # Sequence numbers continue from the parent's counter.
         # (ZooKeeper 3.8 numbers them by children created, not by cversion.)

@@ -27,8 +27,8 @@ def record(
             import sys
 
             exc_info = sys.exc_info()
-    made = logging.getLogger("dispatcher.zk.engine").makeRecord(
-        "dispatcher.zk.engine", level, "engine.py", 1, message, args, exc_info, extra=extra
+    made = logging.getLogger("dispatcher.zk.server.engine").makeRecord(
+        "dispatcher.zk.server.engine", level, "engine.py", 1, message, args, exc_info, extra=extra
     )
     made.created = 1714564800.123  # 2024-05-01T12:00:00.123Z
     return made
@@ -45,7 +45,7 @@ def test_a_logfmt_line_has_time_level_logger_message_and_fields_in_order() -> No
                path="/a b", custom=3)
     )  # fmt: skip
     assert line == (
-        "ts=2024-05-01T12:00:00.123Z level=info logger=dispatcher.zk.engine "
+        "ts=2024-05-01T12:00:00.123Z level=info logger=dispatcher.zk.server.engine "
         'msg="session x opened" session=0x1f path="/a b" service=orders peer=/127.0.0.1:5 '
         "custom=3"
     )
@@ -76,11 +76,11 @@ def test_plain_format_keeps_the_human_layout_and_appends_the_fields() -> None:
     formatter = PlainFormatter()
     line = formatter.format(record("session opened", session=0x10, service="orders"))
     assert re.fullmatch(
-        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO dispatcher\.zk\.engine session opened"
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO dispatcher\.zk\.server\.engine session opened"
         r"  session=0x10 service=orders",
         line,
     )
-    assert formatter.format(record("no fields")).endswith("dispatcher.zk.engine no fields")
+    assert formatter.format(record("no fields")).endswith("dispatcher.zk.server.engine no fields")
 
 
 def test_configure_logging_replaces_only_its_own_handler() -> None:
@@ -103,4 +103,4 @@ def test_configure_logging_replaces_only_its_own_handler() -> None:
                 root.removeHandler(handler)
         root.setLevel(level)
     with pytest.raises(ValueError, match="log format"):
-        configure_logging("INFO", "json")  # type: ignore[arg-type]
+        configure_logging("INFO", "json")  # type: ignore[arg-type]  # the point: not a LogFormat

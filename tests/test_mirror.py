@@ -43,7 +43,7 @@ TIMEOUT = 15.0
 
 @contextmanager
 def kazoo(hosts: str, **kwargs: object) -> Iterator[KazooClient]:
-    client = KazooClient(hosts=hosts, timeout=10, **kwargs)  # type: ignore[arg-type]
+    client = KazooClient(hosts=hosts, timeout=10, **kwargs)
     client.start(timeout=TIMEOUT)
     try:
         yield client

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 import attrs
 import pytest
@@ -12,15 +13,15 @@ from hypothesis import strategies as st
 from dispatcher.core.model import EMPTY_METADATA, Health, Instance, Metadata, Source
 
 
-def make(**changes: object) -> Instance:
-    fields: dict[str, object] = {
+def make(**changes: Any) -> Instance:
+    fields: dict[str, Any] = {
         "service": "orders",
         "instance_id": "i-1",
         "host": "10.0.0.1",
         "port": 8080,
     }
     fields.update(changes)
-    return Instance(**fields)  # type: ignore[arg-type]
+    return Instance(**fields)
 
 
 def test_defaults_describe_a_routable_instance() -> None:
@@ -86,7 +87,7 @@ def test_health_accepts_its_wire_spelling() -> None:
 def test_instances_are_frozen_and_slotted() -> None:
     instance = make()
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
-        instance.port = 9090  # type: ignore[misc]
+        instance.port = 9090  # type: ignore[misc]  # the point: the field is frozen
     assert not hasattr(instance, "__dict__")
     assert not hasattr(Source("zk", "/a"), "__dict__")
     assert not hasattr(Metadata({"a": "b"}), "__dict__")
@@ -98,7 +99,7 @@ def test_metadata_is_a_private_copy() -> None:
     original["version"] = "2.0"
     assert instance.metadata["version"] == "1.0"
     with pytest.raises(TypeError):
-        instance.metadata["version"] = "3.0"  # type: ignore[index]
+        instance.metadata["version"] = "3.0"  # type: ignore[index]  # the point: read-only
 
 
 def test_metadata_compares_and_hashes_by_value_in_any_order() -> None:
@@ -155,7 +156,7 @@ def test_source_validation() -> None:
     with pytest.raises(ValueError, match="adapter must not be empty"):
         Source("", "/a")
     with pytest.raises(TypeError):
-        Source("etcd", "/a", revision="7")  # type: ignore[arg-type]
+        Source("etcd", "/a", revision="7")  # type: ignore[arg-type]  # the point: a wrong type
 
 
 def test_evolve_revalidates() -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from dispatcher.logs import LogfmtFormatter, PlainFormatter
-from dispatcher.zk.engine import Engine, EngineConfig
-from dispatcher.zk.fourletter import srvr
-from dispatcher.zk.store import TreeStore
+from dispatcher.zk.server.engine import Engine, EngineConfig
+from dispatcher.zk.server.fourletter import srvr
+from dispatcher.zk.server.store import TreeStore
 from tests.servers import ServerFactory, ZkgateServer, free_port, wait_for
 from tests.test_signals import command
 

@@ -374,7 +374,7 @@ def test_a_real_python_dubbo_consumer_registers_and_subscribes(
                  timeout=10, message="the consumer to see the second provider")  # fmt: skip
     finally:
         # The package has no way to close its registry; stop its kazoo client.
-        own: KazooClient = registry._ZookeeperRegistry__zk  # type: ignore[attr-defined]
+        own: KazooClient = registry._ZookeeperRegistry__zk
         own.stop()
         own.close()
     wait_for(lambda: zk.get_children(f"/dubbo/{SERVICE}/consumers") == [], timeout=10,

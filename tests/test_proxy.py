@@ -11,13 +11,15 @@ Dispatchers speaking :mod:`dispatcher.wire`), and one runs the real
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import random
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -31,6 +33,7 @@ from proxy.forward import ForwardSettings, ListenAddress, ServiceForwarder
 from proxy.outlier import OutlierDetector, OutlierPolicy
 from proxy.sidecar import ENGINES, Sidecar, SidecarConfig
 from proxy.splicer import EpollSplicer
+from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer
 from tests.test_proxy_control import FAST, TOKEN, DispatcherDriver, MetaDriver
 from tests.waiting import until
 
@@ -45,6 +48,22 @@ def table_of(*instances: wire.WireInstance, service: str = "echo") -> ServiceTab
     table = ServiceTable(service)
     table.apply_full(wire.Full(service, 1, instances), "d/1")
     return table
+
+
+def endpoint_in(table: ServiceTable, endpoint_id: str) -> EndpointState:
+    """The table's endpoint ``endpoint_id``, which the test knows is there."""
+    endpoint = table.get(endpoint_id)
+    assert endpoint is not None, endpoint_id
+    return endpoint
+
+
+def picked(
+    chooser: balancer.Balancer, candidates: Sequence[EndpointState], exclude: Container[str] = ()
+) -> str:
+    """The id of the endpoint ``chooser`` picks, which the test knows it finds."""
+    endpoint = chooser.pick(candidates, exclude)
+    assert endpoint is not None
+    return endpoint.id
 
 
 # ============================================================================ endpoint table
@@ -71,12 +90,12 @@ def test_table_applies_full_and_chained_deltas_and_refuses_a_gap() -> None:
 def test_candidates_skip_failing_and_ejected_then_panic() -> None:
     table = table_of(inst("a"), inst("b", health="failing"), inst("c", health="unknown"))
     assert {e.id for e in table.candidates(0.0)} == {"a", "c"}
-    table.eject(table.get("a"), until=10.0)  # type: ignore[arg-type]
+    table.eject(endpoint_in(table, "a"), until=10.0)
     assert {e.id for e in table.candidates(5.0)} == {"c"}
     assert table.candidates(5.0) is table.candidates(6.0)  # cached while nothing changes
     assert {e.id for e in table.candidates(10.0)} == {"a", "c"}  # the ejection ended
-    table.eject(table.get("c"), until=20.0)  # type: ignore[arg-type]
-    table.eject(table.get("a"), until=20.0)  # type: ignore[arg-type]
+    table.eject(endpoint_in(table, "c"), until=20.0)
+    table.eject(endpoint_in(table, "a"), until=20.0)
     # Nothing healthy and un-ejected: route to what is not ejected, even failing.
     assert {e.id for e in table.candidates(11.0)} == {"b"}
 
@@ -87,20 +106,19 @@ def test_candidates_skip_failing_and_ejected_then_panic() -> None:
 def test_smooth_wrr_spreads_the_heavy_endpoint_as_nginx_does() -> None:
     table = table_of(inst("a", weight=5), inst("b", weight=1), inst("c", weight=1))
     wrr = balancer.make("wrr")
-    picks = "".join(wrr.pick(table.candidates(0)).id for _ in range(14))  # type: ignore[union-attr]
+    picks = "".join(picked(wrr, table.candidates(0)) for _ in range(14))
     assert picks == "aabacaa" * 2
 
 
 def test_wrr_skips_excluded_and_zero_weight() -> None:
     table = table_of(inst("a", weight=0), inst("b"), inst("c"))
     wrr = balancer.SmoothWeightedRoundRobin()
-    counts = collections.Counter(wrr.pick(table.candidates(0), {"c"}).id  # type: ignore[union-attr]
-                                 for _ in range(10))  # fmt: skip
+    counts = collections.Counter(picked(wrr, table.candidates(0), {"c"}) for _ in range(10))
     assert counts == {"b": 10}
     assert wrr.pick(table.candidates(0), {"b", "c"}) is None
     # All weights zero: they count equally rather than none being picked.
     zero = table_of(inst("x", weight=0), inst("y", weight=0))
-    assert {wrr.pick(zero.candidates(0)).id for _ in range(4)} == {"x", "y"}  # type: ignore[union-attr]
+    assert {picked(wrr, zero.candidates(0)) for _ in range(4)} == {"x", "y"}
 
 
 def test_p2c_prefers_fewer_open_connections() -> None:
@@ -109,8 +127,7 @@ def test_p2c_prefers_fewer_open_connections() -> None:
     assert busy is not None
     busy.open_connections = 50
     p2c = balancer.make("p2c", random.Random(7))
-    counts = collections.Counter(p2c.pick(table.candidates(0)).id  # type: ignore[union-attr]
-                                 for _ in range(3000))  # fmt: skip
+    counts = collections.Counter(picked(p2c, table.candidates(0)) for _ in range(3000))
     # e0 loses every comparison it is drawn into.
     assert counts["e0"] == 0
     assert all(counts[f"e{i}"] > 800 for i in (1, 2, 3))
@@ -155,7 +172,7 @@ def test_never_eject_more_than_the_max_percent_nor_the_last_one() -> None:
     results = [detector.failure(table, e, 0) for e in list(table)]
     assert results == [True, True, False, False]
     single = table_of(inst("only"))
-    assert not detector.failure(single, single.get("only"), 0)  # type: ignore[arg-type]
+    assert not detector.failure(single, endpoint_in(single, "only"), 0)
     off = OutlierDetector(OutlierPolicy(consecutive_failures=1, max_ejection_percent=0))
     assert not off.failure(table_of(inst("a"), inst("b")), EndpointState(inst("a")), 0)
 
@@ -173,8 +190,8 @@ class EchoServer:
         self.open = 0
         self._scope: trio.CancelScope | None = None
 
-    def instance(self, **kw: object) -> wire.WireInstance:
-        return wire.WireInstance(self.name, "127.0.0.1", self.port, **kw)  # type: ignore[arg-type]
+    def instance(self, **kw: Any) -> wire.WireInstance:
+        return wire.WireInstance(self.name, "127.0.0.1", self.port, **kw)
 
     async def start(self, nursery: trio.Nursery) -> EchoServer:
         await nursery.start(self._serve)
@@ -284,7 +301,7 @@ async def forwarder_for(
     policy: OutlierPolicy | None = None,
     on_eject: Callable[[str, str, str], None] | None = None,
     engine: str = "trio",
-    **settings: object,
+    **settings: Any,
 ) -> tuple[ServiceForwarder, ListenAddress]:
     splicer = None
     if engine == "epoll":
@@ -294,7 +311,7 @@ async def forwarder_for(
         # A seeded rng: p2c's picks among idle endpoints are random, and a
         # spread asserted over 30 of them must not depend on the draw.
         table, balancer.make(kind, random.Random(1)), OutlierDetector(policy),
-        ForwardSettings(**{"connect_timeout": 1.0, "endpoint_wait": 2.0, **settings}),  # type: ignore[arg-type]
+        ForwardSettings(**{"connect_timeout": 1.0, "endpoint_wait": 2.0, **settings}),
         on_eject=on_eject, splicer=splicer,
     )  # fmt: skip
     bound = await nursery.start(forwarder.serve, listen or ListenAddress("127.0.0.1", 0))
@@ -545,7 +562,7 @@ Mesh = tuple[MetaDriver, DispatcherDriver, Sidecar, ListenAddress]
 
 
 async def start_mesh(
-    nursery: trio.Nursery, echo_servers: list[EchoServer], listen: ListenAddress, **config: object
+    nursery: trio.Nursery, echo_servers: list[EchoServer], listen: ListenAddress, **config: Any
 ) -> Mesh:
     meta, d1 = MetaDriver(), DispatcherDriver("d1")
     await meta.start(nursery)
@@ -553,7 +570,7 @@ async def start_mesh(
     d1.put("echo", *(s.instance(health="passing") for s in echo_servers))
     meta.owners["echo"] = d1.owner
     sidecar = Sidecar(SidecarConfig(meta.address, {"echo": listen}, control=FAST,
-                                    **config))  # type: ignore[arg-type]  # fmt: skip
+                                    **config))  # fmt: skip
     listening = await nursery.start(sidecar.run)
     return meta, d1, sidecar, listening["echo"]
 
@@ -575,7 +592,7 @@ async def test_sidecar_reports_ejected_endpoints_to_the_owner(nursery: trio.Nurs
     assert d1.received(wire.Report) == [wire.Report("echo", "doomed", "connect-refused")]
     # The central checker marks it failing: the proxy stops trying it at all.
     d1.put("echo", doomed.instance(health="failing"))
-    await until(lambda: sidecar.tables["echo"].get("doomed").instance.health == "failing")  # type: ignore[union-attr]
+    await until(lambda: endpoint_in(sidecar.tables["echo"], "doomed").instance.health == "failing")
     failures = sidecar.forwarders["echo"].stats.connect_failures
     for _ in range(6):
         stream = await connect(address)
@@ -725,8 +742,8 @@ def _write_static(path: Path, servers: list[EchoServer]) -> None:
 async def test_real_meta_server_and_dispatchers_with_a_shard_failover(
     nursery: trio.Nursery,
     tmp_path: Path,
-    zookeeper: object,
-    zkgate_factory: object,
+    zookeeper: ZooKeeperServer,
+    zkgate_factory: ServerFactory[ZkgateServer],
     unique_path: str,
 ) -> None:
     """zkgate's own Meta Server and two sharded Dispatchers (``zkgate serve``) on a real
@@ -737,12 +754,12 @@ async def test_real_meta_server_and_dispatchers_with_a_shard_failover(
     a, b = [await EchoServer(n).start(nursery) for n in "ab"]
     static = tmp_path / "echo.toml"
     _write_static(static, [a, b])
-    zk_address = zookeeper.address  # type: ignore[attr-defined]
+    zk_address = zookeeper.address
     dispatchers = {}
     for name in ("d1", "d2"):
         config = _dispatcher_config(tmp_path, name, zk_address, unique_path, static)
         dispatchers[name] = await trio.to_thread.run_sync(
-            lambda config=config: zkgate_factory(["--config", str(config)])  # type: ignore[operator]
+            functools.partial(zkgate_factory, ["--config", str(config)])
         )
     meta_config = parse_meta_config({
         "token": TOKEN, "server_id": "meta-1", "meta": {"listen": "127.0.0.1:0"},

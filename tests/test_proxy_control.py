@@ -339,7 +339,8 @@ async def test_lookup_subscribe_and_apply_full_then_deltas(
     d1.put("orders", instance(3, weight=5))
     d1.remove("orders", "i1")
     await until(lambda: ids(table) == {"i2", "i3"})
-    assert table.get("i3").weight == 5  # type: ignore[union-attr]
+    i3 = table.get("i3")
+    assert i3 is not None and i3.weight == 5
     # Every state the proxy applied is acknowledged with its version.
     await until(lambda: any(a.version == table.version for a in d1.received(wire.Ack)))
 
@@ -438,10 +439,9 @@ async def test_old_owner_feeds_the_table_until_the_new_one_answers(
     meta.assign(orders=d2.owner)
     await until(
         lambda: (
-            control.owner_session("orders") is not None
-            and control.owner_session("orders").owner == d2.owner
+            (session := control.owner_session("orders")) is not None and session.owner == d2.owner
         )
-    )  # type: ignore[union-attr]
+    )
     d1.put("orders", instance(2))  # still applied: d1 is all we have
     await until(lambda: ids(table) == {"i1", "i2"})
     assert control.sessions()["d1"].leaving == {"orders"}

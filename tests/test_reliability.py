@@ -50,9 +50,9 @@ from kazoo.client import KazooClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher import wire
-from dispatcher.zk import jute
-from dispatcher.zk.protocol import CreateMode, Err, OpCode
-from dispatcher.zk.records import (
+from dispatcher.zk.codec import jute
+from dispatcher.zk.codec.protocol import CreateMode, Err, OpCode
+from dispatcher.zk.codec.records import (
     OPEN_ACL_UNSAFE,
     ConnectRequest,
     ConnectResponse,

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from dispatcher.zk.protocol import EventType, OpCode
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.protocol import EventType, OpCode
+from dispatcher.zk.codec.records import (
     OPEN_ACL_UNSAFE,
     CreateRequest,
     PathWatchRequest,

@@ -45,6 +45,7 @@ from dispatcher.sharding.membership import (
     Registration,
 )
 from dispatcher.sharding.ownership import ShardedOwnership
+from dispatcher.sharding.wiring import ShardWiring
 from metaserver.server import MetaServer
 from tests.servers import EtcdServer, ServerFactory, ZkgateServer, ZooKeeperServer, free_port
 from tests.test_metaserver import (
@@ -67,6 +68,18 @@ SESSION = 2.0
 
 def pick(services: Iterable[str], owner_of: Callable[[str], str], member: str) -> list[str]:
     return sorted(s for s in services if owner_of(s) == member)
+
+
+def wiring(gateway: Gateway) -> ShardWiring:
+    """The gateway's shard wiring (every gateway these tests start is a shard)."""
+    assert gateway.sharding is not None
+    return gateway.sharding
+
+
+class ListeningMetaServer(MetaServer):
+    """An in-process Meta Server, with the loopback address it serves on."""
+
+    address: str
 
 
 async def test_old_owner_serves_until_the_new_owner_is_warm() -> None:
@@ -104,7 +117,9 @@ async def test_old_owner_serves_until_the_new_owner_is_warm() -> None:
         moving = sorted(b.warming)
         moved_at = b.epoch
         assert b.view is not None and b.view.inputs_epoch == store.inputs_epoch
-        assert moving == pick(services, lambda s: b.assignment.owners[s], "b")  # type: ignore[union-attr]
+        b_assignment = b.assignment
+        assert b_assignment is not None
+        assert moving == pick(services, lambda s: b_assignment.owners[s], "b")
         for service in moving:
             # B loads it, A keeps serving it and sends nobody to B yet.
             assert not b.owns(service)
@@ -144,7 +159,8 @@ async def test_old_owner_serves_until_the_new_owner_is_warm() -> None:
         fallback = a.assignment.owner("brand-new").id
         owner, bystander = (a, b) if fallback == "a" else (b, a)
         assert not bystander.owns("brand-new") and "brand-new" not in store.catalog
-        assert bystander.owner_of("brand-new").id == fallback  # type: ignore[union-attr]
+        sent_to = bystander.owner_of("brand-new")
+        assert sent_to is not None and sent_to.id == fallback
         assert owner.owns("brand-new") and "brand-new" in store.catalog
         assert "brand-new" in owner.interest
 
@@ -287,35 +303,35 @@ class Cluster:
         self.scopes.pop(node).cancel()
         del self.gateways[node]
 
-    async def meta(self) -> MetaServer:
-        server = MetaServer(store_handle(self.kind, self.address, self.root, self.session),
-                            token=TOKEN)  # fmt: skip
+    async def meta(self) -> ListeningMetaServer:
+        handle = store_handle(self.kind, self.address, self.root, self.session)
+        server = ListeningMetaServer(handle, token=TOKEN)
         await self.nursery.start(server.store.run)
         await self.nursery.start(server.run)
         port = await self.nursery.start(server.serve, "127.0.0.1", 0)
-        server.address = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
+        server.address = f"127.0.0.1:{port}"
         return server
 
     def owned(self) -> dict[str, set[str]]:
         return {
-            node: {s for s in self.services if g.sharding.ownership.owns(s)}  # type: ignore[union-attr]
+            node: {s for s in self.services if wiring(g).ownership.owns(s)}
             for node, g in self.gateways.items()
         }
 
     def settled(self, members: int | None = None) -> bool:
         """Every shard at one epoch with ``members`` members, nothing warming or outgoing,
         the catalog split exactly."""
-        ownerships = [g.sharding.ownership for g in self.gateways.values()]  # type: ignore[union-attr]
-        views = [o.view for o in ownerships]
-        if any(v is None or not v.connected for v in views):
+        ownerships = [wiring(g).ownership for g in self.gateways.values()]
+        views = [o.view for o in ownerships if o.view is not None and o.view.connected]
+        if len(views) != len(ownerships):
             return False
         epochs = {o.epoch for o in ownerships}
         count = len(self.gateways) if members is None else members
-        if len(epochs) != 1 or any(len(v.members) != count for v in views):  # type: ignore[union-attr]
+        if len(epochs) != 1 or any(len(v.members) != count for v in views):
             return False
         if any(o.warming or o.outgoing or not o.marked for o in ownerships):
             return False
-        if any(set(v.catalog) != set(self.services) for v in views):  # type: ignore[union-attr]
+        if any(set(v.catalog) != set(self.services) for v in views):
             return False
         owned = self.owned().values()
         return sum(map(len, owned)) == len(self.services) and set().union(*owned) == set(
@@ -332,7 +348,7 @@ class Cluster:
             pass  # raised again below, with each shard's state in the message
         states = []
         for node, gateway in self.gateways.items():
-            o = gateway.sharding.ownership  # type: ignore[union-attr]
+            o = wiring(gateway).ownership
             view = o.view
             states.append(
                 f"{node}: epoch={o.epoch} members={[m.id for m in view.members] if view else None}"
@@ -386,8 +402,10 @@ async def test_shards_split_the_catalog_and_load_only_their_own(
         meta = await c.meta()
         await c.wait(c.settled, "three shards settled")
         owned = c.owned()
-        members = c.gateways["d1"].sharding.ownership.view.members  # type: ignore[union-attr]
-        epoch = c.gateways["d1"].sharding.ownership.epoch  # type: ignore[union-attr]
+        view = wiring(c.gateways["d1"]).ownership.view
+        assert view is not None
+        members = view.members
+        epoch = wiring(c.gateways["d1"]).ownership.epoch
         reference = assign(c.services, members, epoch=epoch)
         for node, gateway in c.gateways.items():
             assert owned[node] == reference.services_of(node)
@@ -396,7 +414,7 @@ async def test_shards_split_the_catalog_and_load_only_their_own(
             assert gateway.fanin.interest == owned[node]
             assert all(loaded_in(gateway, s) for s in owned[node])
         await meta.wait_epoch(epoch)
-        async with connected(meta.address) as client:  # type: ignore[attr-defined]
+        async with connected(meta.address) as client:
             answer = await client.lookup(c.services)
         assert answer.epoch >= epoch  # warm markers move it on; they move no service
         for service, owner in answer.owners.items():
@@ -424,7 +442,7 @@ async def test_a_join_moves_about_one_share_and_never_leaves_a_service_unserved(
             # Called inside every shard's ownership listener: the moment answers change.
             missing = [
                 s for s in c.services
-                if not any(g.sharding.ownership.owns(s) and loaded_in(g, s)  # type: ignore[union-attr]
+                if not any(wiring(g).ownership.owns(s) and loaded_in(g, s)
                            for g in c.gateways.values())
             ]  # fmt: skip
             if missing:
@@ -432,13 +450,13 @@ async def test_a_join_moves_about_one_share_and_never_leaves_a_service_unserved(
             # And nobody serves a service it has not loaded.
             cold.extend(
                 (node, s) for node, g in c.gateways.items() for s in c.services
-                if g.sharding.ownership.owns(s) and not loaded_in(g, s)  # type: ignore[union-attr]
+                if wiring(g).ownership.owns(s) and not loaded_in(g, s)
             )  # fmt: skip
 
         for gateway in c.gateways.values():
-            gateway.sharding.ownership.add_listener(check)  # type: ignore[union-attr]
+            wiring(gateway).ownership.add_listener(check)
         joined = await c.start("d4")
-        joined.sharding.ownership.add_listener(check)  # type: ignore[union-attr]
+        wiring(joined).ownership.add_listener(check)
         with trio.fail_after(TIMEOUT):
             while not c.settled(4):
                 check()
@@ -448,9 +466,9 @@ async def test_a_join_moves_about_one_share_and_never_leaves_a_service_unserved(
         assert cold == []
         after = {s: n for n, owned in c.owned().items() for s in owned}
         moved = {s for s in c.services if before[s] != after[s]}
-        ownership = joined.sharding.ownership  # type: ignore[union-attr]
-        assert ownership.assignment is not None
-        members = ownership.view.members  # type: ignore[union-attr]
+        ownership = wiring(joined).ownership
+        assert ownership.assignment is not None and ownership.view is not None
+        members = ownership.view.members
         reference_before = assign(c.services, [m for m in members if m.id != "d4"])
         assert moved == reference_before.moved(ownership.assignment)
         share = len(c.services) / 4
@@ -564,12 +582,12 @@ async def test_a_subscriber_follows_a_handover_without_missing_a_change(
         meta = await c.meta()
         await c.wait(c.settled, "three shards settled")
         # A service that d4 will take: what the assignment with d4 would give it.
-        ownership = c.gateways["d1"].sharding.ownership  # type: ignore[union-attr]
-        members = [*ownership.view.members,  # type: ignore[union-attr]
-                   Registration("d4").member()]  # fmt: skip
+        ownership = wiring(c.gateways["d1"]).ownership
+        assert ownership.view is not None
+        members = [*ownership.view.members, Registration("d4").member()]
         service = next(s for s in c.services if assign(c.services, members).owners[s] == "d4")
         port0 = 10000 + c.services.index(service)
-        follower = Follower(service, meta.address)  # type: ignore[attr-defined]
+        follower = Follower(service, meta.address)
         c.nursery.start_soon(follower.run)
         await follower.wait_for({endpoint(port0)})
         first_server = follower.servers[-1]
@@ -589,7 +607,7 @@ async def test_a_subscriber_follows_a_handover_without_missing_a_change(
         await c.start("d4")
         # A subscriber that arrives during the move: the Meta Server names d4 at once, and d4
         # must not serve it before it has the service loaded.
-        newcomer = Follower(service, meta.address)  # type: ignore[attr-defined]
+        newcomer = Follower(service, meta.address)
         c.nursery.start_soon(newcomer.run)
         await c.wait(lambda: c.settled(4) and follower.servers[-1] != first_server, "moved")
         # A few more changes after the move, written while both subscribers follow d4.
@@ -621,12 +639,13 @@ async def test_kill_9_moves_its_services_within_the_timeout_plus_one_second(
         del mapping["zookeeper"]
         config_file.write_text(to_toml(mapping))
         victim = zkgate_factory(["--config", str(config_file), "--admin-listen", "off"])
-        metas = [MetaProcess(meta_config_text(store_kind, c.address, c.root),
-                             base_dir=tmp_path / "meta-process"), await c.meta()]  # fmt: skip
-        metas[0].start()
-        addresses = [metas[0].address, metas[1].address]  # type: ignore[attr-defined]
+        meta_process = MetaProcess(meta_config_text(store_kind, c.address, c.root),
+                                   base_dir=tmp_path / "meta-process")  # fmt: skip
+        meta = await c.meta()
+        meta_process.start()
+        addresses = [meta_process.address, meta.address]
         try:
-            ownerships = [g.sharding.ownership for g in c.gateways.values()]  # type: ignore[union-attr]
+            ownerships = [wiring(g).ownership for g in c.gateways.values()]
 
             def victim_serving() -> bool:
                 epoch = ownerships[0].epoch
@@ -638,7 +657,8 @@ async def test_kill_9_moves_its_services_within_the_timeout_plus_one_second(
 
             await c.wait(victim_serving, "the victim joined and is warm")
             ownership = ownerships[0]
-            theirs = ownership.assignment.services_of("victim")  # type: ignore[union-attr]
+            assert ownership.assignment is not None
+            theirs = ownership.assignment.services_of("victim")
             assert theirs
             service = min(theirs)
             follower = Follower(service, addresses[0])
@@ -652,7 +672,7 @@ async def test_kill_9_moves_its_services_within_the_timeout_plus_one_second(
             # A change while nobody serves the service: the new owner must have it.
             await trio.to_thread.run_sync(c.registry.put, service, 31000)
             written = {endpoint(port0): 0.0, endpoint(31000): trio.current_time()}
-            await c.wait(lambda: all(any(g.sharding.ownership.owns(s)  # type: ignore[union-attr]
+            await c.wait(lambda: all(any(wiring(g).ownership.owns(s)
                                          for g in c.gateways.values()) for s in theirs),
                          "survivors own the victim's services", timeout=c.session + 5)  # fmt: skip
             took = time.monotonic() - killed
@@ -680,7 +700,7 @@ async def test_kill_9_moves_its_services_within_the_timeout_plus_one_second(
             assert {s: o.id for s, o in answers[0].owners.items() if o} == {
                 s: n for n, ss in owned.items() for s in ss}  # fmt: skip
         finally:
-            metas[0].close()  # type: ignore[union-attr]
+            meta_process.close()
 
 
 @pytest.mark.parametrize("kind", ["zookeeper", "etcd"])
@@ -699,18 +719,17 @@ async def test_assignments_recover_after_the_store_restarts(
         await c.wait(c.settled, "three shards settled")
         before = c.owned()
         await trio.to_thread.run_sync(server.kill)
-        views = [g.sharding.ownership.view for g in c.gateways.values()]  # type: ignore[union-attr]
-        await c.wait(
-            lambda: all(
-                not g.sharding.store.feed.view.connected  # type: ignore[union-attr]
-                for g in c.gateways.values()
-            ),
-            "everyone saw the outage",
-        )
+        views = [wiring(g).ownership.view for g in c.gateways.values()]
+
+        def everyone_saw_the_outage() -> bool:
+            feeds = [wiring(g).store.feed.view for g in c.gateways.values()]
+            return all(view is not None and not view.connected for view in feeds)
+
+        await c.wait(everyone_saw_the_outage, "everyone saw the outage")
         assert all(v is not None for v in views)
         # The last view stays served meanwhile.
         assert c.owned() == before
-        async with connected(meta.address) as client:  # type: ignore[attr-defined]
+        async with connected(meta.address) as client:
             stale = await client.lookup(c.services)
         assert all(o is not None for o in stale.owners.values())
         await trio.to_thread.run_sync(server.start)
@@ -719,17 +738,17 @@ async def test_assignments_recover_after_the_store_restarts(
         await trio.to_thread.run_sync(c.registry.close)
         await c.wait(c.settled, "settled again", timeout=TIMEOUT + 10)
         assert c.owned() == before
-        epoch = c.gateways["d1"].sharding.ownership.epoch  # type: ignore[union-attr]
+        epoch = wiring(c.gateways["d1"]).ownership.epoch
         await meta.wait_epoch(epoch)
         # And the store is followed again: a new service is cataloged and loaded.
         new = "svc-after-restart"
         await trio.to_thread.run_sync(c.registry.put, new, 32000)
         c.services.append(new)
-        c.gateways["d1"].sharding.store.add_services([new])  # type: ignore[union-attr]
+        wiring(c.gateways["d1"]).store.add_services([new])
         await c.wait(c.settled, "new service assigned")
         owner = next(n for n, owned in c.owned().items() if new in owned)
         await c.wait(lambda: loaded_in(c.gateways[owner], new), "new service loaded")
-        async with connected(meta.address) as client:  # type: ignore[attr-defined]
+        async with connected(meta.address) as client:
             answer = await client.lookup([new])
         assert answer.owners[new] is not None and answer.owners[new].id == owner
 

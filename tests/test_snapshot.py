@@ -6,6 +6,7 @@ import gc
 import tracemalloc
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -15,8 +16,8 @@ from dispatcher.core.model import Health, Instance, Source
 from dispatcher.core.snapshot import Change, Delta, Put, Remove, ServiceEntry, Snapshot, diff
 
 
-def inst(service: str, instance_id: str, port: int = 80, **kw: object) -> Instance:
-    return Instance(service, instance_id, "10.0.0.1", port, **kw)  # type: ignore[arg-type]
+def inst(service: str, instance_id: str, port: int = 80, **kw: Any) -> Instance:
+    return Instance(service, instance_id, "10.0.0.1", port, **kw)
 
 
 def build(*instances: Instance) -> Snapshot:
@@ -72,9 +73,9 @@ def test_the_old_snapshot_stays_valid() -> None:
 def test_entries_are_read_only() -> None:
     snapshot = build(inst("orders", "a"))
     with pytest.raises(TypeError):
-        snapshot["orders"].instances["b"] = inst("orders", "b")  # type: ignore[index]
+        snapshot["orders"].instances["b"] = inst("orders", "b")  # type: ignore[index]  # on purpose
     with pytest.raises(TypeError):
-        snapshot["x"] = snapshot["orders"]  # type: ignore[index]
+        snapshot["x"] = snapshot["orders"]  # type: ignore[index]  # the point: read-only
 
 
 @pytest.mark.parametrize(
@@ -145,7 +146,7 @@ def test_emptied_service_keeps_its_version_and_deltas_chain() -> None:
 
 def test_apply_rejects_unknown_changes() -> None:
     with pytest.raises(TypeError):
-        Snapshot().apply([inst("orders", "a")])  # type: ignore[list-item]
+        Snapshot().apply([inst("orders", "a")])  # type: ignore[list-item]  # the point: no Change
 
 
 def test_snapshot_mapping_interface() -> None:

@@ -87,7 +87,7 @@ class DevTools:
                 raise RuntimeError("Chromium closed its debugging pipe")
             self._buffer += chunk
         message, self._buffer = self._buffer.split(b"\0", 1)
-        return json.loads(message)  # type: ignore[no-any-return]
+        return json.loads(message)
 
 
 @asynccontextmanager
@@ -154,7 +154,7 @@ async def read_page(browser: DevTools, session: str) -> dict[str, Any] | None:
     )
     if "exceptionDetails" in result:
         return None
-    return json.loads(result["result"]["value"])  # type: ignore[no-any-return]
+    return json.loads(result["result"]["value"])
 
 
 async def page_until(browser: DevTools, session: str, predicate: Any, what: str) -> dict[str, Any]:

@@ -518,9 +518,9 @@ async def test_acks_are_recorded_per_connection() -> None:
 async def test_reports_reach_the_callback_with_the_client_id() -> None:
     reports: list[tuple[str, str, str, str]] = []
 
-    def on_report(*report: str) -> None:
-        reports.append(report)  # type: ignore[arg-type]
-        if report[2] == "explode":
+    def on_report(service: str, instance_id: str, reason: str, client_id: str) -> None:
+        reports.append((service, instance_id, reason, client_id))
+        if reason == "explode":
             raise RuntimeError("health checker bug")
 
     async with serving(on_report=on_report) as h:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 import trio
@@ -24,8 +25,8 @@ from dispatcher.core.upstream import Changed, Listing
 from tests.test_fanin import ScriptedUpstream, running
 
 
-def inst(name: str, service: str = "orders", port: int = 8080, **kw: object) -> Instance:
-    return Instance(service, name, "10.0.0.1", port, source=Source("a", name), **kw)  # type: ignore[arg-type]
+def inst(name: str, service: str = "orders", port: int = 8080, **kw: Any) -> Instance:
+    return Instance(service, name, "10.0.0.1", port, source=Source("a", name), **kw)
 
 
 class Mirror:

@@ -24,7 +24,6 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException
 from kazoo.security import make_digest_acl
 
-from dispatcher.zk import client_connection as wire
 from dispatcher.zk.client import (
     OPEN_ACL,
     AuthFailed,
@@ -39,9 +38,18 @@ from dispatcher.zk.client import (
     SessionEvent,
     ZooKeeperClient,
 )
-from dispatcher.zk.protocol import XID_NOTIFICATION, CreateMode, Err, EventType, OpCode
-from dispatcher.zk.records import (
+from dispatcher.zk.codec import client_connection as wire
+from dispatcher.zk.codec.protocol import (
+    DEFAULT_MAX_BUFFER,
+    XID_NOTIFICATION,
+    CreateMode,
+    Err,
+    EventType,
+    OpCode,
+)
+from dispatcher.zk.codec.records import (
     ACL,
+    ConnectRequest,
     ConnectResponse,
     CreateRequest,
     CreateResponse,
@@ -766,7 +774,7 @@ def test_codec_events_do_not_depend_on_how_bytes_are_split() -> None:
         wire.ReplyReceived(8, 43, Err.NONODE, b""),
     ]
     for chunk in (1, 3, 7, len(stream)):
-        codec = wire.ClientConnection()
+        codec = connecting_codec()
         events: list[wire.Event] = []
         for start in range(0, len(stream), chunk):
             codec.receive_data(bytes(stream[start : start + chunk]))
@@ -781,7 +789,7 @@ def test_codec_events_do_not_depend_on_how_bytes_are_split() -> None:
 
 
 def test_codec_refuses_a_frame_over_max_buffer_from_its_length_alone() -> None:
-    codec = wire.ClientConnection(max_buffer=100)
+    codec = connecting_codec(max_buffer=100)
     codec.receive_data(encode_connect_response(ConnectResponse(0, 4000, 1, bytes(16), False)))
     assert isinstance(codec.next_event(), wire.Connected)
     codec.receive_data(struct.pack(">i", 100 + wire.FRAME_SLACK + 1))
@@ -790,6 +798,13 @@ def test_codec_refuses_a_frame_over_max_buffer_from_its_length_alone() -> None:
 
 
 STAT = Stat(1, 2, 3, 4, 5, 6, 7, 0, 1, 0, 9)
+
+
+def connecting_codec(max_buffer: int = DEFAULT_MAX_BUFFER) -> wire.ClientConnection:
+    """A client codec that has sent its ConnectRequest and awaits the answer."""
+    codec = wire.ClientConnection(max_buffer)
+    codec.send(wire.Connect(ConnectRequest(0, 0, 4000, 0, bytes(16), False)))
+    return codec
 
 
 def encode_connect_response(response: ConnectResponse) -> bytes:

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from kazoo.client import KazooClient
 
-from dispatcher.zk.jute import Reader
-from dispatcher.zk.protocol import Err, OpCode
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.jute import Reader
+from dispatcher.zk.codec.protocol import Err, OpCode
+from dispatcher.zk.codec.records import (
     OPEN_ACL_UNSAFE,
     ConnectResponse,
     CreateRequest,

@@ -14,6 +14,7 @@ Shared by the adapter tests; extend it only additively.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Self
 
 import trio
 
@@ -75,7 +76,7 @@ class Fold:
     async def until(
         self,
         receive: trio.MemoryReceiveChannel[UpstreamEvent],
-        predicate: Callable[[Fold], object],
+        predicate: Callable[[Self], object],
         timeout: float = 10.0,
         message: str = "condition",
     ) -> None:

@@ -15,16 +15,16 @@ import struct
 
 import attrs
 
-from dispatcher.zk.client_connection import RESPONSES
-from dispatcher.zk.jute import Reader, Writer
-from dispatcher.zk.protocol import (
+from dispatcher.zk.codec.client_connection import RESPONSES
+from dispatcher.zk.codec.jute import Reader, Writer
+from dispatcher.zk.codec.protocol import (
     XID_AUTH,
     XID_NOTIFICATION,
     XID_PING,
     XID_SET_WATCHES,
     OpCode,
 )
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.records import (
     ConnectRequest,
     ConnectResponse,
     Record,

@@ -151,7 +151,9 @@ def parse(service: str, name: str, data: bytes, *, source: Source | None = None)
         instance_id = node_text(name) or ""
     json_name = record.get("name")
     service_name = service or (json_name if isinstance(json_name, str) else "")
-    if not isinstance(address, str) or (port is None and ssl_port is None):
+    # A plain port wins; an instance registered with only its TLS port listens there.
+    listen_port = port if port is not None else ssl_port
+    if not isinstance(address, str) or listen_port is None:
         return None
 
     metadata: dict[str, str] = {}
@@ -186,7 +188,7 @@ def parse(service: str, name: str, data: bytes, *, source: Source | None = None)
             service_name,
             instance_id,
             address,
-            port if port is not None else ssl_port,
+            listen_port,
             protocol=protocol,
             metadata=metadata,
             health=Health.FAILING if record.get("enabled") is False else Health.UNKNOWN,

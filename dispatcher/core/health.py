@@ -113,8 +113,8 @@ from typing import Final
 import attrs
 import trio
 
-from dispatcher.config import HealthConfig, ServiceProbe
 from dispatcher.core.fanin import FanIn, endpoint_id
+from dispatcher.core.health_config import HealthConfig, ServiceProbe
 from dispatcher.core.model import Health
 from dispatcher.core.ownership import Ownership
 from dispatcher.core.snapshot import ServiceEntry

@@ -23,7 +23,7 @@ never imports an adapter module by name.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any, Protocol, Self
 
@@ -33,12 +33,13 @@ import trio
 from dispatcher.core.model import Instance, Source
 from dispatcher.core.snapshot import Change
 
+# Re-exported: adapters take the configuration error and the one unknown-key check
+# from the contract they implement. Both are defined in dispatcher.settings.
+from dispatcher.settings import ConfigError as ConfigError
+from dispatcher.settings import reject_unknown as reject_unknown
+
 ENTRY_POINT_GROUP = "zkgate.upstreams"
 LAYOUT_GROUP = "zkgate.layouts"
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the key."""
 
 
 @attrs.frozen
@@ -168,24 +169,3 @@ def check_type(value: Any, key: str, kind: type, where: str) -> Any:
             f"{where}: key {key!r} must be {kind.__name__}, not {type(value).__name__}"
         )
     return value
-
-
-def reject_unknown(
-    options: Mapping[str, Any],
-    known: Iterable[str],
-    where: str,
-    error: type[ValueError] = ConfigError,
-) -> None:
-    """Raise ``error`` for the first key of ``options`` (in file order) not in ``known``.
-
-    The one unknown-key check of every configuration table, so every program
-    says it the same way: ``<where>.<key>: unknown key (known here: a, b)``, or
-    ``<key>: ...`` at the top level (``where`` empty). The known keys are listed
-    because the usual cause is a typo.
-    """
-    # A set's order changes between runs; the message must not.
-    allowed = tuple(known) if isinstance(known, list | tuple) else tuple(sorted(known))
-    for key in options:
-        if key not in allowed:
-            path = f"{where}.{key}" if where else str(key)
-            raise error(f"{path}: unknown key (known here: {', '.join(allowed)})")

@@ -45,11 +45,11 @@ from dispatcher.core.fanin import EXPORTED_BY, FanIn
 from dispatcher.core.model import Health, Instance, Metadata
 from dispatcher.core.subscriptions import EVERYTHING
 from dispatcher.core.upstream import Layout
-from dispatcher.zk.engine import Engine
-from dispatcher.zk.paths import join, parent_of
-from dispatcher.zk.protocol import Perm
-from dispatcher.zk.records import ACL, Id
-from dispatcher.zk.tree import OPEN_WORLD, READ_ONLY_WORLD
+from dispatcher.zk.codec.paths import join, parent_of
+from dispatcher.zk.codec.protocol import Perm
+from dispatcher.zk.codec.records import ACL, Id
+from dispatcher.zk.server.engine import Engine
+from dispatcher.zk.server.tree import OPEN_WORLD, READ_ONLY_WORLD
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Projection:
         categories = getattr(self.layout, "categories", None)
         if categories is None:
             return {}
-        beside = {parent_of(directory): _READ_CREATE_WORLD}
+        beside: dict[str, tuple[ACL, ...]] = {parent_of(directory): _READ_CREATE_WORLD}
         for relative in categories(service):
             path = join(self.root, relative)
             opened = _opens_children(self.client_paths, relative)

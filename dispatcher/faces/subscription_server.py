@@ -113,11 +113,12 @@ _RECEIVE_SIZE: Final = 65536
 #: Bytes handed to the socket per send: the unit of the send_stall bound.
 _SEND_CHUNK: Final = 65536
 
-ReportHandler = Callable[[str, str, str, str], None]
+ReportHandler = Callable[[str, str, str, str], object]
 """``on_report(service, instance_id, reason, client_id)``: a proxy saw an endpoint fail.
 
 Called on the trio thread; it must not block (queue the work). An exception
-it raises is logged and does not affect the connection.
+it raises is logged and does not affect the connection; what it returns is
+ignored (the health checker's handler says whether it acted, for its tests).
 """
 
 
@@ -830,8 +831,8 @@ class SubscriberConnection:
                     "service": service, "peer": self.peer,
                     "from_version": delta.from_version, "sent_version": self._sent.get(service),
                 })  # fmt: skip
-                entry = server.fanin.snapshot.full(service)
-                self._send_update(service, entry.version, lambda: server._full_frame(entry))
+                current = server.fanin.snapshot.full(service)
+                self._send_update(service, current.version, lambda: server._full_frame(current))
                 return
             self._send_update(service, delta.to_version, lambda: server._delta_frame(delta))
             return

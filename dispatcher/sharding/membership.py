@@ -86,6 +86,7 @@ from typing import Any, Final
 
 import attrs
 
+from dispatcher.settings import reject_unknown
 from dispatcher.sharding.membership_core import (
     DEFAULT_ROOT,
     DEFAULT_SESSION_TIMEOUT,
@@ -152,11 +153,7 @@ class MembershipConfig:
     @classmethod
     def from_table(cls, table: Mapping[str, Any], where: str = "membership") -> MembershipConfig:
         known = ("kind", "address", "root", "session_timeout", "stamp_grace")
-        for key in table:
-            if key not in known:
-                raise MembershipConfigError(
-                    f"{where}.{key}: unknown key (known here: {', '.join(known)})"
-                )
+        reject_unknown(table, known, where, MembershipConfigError)
         kind = table.get("kind")
         if kind not in KINDS:
             raise MembershipConfigError(

@@ -539,8 +539,10 @@ def _describe(exc: BaseException | None) -> str:
         return "no error"
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
+    # grpc's RpcError carries its status as methods; etcd3 exposes no type for it.
     code = getattr(exc, "code", None)
-    if callable(code):
+    details = getattr(exc, "details", None)
+    if callable(code) and callable(details):
         with contextlib.suppress(Exception):
-            return f"{code().name}: {exc.details()}"  # type: ignore[attr-defined]
+            return f"{code().name}: {details()}"
     return str(exc) or type(exc).__name__

@@ -39,8 +39,8 @@ from dispatcher.zk.client import (
     ZooKeeperClient,
     split_connect_string,
 )
-from dispatcher.zk.protocol import CreateMode, Err, OpCode
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.protocol import CreateMode, Err, OpCode
+from dispatcher.zk.codec.records import (
     CreateRequest,
     DeleteRequest,
     ErrorResult,
@@ -307,15 +307,12 @@ class ZooKeeperMembership:
     async def _create_services(self, client: ZooKeeperClient, services: list[str]) -> None:
         parent = self._path("services")
         for start in range(0, len(services), BATCH):
-            requests: list[tuple[int, Record]] = []
-            for name in services[start : start + BATCH]:
-                path = f"{parent}/{quote_service(name)}"
-                requests.append((OpCode.CREATE, CreateRequest(path, b"", OPEN_ACL, 0)))
-            for (_, request), reply in zip(
-                requests, await _pipelined(client, requests), strict=True
-            ):
-                assert isinstance(request, CreateRequest)
-                _check(reply, request.path, allowed=(Err.NODEEXISTS,))
+            paths = [f"{parent}/{quote_service(name)}" for name in services[start : start + BATCH]]
+            requests: list[tuple[int, Record]] = [
+                (OpCode.CREATE, CreateRequest(path, b"", OPEN_ACL, 0)) for path in paths
+            ]
+            for path, reply in zip(paths, await _pipelined(client, requests), strict=True):
+                _check(reply, path, allowed=(Err.NODEEXISTS,))
 
     # -- reading -------------------------------------------------------------------
 

@@ -14,10 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from dispatcher.config import Config
 from dispatcher.core.fanin import FanIn
 from dispatcher.core.upstream import Listing, Status, Upstream
-from dispatcher.sharding.membership import MembershipStore, Registration, open_membership
+from dispatcher.sharding.config import ShardingConfig
+from dispatcher.sharding.membership import (
+    MembershipConfig,
+    MembershipStore,
+    Registration,
+    open_membership,
+)
 from dispatcher.sharding.ownership import ShardedOwnership
 from dispatcher.wire import join_address
 
@@ -52,14 +57,19 @@ class ShardWiring:
     """
 
     def __init__(
-        self, config: Config, fanin: FanIn, *, membership: MembershipStore | None = None
+        self,
+        settings: ShardingConfig,
+        store_config: MembershipConfig,
+        node: str,
+        fanin: FanIn,
+        *,
+        membership: MembershipStore | None = None,
     ) -> None:
-        settings, store_config = config.sharding, config.membership
-        if settings is None or store_config is None:
-            raise ValueError("ShardWiring needs [membership] and [sharding]")
-        self.config = config
+        """``settings`` and ``store_config`` are the ``[sharding]`` and ``[membership]``
+        tables; ``node`` is the gateway's node id, the member id when ``[sharding] id`` is
+        not set. ``membership`` replaces the store ``store_config`` names."""
         self.settings = settings
-        self.member_id = settings.id or config.node
+        self.member_id = settings.id or node
         self.fanin = fanin
         self.store = membership if membership is not None else open_membership(store_config)
         self.ownership = ShardedOwnership(

@@ -29,18 +29,19 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 
-from dispatcher.zk import client_connection as wire
-from dispatcher.zk.client_connection import (
+from dispatcher.zk.codec import client_connection as wire
+from dispatcher.zk.codec.client_connection import (
     FRAME_SLACK,
     ClientConnection,
+    Connect,
+    LocalProtocolError,
     ProtocolError,
     ReplyReceived,
+    Request,
     WatchNotified,
     decode_body,
-    encode_connect,
-    encode_request,
 )
-from dispatcher.zk.protocol import (
+from dispatcher.zk.codec.protocol import (
     DEFAULT_MAX_BUFFER,
     XID_AUTH,
     XID_PING,
@@ -49,7 +50,7 @@ from dispatcher.zk.protocol import (
     EventType,
     OpCode,
 )
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.records import (
     ACL,
     OPEN_ACL_UNSAFE,
     AddWatchRequest,
@@ -105,7 +106,7 @@ _FIRST_BACKOFF = 0.05
 _SET_WATCHES_MAX_BYTES = 128 * 1024
 #: How long closing a session may wait for the server's answer.
 _CLOSE_TIMEOUT = 2.0
-_PING_FRAME = encode_request(XID_PING, OpCode.PING)
+_PING = Request(XID_PING, OpCode.PING)
 
 #: Opcodes the session sends itself, with reserved xids or at fixed moments.
 _SESSION_OPCODES = frozenset({
@@ -246,7 +247,7 @@ class _ArmedWatches:
     """The watches the server holds for this session, as the client must replay them.
 
     A model of ZooKeeper 3.8's two watch tables for this one connection (see
-    dispatcher/zk/watches.py): ``data`` and ``child`` map a path to what that
+    dispatcher/zk/server/watches.py): ``data`` and ``child`` map a path to what that
     table holds there. ``addWatch`` writes both tables with its mode; a
     one-shot read writes only its own, so ``addWatch(p)`` then
     ``getChildren(p, watch)`` leaves a persistent data watch and a one-shot
@@ -275,31 +276,38 @@ class _ArmedWatches:
 
     def answered(self, opcode: int, request: Record, err: int) -> None:
         """A request that may arm or remove a watch got its answer."""
+        if (
+            not isinstance(request, PathWatchRequest | AddWatchRequest | WatchesRequest)
+            or request.path is None
+        ):
+            # No event ever fires on a null path, so there is nothing to replay.
+            return
+        path = request.path
         if opcode == OpCode.EXISTS and isinstance(request, PathWatchRequest):
             # exists arms a watch both ways: on the data if the node is there,
             # on its creation if not.
             if err == Err.OK:
-                self.data[request.path] = _Armed.DATA
+                self.data[path] = _Armed.DATA
             elif err == Err.NONODE:
-                self.data[request.path] = _Armed.EXIST
+                self.data[path] = _Armed.EXIST
         elif err != Err.OK:
             return
         elif opcode == OpCode.GET_DATA and isinstance(request, PathWatchRequest):
-            self.data[request.path] = _Armed.DATA
+            self.data[path] = _Armed.DATA
         elif opcode in (OpCode.GET_CHILDREN, OpCode.GET_CHILDREN2) and isinstance(
             request, PathWatchRequest
         ):
-            self.child[request.path] = _Armed.CHILD
+            self.child[path] = _Armed.CHILD
         elif opcode == OpCode.ADD_WATCH and isinstance(request, AddWatchRequest):
             recursive = request.mode == AddWatchMode.PERSISTENT_RECURSIVE
             mode = _Armed.RECURSIVE if recursive else _Armed.PERSISTENT
-            self.data[request.path] = self.child[request.path] = mode
+            self.data[path] = self.child[path] = mode
         elif opcode == OpCode.REMOVE_WATCHES and isinstance(request, WatchesRequest):
             # removeWatches types: 1 children, 2 data, 3 any.
             if request.type in (1, 3):
-                self.child.pop(request.path, None)
+                self.child.pop(path, None)
             if request.type in (2, 3):
-                self.data.pop(request.path, None)
+                self.data.pop(path, None)
 
     def fired(self, event: WatcherEvent) -> None:
         """The server sent ``event``: one-shot watches it triggered are gone there."""
@@ -390,7 +398,7 @@ class _ArmedWatches:
 class _Connection:
     """One TCP connection of the session: the stream, its codec, and unsent output."""
 
-    def __init__(self, stream: trio.SocketStream, codec: ClientConnection, peer: str) -> None:
+    def __init__(self, stream: trio.abc.Stream, codec: ClientConnection, peer: str) -> None:
         self.stream = stream
         self.codec = codec
         self.peer = peer
@@ -441,7 +449,7 @@ class ZooKeeperClient:
     Bounds: at most ``max_in_flight`` requests awaiting replies and
     ``max_unsent`` bytes queued for the socket (beyond either, :meth:`submit`
     raises :class:`Overloaded`); no frame in either direction longer than
-    ``max_buffer`` plus :data:`~dispatcher.zk.client_connection.FRAME_SLACK`
+    ``max_buffer`` plus :data:`~dispatcher.zk.codec.client_connection.FRAME_SLACK`
     (a longer reply closes the connection, a longer request is refused).
     """
 
@@ -557,7 +565,7 @@ class ZooKeeperClient:
         if len(self._pending) >= self._max_in_flight:
             raise Overloaded(f"{len(self._pending)} requests in flight")
         xid = self._next_xid()
-        frame = encode_request(xid, opcode, request)
+        frame = _encoded(conn, Request(xid, opcode, request))
         if len(frame) - 4 > self._max_buffer + FRAME_SLACK:
             raise ValueError(f"request of {len(frame)} bytes exceeds max_buffer")
         if len(conn.out) + len(frame) > self._max_unsent:
@@ -651,9 +659,10 @@ class ZooKeeperClient:
             answers.append(err)
             done.set()
 
+        frame = _encoded(conn, Request(XID_AUTH, OpCode.AUTH, AuthPacket(0, scheme, credential)))
         self._auth.append((scheme, credential))
         self._pending_auth.append(_PendingAuth(scheme, on_reply))
-        conn.write(encode_request(XID_AUTH, OpCode.AUTH, AuthPacket(0, scheme, credential)))
+        conn.write(frame)
         await done.wait()
         if answers[0] == Err.CONNECTIONLOSS:
             raise ConnectionLost(f"connection lost before the answer to auth {scheme}")
@@ -725,7 +734,7 @@ class ZooKeeperClient:
         server may leave a handshake unanswered (ZooKeeper 3.8.0 does, for a
         connection accepted while it is still starting).
         """
-        stream: trio.SocketStream | None = None
+        stream: trio.abc.Stream | None = None
         peer = _peer(host)
         timeout = min(self._connect_timeout, self._session_timeout_ms / 1000 / len(self._hosts))
         try:
@@ -736,7 +745,7 @@ class ZooKeeperClient:
                     0, self._last_zxid, self._session_timeout_ms, self._session_id,
                     self._passwd, False,
                 )  # fmt: skip
-                await stream.send_all(encode_connect(request))
+                await stream.send_all(conn.codec.send(Connect(request)))
                 event = await self._next_event(conn)
                 if not isinstance(event, wire.Connected):
                     raise _HandshakeFailed("closed without answering the ConnectRequest")
@@ -783,7 +792,8 @@ class ZooKeeperClient:
         for the answers, so that nothing the caller sends can overtake them."""
         frames = bytearray()
         for scheme, credential in self._auth:
-            frames += encode_request(XID_AUTH, OpCode.AUTH, AuthPacket(0, scheme, credential))
+            auth = AuthPacket(0, scheme, credential)
+            frames += conn.codec.send(Request(XID_AUTH, OpCode.AUTH, auth))
             self._pending_auth.append(_PendingAuth(scheme, None))
         replay = replay_watches and bool(self._watches)
         if replay:
@@ -802,7 +812,7 @@ class ZooKeeperClient:
         # All with setWatches' xid: the handshake waits for their answers by count.
         frames = bytearray()
         for opcode, request in requests:
-            frames += encode_request(XID_SET_WATCHES, opcode, request)
+            frames += conn.codec.send(Request(XID_SET_WATCHES, opcode, request))
             conn.set_watches_outstanding += 1
         return frames
 
@@ -825,7 +835,7 @@ class ZooKeeperClient:
             data = await conn.stream.receive_some(_RECEIVE_SIZE)
             if not data:
                 return None
-            conn.codec.receive_data(data)
+            conn.codec.receive_data(bytes(data))
 
     async def _serve(self, conn: _Connection) -> None:
         """Run a connected connection until it is lost, then report the loss."""
@@ -857,7 +867,7 @@ class ZooKeeperClient:
                 if event is not None:
                     self._dispatch(conn, event)
                     continue
-                data: bytes | None = None
+                data: bytes | bytearray | None = None
                 with trio.move_on_after(read_timeout):
                     data = await conn.stream.receive_some(_RECEIVE_SIZE)
                 if data is None:
@@ -866,7 +876,7 @@ class ZooKeeperClient:
                 if not data:
                     conn.lost("closed by the server")
                     return
-                conn.codec.receive_data(data)
+                conn.codec.receive_data(data if isinstance(data, bytes) else bytes(data))
             conn.lost(f"credentials for scheme {self._auth_failed} refused")
         except ProtocolError as exc:
             conn.lost(f"protocol error: {exc}")
@@ -881,14 +891,19 @@ class ZooKeeperClient:
                     with trio.move_on_after(ping_interval):
                         await conn.wake.wait()
                     if not conn.out:
-                        conn.out += _PING_FRAME
+                        conn.out += conn.codec.send(_PING)
                 conn.wake = trio.Event()
                 data = bytes(conn.out)
                 conn.out.clear()
                 conn.sending = True
                 await conn.stream.send_all(data)
                 conn.sending = False
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            LocalProtocolError,
+        ) as exc:
             # Cancelling stops the reader too, rather than letting it wait for
             # a read timeout on a socket that can no longer carry requests.
             conn.lost(f"write failed: {type(exc).__name__}: {exc}")
@@ -991,18 +1006,24 @@ class ZooKeeperClient:
     async def _close_session(self, conn: _Connection) -> None:
         xid = self._next_xid()
         self._close_xid = xid
-        # Whatever callers queued still goes out first: closing is the last request.
-        frames = bytes(conn.out) + encode_request(xid, OpCode.CLOSE_SESSION)
-        conn.out.clear()
         with trio.move_on_after(_CLOSE_TIMEOUT):
             try:
+                # Whatever callers queued still goes out first: closing is the last request.
+                frames = bytes(conn.out) + conn.codec.send(Request(xid, OpCode.CLOSE_SESSION))
+                conn.out.clear()
                 await conn.stream.send_all(frames)
                 while not self._close_answered:
                     event = await self._next_event(conn)
                     if event is None:
                         break
                     self._dispatch(conn, event)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+            except (
+                OSError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                ProtocolError,
+                LocalProtocolError,
+            ):
                 pass
         if self._close_answered:
             log.info("zookeeper session closed", extra={"session": self._session_id})
@@ -1018,11 +1039,20 @@ def _watching(opcode: int, request: Record | None) -> Record | None:
     return None
 
 
+def _encoded(conn: _Connection, request: Request) -> bytes:
+    """The request's bytes; ConnectionLost once the connection broke (its codec
+    refuses everything after a protocol error, and the session is reconnecting)."""
+    try:
+        return conn.codec.send(request)
+    except LocalProtocolError as exc:
+        raise ConnectionLost(f"connection unusable: {exc}") from None
+
+
 def _peer(host: tuple[str, int]) -> str:
     return f"{host[0]}:{host[1]}"
 
 
-async def _close(stream: trio.SocketStream | None) -> None:
+async def _close(stream: trio.abc.Stream | None) -> None:
     if stream is not None:
         await trio.aclose_forcefully(stream)
 

@@ -53,12 +53,11 @@ from dispatcher.zk.client import (
     Reply,
     ZooKeeperClient,
 )
-from dispatcher.zk.engine import Client, Engine
-from dispatcher.zk.paths import parent_of
-from dispatcher.zk.pending import Pending
-from dispatcher.zk.protocol import CreateMode, Err, EventType, OpCode
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.paths import parent_of
+from dispatcher.zk.codec.protocol import CreateMode, Err, EventType, OpCode
+from dispatcher.zk.codec.records import (
     ACL,
+    OPS,
     Create2Response,
     CreateRequest,
     CreateTTLRequest,
@@ -77,7 +76,9 @@ from dispatcher.zk.records import (
     WatcherEvent,
     encode,
 )
-from dispatcher.zk.tree import Trigger, encode_children, encode_data_body, world_perms
+from dispatcher.zk.server.engine import Client, Engine
+from dispatcher.zk.server.pending import Pending
+from dispatcher.zk.server.tree import Trigger, encode_children, encode_data_body, world_perms
 from dispatcher.zk.upstream_sessions import Credentials, UpstreamSession, UpstreamSessions
 
 log = logging.getLogger(__name__)
@@ -402,8 +403,12 @@ class Mirror:
         # queue behind, keeping the upstream's order.
         announcement = _Announcement(triggers, waiting=len(reload) if self.connected else 0)
         self._announcements.append(announcement)
+
+        def loaded(_err: int, announcement: _Announcement = announcement) -> None:
+            self._loaded_for(announcement)
+
         for where, children in reload if self.connected else ():
-            self._load(where, children, lambda _err, a=announcement: self._loaded_for(a))
+            self._load(where, children, loaded)
         self._announce_ready()
 
     def _announce(self, triggers: list[Trigger]) -> None:
@@ -526,7 +531,8 @@ class Mirror:
         if node is None:
             engine.reply(client, xid, Err.NONODE)
             return _ANSWERED
-        if not engine.can_read(client, node.acl):
+        # node.acl is not None here: a None ACL was forwarded above.
+        if not engine.can_read(client, node.acl or ()):
             engine.reply(client, xid, Err.NOAUTH)
             return _ANSWERED
         if opcode == OpCode.GET_DATA:
@@ -568,9 +574,13 @@ class Mirror:
             requests.append((OpCode.GET_CHILDREN2, PathWatchRequest(path, False)))
         load.expected = len(requests)
         self._loads[key] = load
+
+        def landed(reply: Reply, load: _Load = load) -> None:
+            self._landed(load, reply)
+
         for opcode, record in requests:
             try:
-                self._watcher.submit(opcode, record, lambda r, load=load: self._landed(load, r))
+                self._watcher.submit(opcode, record, landed)
             except ConnectionLost:
                 self._landed(load, _LOST)
 
@@ -631,7 +641,7 @@ class Mirror:
         """Drop the oldest unwatched entries, down to 90% of the bound."""
         watches = self.engine.watches
         target = self.config.max_cached * 9 // 10
-        doomed = []
+        doomed: list[str] = []
         for path in self._cache:
             if len(self._cache) - len(doomed) <= target:
                 break
@@ -674,7 +684,7 @@ class Mirror:
         node = self._cache.get(path, _GONE)
         watches = self.engine.watches
         # A znode whose ACL the mirror cannot read hears no events here: unknown too.
-        known = node is not _GONE and (
+        known = not isinstance(node, _Gone) and (
             node is None or (node.acl is not None and node.loaded_zxid <= relative_zxid)
         )
         exists = known and node is not None
@@ -796,6 +806,7 @@ class Mirror:
     # --- ephemerals -----------------------------------------------------------------
 
     def _note_ephemerals(self, client: Client, opcode: int, record: Record, reply: Reply) -> None:
+        created: list[tuple[Record, Record | None]]
         if isinstance(record, MultiRequest) and isinstance(reply.body, MultiResponse):
             pairs = zip(record.ops, reply.body.results, strict=False)
             created = [(r, result) for (_, r), (_, result) in pairs]
@@ -858,9 +869,11 @@ class Mirror:
 
         for path in paths:
             _, session = self._owners[path]
-            session.submit(
-                OpCode.DELETE, DeleteRequest(path, -1), lambda reply, p=path: deleted(p, reply)
-            )
+
+            def answered(reply: Reply, path: str = path) -> None:
+                deleted(path, reply)
+
+            session.submit(OpCode.DELETE, DeleteRequest(path, -1), answered)
 
     def _retry_orphans(self) -> None:
         """Ephemerals whose downstream session ended while the upstream was away."""
@@ -884,7 +897,7 @@ def _written_paths(record: Record) -> list[str]:
 
 
 def _redacted(entry: ACL) -> bool:
-    return entry.id.scheme == "digest" and entry.id.id.endswith(":x")
+    return entry.id.scheme == "digest" and (entry.id.id or "").endswith(":x")
 
 
 class _Gone:
@@ -896,10 +909,11 @@ _CHANGE_EVENTS = frozenset({
     EventType.NODE_CREATED, EventType.NODE_DELETED, EventType.NODE_DATA_CHANGED,
     EventType.NODE_CHILDREN_CHANGED,
 })  # fmt: skip
-_WRITES = frozenset({
-    OpCode.CREATE, OpCode.CREATE2, OpCode.CREATE_CONTAINER, OpCode.CREATE_TTL, OpCode.DELETE,
-    OpCode.SET_DATA, OpCode.SET_ACL, OpCode.MULTI,
-})  # fmt: skip
+#: Requests forwarded as writes: their answer waits for the mirror's sync and
+#: what they touched is dropped from the cache. Of the table's writes only the
+#: creates, delete, setData, setACL and multi get here: the engine answers
+#: check, deleteContainer, reconfig and the session opcodes itself.
+_WRITES = frozenset(code for code, op in OPS.items() if op.write)
 
 
 __all__ = ["CachedNode", "Mirror", "MirrorConfig"]

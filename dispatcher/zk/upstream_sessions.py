@@ -27,8 +27,8 @@ from dispatcher.zk.client import (
     Reply,
     ZooKeeperClient,
 )
-from dispatcher.zk.protocol import Err
-from dispatcher.zk.records import Record, WatcherEvent
+from dispatcher.zk.codec.protocol import Err
+from dispatcher.zk.codec.records import Record, WatcherEvent
 
 log = logging.getLogger(__name__)
 

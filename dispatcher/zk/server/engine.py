@@ -1,9 +1,11 @@
 """The ZooKeeper request processor of the embedded tree.
 
 The engine is ZooKeeper's PrepRequestProcessor and FinalRequestProcessor in
-one synchronous object: a decoded request goes in, reply bytes come out
-through the client's :class:`Peer`, and watch events go out to every other
-peer they concern before the writer's own reply. Being synchronous is the
+one synchronous object: a decoded request goes in, its answer goes as an
+event to the connection's codec
+(:class:`~dispatcher.zk.codec.connection.ServerConnection`), whose bytes go
+to the client's :class:`Peer`, and watch events go out to every other peer
+they concern before the writer's own reply. Being synchronous is the
 ordering guarantee: no other request runs between applying a write,
 committing it to disk, firing its watches and answering it, so every read
 that follows sees the write and every watcher hears of it first.
@@ -19,13 +21,10 @@ from typing import Protocol
 
 import attrs
 
-from dispatcher.zk import acl as acls
-from dispatcher.zk.durability import GroupCommit
-from dispatcher.zk.jute import DecodeError, Reader
-from dispatcher.zk.paths import InvalidPath, is_within, join, parent_of, validate_path
-from dispatcher.zk.pending import Pending
-from dispatcher.zk.protocol import (
-    XID_NOTIFICATION,
+from dispatcher.zk.codec.connection import ConnectAccepted, Notification, ServerConnection
+from dispatcher.zk.codec.jute import DecodeError, Reader
+from dispatcher.zk.codec.paths import InvalidPath, is_within, join, parent_of, validate_path
+from dispatcher.zk.codec.protocol import (
     CreateMode,
     Err,
     EventType,
@@ -33,10 +32,9 @@ from dispatcher.zk.protocol import (
     OpCode,
     Perm,
 )
-from dispatcher.zk.quotas import QuotaUsage
-from dispatcher.zk.records import (
+from dispatcher.zk.codec.records import (
     ACL,
-    REQUESTS,
+    OPS,
     AddWatchRequest,
     AuthPacket,
     ClientInfo,
@@ -73,12 +71,15 @@ from dispatcher.zk.records import (
     WatcherEvent,
     WatchesRequest,
     WhoAmIResponse,
-    encode,
 )
-from dispatcher.zk.sessions import Session, SessionTable
-from dispatcher.zk.stats import ServerStats
-from dispatcher.zk.store import TreeStore
-from dispatcher.zk.tree import (
+from dispatcher.zk.server import acl as acls
+from dispatcher.zk.server.durability import GroupCommit
+from dispatcher.zk.server.pending import Pending
+from dispatcher.zk.server.quotas import QuotaUsage
+from dispatcher.zk.server.sessions import Session, SessionTable
+from dispatcher.zk.server.stats import ServerStats
+from dispatcher.zk.server.store import TreeStore
+from dispatcher.zk.server.tree import (
     CONTAINER_OWNER,
     MAX_TTL_MS,
     OPEN_WORLD,
@@ -90,11 +91,10 @@ from dispatcher.zk.tree import (
     ttl_owner,
     world_perms,
 )
-from dispatcher.zk.watches import WatcherType, WatchManager
+from dispatcher.zk.server.watches import WatcherType, WatchManager
 
 log = logging.getLogger(__name__)
 
-_FRAMED_HEADER = struct.Struct(">iiqi")
 _READ, _WRITE, _CREATE, _DELETE, _ADMIN = (
     int(Perm.READ),
     int(Perm.WRITE),
@@ -140,10 +140,17 @@ class Mount(Protocol):
 
 
 class Peer(Protocol):
-    """Where the engine's bytes for one connection go."""
+    """Where the engine's bytes for one connection go.
+
+    The engine never frames bytes itself: it hands events to the connection's
+    :class:`ServerConnection` and gives the peer what ``send`` returned.
+    """
 
     remote_ip: str
-    remote: str
+
+    @property
+    def remote(self) -> str:
+        """``/ip:port``, as ZooKeeper prints a client in logs and ``cons``."""
 
     def send(self, data: bytes) -> None: ...
 
@@ -177,6 +184,8 @@ class Client:
     """One connection's ZooKeeper state: its session, its auth, its counters."""
 
     peer: Peer
+    #: The connection's codec: every byte sent to ``peer`` comes from its ``send``.
+    conn: ServerConnection
     session: Session
     auth: list[Id]
     connected_at: float
@@ -246,10 +255,6 @@ class ZkError(Exception):
         self.err = err
 
 
-def frame(xid: int, zxid: int, err: int, body: bytes = b"") -> bytes:
-    return _FRAMED_HEADER.pack(16 + len(body), xid, zxid, err) + body
-
-
 class Engine:
     """Sessions, tree, watches and durability behind the ZooKeeper protocol."""
 
@@ -278,7 +283,7 @@ class Engine:
         self.observer: Callable[[int, float], None] | None = None
         #: Set by a server that runs its commit task: writes then share fsyncs,
         #: and what the engine sends waits for the writes it could show (see
-        #: :mod:`dispatcher.zk.durability`). None: each write commits alone.
+        #: :mod:`dispatcher.zk.server.durability`). None: each write commits alone.
         self.durability: GroupCommit | None = None
         #: Roots of the read-only subtrees rendered from the unified snapshot.
         self.projection_roots: tuple[str, ...] = ()
@@ -334,8 +339,11 @@ class Engine:
         for owner in sorted(self.tree.ephemerals):
             self._close_session_txn(owner)
 
-    def connect(self, peer: Peer, request: ConnectRequest) -> Client | None:
-        """Open or resume a session; None when the connection must close."""
+    def connect(self, peer: Peer, conn: ServerConnection, request: ConnectRequest) -> Client | None:
+        """Open or resume a session; None when the connection must close.
+
+        ``conn`` is the connection's codec, which has just delivered ``request``.
+        """
         now = self.clock()
         if request.last_zxid_seen > self.zxid:
             log.warning(
@@ -358,7 +366,7 @@ class Engine:
                     "session refused: expired or wrong password",
                     extra={"session": request.session_id, "peer": peer.remote},
                 )
-                self._send_connect(peer, request, ConnectResponse(0, 0, 0, bytes(16)))
+                self._send_connect(peer, conn, ConnectResponse(0, 0, 0, bytes(16)))
                 peer.close()
                 return None
             session.timeout_ms = self.sessions.negotiate(request.timeout)
@@ -372,19 +380,18 @@ class Engine:
                 self.disconnect(stale)
                 self._close_peer(stale.peer)
             log.info("session resumed", extra={"session": session.id, "peer": peer.remote})
-        client = Client(peer, session, [Id("ip", peer.remote_ip)], now)
+        client = Client(peer, conn, session, [Id("ip", peer.remote_ip)], now)
         session.client = client
         self.clients.add(client)
         self._send_connect(
-            peer, request, ConnectResponse(0, session.timeout_ms, session.id, session.passwd)
+            peer, conn, ConnectResponse(0, session.timeout_ms, session.id, session.passwd)
         )
         return client
 
-    def _send_connect(self, peer: Peer, request: ConnectRequest, response: ConnectResponse) -> None:
+    def _send_connect(self, peer: Peer, conn: ServerConnection, response: ConnectResponse) -> None:
         # ZooKeeper 3.8 always appends the readOnly flag; clients that predate it
         # read a length-prefixed frame and ignore what they do not know.
-        body = encode(attrs.evolve(response, read_only=False))
-        peer.send(struct.pack(">i", len(body)) + body)
+        peer.send(conn.send(ConnectAccepted(attrs.evolve(response, read_only=False))))
         self.stats.packets_sent += 1
 
     def disconnect(self, client: Client) -> None:
@@ -639,9 +646,7 @@ class Engine:
 
     # --- requests ---------------------------------------------------------------
 
-    def handle(
-        self, client: Client, xid: int, opcode: int, body: memoryview | bytes
-    ) -> Pending | None:
+    def handle(self, client: Client, xid: int, opcode: int, body: bytes) -> Pending | None:
         """Answer one request, now or (when a :class:`Pending` is returned) later.
 
         Raises :class:`DecodeError` for an undecodable request.
@@ -672,9 +677,14 @@ class Engine:
             self._delete_container(client, xid)
             client.last_op = opcode
         else:
-            record_type = REQUESTS.get(opcode)
+            op = OPS.get(opcode)
+            record_type = None if op is None else op.request
             handler = self._handlers.get(opcode)
-            write = self._writes.get(opcode)
+            # A write the table knows and the engine has no handler of its own
+            # for is one transaction of one operation.
+            write = None
+            if handler is None and op is not None and op.write:
+                write = self._writes.get(opcode)
             if record_type is None or (handler is None and write is None):
                 self._unimplemented(client, xid, opcode)
                 return None
@@ -687,10 +697,10 @@ class Engine:
                 )
                 self.zxid += 1
                 self._lose(client)
-                return
+                return None
             record = record_type.read(Reader(body))
             routed = self._route(opcode, record) if self.mounts else None
-            if routed is _CROSSES_MOUNTS:
+            if isinstance(routed, _CrossesMounts):
                 self._reply(client, xid, Err.BADARGUMENTS)
             elif routed is not None:
                 pending = routed.request(client, xid, opcode, record)
@@ -741,7 +751,7 @@ class Engine:
                 return mount
         return None
 
-    def _route(self, opcode: int, record: Record) -> Mount | object | None:
+    def _route(self, opcode: int, record: Record) -> Mount | _CrossesMounts | None:
         """The mount a request belongs to, None for the embedded tree, or
         ``_CROSSES_MOUNTS`` for a multi that spans backends (no backend can
         make that atomic)."""
@@ -763,7 +773,7 @@ class Engine:
         path = getattr(record, "path", None)
         return None if path is None else self._mount_of(path)
 
-    def reply(self, client: Client, xid: int, err: int, body: bytes = b"") -> None:
+    def reply(self, client: Client, xid: int, err: int, body: bytes | Record = b"") -> None:
         """Answer a request a mount deferred (zxid: the engine's current one).
 
         ``err`` may be any code an upstream sent, known to :class:`Err` or not.
@@ -788,14 +798,24 @@ class Engine:
         auth = [a for a in client.auth if a.scheme != "super"]
         return acls.allowed(acl, Perm.READ, auth)
 
-    def _reply(self, client: Client, xid: int, err: int, body: bytes = b"", zxid: int = -2) -> None:
+    def _reply(
+        self, client: Client, xid: int, err: int, body: bytes | Record = b"", zxid: int = -2
+    ) -> None:
+        """Answer ``xid``: ``body`` is the result record, or its encoding when
+        the engine has it already (a znode's cached data and Stat)."""
         if zxid == -2:
             zxid = self.zxid
-        gate = self.durability
-        if gate is not None and gate.holding:
-            gate.send(client.peer, frame(xid, zxid, err, body))
-        else:
-            client.peer.send(frame(xid, zxid, err, body))
+        if not client.closed:
+            # A closed client's peer drops whatever it is given; its codec may
+            # be past the point where it accepts a reply.
+            # send_reply is send(Reply(...)) without the event object: this is
+            # the hot path of every read.
+            data = client.conn.send_reply(xid, zxid, err, body)
+            gate = self.durability
+            if gate is not None and gate.holding:
+                gate.send(client.peer, data)
+            else:
+                client.peer.send(data)
         client.sent += 1
         client.last_zxid = zxid
         self.stats.packets_sent += 1
@@ -914,14 +934,15 @@ class Engine:
         if not self._can(client, node, _ADMIN):
             # Without ADMIN a client may see who has access, not the digests.
             acl = tuple(
-                ACL(a.perms, Id("digest", a.id.id.split(":", 1)[0] + ":x"))
+                # A stored digest id is never null: fixup_acl refused those.
+                ACL(a.perms, Id("digest", (a.id.id or "").split(":", 1)[0] + ":x"))
                 if a.id.scheme == "digest" else a
                 for a in acl
             )  # fmt: skip
-        self._reply(client, xid, Err.OK, encode(GetACLResponse(acl, node.stat())))
+        self._reply(client, xid, Err.OK, GetACLResponse(acl, node.stat()))
 
     def _sync(self, client: Client, xid: int, req: PathRequest) -> None:
-        self._reply(client, xid, Err.OK, encode(PathResponse(req.path)))
+        self._reply(client, xid, Err.OK, PathResponse(req.path))
 
     def _set_watches(self, client: Client, xid: int, req: SetWatches | SetWatches2) -> None:
         # ZooKeeper walks the lists in order and stops, answering
@@ -980,7 +1001,7 @@ class Engine:
                 return self._reply(client, xid, Err.MARSHALLINGERROR)
         else:
             self.watches.add_persistent(req.path, client, recursive=req.mode == 1)
-        self._reply(client, xid, Err.OK, encode(ErrorResult(Err.OK)))
+        self._reply(client, xid, Err.OK, ErrorResult(Err.OK))
 
     def _check_watches(self, client: Client, xid: int, req: WatchesRequest) -> None:
         if req.path is None:
@@ -1023,7 +1044,9 @@ class Engine:
             kind = WatcherType(req.type)
         except ValueError:
             return self._reply(client, xid, Err.MARSHALLINGERROR)
-        self._reply(client, xid, Err.OK if op(req.path, client, kind) else Err.NOWATCHER)
+        # Callers answered a null path themselves.
+        path = req.path or ""
+        self._reply(client, xid, Err.OK if op(path, client, kind) else Err.NOWATCHER)
 
     def _multi_read(self, client: Client, xid: int, req: MultiReadRequest) -> None:
         results: list[tuple[int, Record]] = []
@@ -1031,7 +1054,7 @@ class Engine:
             assert isinstance(record, PathWatchRequest)
             if record.path is None:
                 # ZooKeeper's read throws; the reply carries the results so far.
-                body = encode(MultiResponse(tuple(results)))
+                body = MultiResponse(tuple(results))
                 return self._reply(client, xid, Err.MARSHALLINGERROR, body)
             node = self.tree.get(record.path)
             if node is None:
@@ -1045,7 +1068,7 @@ class Engine:
                 results.append((opcode, GetDataResponse(node.data, node.stat())))
             else:
                 results.append((opcode, GetChildrenResponse(tuple(sorted(node.children)))))
-        self._reply(client, xid, Err.OK, encode(MultiResponse(tuple(results))))
+        self._reply(client, xid, Err.OK, MultiResponse(tuple(results)))
 
     def _get_ephemerals(self, client: Client, xid: int, req: PathRequest) -> None:
         owned = list(self.tree.ephemerals.get(client.session.id, ()))
@@ -1056,7 +1079,7 @@ class Engine:
         if prefix is None or _java_trim(prefix) in ("", "/"):
             prefix = ""
         paths = tuple(sorted(p for p in owned if p.startswith(prefix)))
-        self._reply(client, xid, Err.OK, encode(PathsResponse(paths)))
+        self._reply(client, xid, Err.OK, PathsResponse(paths))
 
     def _get_all_children_number(self, client: Client, xid: int, req: PathRequest) -> None:
         if req.path is None:
@@ -1066,14 +1089,18 @@ class Engine:
             return self._reply(client, xid, Err.NONODE)
         if not self._can(client, node, _READ):
             return self._reply(client, xid, Err.NOAUTH)
-        self._reply(client, xid, Err.OK, encode(CountResponse(self.tree.descendants(req.path))))
+        self._reply(client, xid, Err.OK, CountResponse(self.tree.descendants(req.path)))
 
     def _who_am_i(self, client: Client, xid: int, req: Empty) -> None:
         infos = tuple(
-            ClientInfo(a.scheme, a.id.split(":", 1)[0] if a.scheme == "digest" else a.id)
+            # The engine makes every Id of client.auth, none with a null part.
+            ClientInfo(
+                a.scheme or "",
+                (a.id or "").split(":", 1)[0] if a.scheme == "digest" else a.id or "",
+            )
             for a in sorted(client.auth, key=lambda a: (a.scheme, a.id))
         )
-        self._reply(client, xid, Err.OK, encode(WhoAmIResponse(infos)))
+        self._reply(client, xid, Err.OK, WhoAmIResponse(infos))
 
     def _sasl(self, client: Client, xid: int, req: GetSASLRequest) -> None:
         if req.token is None:
@@ -1085,7 +1112,7 @@ class Engine:
             )
             return self._lose(client)
         # A ZooKeeper without SASL configured answers with an empty token.
-        self._reply(client, xid, Err.OK, encode(SetSASLResponse(None)), zxid=0)
+        self._reply(client, xid, Err.OK, SetSASLResponse(None), zxid=0)
 
     def _reconfig(self, client: Client, xid: int, req: ReconfigRequest) -> None:
         self.zxid += 1  # refused in ZooKeeper's prep stage, as an error txn
@@ -1139,7 +1166,7 @@ class Engine:
             txn.rollback()
             raise
         self._commit(txn)
-        self._reply(client, xid, Err.OK, b"" if result is None else encode(result), txn.zxid)
+        self._reply(client, xid, Err.OK, b"" if result is None else result, txn.zxid)
 
     def _multi(self, client: Client, xid: int, req: MultiRequest) -> None:
         self.zxid += 1
@@ -1147,7 +1174,7 @@ class Engine:
             # ZooKeeper reads every op's path (for its pending changes) before
             # running any and throws on a null one: the zxid is spent, the
             # reply carries the previous one and an empty result list.
-            body = encode(MultiResponse(()))
+            body = MultiResponse(())
             return self._reply(client, xid, Err.MARSHALLINGERROR, body, self.zxid - 1)
         txn = Txn(self.tree, self.zxid, self._now_ms())
         results: list[tuple[int, Record]] = []
@@ -1181,7 +1208,7 @@ class Engine:
                 (OpCode.ERROR, ErrorResult(Err.RUNTIMEINCONSISTENCY))
                 for _ in range(len(req.ops) - done - 1)
             ]
-        self._reply(client, xid, Err.OK, encode(MultiResponse(tuple(results))), txn.zxid)
+        self._reply(client, xid, Err.OK, MultiResponse(tuple(results)), txn.zxid)
 
     def _commit(self, txn: Txn) -> None:
         try:
@@ -1207,28 +1234,28 @@ class Engine:
     def _fire(self, triggers: list[Trigger]) -> None:
         """Send each trigger's event to its watchers.
 
-        ZooKeeper 3.8 puts -1, not the txn's zxid, in a notification's header.
         A watcher that hears several events of one transaction (a multi under
         a recursive watch) gets them in one send, in order.
         """
         if len(triggers) == 1:
-            for watcher, packet in self._heard(triggers[0]):
-                self._send(watcher.peer, packet)
+            for watcher, notification in self._heard(triggers[0]):
+                self._send(watcher.peer, watcher.conn.send(notification))
             return
         outgoing: dict[Client, list[bytes]] = {}
         for trigger in triggers:
-            for watcher, packet in self._heard(trigger):
-                outgoing.setdefault(watcher, []).append(packet)
+            for watcher, notification in self._heard(trigger):
+                outgoing.setdefault(watcher, []).append(watcher.conn.send(notification))
         for watcher, packets in outgoing.items():
             self._send(watcher.peer, b"".join(packets))
 
-    def _heard(self, trigger: Trigger) -> Iterator[tuple[Client, bytes]]:
-        """Who hears ``trigger``, each with the encoded event (encoded once)."""
+    def _heard(self, trigger: Trigger) -> Iterator[tuple[Client, Notification]]:
+        """Who hears ``trigger``, each with the one Notification (framed once) of it."""
         watchers = self.watches.fire(trigger.path, trigger.event)
         if not watchers:
             return
-        body = encode(WatcherEvent(trigger.event, KeeperState.SYNC_CONNECTED, trigger.path))
-        packet = frame(XID_NOTIFICATION, -1, Err.OK, body)
+        notification = Notification(
+            WatcherEvent(trigger.event, KeeperState.SYNC_CONNECTED, trigger.path)
+        )
         acl = trigger.acl
         # A watcher that may not READ the znode loses its watch unheard, as in
         # ZooKeeper: the event would disclose the znode's path.
@@ -1239,11 +1266,12 @@ class Engine:
             if guarded and not acls.allowed(acl, Perm.READ, watcher.auth):  # type: ignore[arg-type]
                 continue
             self.stats.packets_sent += 1
-            yield watcher, packet
+            yield watcher, notification
 
     def _notify(self, client: Client, event: EventType, path: str) -> None:
-        body = encode(WatcherEvent(event, KeeperState.SYNC_CONNECTED, path))
-        self._send(client.peer, frame(XID_NOTIFICATION, -1, Err.OK, body))
+        if not client.closed:
+            notification = Notification(WatcherEvent(event, KeeperState.SYNC_CONNECTED, path))
+            self._send(client.peer, client.conn.send(notification))
         self.stats.packets_sent += 1
 
     def _create(self, txn: Txn, client: Client, opcode: int, req: Record) -> Record:
@@ -1338,23 +1366,33 @@ class Engine:
         return node
 
     def _set_data(self, txn: Txn, client: Client, opcode: int, req: SetDataRequest) -> Record:
-        node = self._validated(client, req.path, _WRITE)
+        path = _non_null(req.path)
+        node = self._validated(client, path, _WRITE)
         version = _check_version(node.version, req.version)
-        return StatResponse(txn.set_data(req.path, req.data, version).stat())
+        return StatResponse(txn.set_data(path, req.data, version).stat())
 
     def _check(self, txn: Txn, client: Client, opcode: int, req: DeleteRequest) -> None:
-        node = self._validated(client, req.path, _READ)
+        node = self._validated(client, _non_null(req.path), _READ)
         _check_version(node.version, req.version)
 
     def _set_acl(self, txn: Txn, client: Client, opcode: int, req: SetACLRequest) -> Record:
+        path = _non_null(req.path)
         try:
-            validate_path(req.path)  # type: ignore[arg-type]  # a null path is invalid
+            validate_path(path)
         except InvalidPath:
             raise ZkError(Err.BADARGUMENTS) from None
         acl = _fixed_acl(req.acl, client.auth)
-        node = self._validated(client, req.path, _ADMIN)  # type: ignore[arg-type]  # validated: not null
+        node = self._validated(client, path, _ADMIN)
         aversion = _check_version(node.aversion, req.version)
-        return StatResponse(txn.set_acl(req.path, acl, aversion).stat())
+        return StatResponse(txn.set_acl(path, acl, aversion).stat())
+
+
+def _non_null(path: str | None) -> str:
+    """The path of a write. A null one gets BADARGUMENTS, the answer
+    :func:`validate_path` gives an empty one, as ZooKeeper's path check does."""
+    if path is None:
+        raise ZkError(Err.BADARGUMENTS)
+    return path
 
 
 def _fixed_acl(acl: tuple[ACL, ...] | None, auth: list[Id]) -> tuple[ACL, ...]:
@@ -1409,7 +1447,13 @@ _LOCAL_OPS = frozenset({
     OpCode.CHECK_WATCHES, OpCode.REMOVE_WATCHES, OpCode.GET_EPHEMERALS, OpCode.WHO_AM_I,
     OpCode.SASL, OpCode.RECONFIG,
 })  # fmt: skip
-_CROSSES_MOUNTS = object()
+
+
+class _CrossesMounts:
+    """Marks a multi whose operations lie in more than one backend."""
+
+
+_CROSSES_MOUNTS = _CrossesMounts()
 
 
 def _path_and_watch(body: bytes) -> tuple[str | None, bool]:
@@ -1446,4 +1490,4 @@ def _check_version(current: int, expected: int) -> int:
     return current + 1 if current != 0x7FFFFFFF else 1
 
 
-__all__ = ["Client", "Engine", "EngineConfig", "Peer", "ZkError", "frame"]
+__all__ = ["Client", "Engine", "EngineConfig", "Peer", "ZkError"]

@@ -34,8 +34,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Hashable, Iterable, Iterator
 
-from dispatcher.zk.paths import parent_of
-from dispatcher.zk.protocol import EventType
+from dispatcher.zk.codec.paths import parent_of
+from dispatcher.zk.codec.protocol import EventType
 
 
 class Mode(enum.Enum):

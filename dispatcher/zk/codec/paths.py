@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import re
 
+__all__ = [
+    "InvalidPath",
+    "basename",
+    "is_within",
+    "join",
+    "parent_of",
+    "validate_path",
+]
+
 
 class InvalidPath(ValueError):
     """The path breaks ZooKeeper's rules; the server answers BADARGUMENTS."""

@@ -16,8 +16,65 @@ from typing import ClassVar, Protocol, Self
 
 import attrs
 
-from dispatcher.zk.jute import DecodeError, Reader, Writer
-from dispatcher.zk.protocol import OpCode
+from dispatcher.zk.codec.jute import DecodeError, Reader, Writer
+from dispatcher.zk.codec.protocol import OpCode
+
+__all__ = [
+    "ACL",
+    "MULTI_END",
+    "MULTI_RESULTS",
+    "OPEN_ACL_UNSAFE",
+    "OPS",
+    "REQUESTS",
+    "AddWatchRequest",
+    "AuthPacket",
+    "CheckVersionRequest",
+    "ClientInfo",
+    "ConnectRequest",
+    "ConnectResponse",
+    "CountResponse",
+    "Create2Response",
+    "CreateRequest",
+    "CreateResponse",
+    "CreateTTLRequest",
+    "DeleteRequest",
+    "Empty",
+    "ErrorResult",
+    "GetACLResponse",
+    "GetChildren2Response",
+    "GetChildrenResponse",
+    "GetDataResponse",
+    "GetSASLRequest",
+    "Id",
+    "MultiHeader",
+    "MultiReadRequest",
+    "MultiRequest",
+    "MultiResponse",
+    "Op",
+    "PathRequest",
+    "PathResponse",
+    "PathWatchRequest",
+    "PathsResponse",
+    "ReconfigRequest",
+    "Record",
+    "ReplyHeader",
+    "RequestHeader",
+    "SetACLRequest",
+    "SetDataRequest",
+    "SetSASLResponse",
+    "SetWatches",
+    "SetWatches2",
+    "Stat",
+    "StatResponse",
+    "WatchPaths",
+    "WatcherEvent",
+    "WatchesRequest",
+    "WhoAmIResponse",
+    "encode",
+    "op_name",
+    "read_acls",
+    "write_acls",
+]
 
 
 class Record(Protocol):
@@ -476,28 +533,12 @@ class MultiHeader:
 
 MULTI_END = MultiHeader(-1, True, -1)
 
-#: The operations a ``multi`` may carry, and the record each one sends.
-MULTI_OPS: dict[int, type[Record]] = {
-    OpCode.CREATE: CreateRequest,
-    OpCode.CREATE2: CreateRequest,
-    OpCode.CREATE_CONTAINER: CreateRequest,
-    OpCode.CREATE_TTL: CreateTTLRequest,
-    OpCode.DELETE: DeleteRequest,
-    OpCode.SET_DATA: SetDataRequest,
-    OpCode.CHECK: CheckVersionRequest,
-}
-
-#: The operations a ``multiRead`` may carry.
-MULTI_READ_OPS: dict[int, type[Record]] = {
-    OpCode.GET_CHILDREN: PathWatchRequest,
-    OpCode.GET_DATA: PathWatchRequest,
-}
-
 
 @attrs.frozen
 class MultiRequest:
     ops: tuple[tuple[int, Record], ...]
-    allowed: ClassVar[dict[int, type[Record]]] = MULTI_OPS
+    #: Which operations this kind of multi may carry (:attr:`Op.multi`).
+    kind: ClassVar[str] = "multi"
 
     @classmethod
     def read(cls, r: Reader) -> Self:
@@ -506,10 +547,10 @@ class MultiRequest:
             header = MultiHeader.read(r)
             if header.done:
                 return cls(tuple(ops))
-            record_type = cls.allowed.get(header.type)
-            if record_type is None:
+            op = OPS.get(header.type)
+            if op is None or op.multi != cls.kind or op.request is None:
                 raise DecodeError(f"operation {header.type} is not allowed in this multi")
-            ops.append((header.type, record_type.read(r)))
+            ops.append((header.type, op.request.read(r)))
 
     def write(self, w: Writer) -> None:
         for op, record in self.ops:
@@ -520,40 +561,7 @@ class MultiRequest:
 
 @attrs.frozen
 class MultiReadRequest(MultiRequest):
-    allowed: ClassVar[dict[int, type[Record]]] = MULTI_READ_OPS
-
-
-#: The request record of every opcode that carries one.
-REQUESTS: dict[int, type[Record]] = {
-    OpCode.CREATE: CreateRequest,
-    OpCode.CREATE2: CreateRequest,
-    OpCode.CREATE_CONTAINER: CreateRequest,
-    OpCode.CREATE_TTL: CreateTTLRequest,
-    OpCode.DELETE: DeleteRequest,
-    OpCode.DELETE_CONTAINER: PathRequest,
-    OpCode.EXISTS: PathWatchRequest,
-    OpCode.GET_DATA: PathWatchRequest,
-    OpCode.SET_DATA: SetDataRequest,
-    OpCode.GET_ACL: PathRequest,
-    OpCode.SET_ACL: SetACLRequest,
-    OpCode.GET_CHILDREN: PathWatchRequest,
-    OpCode.GET_CHILDREN2: PathWatchRequest,
-    OpCode.SYNC: PathRequest,
-    OpCode.CHECK: CheckVersionRequest,
-    OpCode.MULTI: MultiRequest,
-    OpCode.MULTI_READ: MultiReadRequest,
-    OpCode.AUTH: AuthPacket,
-    OpCode.SET_WATCHES: SetWatches,
-    OpCode.SET_WATCHES2: SetWatches2,
-    OpCode.GET_EPHEMERALS: PathRequest,
-    OpCode.GET_ALL_CHILDREN_NUMBER: PathRequest,
-    OpCode.ADD_WATCH: AddWatchRequest,
-    OpCode.CHECK_WATCHES: WatchesRequest,
-    OpCode.REMOVE_WATCHES: WatchesRequest,
-    OpCode.RECONFIG: ReconfigRequest,
-    OpCode.SASL: GetSASLRequest,
-    OpCode.WHO_AM_I: Empty,
-}
+    kind: ClassVar[str] = "multiRead"
 
 
 # --- responses ----------------------------------------------------------------
@@ -747,21 +755,6 @@ class ErrorResult:
         w.int(self.err)
 
 
-#: What each operation inside a multi answers with on success.
-MULTI_RESULTS: dict[int, type[Record]] = {
-    OpCode.CREATE: CreateResponse,
-    OpCode.CREATE2: Create2Response,
-    OpCode.CREATE_CONTAINER: Create2Response,
-    OpCode.CREATE_TTL: Create2Response,
-    OpCode.DELETE: Empty,
-    OpCode.SET_DATA: StatResponse,
-    OpCode.CHECK: Empty,
-    OpCode.GET_DATA: GetDataResponse,
-    OpCode.GET_CHILDREN: GetChildrenResponse,
-    OpCode.ERROR: ErrorResult,
-}
-
-
 @attrs.frozen
 class MultiResponse:
     results: tuple[tuple[int, Record], ...]
@@ -800,3 +793,87 @@ class WatcherEvent:
         w.int(self.type)
         w.int(self.state)
         w.ustring(self.path)
+
+
+# --- the opcode table -----------------------------------------------------------
+
+
+@attrs.frozen
+class Op:
+    """What zkgate knows of one opcode; every other opcode table derives from :data:`OPS`."""
+
+    code: OpCode
+    #: ZooKeeper's name for it (``Request.op2String``), as its logs and audit print it.
+    name: str
+    #: The record the request carries; None for a request with no body.
+    request: type[Record] | None
+    #: The record a successful reply carries; None for a reply of the header alone.
+    response: type[Record] | None
+    #: It changes the tree: ZooKeeper makes it a transaction (``Request.isQuorum``).
+    write: bool = False
+    #: The kind of multi that may carry it (``"multi"`` or ``"multiRead"``), if any.
+    multi: str | None = None
+
+
+#: Every opcode of ZooKeeper 3.8, by number.
+OPS: dict[int, Op] = {op.code: op for op in (
+    Op(OpCode.NOTIFICATION, "notification", None, None),
+    Op(OpCode.CREATE, "create", CreateRequest, CreateResponse, write=True, multi="multi"),
+    Op(OpCode.DELETE, "delete", DeleteRequest, None, write=True, multi="multi"),
+    Op(OpCode.EXISTS, "exists", PathWatchRequest, StatResponse),
+    Op(OpCode.GET_DATA, "getData", PathWatchRequest, GetDataResponse, multi="multiRead"),
+    Op(OpCode.SET_DATA, "setData", SetDataRequest, StatResponse, write=True, multi="multi"),
+    Op(OpCode.GET_ACL, "getACL", PathRequest, GetACLResponse),
+    Op(OpCode.SET_ACL, "setACL", SetACLRequest, StatResponse, write=True),
+    Op(OpCode.GET_CHILDREN, "getChildren", PathWatchRequest, GetChildrenResponse,
+       multi="multiRead"),
+    Op(OpCode.SYNC, "sync", PathRequest, PathResponse),
+    Op(OpCode.PING, "ping", None, None),
+    Op(OpCode.GET_CHILDREN2, "getChildren2", PathWatchRequest, GetChildren2Response),
+    Op(OpCode.CHECK, "check", CheckVersionRequest, None, write=True, multi="multi"),
+    Op(OpCode.MULTI, "multi", MultiRequest, MultiResponse, write=True),
+    Op(OpCode.CREATE2, "create2", CreateRequest, Create2Response, write=True, multi="multi"),
+    # reconfig answers with the new configuration as a getData would.
+    Op(OpCode.RECONFIG, "reconfig", ReconfigRequest, GetDataResponse, write=True),
+    Op(OpCode.CHECK_WATCHES, "checkWatches", WatchesRequest, None),
+    Op(OpCode.REMOVE_WATCHES, "removeWatches", WatchesRequest, None),
+    Op(OpCode.CREATE_CONTAINER, "createContainer", CreateRequest, Create2Response, write=True,
+       multi="multi"),
+    Op(OpCode.DELETE_CONTAINER, "deleteContainer", PathRequest, None, write=True),
+    Op(OpCode.CREATE_TTL, "createTtl", CreateTTLRequest, Create2Response, write=True,
+       multi="multi"),
+    Op(OpCode.MULTI_READ, "multiRead", MultiReadRequest, MultiResponse),
+    Op(OpCode.AUTH, "auth", AuthPacket, None),
+    Op(OpCode.SET_WATCHES, "setWatches", SetWatches, None),
+    Op(OpCode.SASL, "sasl", GetSASLRequest, SetSASLResponse),
+    Op(OpCode.GET_EPHEMERALS, "getEphemerals", PathRequest, PathsResponse),
+    Op(OpCode.GET_ALL_CHILDREN_NUMBER, "getAllChildrenNumber", PathRequest, CountResponse),
+    Op(OpCode.SET_WATCHES2, "setWatches2", SetWatches2, None),
+    # ZooKeeper 3.8's FinalRequestProcessor answers addWatch with
+    # ``new ErrorResponse(0)``: a 4-byte int that is always 0.
+    Op(OpCode.ADD_WATCH, "addWatch", AddWatchRequest, ErrorResult),
+    Op(OpCode.WHO_AM_I, "whoAmI", Empty, WhoAmIResponse),
+    # The ConnectRequest is not a request frame; the connection objects frame it.
+    Op(OpCode.CREATE_SESSION, "createSession", None, None, write=True),
+    Op(OpCode.CLOSE_SESSION, "closeSession", None, None, write=True),
+    # Labels a failed operation's result inside a multi reply; never sent alone.
+    Op(OpCode.ERROR, "error", None, None),
+)}  # fmt: skip
+
+#: The request record of every opcode that carries one.
+REQUESTS: dict[int, type[Record]] = {
+    code: op.request for code, op in OPS.items() if op.request is not None
+}
+
+#: What each result inside a multi reply decodes as: the operation's own
+#: response (an empty one for delete and check), or a failed operation's error.
+MULTI_RESULTS: dict[int, type[Record]] = {
+    **{code: op.response or Empty for code, op in OPS.items() if op.multi is not None},
+    OpCode.ERROR: ErrorResult,
+}
+
+
+def op_name(opcode: int) -> str:
+    """ZooKeeper's name for ``opcode``, ``unknown N`` as ZooKeeper prints others."""
+    op = OPS.get(opcode)
+    return op.name if op is not None else f"unknown {opcode}"

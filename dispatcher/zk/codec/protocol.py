@@ -9,6 +9,21 @@ from __future__ import annotations
 
 import enum
 
+__all__ = [
+    "DEFAULT_MAX_BUFFER",
+    "SERVER_VERSION",
+    "XID_AUTH",
+    "XID_NOTIFICATION",
+    "XID_PING",
+    "XID_SET_WATCHES",
+    "CreateMode",
+    "Err",
+    "EventType",
+    "KeeperState",
+    "OpCode",
+    "Perm",
+]
+
 
 class OpCode(enum.IntEnum):
     NOTIFICATION = 0

@@ -13,10 +13,10 @@ from typing import NamedTuple
 
 import attrs
 
-from dispatcher.zk.jute import Writer
-from dispatcher.zk.paths import basename, parent_of
-from dispatcher.zk.protocol import EventType
-from dispatcher.zk.records import ACL, Id, Stat, encode
+from dispatcher.zk.codec.jute import Writer
+from dispatcher.zk.codec.paths import basename, parent_of
+from dispatcher.zk.codec.protocol import EventType
+from dispatcher.zk.codec.records import ACL, Id, Stat, encode
 
 #: ``ephemeralOwner`` of a container node (ZooKeeper's ``EphemeralType.CONTAINER``).
 CONTAINER_OWNER = -(1 << 63)

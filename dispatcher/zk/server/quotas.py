@@ -11,8 +11,8 @@ longer kept, and writes below it go on.
 
 from __future__ import annotations
 
-from dispatcher.zk.paths import is_within
-from dispatcher.zk.tree import DataTree, Txn
+from dispatcher.zk.codec.paths import is_within
+from dispatcher.zk.server.tree import DataTree, Txn
 
 QUOTA_ROOT = "/zookeeper/quota"
 LIMITS = "zookeeper_limits"

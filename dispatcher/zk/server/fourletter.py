@@ -20,9 +20,9 @@ from typing import Final
 
 import attrs
 
-from dispatcher.zk.connection import FOUR_LETTER_WORDS
-from dispatcher.zk.engine import Client, Engine
-from dispatcher.zk.protocol import SERVER_VERSION, OpCode
+from dispatcher.zk.codec.connection import FOUR_LETTER_WORDS
+from dispatcher.zk.codec.protocol import SERVER_VERSION, OpCode
+from dispatcher.zk.server.engine import Client, Engine
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The admin HTTP endpoint: metrics, health, readiness, the snapshot and the status page.
+"""The admin HTTP server: metrics, health, readiness, the snapshot and the status page.
 
 Every gateway process serves, on a port of its own (loopback by default; see
 the ``[admin]`` table in :mod:`dispatcher.config`)::
@@ -13,26 +13,20 @@ the ``[admin]`` table in :mod:`dispatcher.config`)::
     GET /status      what the status page shows besides the snapshot: upstreams and
                      their staleness, the ZooKeeper face's counters, readiness
 
-Metrics are read live at scrape time by one custom collector
-(:class:`GatewayCollector`), so nothing on the request path updates a
-Prometheus object: the values already exist in the engine, the fan-in and the
-subscription hub. The one exception is the per-opcode request counter and
-latency histogram, which :class:`RequestMetrics` keeps from the engine's
-observer hook (``Engine.observer(opcode, seconds)``, called once per handled
-request); its ``observe`` is a dict lookup, a bisect and two increments.
+This module is the server: routing, connection caps and deadlines. What the
+answers contain comes from its neighbours in :mod:`dispatcher.faces.admin`:
+``/metrics`` from the collector in :mod:`~dispatcher.faces.admin.prometheus`
+(fed, for per-opcode requests, by :mod:`~dispatcher.faces.admin.metrics`),
+``/snapshot`` and ``/shards`` from :mod:`~dispatcher.faces.admin.rendering`.
 
 Readiness is "has every upstream delivered at least once", not "is every
 upstream connected now": a gateway whose upstream went down keeps serving the
 last snapshot (marked stale), and taking it out of a load balancer then would
 turn one registry's outage into an outage of every gateway. Staleness is for
-metrics and alerts (``zkgate_upstream_stale_seconds``).
-
-The fan-in keeps only each upstream's current state, so the admin samples it
-(every ``sample_interval``, and on every request) to learn which upstreams
-have ever connected and when the snapshot version last changed. An upstream
-that connected and disconnected again between two samples (0.1 s) before its
-first sample is counted as not yet connected: readiness errs on the side of
-"not ready" until it reconnects.
+metrics and alerts (``zkgate_upstream_stale_seconds``). Which upstreams have
+ever connected is sampled by
+:class:`~dispatcher.faces.admin.prometheus.GatewayObserver` every
+``sample_interval`` (0.1 s) and on every request.
 
 The HTTP server is h11 on trio and bounded everywhere: at most
 ``max_connections`` connections, ``max_connections_per_address`` of them from
@@ -56,16 +50,14 @@ pages costs one rendering per snapshot version.
 from __future__ import annotations
 
 import base64
-import bisect
 import hashlib
-import json
 import logging
 import math
 import re
 import secrets
 import socket
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -75,581 +67,25 @@ import h11
 import trio
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from dispatcher.containment import InternalErrors
-from dispatcher.core.model import Health, Instance
 from dispatcher.core.snapshot import Snapshot
-from dispatcher.zk.protocol import OpCode
+from dispatcher.faces.admin.metrics import RequestMetrics
+from dispatcher.faces.admin.prometheus import GatewayCollector, GatewayObserver, proxy_lag
+from dispatcher.faces.admin.rendering import json_body, render_snapshot
 
 if TYPE_CHECKING:
-    from dispatcher.core.ownership import Ownership
+    from dispatcher.core.subscriptions import Subscription
     from dispatcher.gateway import Gateway
-    from dispatcher.wire import Owner
 
-__all__ = [
-    "LATENCY_BUCKETS",
-    "AdminLimits",
-    "AdminServer",
-    "GatewayCollector",
-    "RequestMetrics",
-    "instance_json",
-    "shard_map",
-    "snapshot_json",
-]
+__all__ = ["AdminLimits", "AdminServer"]
 
 log = logging.getLogger(__name__)
 
-LATENCY_BUCKETS: Final = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-)  # fmt: skip
-"""Upper bounds (seconds) of the request latency histogram. The engine answers
-from memory, so most requests land in the first few buckets; the tail is for
-writes that wait on the disk."""
-
-_OTHER_OPCODE: Final = -1000
-"""Where observations of opcodes that are not ZooKeeper's go: one series, so
-that a client sending garbage opcodes cannot grow the label set."""
-
-_KNOWN_OPCODES: Final = frozenset(int(op) for op in OpCode)
 _RECEIVE_SIZE: Final = 16384
 _PAGE: Final = "status_page.html"
 _ROUTES: Final = ("/", "/metrics", "/health", "/ready", "/snapshot", "/shards", "/status")
-
-
-# ----------------------------------------------------------------- request metrics
-
-
-class _OpLatency:
-    __slots__ = ("counts", "total")
-
-    def __init__(self, buckets: int) -> None:
-        #: Observations per bucket (not cumulative; the last is +Inf).
-        self.counts = [0] * buckets
-        self.total = 0.0
-
-
-class RequestMetrics:
-    """Requests handled by the ZooKeeper engine, by opcode, with latency histograms.
-
-    Pass :meth:`observe` as the engine's observer; it runs on the hot path,
-    so it only counts, and the collector turns counts into Prometheus
-    families at scrape time.
-    """
-
-    __slots__ = ("_ops", "buckets")
-
-    def __init__(self, buckets: Iterable[float] = LATENCY_BUCKETS) -> None:
-        self.buckets = tuple(sorted(buckets))
-        self._ops: dict[int, _OpLatency] = {}
-
-    def observe(self, opcode: int, seconds: float) -> None:
-        """Count one request of ``opcode`` that took ``seconds`` to handle."""
-        op = self._ops.get(opcode)
-        if op is None:
-            if opcode not in _KNOWN_OPCODES:
-                opcode = _OTHER_OPCODE
-            op = self._ops.get(opcode)
-            if op is None:
-                op = self._ops[opcode] = _OpLatency(len(self.buckets) + 1)
-        # bisect_left: the first bound >= seconds, as Prometheus' "le" means.
-        op.counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        op.total += seconds
-
-    def count(self, opcode: int) -> int:
-        """Requests of ``opcode`` observed so far."""
-        op = self._ops.get(opcode)
-        return sum(op.counts) if op is not None else 0
-
-    def families(self) -> tuple[CounterMetricFamily, HistogramMetricFamily]:
-        """The counter and histogram families, labelled by opcode name."""
-        requests = CounterMetricFamily(
-            "zkgate_zk_requests", "ZooKeeper requests handled, by opcode", labels=["opcode"]
-        )
-        latency = HistogramMetricFamily(
-            "zkgate_zk_request_duration_seconds",
-            "Time the engine took to handle a ZooKeeper request, by opcode",
-            labels=["opcode"],
-        )
-        bounds = [floatToGoString(b) for b in self.buckets] + ["+Inf"]
-        for opcode in sorted(self._ops):
-            op = self._ops[opcode]
-            name = opcode_label(opcode)
-            cumulative: list[tuple[str, float]] = []
-            running = 0
-            for bound, count in zip(bounds, op.counts, strict=True):
-                running += count
-                cumulative.append((bound, running))
-            requests.add_metric([name], running)
-            latency.add_metric([name], cumulative, op.total)
-        return requests, latency
-
-
-def opcode_label(opcode: int) -> str:
-    """``get_data`` for 4, ``other`` for anything that is not a ZooKeeper opcode."""
-    if opcode in _KNOWN_OPCODES:
-        return OpCode(opcode).name.lower()
-    return "other"
-
-
-# ----------------------------------------------------------------- JSON views
-
-
-def instance_json(instance: Instance) -> dict[str, Any]:
-    """One instance as the admin endpoint shows it (``/snapshot``)."""
-    source = instance.source
-    return {
-        "id": instance.instance_id,
-        "host": instance.host,
-        "port": instance.port,
-        "weight": instance.weight,
-        "zone": instance.zone,
-        "protocol": instance.protocol,
-        "health": instance.health.value,
-        "metadata": dict(instance.metadata.items()),
-        "source": None
-        if source is None
-        else {"adapter": source.adapter, "key": source.key, "revision": source.revision},
-    }
-
-
-def snapshot_json(
-    snapshot: Snapshot, services: Collection[str] | None = None, limit: int | None = None
-) -> dict[str, Any]:
-    """``{"version", "services": {name: {"version", "instances": [...]}}}``.
-
-    ``services`` narrows the answer; a named service that has no instances
-    is listed with none (and the version it last changed at), so a caller
-    can tell "empty" from "not asked for". ``limit`` keeps the first
-    ``limit`` services by name and adds ``total_services`` and ``truncated``,
-    so that a page can show a large registry's head without fetching it all.
-    """
-    names = sorted(snapshot) if services is None else sorted(set(services))
-    total = len(names)
-    if limit is not None:
-        names = names[:limit]
-    result: dict[str, Any] = {}
-    for name in names:
-        entry = snapshot.full(name)
-        instances = entry.instances
-        result[name] = {
-            "version": entry.version,
-            "instances": [instance_json(instances[key]) for key in sorted(instances)],
-        }
-    if limit is None:
-        return {"version": snapshot.version, "services": result}
-    return {"version": snapshot.version, "services": result, "total_services": total,
-            "truncated": total > len(names)}  # fmt: skip
-
-
-def shard_map(
-    ownership: Ownership,
-    services: Iterable[str],
-    node: str,
-    members: Iterable[Owner] = (),
-    *,
-    membership_connected: bool | None = None,
-) -> dict[str, Any]:
-    """``/shards`` of a sharded Dispatcher: who owns each of ``services`` as of one epoch.
-
-    ``{"sharding": "on", "node", "epoch", "members": [{"id", "subscribe_address",
-    "zookeeper_address", "services": count}], "services": {name: owner id or null}}``,
-    plus ``membership_connected`` when known. ``members`` are listed even when they own
-    nothing; an owner that is not among them is added; null means nobody owns it now.
-    """
-    listed: dict[str, dict[str, Any]] = {}
-    for member in members:
-        listed[member.id] = {**member.to_json(), "services": 0}
-    owners: dict[str, str | None] = {}
-    for service in sorted(services):
-        owner = ownership.owner_of(service)
-        if owner is None:
-            owners[service] = None
-            continue
-        owners[service] = owner.id
-        entry = listed.get(owner.id)
-        if entry is None:
-            entry = listed[owner.id] = {**owner.to_json(), "services": 0}
-        entry["services"] += 1
-    result: dict[str, Any] = {
-        "sharding": "on",
-        "node": node,
-        "epoch": ownership.epoch,
-        "members": [listed[key] for key in sorted(listed)],
-        "services": owners,
-    }
-    if membership_connected is not None:
-        result["membership_connected"] = membership_connected
-    return result
-
-
-# ----------------------------------------------------------------- what the admin observes
-
-
-class _Observer:
-    """What the fan-in does not remember: which upstreams ever connected, and
-    since when the snapshot has had its current version (see the module docstring)."""
-
-    def __init__(self, gateway: Gateway, clock: Callable[[], float]) -> None:
-        self._gateway = gateway
-        self._clock = clock
-        self.ever_connected: set[str] = set()
-        self.version = -1
-        self.changed_at = clock()
-
-    def sample(self) -> None:
-        fanin = self._gateway.fanin
-        for name, state in fanin.status.items():
-            if state.connected:
-                self.ever_connected.add(name)
-        version = fanin.snapshot.version
-        if version != self.version:
-            self.version = version
-            self.changed_at = self._clock()
-
-    def snapshot_age(self) -> float:
-        return max(0.0, self._clock() - self.changed_at)
-
-    def not_ready(self) -> list[str]:
-        """Why the gateway is not ready; empty when it is."""
-        gateway = self._gateway
-        reasons = []
-        if gateway.port is None:
-            reasons.append("the ZooKeeper port is not bound yet")
-        status = gateway.fanin.status
-        for upstream in gateway.config.upstreams:
-            if upstream.name in self.ever_connected:
-                continue
-            state = status.get(upstream.name)
-            detail = state.detail if state is not None else "not started"
-            reasons.append(f"upstream {upstream.name!r} has not connected yet: {detail}")
-        return reasons
-
-
-# ----------------------------------------------------------------- the collector
-
-
-class GatewayCollector(Collector):
-    """Reads the gateway's live values at scrape time (never mutates anything)."""
-
-    def __init__(self, admin: AdminServer) -> None:
-        self._admin = admin
-        # Counting instances by health walks the snapshot; keep the answer
-        # for the snapshot it was counted on (snapshots never change).
-        self._counted: tuple[Snapshot, dict[str, int], int] | None = None
-
-    def collect(self) -> Iterator[Metric]:
-        admin = self._admin
-        gateway = admin.gateway
-        admin.observer.sample()
-        yield from self._zookeeper(admin)
-        fanin = gateway.fanin
-        snapshot = fanin.snapshot
-        yield GaugeMetricFamily(
-            "zkgate_snapshot_version", "Version of the merged snapshot", value=snapshot.version
-        )
-        yield GaugeMetricFamily(
-            "zkgate_snapshot_age_seconds",
-            "Seconds since the merged snapshot last changed (or since start)",
-            value=admin.observer.snapshot_age(),
-        )
-        yield GaugeMetricFamily(
-            "zkgate_services", "Services with at least one instance", value=len(snapshot)
-        )
-        by_health, total = self._instances(snapshot)
-        yield GaugeMetricFamily("zkgate_instances", "Instances in the snapshot", value=total)
-        health = GaugeMetricFamily(
-            "zkgate_instances_by_health", "Instances in the snapshot, by health",
-            labels=["health"],
-        )  # fmt: skip
-        for value in Health:
-            health.add_metric([value.value], by_health.get(value.value, 0))
-        yield health
-        yield from self._upstreams(admin)
-        yield from self._fanin_counters(admin)
-        yield from self._subscribers(admin)
-        yield from self._proxies(admin)
-        yield from self._health(admin)
-        yield self._internal_errors(admin)
-        yield CounterMetricFamily(
-            "zkgate_admin_connections_refused",
-            "Admin HTTP connections refused because max_connections or "
-            "max_connections_per_address were open and busy",
-            value=admin.refused,
-        )
-        yield CounterMetricFamily(
-            "zkgate_admin_connections_evicted",
-            "Admin HTTP connections closed to make room for a new one "
-            "(the one waiting longest for its request)",
-            value=admin.evicted,
-        )
-        yield CounterMetricFamily(
-            "zkgate_admin_requests_timed_out",
-            "Admin HTTP requests whose head or body did not arrive in time (408)",
-            value=admin.timed_out,
-        )
-        served = CounterMetricFamily(
-            "zkgate_admin_requests", "Admin HTTP requests answered, by path", labels=["path"]
-        )
-        for path, count in admin.served.items():
-            served.add_metric([path], count)
-        yield served
-
-    def _internal_errors(self, admin: AdminServer) -> Metric:
-        gateway = admin.gateway
-        family = CounterMetricFamily(
-            "zkgate_internal_errors",
-            "Unexpected exceptions that closed one connection (not the process), by listener",
-            labels=["listener"],
-        )
-        for listener in (gateway.zookeeper_server, gateway.subscriptions, admin):
-            if listener is not None:
-                errors = listener.internal_errors
-                family.add_metric([errors.listener], errors.count)
-        return family
-
-    def _instances(self, snapshot: Snapshot) -> tuple[dict[str, int], int]:
-        counted = self._counted
-        if counted is not None and counted[0] is snapshot:
-            return counted[1], counted[2]
-        by_health: dict[str, int] = {}
-        total = 0
-        for service in snapshot:
-            for instance in snapshot[service].instances.values():
-                key = instance.health.value
-                by_health[key] = by_health.get(key, 0) + 1
-                total += 1
-        self._counted = (snapshot, by_health, total)
-        return by_health, total
-
-    def _zookeeper(self, admin: AdminServer) -> Iterator[Metric]:
-        engine = admin.gateway.engine
-        if engine is None:
-            return
-        yield GaugeMetricFamily(
-            "zkgate_zk_sessions", "Live ZooKeeper sessions", value=len(engine.sessions)
-        )
-        yield GaugeMetricFamily(
-            "zkgate_zk_connections", "Open ZooKeeper client connections", value=len(engine.clients)
-        )
-        yield GaugeMetricFamily(
-            "zkgate_zk_znodes", "Znodes in the embedded tree", value=len(engine.tree.nodes)
-        )
-        yield GaugeMetricFamily(
-            "zkgate_zk_watches",
-            "Downstream ZooKeeper watches (data plus child, as mntr's zk_watch_count)",
-            value=engine.watches.watch_count,
-        )
-        stats = engine.stats
-        yield CounterMetricFamily(
-            "zkgate_zk_packets_received", "ZooKeeper packets received (as mntr; srst resets it)",
-            value=stats.packets_received,
-        )  # fmt: skip
-        yield CounterMetricFamily(
-            "zkgate_zk_packets_sent", "ZooKeeper packets sent (as mntr; srst resets it)",
-            value=stats.packets_sent,
-        )  # fmt: skip
-        yield from admin.requests.families()
-
-    def _upstreams(self, admin: AdminServer) -> Iterator[Metric]:
-        gateway = admin.gateway
-        kinds = {u.name: u.kind for u in gateway.config.upstreams}
-        now = time.time()
-        connected = GaugeMetricFamily(
-            "zkgate_upstream_connected", "1 while the upstream is connected, else 0",
-            labels=["upstream", "kind"],
-        )  # fmt: skip
-        stale = GaugeMetricFamily(
-            "zkgate_upstream_stale_seconds",
-            "Seconds the upstream's data has been stale (0 while connected)",
-            labels=["upstream", "kind"],
-        )
-        ever = GaugeMetricFamily(
-            "zkgate_upstream_ever_connected",
-            "1 once the upstream has connected at least once (readiness)",
-            labels=["upstream", "kind"],
-        )
-        for name, state in gateway.fanin.status.items():
-            labels = [name, kinds.get(name, "")]
-            connected.add_metric(labels, 1 if state.connected else 0)
-            stale.add_metric(labels, 0.0 if state.connected else max(0.0, now - state.since))
-            ever.add_metric(labels, 1 if name in admin.observer.ever_connected else 0)
-        for mirror in gateway.mirrors:
-            labels = [f"mirror:{mirror.root}", "mirror"]
-            connected.add_metric(labels, 1 if mirror.connected else 0)
-            stale.add_metric(labels, mirror.stale_seconds)
-            ever.add_metric(labels, 1 if mirror.resyncs else 0)
-        yield connected
-        yield stale
-        yield ever
-        if gateway.mirrors:
-            cached = GaugeMetricFamily(
-                "zkgate_mirror_cached_znodes", "Upstream znodes held in a mirror's cache",
-                labels=["root"],
-            )  # fmt: skip
-            sessions = GaugeMetricFamily(
-                "zkgate_mirror_upstream_sessions",
-                "Upstream sessions a mirror holds (its own, plus one per client credentials)",
-                labels=["root"],
-            )
-            resyncs = CounterMetricFamily(
-                "zkgate_mirror_resyncs", "Times a mirror caught up with its upstream",
-                labels=["root"],
-            )  # fmt: skip
-            for mirror in gateway.mirrors:
-                status = mirror.status()
-                cached.add_metric([mirror.root], status["zk_mirror_cached_znodes"])
-                sessions.add_metric([mirror.root], status["zk_mirror_upstream_sessions"])
-                resyncs.add_metric([mirror.root], mirror.resyncs)
-            yield cached
-            yield sessions
-            yield resyncs
-        interest = gateway.fanin.interest
-        if interest is not None:
-            yield GaugeMetricFamily(
-                "zkgate_upstream_interest_services",
-                'Services the upstreams are asked to watch (interest = "subscribed")',
-                value=len(interest),
-            )
-
-    def _fanin_counters(self, admin: AdminServer) -> Iterator[Metric]:
-        counters = admin.gateway.fanin.counters
-        for name, doc, value in (
-            ("events", "Upstream events received", counters.events),
-            ("batches", "Batches of upstream events applied", counters.batches),
-            ("versions", "Batches that made a new snapshot version", counters.versions),
-            ("looped_back", "Instances dropped because this node exported them",
-             counters.looped_back),
-            ("out_of_scope", "Instances dropped from a listing outside its scope",
-             counters.out_of_scope),
-            ("restarts", "Upstream runs that crashed or returned and were restarted",
-             counters.restarts),
-        ):  # fmt: skip
-            yield CounterMetricFamily(f"zkgate_fanin_{name}", doc, value=value)
-
-    def _subscribers(self, admin: AdminServer) -> Iterator[Metric]:
-        hub = admin.gateway.fanin.hub
-        yield GaugeMetricFamily(
-            "zkgate_subscribers", "Open subscriptions to the snapshot", value=hub.subscriber_count
-        )
-        yield CounterMetricFamily(
-            "zkgate_subscription_interest_added",
-            "Times a service gained its first subscriber (one upstream interest created)",
-            value=hub.interest_added,
-        )
-        yield CounterMetricFamily(
-            "zkgate_subscription_interest_removed",
-            "Times a service lost its last subscriber",
-            value=hub.interest_removed,
-        )
-        pending = [s.pending for s in admin.subscriptions()]
-        yield GaugeMetricFamily(
-            "zkgate_subscriber_lag_max",
-            "Updates waiting for the most lagging subscriber",
-            value=max(pending, default=0),
-        )
-        yield GaugeMetricFamily(
-            "zkgate_subscriber_lag",
-            "Updates waiting for all subscribers together",
-            value=sum(pending),
-        )
-
-    def _proxies(self, admin: AdminServer) -> Iterator[Metric]:
-        server = admin.gateway.subscriptions
-        if server is None:
-            return
-        connections = server.connections
-        yield GaugeMetricFamily(
-            "zkgate_subscription_connections", "Proxies connected to the subscription server",
-            value=len(connections),
-        )  # fmt: skip
-        yield CounterMetricFamily(
-            "zkgate_subscription_connections_refused",
-            "Subscription connections refused because max_connections were open",
-            value=server.refused,
-        )
-        behind, unsent = _proxy_lag(admin.gateway.fanin.snapshot, connections)
-        yield GaugeMetricFamily(
-            "zkgate_subscription_services_behind",
-            "(proxy, service) pairs whose acknowledged version is older than the service's",
-            value=behind,
-        )
-        yield GaugeMetricFamily(
-            "zkgate_subscription_unsent_bytes_max",
-            "Bytes queued for the proxy furthest behind on its socket",
-            value=unsent,
-        )
-
-    def _health(self, admin: AdminServer) -> Iterator[Metric]:
-        checker = admin.gateway.health
-        if checker is None:
-            return
-        m = checker.metrics
-        for name, doc, value in (
-            ("probes", "Health probes started", m.probes),
-            ("probes_scheduled", "Health probes started for their slot", m.probes_scheduled),
-            ("probes_reported", "Health probes started because of a failure report",
-             m.probes_reported),
-            ("failures", "Health probe results that failed", m.failures),
-            ("passes", "Health probe results that passed", m.passes),
-            ("to_failing", "Instances whose verdict changed to failing", m.to_failing),
-            ("to_passing", "Instances whose verdict changed to passing", m.to_passing),
-            ("skipped_not_owned", "Probe slots of services owned elsewhere", m.skipped_not_owned),
-            ("skipped_in_flight", "Probe slots skipped, the previous probe still running",
-             m.skipped_in_flight),
-            ("reports", "Failure reports from proxies accepted", m.reports),
-            ("reports_merged", "Failure reports merged into a probe already due",
-             m.reports_merged),
-            ("reports_refused", "Failure reports refused (unauthenticated)", m.reports_refused),
-            ("reports_ignored", "Failure reports ignored (not owned, unknown instance)",
-             m.reports_ignored),
-        ):  # fmt: skip
-            yield CounterMetricFamily(f"zkgate_health_{name}", doc, value=value)
-        yield GaugeMetricFamily(
-            "zkgate_health_in_flight", "Health probes running or waiting for a slot",
-            value=m.in_flight,
-        )  # fmt: skip
-        yield GaugeMetricFamily(
-            "zkgate_health_tracked", "Instances the health checker tracks", value=m.tracked
-        )
-        yield GaugeMetricFamily(
-            "zkgate_health_probes_per_cycle", "Slot probes in the last complete cycle",
-            value=m.probes_per_cycle,
-        )  # fmt: skip
-        detection = HistogramMetricFamily(
-            "zkgate_health_detection_seconds",
-            "From an instance's last passing probe to its failing verdict",
-        )
-        cumulative: list[tuple[str, float]] = []
-        running = 0
-        for bound in sorted(m.detection_buckets):
-            running += m.detection_buckets[bound]
-            cumulative.append((floatToGoString(bound), running))
-        detection.add_metric([], cumulative, m.detection_sum)
-        yield detection
-
-
-def _proxy_lag(snapshot: Snapshot, connections: Iterable[Any]) -> tuple[int, int]:
-    """(services behind, largest unsent bytes) over the subscription server's connections."""
-    behind = 0
-    unsent = 0
-    for connection in connections:
-        unsent = max(unsent, connection.unsent)
-        acked = connection.acked
-        for service in connection.services:
-            if acked.get(service, -1) < snapshot.full(service).version:
-                behind += 1
-    return behind, unsent
-
-
-# ----------------------------------------------------------------- HTTP
 
 
 @attrs.frozen
@@ -748,8 +184,7 @@ class _HeadTooLarge(Exception):
 
 
 def _json(status: int, value: object, *headers: tuple[str, str]) -> _Response:
-    body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-    return _Response(status, body, "application/json", headers)
+    return _Response(status, json_body(value), "application/json", headers)
 
 
 def _text(status: int, text: str, *headers: tuple[str, str]) -> _Response:
@@ -760,7 +195,7 @@ def _load_page() -> tuple[bytes, str]:
     """The status page, and a Content-Security-Policy that allows exactly its
     inline script and style (by hash) and fetches to this origin: the page
     renders strings from upstream registries, so nothing else may run."""
-    page = resources.files("dispatcher.faces").joinpath(_PAGE).read_bytes()
+    page = resources.files("dispatcher.faces.admin").joinpath(_PAGE).read_bytes()
     hashes: dict[str, list[str]] = {"script": [], "style": []}
     for tag in hashes:
         pattern = rf"<{tag}>(.*?)</{tag}>".encode()
@@ -797,7 +232,7 @@ class AdminServer:
         self.gateway = gateway
         self.limits = limits or AdminLimits()
         self.requests = RequestMetrics()
-        self.observer = _Observer(gateway, clock)
+        self.observer = GatewayObserver(gateway, clock)
         self.sample_interval = sample_interval
         self._shards = shards
         self.registry = CollectorRegistry(auto_describe=False)
@@ -862,7 +297,7 @@ class AdminServer:
             self.observer.sample()
             await trio.sleep(self.sample_interval)
 
-    def subscriptions(self) -> Iterator[Any]:
+    def subscriptions(self) -> Iterator[Subscription]:
         """Every open subscription of the fan-in's hub, once each."""
         return self.gateway.fanin.hub.subscriptions()
 
@@ -1112,7 +547,9 @@ class AdminServer:
                 if start is None and data:
                     start = trio.current_time()
                     waiting.deadline = start + min(limits.header_timeout, limits.request_timeout)
-                conn.receive_data(data)
+                # bytes() is free on bytes; a bytearray (the stream may
+                # return one) is copied, as h11's signature asks for bytes.
+                conn.receive_data(bytes(data))
             elif isinstance(event, h11.Request):
                 request = event
                 slot.method = event.method
@@ -1224,7 +661,7 @@ class AdminServer:
         if rendered is not None and rendered[0] is snapshot:
             return _Response(200, rendered[1], "application/json", headers)
         body = await trio.to_thread.run_sync(
-            _render_snapshot, snapshot, services, limit, limiter=self._render_limiter
+            render_snapshot, snapshot, services, limit, limiter=self._render_limiter
         )
         if services is None:
             cache = self._rendered
@@ -1238,7 +675,7 @@ class AdminServer:
         if server is None:
             return None
         connections = server.connections
-        behind, unsent = _proxy_lag(self.gateway.fanin.snapshot, connections)
+        behind, unsent = proxy_lag(self.gateway.fanin.snapshot, connections)
         return {"connections": len(connections), "services_behind": behind,
                 "unsent_bytes_max": unsent, "refused": server.refused}  # fmt: skip
 
@@ -1307,9 +744,3 @@ class AdminServer:
             "proxies": self._proxies_status(),
             "interest": None if interest is None else sorted(interest),
         }
-
-
-def _render_snapshot(snapshot: Snapshot, services: list[str] | None, limit: int | None) -> bytes:
-    # In a worker thread: reads only immutable values.
-    value = snapshot_json(snapshot, services, limit)
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"

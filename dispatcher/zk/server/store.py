@@ -17,12 +17,12 @@ import functools
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from dispatcher.zk.jute import Reader, Writer
-from dispatcher.zk.records import ACL, read_acls, write_acls
-from dispatcher.zk.tree import DataTree, Znode
+from dispatcher.zk.codec.jute import Reader, Writer
+from dispatcher.zk.codec.records import ACL, read_acls, write_acls
+from dispatcher.zk.server.tree import DataTree, Znode
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class TreeStore:
 
     def _open(self, data_dir: Path) -> None:
         # Commits of a group run in a worker thread (one at a time, see
-        # dispatcher.zk.durability), everything else in the event loop's.
+        # dispatcher.zk.server.durability), everything else in the event loop's.
         self._db = sqlite3.connect(
             data_dir / "tree.sqlite3", isolation_level=None, check_same_thread=False
         )
@@ -176,7 +176,7 @@ class TreeStore:
                 self._acls[acl] = encoded
         return encoded
 
-    def _write(self, upserts: list[tuple[object, ...]], deletes: list[tuple[str]]) -> None:
+    def _write(self, upserts: Sequence[tuple[object, ...]], deletes: Sequence[tuple[str]]) -> None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:

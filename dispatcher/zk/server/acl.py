@@ -6,8 +6,8 @@ import base64
 import hashlib
 import ipaddress
 
-from dispatcher.zk.protocol import Perm
-from dispatcher.zk.records import ACL, Id
+from dispatcher.zk.codec.protocol import Perm
+from dispatcher.zk.codec.records import ACL, Id
 
 SUPER = Id("super", "")
 
@@ -43,7 +43,10 @@ def _valid_ip(spec: str) -> bool:
     return True
 
 
-def _ip_matches(client: str, spec: str) -> bool:
+def _ip_matches(client: str | None, spec: str | None) -> bool:
+    # Records decode null strings as None; a null address or network matches nothing.
+    if client is None or spec is None:
+        return False
     try:
         return ipaddress.ip_address(client) in ipaddress.ip_network(spec, strict=False)
     except ValueError:

@@ -12,6 +12,12 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
+__all__ = [
+    "DecodeError",
+    "Reader",
+    "Writer",
+]
+
 T = TypeVar("T")
 
 _INT = struct.Struct(">i")

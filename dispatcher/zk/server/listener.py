@@ -24,19 +24,20 @@ import attrs
 import trio
 
 from dispatcher.containment import InternalErrors
-from dispatcher.zk.connection import (
+from dispatcher.zk.codec.connection import (
     ConnectRequested,
+    FourLetterReply,
     FourLetterWord,
     ProtocolError,
     RequestReceived,
     ServerConnection,
 )
-from dispatcher.zk.durability import GroupCommit
-from dispatcher.zk.engine import Client, Engine
-from dispatcher.zk.fourletter import answer
-from dispatcher.zk.jute import DecodeError
-from dispatcher.zk.pending import Pending
-from dispatcher.zk.protocol import DEFAULT_MAX_BUFFER, Err
+from dispatcher.zk.codec.jute import DecodeError
+from dispatcher.zk.codec.protocol import DEFAULT_MAX_BUFFER, Err
+from dispatcher.zk.server.durability import GroupCommit
+from dispatcher.zk.server.engine import Client, Engine
+from dispatcher.zk.server.fourletter import answer
+from dispatcher.zk.server.pending import Pending
 
 log = logging.getLogger(__name__)
 
@@ -473,15 +474,20 @@ class ZooKeeperServer:
                     if pending is not None and not pending.finished:
                         return client, pending
                 elif isinstance(event, ConnectRequested):
-                    client = engine.connect(peer, event.request)
+                    client = engine.connect(peer, conn, event.request)
                 elif isinstance(event, FourLetterWord):
-                    peer.send(answer(engine, event.word, self.settings).encode())
+                    peer.send(conn.send(FourLetterReply(answer(engine, event.word, self.settings))))
                     peer.close()
             except (ProtocolError, DecodeError) as exc:
                 log.warning(
                     "closing a connection that broke the protocol",
                     extra={"peer": peer.remote, "reason": str(exc)},
                 )
+                if client is not None:
+                    # At once, not when the reader task ends: until then other
+                    # sessions' writes would fire watches into a codec that now
+                    # refuses every event.
+                    engine.disconnect(client)
                 peer.close()
             except Exception as exc:
                 # A bug met by one request: that request gets SYSTEMERROR, as
