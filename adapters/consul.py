@@ -84,6 +84,7 @@ from dispatcher.backoff import Backoff
 from dispatcher.core.model import Health, Instance, Source
 from dispatcher.core.upstream import (
     ConfigError,
+    Inspection,
     Listing,
     Status,
     UpstreamEvent,
@@ -294,6 +295,35 @@ class ConsulUpstream:
         finally:
             self._nursery = None
             self._loops.clear()
+
+    async def inspect(self, services: frozenset[str] | None) -> Inspection:
+        """Read ``services`` (None: the configured list, else the catalog) with
+        plain, non-blocking queries: one per service and one for the catalog.
+        The revision is the highest ``X-Consul-Index`` answered."""
+        if self._limiter is None:
+            raise ConnectionError(f"consul upstream {self.name!r} is not running")
+        fetch = self._connect()
+        token = self.config.token
+        revision = 0
+        names = services if services is not None else self.config.services
+        if names is None:
+            found, catalog = await fetch(
+                Query(None, 0, "1s", token), lambda _found, body: frozenset(body or {})
+            )
+            revision = int(found)
+            names = catalog
+        instances: list[Instance] = []
+        for service in sorted(names):
+            found, listed = await fetch(
+                Query(service, 0, "1s", token),
+                lambda found, body, service=service: self._instances(  # type: ignore[misc]
+                    service, body or (), int(found)
+                ),
+            )
+            revision = max(revision, int(found))
+            instances.extend(listed)
+        reads = len(names) + (services is None and self.config.services is None)
+        return Inspection(tuple(instances), services, revision, reads)
 
     # ------------------------------------------------------------------ loops
 

@@ -96,6 +96,7 @@ from dispatcher.core.snapshot import Change, Put, Remove
 from dispatcher.core.upstream import (
     Changed,
     ConfigError,
+    Inspection,
     Listing,
     Status,
     UpstreamEvent,
@@ -408,9 +409,19 @@ class _Inbox:
         self.receive.close()
 
 
+@attrs.frozen
+class _Reuse:
+    """Inspection's decodings: ``previous`` read's by key (with the key's
+    mod_revision), and ``fresh``, this read's, to be kept for the next."""
+
+    previous: Mapping[bytes, tuple[int, Instance | None]]
+    fresh: dict[bytes, tuple[int, Instance | None]]
+
+
 def _range_scopes(
-    client: etcd3.Etcd3Client, scopes: Sequence[_Scope], adapter: str
-) -> tuple[int, list[Instance]]:
+    client: etcd3.Etcd3Client, scopes: Sequence[_Scope], adapter: str,
+    pages: list[int] | None = None, reuse: _Reuse | None = None,
+) -> tuple[int, list[Instance]]:  # fmt: skip
     """Every instance in ``scopes``, all read at one revision, and that revision.
 
     Runs in a worker thread (blocking requests, and JSON decoding that would
@@ -423,14 +434,26 @@ def _range_scopes(
         end = etcd3.utils.prefix_range_end(start)
         while True:
             response = client.get_range_response(start, end, limit=_PAGE, revision=revision or None)
+            if pages is not None:
+                pages.append(1)  # the requests made, for inspection's cost
             revision = revision or response.header.revision
             for kv in response.kvs:
+                if reuse is not None:
+                    # A key at the mod_revision of an earlier read has the same value.
+                    known = reuse.previous.get(kv.key)
+                    if known is not None and known[0] == kv.mod_revision:
+                        reuse.fresh[kv.key] = known
+                        if known[1] is not None and scope.accepts(known[1].service):
+                            instances.append(known[1])
+                        continue
                 key = _key_text(kv.key, adapter)
                 record = (
                     None
                     if key is None
                     else _decode(scope.spec, adapter, key, kv.value, kv.mod_revision, kv.lease)
                 )
+                if reuse is not None:
+                    reuse.fresh[kv.key] = (kv.mod_revision, record.instance if record else None)
                 if record and record.instance and scope.accepts(record.service):
                     instances.append(record.instance)
             if not response.more or not response.kvs:
@@ -703,6 +726,10 @@ class EtcdUpstream:
     #: dropped, so one dropped and wanted again meanwhile is listed again.
     kept: frozenset[str] | None = attrs.field(default=None, init=False)
     _session: _Session | None = attrs.field(default=None, init=False, repr=False)
+    #: Inspection's decoding of each key at its mod_revision, reused by the next read.
+    _inspected: dict[bytes, tuple[int, Instance | None]] = attrs.field(
+        factory=dict, init=False, repr=False
+    )
 
     @classmethod
     def from_config(cls, name: str, options: Mapping[str, Any]) -> Self:
@@ -730,6 +757,35 @@ class EtcdUpstream:
             self.kept = self.interest if self.kept is None else self.kept & self.interest
         if self._session is not None:
             self._session.inbox.post(_InterestChanged())
+
+    async def inspect(self, services: frozenset[str] | None) -> Inspection:
+        """Read ``services`` (None: every prefix whole) at one revision, on a client
+        of its own so that the watches' connection is not disturbed; one paged
+        range per prefix (per prefix and service when narrowed)."""
+
+        specs = self.prefixes
+        scopes = (
+            [_Scope(spec) for spec in specs]
+            if services is None
+            else [_Scope(spec, s) for spec in specs for s in sorted(services)]
+        )
+
+        pages: list[int] = []
+        # Filled by this read, then kept for the next (replaced on a read of
+        # everything, so it holds no more than the registry).
+        reuse = _Reuse(self._inspected, {} if services is None else dict(self._inspected))
+
+        def read() -> tuple[int, list[Instance]]:
+            client = etcd3.client(self.host, self.port, timeout=self.timeout)
+            try:
+                return _range_scopes(client, scopes, self.name, pages, reuse)
+            finally:
+                client.close()
+
+        revision, instances = await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+        self._inspected = reuse.fresh
+        # Every page is a request: a range of N keys costs N / _PAGE of them.
+        return Inspection(tuple(instances), services, revision, max(1, len(pages)))
 
     async def run(self, events: trio.MemorySendChannel[UpstreamEvent]) -> None:
         backoff = Backoff(maximum=self.max_backoff)

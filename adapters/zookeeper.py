@@ -83,6 +83,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Final, Literal, Self
 
 import attrs
@@ -95,6 +96,7 @@ from dispatcher.core.snapshot import Change, Put, Remove
 from dispatcher.core.upstream import (
     Changed,
     ConfigError,
+    Inspection,
     Layout,
     Listing,
     Status,
@@ -104,6 +106,7 @@ from dispatcher.core.upstream import (
     reject_unknown,
     require,
 )
+from dispatcher.tls import ClientTls, client_context, parse_client_tls
 from dispatcher.zk.client import (
     AddWatchMode,
     AuthFailed,
@@ -127,6 +130,7 @@ from dispatcher.zk.codec.records import (
     StatResponse,
     WatcherEvent,
 )
+from dispatcher.zk.sasl_client import SaslCredentials, load_credentials
 
 __all__ = ["RootConfig", "ZooKeeperUpstream", "ZooKeeperUpstreamConfig", "parse_config"]
 
@@ -168,6 +172,10 @@ class ZooKeeperUpstreamConfig:
     session_timeout: float = _DEFAULT_SESSION_TIMEOUT
     #: ``(scheme, credential)`` pairs for ``addAuth``, sent again on every reconnect.
     auth: tuple[tuple[str, str], ...] = ()
+    #: TLS to the ensemble's secure port (``tls = { ca, cert, key }``); None: plain text.
+    tls: ClientTls | None = None
+    #: DIGEST-MD5 user (``sasl_username``, ``sasl_password_file``); None: no SASL.
+    sasl: SaslCredentials | None = None
 
     @property
     def servers(self) -> tuple[tuple[str, int], ...]:
@@ -195,7 +203,11 @@ def _inside(path: str, root: str) -> bool:
 def parse_config(name: str, options: Mapping[str, Any]) -> ZooKeeperUpstreamConfig:
     """Validate a ``[upstream.<name>]`` table of kind ``zookeeper``."""
     where = f"upstream {name!r}"
-    reject_unknown(options, ("hosts", "roots", "session_timeout", "auth"), where)
+    reject_unknown(
+        options,
+        ("hosts", "roots", "session_timeout", "auth", "tls", "sasl_username", "sasl_password_file"),
+        where,
+    )
     hosts = require(options, "hosts", str, where).strip()
     if not hosts:
         raise ConfigError(f"{where}: key 'hosts' must not be empty")
@@ -237,7 +249,23 @@ def parse_config(name: str, options: Mapping[str, Any]) -> ZooKeeperUpstreamConf
         if not scheme or not colon:
             raise ConfigError(f"{where}: key 'auth[{index}]' must be 'scheme:credential'")
         auth.append((scheme, credential))
-    return ZooKeeperUpstreamConfig(hosts, tuple(roots), session_timeout, tuple(auth))
+    tls = None if "tls" not in options else parse_client_tls(options["tls"], f"{where}: tls")
+    return ZooKeeperUpstreamConfig(
+        hosts, tuple(roots), session_timeout, tuple(auth), tls, _parse_sasl(options, where)
+    )
+
+
+def _parse_sasl(options: Mapping[str, Any], where: str) -> SaslCredentials | None:
+    """``sasl_username`` with ``sasl_password_file`` (both or neither); the
+    password is read now, so a missing file stops the start."""
+    if "sasl_username" not in options and "sasl_password_file" not in options:
+        return None
+    username = require(options, "sasl_username", str, where)
+    password_file = require(options, "sasl_password_file", str, where)
+    try:
+        return load_credentials(username, Path(password_file).expanduser())
+    except ValueError as exc:
+        raise ConfigError(f"{where}: key 'sasl_password_file': {exc}") from None
 
 
 # ------------------------------------------------------------------ the followed tree
@@ -522,6 +550,9 @@ class _Tracker:
                     auth=[(scheme, cred.encode()) for scheme, cred in self.config.auth],
                     on_watch=self.on_watch,
                     on_session=self.on_session,
+                    tls=None if self.config.tls is None else client_context(self.config.tls),
+                    server_name=None if self.config.tls is None else self.config.tls.server_name,
+                    sasl=self.config.sasl,
                 )
                 try:
                     await self.client.run()
@@ -1132,6 +1163,8 @@ class ZooKeeperUpstream:
         self.config = config
         self._interest: frozenset[str] | None = None
         self._tracker: _Tracker | None = None
+        #: Inspection's parse of each znode at its mzxid, reused by the next read.
+        self._inspected: dict[str, tuple[int, Instance | None]] = {}
 
     @classmethod
     def from_config(cls, name: str, options: Mapping[str, Any]) -> Self:
@@ -1141,6 +1174,16 @@ class ZooKeeperUpstream:
         self._interest = None if services is None else frozenset(services)
         if self._tracker is not None:
             self._tracker.set_interest(self._interest)
+
+    async def inspect(self, services: frozenset[str] | None) -> Inspection:
+        """Read ``services`` directly, on a session of its own
+        (see :mod:`adapters.zookeeper_inspect`)."""
+        # Imported here: that module names this one's types.
+        from adapters.zookeeper_inspect import inspect_zookeeper
+
+        chroot = self.config.chroot
+        roots = [_Root.of(root, chroot) for root in self.config.roots]
+        return await inspect_zookeeper(self.name, self.config, roots, services, self._inspected)
 
     def watches(self) -> frozenset[tuple[WatchKind, str]]:
         """The upstream watches the session holds, as ``(kind, root)``.

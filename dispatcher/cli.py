@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
-from dispatcher import operator
+from dispatcher import mesh_command, operator, policy_command
 from dispatcher.config import Config, load_config, parse_config
 from dispatcher.gateway import run_gateway
+from dispatcher.inspection import cli as inspection_cli
 from dispatcher.logs import LOG_FORMATS, configure_logging
 from dispatcher.settings import ConfigError
 from dispatcher.stopping import run_until_stopped
@@ -123,6 +124,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "the status page at /), or 'off' (default: 127.0.0.1:8081)",
     )
     operator.add_commands(commands)
+    policy_command.add_command(commands)
+    mesh_command.add_command(commands)
+    inspection_cli.add_command(commands)
     # The other programs (meta, proxy) bring their own subcommand, found like
     # upstreams and layouts: the Dispatcher's package imports neither.
     for entry in sorted(metadata.entry_points(group=COMMANDS), key=lambda e: e.name):

@@ -36,6 +36,14 @@
     history = 256                   # deltas kept per service for reconnecting proxies
     max_connections = 1024          # open subscriber connections; one more is refused
 
+    [xds]                           # Envoy and proxyless gRPC (faces/xds/); off without this table
+    listen = "127.0.0.1:18000"      # ADS over gRPC (plaintext); port 0 picks a free one
+    token = "a long random secret"  # optional: calls must carry "authorization: Bearer <token>"
+    max_streams = 10000             # ADS streams of all clients together; one more is refused
+    max_names = 10000               # resource names one stream may subscribe to, all types
+    max_request_bytes = 1048576     # one request's size; a larger one ends its stream
+    max_inflight = 16               # requests of one stream read but not yet handled
+
     [[upstream]]                    # one table per registry, in precedence order
     name = "zk-main"                # unique; becomes every instance's source.adapter
     kind = "zookeeper"              # an entry point of the zkgate.upstreams group
@@ -58,13 +66,14 @@
     probe = "http"
     path = "/healthz"
 
-    [membership]                    # sharding: where the Dispatchers register (both tables
-    kind = "zookeeper"              # or neither); zookeeper | etcd | memory
+    [membership]                    # the store of shards and policies; alone (no [sharding]):
+    kind = "zookeeper"              # policies only, no shard; zookeeper | etcd | memory
     address = "10.0.0.5:2181"       # ZooKeeper connect string, or etcd host:port
     root = "/zkgate"                # znode root / etcd key prefix
     session_timeout = 10.0          # ZooKeeper session / etcd lease TTL, seconds
 
-    [sharding]                      # this Dispatcher as one shard (dispatcher.sharding.ownership)
+    [sharding]                      # this Dispatcher as one shard (needs [membership];
+                                    # see dispatcher.sharding.ownership)
     id = "gw-eu-1"                  # member id; default node_id
     weight = 1.0                    # capacity weight
     balance = 1.10                  # bounded-load factor: the same everywhere, Meta Servers too
@@ -72,6 +81,11 @@
     zookeeper_address = "10.0.0.7:2181"   # advertised; default the bound ZooKeeper port
     services = ["orders", "users"]  # names to put in the shared catalog at start
     warm_timeout = 10.0             # a service not loaded by then is served anyway
+
+    [governance]                    # policies (kept in the [membership] store; all optional)
+    max_history = 100               # versions kept, the current one included
+    token_file = "policy-token"     # bearer token for policy writes (or token = "..."); none:
+                                    # the admin endpoint's policy API is read-only
 
 With ``[sharding]`` the fan-in loads only the services this shard owns (and
 those it is handing over), so ``[dispatcher] interest`` is ``"subscribed"``
@@ -86,7 +100,9 @@ Each table is read by its owner, beside the code it configures:
 :mod:`dispatcher.faces.projection_config` (``[[projection]]``),
 :mod:`dispatcher.zk.mirror_config` (``[[mirror]]``), :mod:`dispatcher.core.health_config`
 (``[health]``), :mod:`dispatcher.faces.admin.config` (``[admin]``),
-:mod:`dispatcher.faces.subscription_config` (``[subscriptions]``) and
+:mod:`dispatcher.faces.xds.config` (``[xds]``),
+:mod:`dispatcher.faces.subscription_config` (``[subscriptions]``),
+:mod:`dispatcher.governance.config` (``[governance]``) and
 :mod:`dispatcher.sharding.config` (``[membership]``, ``[sharding]``), all with the
 readers of :mod:`dispatcher.settings`. This module composes them and checks what
 one table requires of another; none of them imports it.
@@ -122,8 +138,12 @@ from dispatcher.core.health_config import HealthConfig, ServiceProbe, parse_heal
 from dispatcher.core.upstream import upstream_kind
 from dispatcher.core.upstream_config import KindLookup, UpstreamConfig, parse_upstreams
 from dispatcher.faces.admin.config import DEFAULT_ADMIN_LISTEN, AdminConfig, parse_admin
+from dispatcher.faces.mesh.config import MeshConfig, parse_mesh
 from dispatcher.faces.projection_config import ProjectionConfig, parse_projections
 from dispatcher.faces.subscription_config import SubscriptionsConfig, parse_subscriptions
+from dispatcher.faces.xds.config import XdsConfig, parse_xds
+from dispatcher.governance.config import GovernanceConfig, parse_governance
+from dispatcher.inspection.config import InspectionConfig, parse_inspection
 from dispatcher.settings import ConfigError
 from dispatcher.sharding.config import ShardingConfig, parse_membership, parse_sharding
 from dispatcher.sharding.membership import MembershipConfig
@@ -140,6 +160,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DispatcherConfig",
+    "GovernanceConfig",
     "HealthConfig",
     "KindLookup",
     "ProjectionConfig",
@@ -147,6 +168,7 @@ __all__ = [
     "ShardingConfig",
     "SubscriptionsConfig",
     "UpstreamConfig",
+    "XdsConfig",
     "ZooKeeperConfig",
     "default_data_dir",
     "load_config",
@@ -155,7 +177,7 @@ __all__ = [
 
 _TOP_KEYS: Final = (
     "node_id", "zookeeper", "dispatcher", "upstream", "projection", "mirror", "health", "admin",
-    "subscriptions", "membership", "sharding",
+    "subscriptions", "membership", "sharding", "xds", "governance", "inspection", "mesh",
 )  # fmt: skip
 
 
@@ -174,9 +196,19 @@ class Config:
     health: HealthConfig = attrs.field(factory=lambda: HealthConfig())
     admin: AdminConfig = attrs.field(factory=lambda: AdminConfig())
     subscriptions: SubscriptionsConfig | None = None
-    #: ``[membership]`` and ``[sharding]``: both set, or both None (no sharding).
+    #: ``[membership]``: the store of the shards (with ``[sharding]``) and of the
+    #: governance policies; alone, it holds the policies only and this node is no shard.
     membership: MembershipConfig | None = None
+    #: ``[sharding]``: this node as one shard; needs ``[membership]``. None: not sharded.
     sharding: ShardingConfig | None = None
+    #: ``[governance]``: policy history and the write token (policies need ``[membership]``).
+    governance: GovernanceConfig = attrs.field(factory=lambda: GovernanceConfig())
+    #: ``[xds]``: the xDS management server; None (off) without the table.
+    xds: XdsConfig | None = None
+    #: ``[inspection]``: scheduled consistency checks of every layer (off by default).
+    inspection: InspectionConfig = attrs.field(factory=lambda: InspectionConfig())
+    #: ``[mesh]``: consumer rules, minimum client versions, where sidecars register.
+    mesh: MeshConfig = attrs.field(factory=lambda: MeshConfig())
 
     @property
     def node(self) -> str:
@@ -240,6 +272,14 @@ class Config:
             result["membership"] = attrs.asdict(self.membership)
         if self.sharding is not None:
             result["sharding"] = self.sharding.to_mapping()
+        if self.governance != GovernanceConfig():
+            result["governance"] = self.governance.to_mapping()
+        if self.xds is not None:
+            result["xds"] = self.xds.to_mapping()
+        if self.inspection != InspectionConfig():
+            result["inspection"] = self.inspection.to_mapping()
+        if self.mesh != MeshConfig():
+            result["mesh"] = self.mesh.to_mapping()
         return result
 
 
@@ -284,13 +324,16 @@ def parse_config(
     dispatcher = parse_dispatcher(settings.table(data, "dispatcher"))
     upstreams = parse_upstreams(data.get("upstream", []), lookup)
     projections = parse_projections(data.get("projection", []))
-    mirrors = parse_mirrors(data.get("mirror", []), [p.root for p in projections])
+    mirrors = parse_mirrors(data.get("mirror", []), [p.root for p in projections], base_dir)
     health = parse_health(settings.table(data, "health"))
-    admin = parse_admin(settings.table(data, "admin"))
+    admin = parse_admin(settings.table(data, "admin"), base_dir=base_dir)
+    inspection = parse_inspection(settings.table(data, "inspection"))
     subscriptions = None
     if "subscriptions" in data:
         subscriptions = parse_subscriptions(settings.table(data, "subscriptions"), base_dir)
     membership, sharding = _membership_and_sharding(data)
+    governance = parse_governance(settings.table(data, "governance"), base_dir)
+    xds = parse_xds(settings.table(data, "xds")) if "xds" in data else None
     if sharding is not None:
         dispatcher = attrs.evolve(dispatcher, interest="subscribed")
     return Config(
@@ -301,25 +344,34 @@ def parse_config(
         projections,
         health=health,
         admin=admin,
+        inspection=inspection,
         subscriptions=subscriptions,
         membership=membership,
         sharding=sharding,
         mirrors=mirrors,
+        governance=governance,
+        xds=xds,
+        mesh=parse_mesh(settings.table(data, "mesh")),
     )
 
 
 def _membership_and_sharding(
     data: Mapping[str, Any],
 ) -> tuple[MembershipConfig | None, ShardingConfig | None]:
-    """Check ``[membership]`` and ``[sharding]``, which come together or not at all,
-    and what a shard requires of the other tables."""
-    if "membership" not in data and "sharding" not in data:
-        return None, None
-    if "sharding" not in data:
-        raise ConfigError("membership: needs a [sharding] table (this shard's id and weight)")
+    """Check ``[membership]`` and ``[sharding]``, and what a shard requires of the other
+    tables.
+
+    ``[sharding]`` needs ``[membership]`` (where the shards register). ``[membership]``
+    alone is the governance store only: this gateway registers nowhere and owns every
+    service, so the shard-only rules below (interest, projections) do not apply to it.
+    """
     if "membership" not in data:
-        raise ConfigError("sharding: needs a [membership] table (where the shards register)")
+        if "sharding" in data:
+            raise ConfigError("sharding: needs a [membership] table (where the shards register)")
+        return None, None
     membership = parse_membership(settings.table(data, "membership"))
+    if "sharding" not in data:
+        return membership, None
     if settings.table(data, "dispatcher").get("interest") == "all":
         raise ConfigError(
             "dispatcher.interest: must be 'subscribed' with [sharding] "
@@ -329,6 +381,7 @@ def _membership_and_sharding(
         # A projection subscribes to every service, which would make the shard load them all.
         raise ConfigError(
             "projection: not supported with [sharding] yet (a projection shows every service, "
-            "a shard loads only the ones it owns)"
+            "a shard loads only the ones it owns); for policies on a projection, keep "
+            "[membership] without [sharding]"
         )
     return membership, parse_sharding(settings.table(data, "sharding"))

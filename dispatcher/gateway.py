@@ -22,6 +22,14 @@ are bound, owns the services :mod:`dispatcher.sharding.ownership` gives it, load
 those (plus the ones it is handing over) from its upstreams, and its
 subscription server redirects the rest.
 
+With an ``[xds]`` table it also serves the fan-in's services to Envoy and
+proxyless gRPC over ADS (:class:`~dispatcher.faces.xds.XdsServer`, on the
+fan-in's subscription hub).
+
+With ``[membership]`` it also holds the governance policies
+(:attr:`Gateway.policies`, a :class:`~dispatcher.governance.feed.GovernanceFeed` on the
+membership store): loaded before anything but the admin endpoint serves, then kept current.
+
 The admin HTTP endpoint (:mod:`dispatcher.faces.admin.http`: metrics, health, readiness,
 the snapshot, the shard map, the status page) starts first, unless
 ``[admin] enabled = false``; a busy *default* port is logged and skipped.
@@ -34,6 +42,7 @@ here; the fan-in rides them out (see :mod:`dispatcher.core.fanin`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -44,18 +53,30 @@ from dispatcher.config import Config
 from dispatcher.core.fanin import FanIn
 from dispatcher.core.health import HealthChecker
 from dispatcher.core.ownership import Ownership, SoleOwnership
+from dispatcher.core.subscriptions import SubscriptionHub
 from dispatcher.core.upstream import ConfigError, Upstream, layout_kind
 from dispatcher.faces.admin.http import AdminServer
 from dispatcher.faces.admin.rendering import shard_map
+from dispatcher.faces.mesh.rollback import MeshRollback
+from dispatcher.faces.mesh.views import MeshViews
 from dispatcher.faces.projection import Projection
 from dispatcher.faces.subscription_server import (
     ReportHandler,
     SubscriptionLimits,
     SubscriptionServer,
 )
+from dispatcher.faces.xds import XdsServer
+from dispatcher.governance.backends import open_governance_store
+from dispatcher.governance.feed import GovernanceFeed
+from dispatcher.governance.mesh import KIND as MESH_KIND
+from dispatcher.inspection import Inspector
+from dispatcher.sharding.follower import Follower
 from dispatcher.sharding.membership import MembershipStore
 from dispatcher.sharding.ownership import member_owner
 from dispatcher.sharding.wiring import ShardWiring
+from dispatcher.tls import ClientTls, ServerTls, warn_if_exposed
+from dispatcher.wire import parse_address
+from dispatcher.wire_client import ClientSettings
 from dispatcher.zk.mirror import Mirror
 from dispatcher.zk.server.engine import Engine, EngineConfig
 from dispatcher.zk.server.fourletter import WHITELIST_SETTING
@@ -65,6 +86,9 @@ from dispatcher.zk.server.store import TreeStore
 __all__ = ["Gateway", "ListenError", "ShardWiring", "run_gateway"]
 
 log = logging.getLogger(__name__)
+
+XDS_WARM_TIMEOUT = 10.0
+"""Seconds the xDS port waits for every upstream's first listing before it opens anyway."""
 
 
 class Gateway:
@@ -105,6 +129,8 @@ class Gateway:
                 on_report = self.health.on_report
         #: The bound ZooKeeper port (useful when the configuration says port 0).
         self.port: int | None = None
+        #: The bound ZooKeeper TLS port, with ``[zookeeper] secure_listen``.
+        self.secure_port: int | None = None
         #: The live upstream objects, in precedence order, once running.
         self.upstreams: tuple[Upstream, ...] = ()
         #: The subscription server proxies connect to; None without ``[subscriptions]``.
@@ -124,6 +150,13 @@ class Gateway:
                 limits=SubscriptionLimits(max_connections=settings.max_connections),
                 on_report=on_report,
             )  # fmt: skip
+        #: The mesh's automatic rollback, fed by the proxies' outcome reports; None without
+        #: ``[mesh] rollback`` or ``[subscriptions]`` (the reports come in there).
+        self.mesh_rollback: MeshRollback | None = None
+        if config.mesh.rollback is not None and self.subscriptions is not None:
+            self.mesh_rollback = MeshRollback(config.mesh.rollback,
+                                              who=f"zkgate-rollback/{config.node}")  # fmt: skip
+            self.subscriptions.on_outcomes = self.mesh_rollback.record
         #: The ZooKeeper engine, once running (the admin endpoint reads its counters).
         self.engine: Engine | None = None
         #: The ZooKeeper face's server, once running.
@@ -135,6 +168,25 @@ class Gateway:
         self.admin: AdminServer | None = None
         #: Who owns which service when sharded; None: this node owns them all.
         self.ownership = ownership
+        #: Inspection of the upstream and projection layers, once the engine
+        #: exists (``POST /inspect`` uses it even when ``[inspection]`` is off).
+        self.inspector: Inspector | None = None
+        #: The governance policies (the ``policies`` documents of the ``[membership]`` store):
+        #: ``current``, ``version``, ``subscribe()``. None without ``[membership]`` (policies
+        #: are unavailable). Set by :meth:`run` right after the admin endpoint starts, and
+        #: loaded (``policies.loaded`` set, the store's current version held) before the
+        #: ZooKeeper port, the subscriptions or any other face serves; faces built in
+        #: ``__init__`` read it through the gateway when they need it.
+        self.policies: GovernanceFeed | None = None
+        #: The mesh settings (kind ``mesh`` of the same store), held like ``policies``.
+        self.mesh: GovernanceFeed | None = None
+        #: Per-consumer views of the projections (mesh onboarding), once running.
+        self.mesh_views: MeshViews | None = None
+        #: The xDS server once serving (its ``port`` is the bound one); None without ``[xds]``.
+        self.xds: XdsServer | None = None
+        #: Services other shards own, followed for the faces that serve every service
+        #: (xDS); None unless sharded and one of those faces runs (see :meth:`_faces_hub`).
+        self.follower: Follower | None = None
 
     async def run(
         self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED
@@ -155,10 +207,19 @@ class Gateway:
                     super_digest=zk.super_digest,
                     extended_types=zk.extended_types,
                     container_check_ms=zk.container_check_ms,
+                    sasl_users=zk.sasl_users,
+                    sasl_required=zk.sasl_required,
+                    x509=zk.secure_listen is not None
+                    and zk.tls is not None
+                    and zk.tls.verify_client,
                 ),
             )
             self.engine = engine
             projections = self._projections(engine)
+            self.inspector = Inspector(
+                self.fanin, projections, config.inspection, config.node,
+                mirrors=lambda: self.mirrors, xds=lambda: self.xds,
+            )  # fmt: skip
             mirrors = self._mirrors(engine)
             self.mirrors = tuple(mirrors)
             server = ZooKeeperServer(
@@ -175,12 +236,26 @@ class Gateway:
             self.zookeeper_server = server
             async with trio.open_nursery() as nursery:
                 await self._start_admin(nursery, engine)
+                await self._start_policies(nursery)
+                await self._start_mesh_rollback(nursery)
                 for mirror in mirrors:
                     await self._start_mirror(nursery, mirror)
                 self.port = await _start_listener(
                     nursery, "the ZooKeeper client port (--listen, [zookeeper] listen)",
-                    f"{zk.host}:{zk.port}", server.serve, zk.host, zk.port,
+                    f"{zk.host}:{zk.port}", functools.partial(server.serve, plain=zk.plain),
+                    zk.host, zk.port,
                 )  # fmt: skip
+                if zk.plain:
+                    warn_if_exposed("zookeeper", zk.host, None)
+                if zk.secure_listen is not None and zk.tls is not None:
+                    secure_host, secure_port = parse_address(zk.secure_listen)
+                    self.secure_port = await _start_listener(
+                        nursery, "the ZooKeeper secure client port ([zookeeper] secure_listen)",
+                        zk.secure_listen, server.serve_secure, secure_host, secure_port,
+                        ServerTls(zk.tls, "zookeeper"),
+                    )  # fmt: skip
+                    if not zk.plain:
+                        self.port = self.secure_port
                 log.info(
                     "gateway serving",
                     extra={
@@ -202,8 +277,14 @@ class Gateway:
                 if self.health is not None:
                     await nursery.start(self.health.run)
                 for projection in projections:
-                    await nursery.start(projection.run)
+                    await nursery.start(projection.run, self.policies)
+                self.mesh_views = MeshViews(engine, projections, self.mesh, config.mesh)
+                await nursery.start(self.mesh_views.run)
+                engine.views = self.mesh_views
                 await self._start_subscriptions(nursery)
+                nursery.start_soon(self._serve_xds, nursery)
+                if config.inspection.enabled:
+                    await nursery.start(self.inspector.run)
                 if sharding is not None:
                     sharding.join(self)
                 task_status.started(self)
@@ -229,7 +310,9 @@ class Gateway:
             await _start_listener(
                 nursery, "the admin endpoint (--admin-listen, [admin] listen)",
                 f"{host}:{port}", admin.serve, host, port,
+                None if settings.tls is None else ServerTls(settings.tls, "admin"),
             )  # fmt: skip
+            warn_if_exposed("admin", host, settings.tls)
         except ListenError as exc:
             if settings.listen is not None:
                 raise
@@ -241,6 +324,44 @@ class Gateway:
             )
             return
         self.admin = admin
+
+    async def _start_policies(self, nursery: trio.Nursery) -> None:
+        """Open the ``policies`` store on ``[membership]`` and run its feed in ``nursery``;
+        return once the current version is loaded (the feed retries an unreachable store)."""
+        membership = self.config.membership
+        if membership is None:
+            return
+
+        async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            async with open_governance_store(
+                membership, "policies", max_history=self.config.governance.max_history
+            ) as store:
+                self.policies = GovernanceFeed(store)
+                if self.subscriptions is not None:
+                    self.subscriptions.policies = self.policies
+                await self.policies.run(task_status=task_status)
+
+        await nursery.start(run)
+        assert self.policies is not None
+        log.info("policies loaded", extra={"version": self.policies.version})
+
+        async def run_mesh(
+            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            async with open_governance_store(
+                membership, MESH_KIND, max_history=self.config.governance.max_history
+            ) as store:
+                self.mesh = GovernanceFeed(store)
+                await self.mesh.run(task_status=task_status)
+
+        await nursery.start(run_mesh)
+        assert self.mesh is not None
+        log.info("mesh settings loaded", extra={"version": self.mesh.version})
+
+    async def _start_mesh_rollback(self, nursery: trio.Nursery) -> None:
+        """Run the mesh's automatic rollback on the mesh feed (both configured)."""
+        if self.mesh_rollback is not None and self.mesh is not None:
+            await nursery.start(self.mesh_rollback.run, self.mesh)
 
     def _shard_map(self) -> dict[str, Any]:
         """``/shards``: the owner of every cataloged or loaded service, and every member."""
@@ -265,9 +386,72 @@ class Gateway:
         self.subscription_port = await _start_listener(
             nursery, "subscriptions ([subscriptions] listen)", f"{settings.host}:{settings.port}",
             server.serve_tcp, settings.host, settings.port,
+            None if settings.tls is None else ServerTls(settings.tls, "subscriptions"),
         )  # fmt: skip
+        warn_if_exposed("subscriptions", settings.host, settings.tls)
         if settings.unix is not None:
             await nursery.start(server.serve_unix, settings.unix)
+
+    async def _serve_xds(self, nursery: trio.Nursery) -> None:
+        """Serve ADS to Envoy and proxyless gRPC on ``[xds] listen``, in ``nursery``
+        (a task of it; returns once the server runs there).
+
+        The port opens once every upstream has delivered its first listing (or
+        after :data:`XDS_WARM_TIMEOUT`): a Dispatcher restarted under an Envoy
+        that answered its first wildcard request with a half-empty snapshot
+        would make the Envoy drop the clusters it still routes on. Until then
+        Envoy's connects are refused and it keeps its last configuration.
+        """
+        settings = self.config.xds
+        if settings is None:
+            return
+        connected: set[str] = set()
+        wanted = {upstream.name for upstream in self.config.upstreams}
+        with trio.move_on_after(XDS_WARM_TIMEOUT) as waiting:
+            # The fan-in signals snapshot changes, not status ones (an upstream
+            # with nothing registered connects without changing the snapshot).
+            while not wanted <= connected:
+                connected.update(n for n, state in self.fanin.status.items() if state.connected)
+                await trio.sleep(0.05)
+        if waiting.cancelled_caught:
+            log.warning(
+                "xds serving before every upstream loaded",
+                extra={"waiting_for": ",".join(sorted(wanted - connected))},
+            )
+        server = XdsServer(await self._faces_hub(nursery), settings, policies=self.policies)
+        try:
+            port = await nursery.start(server.serve)
+        except OSError as exc:
+            # grpcio reports a failed bind without its errno (only on its own stderr).
+            reason = OSError(None, "gRPC could not bind it (in use, or not this host's address)")
+            raise ListenError("xDS ([xds] listen)", settings.listen, reason) from exc
+        self.xds = server
+        host = settings.listen.rpartition(":")[0]
+        log.info("xds serving", extra={"listen": f"{host}:{port}", "node": self.config.node})
+
+    async def _faces_hub(self, nursery: trio.Nursery) -> SubscriptionHub:
+        """The hub of a face that serves every service a client asks for (an Envoy cannot
+        be redirected): the fan-in's, or on a shard a :class:`Follower` (started here
+        once) that follows the services other shards own from their owners."""
+        sharding, settings = self.sharding, self.config.subscriptions
+        if sharding is None:
+            return self.fanin.hub
+        if settings is None:
+            log.warning("sharded without [subscriptions]: the services other shards own "
+                        "are loaded from this node's upstreams for xDS")  # fmt: skip
+            return self.fanin.hub
+        if self.follower is None:
+            # Dispatchers share the subscription port's TLS: a follower trusts
+            # its CA and presents its certificate to the owner.
+            tls = settings.tls
+            client = ClientSettings(
+                token=settings.token, client_id=f"zkgate-follower/{self.config.node}",
+                tls=None if tls is None else ClientTls(ca=tls.ca, cert=tls.cert, key=tls.key),
+            )  # fmt: skip
+            self.follower = Follower(self.fanin, sharding.ownership, client)
+            await nursery.start(self.follower.run)
+            sharding.ownership.add_listener(self.follower.ownership_changed)
+        return self.follower.hub
 
     def _mirrors(self, engine: Engine) -> list[Mirror]:
         mirrors = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ from typing import Any, TextIO
 from dispatcher.config import load_config
 from dispatcher.settings import ConfigError
 from dispatcher.sharding.membership import MembershipConfigError
+from dispatcher.tls import add_client_arguments, client_context, client_tls_from_args
 
 #: Loaders of other programs' configuration files, by name (``--meta``: "meta").
 CONFIG_CHECKS = "zkgate.config_checks"
@@ -57,6 +59,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="list at most N services (default: %(default)s)",
     )
     status.add_argument("--json", action="store_true", help="print /status as JSON")
+    add_client_arguments(status, "the admin endpoint")
     check = commands.add_parser(
         "check-config",
         help="validate a configuration file without starting anything",
@@ -93,16 +96,24 @@ def check_config(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     return EXIT_READY
 
 
-def _get(admin: str, path: str) -> Any:
-    with urllib.request.urlopen(f"http://{admin}{path}", timeout=5) as response:
+def _get(admin: str, path: str, context: ssl.SSLContext | None = None) -> Any:
+    scheme = "http" if context is None else "https"
+    url = f"{scheme}://{admin}{path}"
+    with urllib.request.urlopen(url, timeout=5, context=context) as response:
         return json.loads(response.read())
 
 
 def status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     try:
-        state = _get(args.admin, "/status")
-        snapshot = _get(args.admin, f"/snapshot?limit={args.services}")
-        shards = _get(args.admin, "/shards")
+        tls = client_tls_from_args(args)
+        context = None if tls is None else client_context(tls)
+    except (ValueError, OSError) as exc:
+        print(f"zkgate: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        state = _get(args.admin, "/status", context)
+        snapshot = _get(args.admin, f"/snapshot?limit={args.services}", context)
+        shards = _get(args.admin, "/shards", context)
     except (OSError, urllib.error.URLError, ValueError) as exc:
         print(f"zkgate: cannot reach the admin endpoint at {args.admin}: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

@@ -12,14 +12,17 @@ Sans-I/O core plus one small trio adapter:
 Conversation::
 
     client                                   server (Dispatcher or Meta Server)
-    Hello(version, token, client_id) ──────►
+    Hello(version, token, client_id[, policies, application]) ──►
                                     ◄──────  Welcome(version, server_id) | Error
     Subscribe(services={name: version held or None}) ──►        (Dispatcher)
                                     ◄──────  Full(service, version, instances)
                                     ◄──────  Deltas(service, from, to, ...)...
                                     ◄──────  Redirect(service, owner, epoch)  (not the owner)
+                                    ◄──────  PolicyUpdate(service, version, policy)
     Ack(service, version) ──────────►
+    PolicyAck(service, version) ────►
     Report(service, instance_id, reason) ─►  (a proxy saw an endpoint fail)
+    Outcomes(service, application, path, ...) ─►  (only if the Welcome said ``outcomes``)
     Lookup(services) ───────────────►                              (Meta Server)
                                     ◄──────  Assignment(epoch, owners)
     WatchAssignments() ─────────────►
@@ -36,13 +39,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import hmac
 import json
 import os
 import re
 import stat
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -106,6 +110,21 @@ class WireInstance:
         )  # fmt: skip
 
 
+def table_digest(instances: Iterable[WireInstance]) -> str:
+    """A digest of an endpoint table: equal exactly when the instances are equal.
+
+    What a client reports in :class:`Ack` and the Dispatcher compares with what
+    it sent (inspection of the proxies' tables): a few bytes, not the table.
+    Independent of order; canonical JSON of each instance, hashed with SHA-256.
+    """
+    digest = hashlib.sha256()
+    for instance in sorted(instances, key=lambda i: i.id):
+        digest.update(json.dumps(instance.to_json(), sort_keys=True, separators=(",", ":"))
+                      .encode())  # fmt: skip
+        digest.update(b"\n")
+    return digest.hexdigest()[:32]
+
+
 @attrs.frozen
 class Owner:
     """A Dispatcher shard: who it is and where to reach it."""
@@ -141,31 +160,67 @@ class Message:
 
 @attrs.frozen
 class Hello(Message):
+    """The first message of a connection.
+
+    ``policies``: the client understands :class:`PolicyUpdate` (a server sends none to a
+    client that does not say so, since an older client would refuse the unknown type);
+    ``application``: the consumer application the client calls on behalf of, whose
+    per-consumer policies apply ("" for none). Both are left out of the frame when unset,
+    and an older server ignores them, so either side may be the older one.
+    """
+
     type: ClassVar[str] = "hello"
     version: int
     token: str
     client_id: str
+    policies: bool = False
+    application: str = ""
 
     def fields_to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "token": self.token, "client_id": self.client_id}
+        fields: dict[str, Any] = {
+            "version": self.version, "token": self.token, "client_id": self.client_id,
+        }  # fmt: skip
+        if self.policies:
+            fields["policies"] = True
+        if self.application:
+            fields["application"] = self.application
+        return fields
 
     @classmethod
     def fields_from_json(cls, obj: dict[str, Any]) -> Hello:
-        return cls(_int(obj, "version"), _str(obj, "token"), _str(obj, "client_id"))
+        policies = obj.get("policies", False)
+        if not isinstance(policies, bool):
+            raise WireError("'policies' must be true or false")
+        return cls(_int(obj, "version"), _str(obj, "token"), _str(obj, "client_id"),
+                   policies, _str(obj, "application", ""))  # fmt: skip
 
 
 @attrs.frozen
 class Welcome(Message):
+    """The server's answer to a good Hello.
+
+    ``outcomes``: the server takes :class:`Outcomes` reports. Left out of the frame when
+    false, and ignored by an older client; a client sends Outcomes only to a server that
+    said so, since an older server would refuse the unknown type and close.
+    """
+
     type: ClassVar[str] = "welcome"
     version: int
     server_id: str
+    outcomes: bool = False
 
     def fields_to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "server_id": self.server_id}
+        fields: dict[str, Any] = {"version": self.version, "server_id": self.server_id}
+        if self.outcomes:
+            fields["outcomes"] = True
+        return fields
 
     @classmethod
     def fields_from_json(cls, obj: dict[str, Any]) -> Welcome:
-        return cls(_int(obj, "version"), _str(obj, "server_id"))
+        outcomes = obj.get("outcomes", False)
+        if not isinstance(outcomes, bool):
+            raise WireError("'outcomes' must be true or false")
+        return cls(_int(obj, "version"), _str(obj, "server_id"), outcomes)
 
 
 @attrs.frozen
@@ -286,7 +341,61 @@ class Redirect(Message):
 
 @attrs.frozen
 class Ack(Message):
+    """The client holds ``version`` of ``service``; ``digest`` (optional, for
+    inspection) is :func:`table_digest` of the table it holds at that version.
+    A receiver that does not know ``digest`` ignores it."""
+
     type: ClassVar[str] = "ack"
+    service: str
+    version: int
+    digest: str | None = None
+
+    def fields_to_json(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"service": self.service, "version": self.version}
+        if self.digest is not None:
+            fields["digest"] = self.digest
+        return fields
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Ack:
+        digest = _str(obj, "digest") if obj.get("digest") is not None else None
+        return cls(_str(obj, "service"), _int(obj, "version"), digest)
+
+
+@attrs.frozen
+class PolicyUpdate(Message):
+    """The effective policy of one subscribed service for the client's application.
+
+    ``version`` is the governance version it comes from (the same number on every
+    Dispatcher of a cluster; 0 when no policy was ever written); ``policy`` is the policy
+    as plain JSON (what ``dispatcher.governance.policy.Policy.to_mapping`` gives), an empty
+    object meaning "no policy: the client's own defaults". Sent after a Subscribe, and
+    whenever the effective policy of a subscribed service changes for this client; the
+    client answers :class:`PolicyAck`. This module does not check the policy's fields
+    (it depends on nothing else in zkgate): the receiver parses it.
+    """
+
+    type: ClassVar[str] = "policy"
+    service: str
+    version: int
+    policy: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "version": self.version, "policy": dict(self.policy)}
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> PolicyUpdate:
+        version = _int(obj, "version")
+        if version < 0:
+            raise WireError("'version' must be >= 0")
+        return cls(_str(obj, "service"), version, _object(obj.get("policy"), "'policy'"))
+
+
+@attrs.frozen
+class PolicyAck(Message):
+    """The client applied (or refused, see its log) the policy of ``service`` at ``version``."""
+
+    type: ClassVar[str] = "policy-ack"
     service: str
     version: int
 
@@ -294,7 +403,7 @@ class Ack(Message):
         return {"service": self.service, "version": self.version}
 
     @classmethod
-    def fields_from_json(cls, obj: dict[str, Any]) -> Ack:
+    def fields_from_json(cls, obj: dict[str, Any]) -> PolicyAck:
         return cls(_str(obj, "service"), _int(obj, "version"))
 
 
@@ -313,6 +422,68 @@ class Report(Message):
     @classmethod
     def fields_from_json(cls, obj: dict[str, Any]) -> Report:
         return cls(_str(obj, "service"), _str(obj, "instance_id"), _str(obj, "reason"))
+
+
+#: Upper bounds (milliseconds) of the latency buckets of :class:`Outcomes`; one more bucket
+#: counts everything above the last. Roughly 1-2-3-5 steps: a p99 read from them is at most
+#: about 1.5 times the true one.
+LATENCY_BUCKETS_MS: tuple[float, ...] = (
+    1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500, 700, 1000, 1500, 2000,
+    3000, 5000, 7000, 10000, 15000, 30000, 60000,
+)  # fmt: skip
+#: What a path is: ``mesh`` (through a sidecar proxy) or ``direct`` (consumer to provider).
+OUTCOME_PATHS: tuple[str, ...] = ("mesh", "direct")
+#: Outcome kinds; every one but ``success`` is a failure.
+OUTCOME_KINDS: tuple[str, ...] = ("success", "connect_failure", "reset", "timeout")
+#: The largest count one Outcomes message may carry per field.
+MAX_OUTCOME_COUNT = 2**40
+
+
+@attrs.frozen
+class Outcomes(Message):
+    """What one client saw of calls to ``service`` for ``application`` since its last report.
+
+    ``path`` is ``mesh`` (traffic through the sidecar) or ``direct``; ``counts`` maps each of
+    :data:`OUTCOME_KINDS` to how many calls ended so; ``latency`` counts the calls per bucket
+    of :data:`LATENCY_BUCKETS_MS` (one more entry for above the last). Increments, never
+    totals: the receiver sums them over its window. Sent only to a server whose Welcome said
+    ``outcomes``; the size is fixed by the vocabulary (a few hundred bytes).
+    """
+
+    type: ClassVar[str] = "outcomes"
+    service: str
+    application: str
+    path: str
+    counts: Mapping[str, int] = attrs.field(factory=dict)
+    latency: tuple[int, ...] = ()
+
+    def fields_to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "application": self.application, "path": self.path,
+                "counts": dict(self.counts), "latency": list(self.latency)}  # fmt: skip
+
+    @classmethod
+    def fields_from_json(cls, obj: dict[str, Any]) -> Outcomes:
+        path = _str(obj, "path")
+        if path not in OUTCOME_PATHS:
+            raise WireError(f"'path' must be one of {', '.join(OUTCOME_PATHS)}")
+        raw = _object(obj.get("counts", {}), "'counts'")
+        counts: dict[str, int] = {}
+        for kind, value in raw.items():
+            if kind not in OUTCOME_KINDS:
+                raise WireError(f"'counts' has an unknown outcome {clip(kind, 40)!r}")
+            counts[kind] = _count(value, f"counts[{kind!r}]")
+        latency = obj.get("latency", [])
+        if not isinstance(latency, list) or len(latency) > len(LATENCY_BUCKETS_MS) + 1:
+            raise WireError(f"'latency' must be a list of at most "
+                            f"{len(LATENCY_BUCKETS_MS) + 1} counts")  # fmt: skip
+        buckets = tuple(_count(value, "latency") for value in latency)
+        return cls(_str(obj, "service"), _str(obj, "application", ""), path, counts, buckets)
+
+
+def _count(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_OUTCOME_COUNT:
+        raise WireError(f"{what} must be a count from 0 to {MAX_OUTCOME_COUNT}")
+    return value
 
 
 @attrs.frozen
@@ -389,7 +560,8 @@ class Pong(Message):
 MESSAGES: dict[str, type[Message]] = {
     m.type: m
     for m in (Hello, Welcome, Error, Subscribe, Unsubscribe, Full, Deltas, Redirect, Ack,
-              Report, Lookup, WatchAssignments, Assignment, Ping, Pong)
+              PolicyUpdate, PolicyAck, Report, Outcomes, Lookup, WatchAssignments, Assignment,
+              Ping, Pong)
 }  # fmt: skip
 
 
@@ -534,6 +706,8 @@ def check_hello(message: Message, token: bytes | str, server_id: str) -> Welcome
         return Error("unauthenticated", f"wrong token (client {clip(message.client_id)})")
     if len(message.client_id) > MAX_CLIENT_ID:
         return Error("bad-request", f"client_id longer than {MAX_CLIENT_ID} characters")
+    if len(message.application) > MAX_CLIENT_ID:
+        return Error("bad-request", f"application longer than {MAX_CLIENT_ID} characters")
     return Welcome(PROTOCOL_VERSION, server_id)
 
 

@@ -23,6 +23,12 @@ The configuration file (TOML)::
     hello_timeout = 10.0
     send_timeout = 30.0
 
+    [meta.tls]                       # optional: TLS for proxies (see dispatcher.tls)
+    cert = "meta.pem"                # relative paths: relative to this file
+    key = "meta-key.pem"
+    ca = "proxies-ca.pem"
+    verify_client = true
+
 Kind ``memory`` is refused here: in-memory membership lives inside one process, and a Meta
 Server process of its own would see no Dispatcher. (In one process, embed
 :class:`~metaserver.server.MetaServer` on the same
@@ -46,7 +52,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from dispatcher.settings import reject_unknown
+from dispatcher.settings import ConfigError, reject_unknown
 from dispatcher.sharding.assignment import DEFAULT_BALANCE
 from dispatcher.sharding.membership import (
     MembershipConfig,
@@ -55,6 +61,7 @@ from dispatcher.sharding.membership import (
     open_membership,
 )
 from dispatcher.stopping import run_until_stopped
+from dispatcher.tls import ServerTls, TlsConfig, parse_tls, warn_if_exposed
 from dispatcher.wire import parse_address
 from metaserver.server import MetaLimits, MetaServer
 
@@ -78,6 +85,8 @@ class MetaConfig:
     server_id: str = ""
     balance: float = DEFAULT_BALANCE
     limits: MetaLimits = attrs.field(factory=MetaLimits)
+    #: TLS for the proxies' connections; None: plain text.
+    tls: TlsConfig | None = None
 
 
 def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -87,9 +96,12 @@ def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
-def parse_meta_config(data: Mapping[str, Any], *, listen: str | None = None) -> MetaConfig:
+def parse_meta_config(
+    data: Mapping[str, Any], *, listen: str | None = None, base_dir: Path | None = None
+) -> MetaConfig:
     """Check a parsed file; ``listen`` (the command line's) wins over ``[meta] listen``.
-    Raises :class:`MembershipConfigError` naming the bad key."""
+    Raises :class:`MembershipConfigError` naming the bad key; relative paths in
+    ``[meta.tls]`` are relative to ``base_dir``."""
     reject_unknown(data, _TOP_KEYS, "", MembershipConfigError)
     token = data.get("token")
     if not isinstance(token, str) or not token:
@@ -113,7 +125,15 @@ def parse_meta_config(data: Mapping[str, Any], *, listen: str | None = None) -> 
     if not (math.isfinite(balance) and balance >= 1):
         raise MembershipConfigError(f"sharding.balance: must be >= 1, not {balance}")
     meta = _table(data, "meta")
-    reject_unknown(meta, ("listen", *_META_INTS, *_META_SECONDS), "meta", MembershipConfigError)
+    reject_unknown(
+        meta, ("listen", "tls", *_META_INTS, *_META_SECONDS), "meta", MembershipConfigError
+    )
+    tls = None
+    if "tls" in meta:
+        try:
+            tls = parse_tls(meta["tls"], "meta.tls", base_dir)
+        except ConfigError as exc:
+            raise MembershipConfigError(str(exc)) from None
     limits: dict[str, Any] = {}
     for key in _META_INTS:
         if key in meta:
@@ -135,7 +155,9 @@ def parse_meta_config(data: Mapping[str, Any], *, listen: str | None = None) -> 
         parse_address(address)
     except ValueError as exc:
         raise MembershipConfigError(f"{where}: {exc}") from None
-    return MetaConfig(membership, token, address, server_id, float(balance), MetaLimits(**limits))
+    return MetaConfig(
+        membership, token, address, server_id, float(balance), MetaLimits(**limits), tls
+    )
 
 
 def load_meta_config(path: Path | str, *, listen: str | None = None) -> MetaConfig:
@@ -146,7 +168,7 @@ def load_meta_config(path: Path | str, *, listen: str | None = None) -> MetaConf
         raise MembershipConfigError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise MembershipConfigError(f"not valid TOML: {exc}") from None
-    return parse_meta_config(data, listen=listen)
+    return parse_meta_config(data, listen=listen, base_dir=Path(path).parent)
 
 
 async def run_meta(
@@ -171,7 +193,9 @@ async def run_meta(
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         await nursery.start(server.run)
-        bound = await nursery.start(server.serve, host, port)
+        tls = None if config.tls is None else ServerTls(config.tls, "meta")
+        bound = await nursery.start(server.serve, host, port, tls)
+        warn_if_exposed("meta", host, config.tls)
         task_status.started((server, bound))
 
 

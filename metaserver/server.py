@@ -53,6 +53,7 @@ from dispatcher.sharding.assignment import (
     assign,
 )
 from dispatcher.sharding.membership import MembershipStore, View, owner_endpoints
+from dispatcher.tls import PlainGuard, ServerTls
 from dispatcher.wire import (
     Error,
     FrameDecoder,
@@ -265,16 +266,34 @@ class MetaServer:
             self._changed = trio.Event()
 
     async def serve(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        tls: ServerTls | None = None,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept connections on ``host:port`` until cancelled; ``started(bound port)``."""
+        """Accept connections on ``host:port`` until cancelled; ``started(bound port)``.
+
+        With ``tls``, each connection completes a TLS handshake first; without,
+        a TLS client is refused with a log line."""
         # Bound here, not in a task: a port that cannot be bound is the caller's OSError.
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         log.info("meta server listening",
                  extra={"server": self.server_id, "listen": f"{host}:{bound}"})  # fmt: skip
         task_status.started(bound)
-        await trio.serve_listeners(self.handle, listeners)
+
+        async def accept(stream: trio.SocketStream) -> None:
+            peer = _peer(stream)
+            if tls is None:
+                await self.handle(PlainGuard(stream, "meta", peer))
+                return
+            secure = await tls.accept(stream, peer)
+            if secure is not None:
+                await self.handle(secure)
+
+        await trio.serve_listeners(accept, listeners)
 
     # ------------------------------------------------------------- connections
 
@@ -437,7 +456,9 @@ class _Connection:
 
 
 def _peer(stream: trio.abc.Stream) -> str:
-    sock = getattr(stream, "socket", None)
+    # Under TLS or the plain-port guard, the socket is the wrapped stream's.
+    inner = getattr(stream, "transport_stream", None) or getattr(stream, "stream", stream)
+    sock = getattr(inner, "socket", None)
     if sock is None:
         return "?"
     try:

@@ -7,6 +7,13 @@ it with the parsed arguments::
     zkgate proxy --meta 127.0.0.1:7000 --service orders=127.0.0.1:9001 \\
                  --service users=/run/zkgate/users.sock --token-file /etc/zkgate/token
 
+A sidecar for mesh onboarding registers itself in zkgate's ZooKeeper face, as the proxy of
+the consumers on its host (``--register HOST:PORT``, ``--register-host``), and reports its
+application's (``--application``) call outcomes for the automatic rollback::
+
+    zkgate proxy --meta 127.0.0.1:7000 --service shop.Cart=10.1.2.3:15001 \\
+                 --application web --register 127.0.0.1:2181 --token-file /etc/zkgate/token
+
 The shared token may come from ``--token``, ``--token-file`` or the
 ``ZKGATE_TOKEN`` environment variable (a token on the command line is
 visible to every user of the machine in ``ps``).
@@ -21,13 +28,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from dispatcher.stopping import run_until_stopped
+from dispatcher.tls import add_client_arguments, client_tls_from_args
 from proxy import balancer
 from proxy.control import ControlSettings
 from proxy.forward import ForwardSettings, ListenAddress
 from proxy.outlier import OutlierPolicy
+from proxy.registration import DEFAULT_ROOT, RegistrationSettings
 from proxy.sidecar import ENGINES, Sidecar, SidecarConfig
 
 __all__ = ["add_arguments", "config_from_args", "run"]
@@ -81,6 +91,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--client-id",
         help="how this proxy names itself to the servers (default: zkgate-proxy/HOST/PID)",
+    )
+    parser.add_argument(
+        "--application",
+        default="",
+        metavar="NAME",
+        help="the application this proxy calls for: its per-consumer policies apply "
+        "(default: none, the per-service policies only)",
+    )
+    parser.add_argument(
+        "--zone",
+        default="",
+        metavar="ZONE",
+        help="the zone this proxy runs in, for the policies' zone affinity (default: unknown)",
     )
     parser.add_argument(
         "--balancer",
@@ -150,6 +173,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="most of a service's endpoints ejected at once; "
         "0 turns ejection off (default: %(default)s)",
     )
+    parser.add_argument(
+        "--register",
+        metavar="HOST:PORT",
+        help="register as this host's sidecar in zkgate's ZooKeeper face at HOST:PORT "
+        "(a connect string), for mesh onboarding; also reports the outcomes of the calls "
+        "carried, for the automatic rollback (default: neither)",
+    )
+    parser.add_argument(
+        "--register-host",
+        metavar="HOST",
+        help="with --register: the address the consumers on this host connect from "
+        "(default: the services' listen host)",
+    )
+    parser.add_argument(
+        "--sidecars",
+        default=DEFAULT_ROOT,
+        metavar="PATH",
+        help="with --register: the Dispatchers' [mesh] sidecars path (default: %(default)s)",
+    )
+    add_client_arguments(parser, "the Meta Server and the Dispatchers")
 
 
 def add_subcommand(commands: Any) -> None:
@@ -182,12 +225,18 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
     if not token:
         # The Meta Server and the Dispatchers refuse a Hello without one.
         raise ValueError("a token is needed: --token, --token-file or $ZKGATE_TOKEN")
-    control = ControlSettings(token=token) if args.client_id is None else ControlSettings(
-        token=token, client_id=args.client_id)  # fmt: skip
+    control = ControlSettings(
+        token=token, application=args.application, tls=client_tls_from_args(args)
+    )
+    if args.client_id is not None:
+        control = attrs.evolve(control, client_id=args.client_id)
+    register = None if args.register is None else RegistrationSettings(
+        args.register, _register_host(args, services), args.sidecars
+    )  # fmt: skip
     try:
         return SidecarConfig(
             meta=args.meta, services=services, balancer=args.balancer, control=control,
-            engine=args.engine,
+            engine=args.engine, zone=args.zone, register=register,
             forward=ForwardSettings(connect_timeout=args.connect_timeout,
                                     attempts=args.attempts, endpoint_wait=args.endpoint_wait),
             outlier=OutlierPolicy(consecutive_failures=args.eject_after,
@@ -196,6 +245,17 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
         )  # fmt: skip
     except (TypeError, ValueError) as exc:
         raise ValueError(str(exc)) from None
+
+
+def _register_host(args: argparse.Namespace, services: dict[str, ListenAddress]) -> str:
+    """``--register-host``, or the one host every service listens on."""
+    if args.register_host is not None:
+        return str(args.register_host)
+    hosts = {address.host for address in services.values() if not address.is_unix}
+    if len(hosts) != 1 or hosts & {"", "0.0.0.0", "::"}:
+        raise ValueError("--register needs --register-host: the services do not listen on "
+                         "one host address the consumers connect from")  # fmt: skip
+    return hosts.pop()
 
 
 def run(args: argparse.Namespace) -> int:

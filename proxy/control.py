@@ -46,7 +46,8 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import attrs
 import trio
@@ -54,6 +55,17 @@ import trio
 from dispatcher import wire
 from dispatcher.backoff import Backoff
 from dispatcher.containment import InternalErrors
+from dispatcher.wire_client import (
+    ClientSettings,
+    Closed,
+    Link,
+    OwnerSession,
+    SessionStatus,
+    connect,
+    connection_ended,
+    new_backoff,
+    open_wire_stream,
+)
 from proxy.endpoints import ServiceTable
 
 __all__ = ["ControlPlane", "ControlSettings", "SessionStatus", "open_wire_stream"]
@@ -66,67 +78,22 @@ def _default_client_id() -> str:
 
 
 @attrs.frozen
-class ControlSettings:
-    """Timeouts, backoff and bounds of the control-plane client."""
+class ControlSettings(ClientSettings):
+    """The control-plane client's settings (:class:`~dispatcher.wire_client.ClientSettings`),
+    with the proxy's own default ``client_id``."""
 
-    token: str = ""
     client_id: str = attrs.field(factory=_default_client_id)
-    #: Seconds to open a connection and to get the Welcome.
-    connect_timeout: float = 3.0
-    #: Send a Ping after this many seconds of silence from the server.
-    ping_interval: float = 5.0
-    #: Drop a connection that has said nothing for this long (Pings unanswered).
-    dead_after: float = 15.0
-    #: First reconnect delay; doubles per failed attempt up to ``backoff_max``.
-    backoff_initial: float = 0.05
-    backoff_max: float = 5.0
-    #: Messages queued for one connection before it is considered wedged.
-    max_queued: int = 1024
-    #: Reports held per Dispatcher while its session reconnects (oldest dropped).
-    max_pending_reports: int = 256
 
 
-@attrs.frozen
-class SessionStatus:
-    """What the proxy knows of one Dispatcher session (for status output and tests)."""
-
-    owner: wire.Owner
-    connected: bool
-    server_id: str | None
-    services: frozenset[str]
-    leaving: frozenset[str]
-
-
-async def open_wire_stream(address: str, timeout: float) -> wire.WireStream:
-    """A :class:`~dispatcher.wire.WireStream` to ``HOST:PORT`` or a Unix socket path
-    (``unix:/path`` or anything with a ``/``)."""
-    with trio.fail_after(timeout):
-        if address.startswith("unix:") or "/" in address:
-            path = address.removeprefix("unix:")
-            stream: trio.abc.Stream = await trio.open_unix_socket(path)
-        else:
-            try:
-                host, port = wire.parse_address(address, allow_port_zero=False)
-            except ValueError as exc:
-                raise OSError(str(exc)) from None
-            stream = await trio.open_tcp_stream(host, port)
-    return wire.WireStream(stream)
+# The protocol-generic client lives in dispatcher.wire_client (a Dispatcher that
+# follows a service from its owner uses it too); the names this module used.
+_Closed = Closed
+_Link = Link
+_connection_ended = connection_ended
 
 
 def _backoff(settings: ControlSettings, rng: random.Random) -> Backoff:
-    return Backoff(settings.backoff_initial, settings.backoff_max, rng)
-
-
-def _connection_ended(backoff: Backoff, lived: float) -> None:
-    """A connection that lived ``lived`` seconds ended. Only one that stayed up
-    longer than the longest delay resets the backoff: a server that welcomes and
-    then refuses at once (an Error) must not be redialled in a tight loop."""
-    if lived > backoff.maximum:
-        backoff.reset()
-
-
-class _Closed(Exception):
-    """This connection is over (lost, refused, silent, or asked to reconnect)."""
+    return new_backoff(settings, rng)
 
 
 class ControlPlane:
@@ -139,12 +106,18 @@ class ControlPlane:
         settings: ControlSettings | None = None,
         *,
         rng: random.Random | None = None,
+        on_policy: Callable[[str, int, Mapping[str, Any]], bool] | None = None,
     ) -> None:
         if not tables:
             raise ValueError("a control plane needs at least one service")
         self.meta = meta
         self.tables = dict(tables)
         self.settings = settings or ControlSettings()
+        #: ``on_policy(service, version, policy)`` applies a service's policy (True if it
+        #: did); given, the proxy asks the Dispatchers for policies and acknowledges them.
+        self.on_policy = on_policy
+        if on_policy is not None:
+            self.settings = attrs.evolve(self.settings, policies=True)
         self._rng = rng or random.Random()
         self.internal_errors = InternalErrors("proxy-control")
         #: The newest assignment epoch seen (from the Meta Server or a Redirect).
@@ -153,9 +126,9 @@ class ControlPlane:
         self.owners: dict[str, wire.Owner | None] = dict.fromkeys(self.tables)
         #: Whether the Meta Server connection is up (Welcome received).
         self.meta_connected = False
-        self._sessions: dict[wire.Owner, _Session] = {}
+        self._sessions: dict[wire.Owner, OwnerSession] = {}
         #: The session each service is subscribed through (its current owner's).
-        self._assigned: dict[str, _Session] = {}
+        self._assigned: dict[str, OwnerSession] = {}
         self._nursery: trio.Nursery | None = None
         self._meta_link: _Link | None = None
         self._redirects: collections.Counter[str] = collections.Counter()
@@ -198,6 +171,12 @@ class ControlPlane:
             })  # fmt: skip
             return
         session.send_or_hold(wire.Report(service, instance_id, reason))
+
+    def send_outcomes(self, service: str, outcomes: wire.Outcomes) -> bool:
+        """Hand ``outcomes`` to the owner of ``service`` now (never blocks); False: dropped
+        (no owner connected yet, or one whose Welcome did not offer to take them)."""
+        session = self._assigned.get(service)
+        return session is not None and session.send_outcomes(outcomes)
 
     # ------------------------------------------------------------- the Meta Server
 
@@ -269,7 +248,7 @@ class ControlPlane:
             return
         target = self._sessions.get(owner)
         if target is None:
-            target = self._sessions[owner] = _Session(self, owner)
+            target = self._sessions[owner] = OwnerSession(self, owner, self._rng)
             assert self._nursery is not None
             self._nursery.start_soon(target.run)
         self._assigned[service] = target
@@ -282,7 +261,7 @@ class ControlPlane:
 
     # ------------------------------------------------------------- called by sessions
 
-    def _on_update(self, session: _Session, message: wire.Full | wire.Deltas) -> None:
+    def _on_update(self, session: OwnerSession, message: wire.Full | wire.Deltas) -> None:
         """A Full or Deltas arrived on ``session``: apply it if that session feeds the table."""
         service = message.service
         table = self.tables.get(service)
@@ -307,8 +286,8 @@ class ControlPlane:
             })  # fmt: skip
             session.send(wire.Subscribe({service: None}))
             return
-        session.send(wire.Ack(service, message.to_version if isinstance(message, wire.Deltas)
-                              else message.version))  # fmt: skip
+        version = message.to_version if isinstance(message, wire.Deltas) else message.version
+        session.send(wire.Ack(service, version, table.digest()))
         if session is assigned:
             self._redirects.pop(service, None)
             # The new owner answered: the old one can let go.
@@ -317,7 +296,7 @@ class ControlPlane:
                     other.drop(service)
         self._notify()
 
-    def _on_redirect(self, session: _Session, redirect: wire.Redirect) -> None:
+    def _on_redirect(self, session: OwnerSession, redirect: wire.Redirect) -> None:
         service = redirect.service
         session.forget(service)
         if service not in self.tables or self._assigned.get(service) is not session:
@@ -362,275 +341,41 @@ class ControlPlane:
             self._meta_link.send(wire.Lookup(tuple(self.tables)))
         # else: the next Meta Server connection starts with a Lookup anyway
 
-    def _retire_if_idle(self, session: _Session) -> None:
+    def _retire_if_idle(self, session: OwnerSession) -> None:
         if session.idle:
             self._sessions.pop(session.owner, None)
             session.stop()
 
     # ------------------------------------------------------------- connections
 
-    async def _connect(self, address: str, what: str) -> _Link:
-        """A connection that said Welcome; raises _Closed otherwise."""
-        settings = self.settings
-        try:
-            conn = await open_wire_stream(address, settings.connect_timeout)
-        except (OSError, trio.TooSlowError) as exc:
-            raise _Closed(f"cannot connect: {exc or type(exc).__name__}") from None
-        try:
-            with trio.fail_after(settings.connect_timeout):
-                await conn.send(wire.Hello(wire.PROTOCOL_VERSION, settings.token,
-                                           settings.client_id))  # fmt: skip
-                answer = await conn.receive()
-        except (OSError, EOFError, trio.BrokenResourceError, trio.TooSlowError,
-                wire.WireError) as exc:  # fmt: skip
-            await _close(conn)
-            raise _Closed(f"no welcome: {exc or type(exc).__name__}") from None
-        if isinstance(answer, wire.Error):
-            await _close(conn)
-            raise _Closed(f"{what} refused us: {answer.code} {answer.message}")
-        if not isinstance(answer, wire.Welcome):
-            await _close(conn)
-            raise _Closed(f"expected welcome, got {answer.type}")
-        return _Link(conn, answer.server_id, settings, self.internal_errors)
+    async def _connect(self, address: str, what: str) -> Link:
+        """A connection that said Welcome; raises Closed otherwise."""
+        return await connect(address, what, self.settings, self.internal_errors)
 
+    # ------------------------------------------------------------- the session host
 
-class _Link:
-    """One welcomed connection: a writer fed by a bounded queue, a keepalive, a reader.
+    def held_version(self, service: str, server_id: str | None) -> int | None:
+        table = self.tables[service]
+        return table.version if table.source == server_id else None
 
-    Everything sent goes through the queue, so messages leave in the order
-    they were queued; :meth:`run` returns (never raises) why the connection
-    ended.
-    """
+    def session_update(self, session: OwnerSession, message: wire.Full | wire.Deltas) -> None:
+        self._on_update(session, message)
 
-    def __init__(
-        self, conn: wire.WireStream, server_id: str, settings: ControlSettings,
-        internal_errors: InternalErrors,
-    ) -> None:  # fmt: skip
-        self.conn = conn
-        self.server_id = server_id
-        self.settings = settings
-        self.internal_errors = internal_errors
-        self._outbox, self._queued = trio.open_memory_channel[wire.Message](settings.max_queued)
-        self._scope = trio.CancelScope()
-        self._last_heard = trio.current_time()
-        self._opened = self._last_heard
-        self.reason = ""
+    def session_redirect(self, session: OwnerSession, redirect: wire.Redirect) -> None:
+        self._on_redirect(session, redirect)
 
-    @property
-    def age(self) -> float:
-        """Seconds since the connection was welcomed."""
-        return trio.current_time() - self._opened
+    def session_policy(self, session: OwnerSession, message: wire.PolicyUpdate) -> None:
+        # Only the current owner's word counts: every Dispatcher reads the same governance
+        # versions, and the owner is the one that keeps sending them.
+        service = message.service
+        if self.on_policy is None or self._assigned.get(service) is not session:
+            return
+        if self.on_policy(service, message.version, message.policy):
+            session.send(wire.PolicyAck(service, message.version))
+        self._notify()
 
-    def send(self, message: wire.Message) -> None:
-        """Queue ``message``; a connection that stopped taking them is closed."""
-        try:
-            self._outbox.send_nowait(message)
-        except trio.WouldBlock:
-            self.close(f"{self.settings.max_queued} messages queued and not sent; wedged")
-        except trio.ClosedResourceError:
-            pass  # over already
+    def session_idle(self, session: OwnerSession) -> None:
+        self._retire_if_idle(session)
 
-    def finish(self) -> None:
-        """Close once everything queued has been sent."""
-        self._outbox.close()
-
-    def close(self, reason: str) -> None:
-        if not self.reason:
-            self.reason = reason
-        self._scope.cancel()
-
-    async def run(self, handle: Callable[[wire.Message], None]) -> str:
-        """Serve until the connection ends; ``handle`` gets every message but Ping/Pong
-        and may raise :class:`_Closed` to end it."""
-        try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._guard, self._write)
-                    nursery.start_soon(self._guard, self._keepalive)
-                    nursery.start_soon(self._guard, self._read, handle)
-        finally:
-            self._outbox.close()
-            await _close(self.conn)
-        return self.reason or "closed"
-
-    async def _guard(self, work: Callable[..., Awaitable[None]], *args: object) -> None:
-        try:
-            await work(*args)
-        except _Closed as exc:
-            self.close(str(exc))
-        except EOFError:
-            self.close("closed by the server")
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                wire.WireError) as exc:  # fmt: skip
-            self.close(f"{type(exc).__name__}: {exc}")
-        except Exception as exc:
-            # A bug met handling one message: this link closes and is opened
-            # again; the proxy keeps forwarding on the tables it has.
-            self.internal_errors.record(exc, server=self.server_id)
-            self.close(f"internal error ({type(exc).__name__}); see the log")
-
-    async def _write(self) -> None:
-        async for message in self._queued:
-            await self.conn.send(message)
-        raise _Closed("finished")
-
-    async def _keepalive(self) -> None:
-        interval = self.settings.ping_interval
-        while True:
-            await trio.sleep_until(self._last_heard + interval)
-            if trio.current_time() >= self._last_heard + interval:
-                self.send(wire.Ping())
-                await trio.sleep(interval)
-
-    async def _read(self, handle: Callable[[wire.Message], None]) -> None:
-        dead_after = self.settings.dead_after
-        while True:
-            with trio.move_on_after(dead_after) as silent:
-                message = await self.conn.receive()
-            if silent.cancelled_caught:
-                raise _Closed(f"silent for {dead_after:g} s")
-            self._last_heard = trio.current_time()
-            if isinstance(message, wire.Ping):
-                self.send(wire.Pong())
-            elif not isinstance(message, wire.Pong):
-                handle(message)
-
-
-async def _close(conn: wire.WireStream) -> None:
-    with trio.CancelScope(shield=True):
-        await trio.aclose_forcefully(conn.stream)
-
-
-class _Session:
-    """One Dispatcher, the services subscribed there, and its connection."""
-
-    def __init__(self, control: ControlPlane, owner: wire.Owner) -> None:
-        self.control = control
-        self.owner = owner
-        #: Services to subscribe to on every (re)connect.
-        self.services: dict[str, None] = {}
-        #: Services moving away: still subscribed until their new owner answers.
-        self.leaving: set[str] = set()
-        self.server_id: str | None = None
-        self._link: _Link | None = None
-        self._stopping = False
-        self._pending_reports: collections.deque[wire.Report] = collections.deque(
-            maxlen=control.settings.max_pending_reports
-        )
-        self._scope = trio.CancelScope()
-
-    def status(self) -> SessionStatus:
-        return SessionStatus(self.owner, self._link is not None, self.server_id,
-                             frozenset(self.services), frozenset(self.leaving))  # fmt: skip
-
-    @property
-    def idle(self) -> bool:
-        return not self.services and not self.leaving
-
-    # ------------------------------------------------------------- changes
-
-    def add(self, service: str) -> None:
-        self.leaving.discard(service)
-        self.services[service] = None
-        table = self.control.tables[service]
-        held = table.version if table.source == self.server_id else None
-        self.send(wire.Subscribe({service: held}))
-
-    def leave(self, service: str) -> None:
-        """Keep ``service`` subscribed until its new owner answers (then :meth:`drop`)."""
-        if service in self.services:
-            del self.services[service]
-            self.leaving.add(service)
-
-    def drop(self, service: str) -> None:
-        self.leaving.discard(service)
-        self.services.pop(service, None)
-        self.send(wire.Unsubscribe((service,)))
-        self.control._retire_if_idle(self)
-
-    def forget(self, service: str) -> None:
-        """The server dropped ``service`` (a Redirect): nothing to unsubscribe."""
-        self.leaving.discard(service)
-        self.services.pop(service, None)
-
-    def stop(self) -> None:
-        """End the session: flush what is queued (an Unsubscribe), then close."""
-        self._stopping = True
-        if self._link is not None:
-            self._link.finish()
-        else:
-            self._scope.cancel()
-
-    def send(self, message: wire.Message) -> None:
-        """Queue ``message`` if connected; else drop it (a reconnect re-subscribes)."""
-        if self._link is not None:
-            self._link.send(message)
-
-    def send_or_hold(self, report: wire.Report) -> None:
-        if self._link is None:
-            self._pending_reports.append(report)
-        else:
-            self._link.send(report)
-
-    # ------------------------------------------------------------- the connection
-
-    async def run(self) -> None:
-        control = self.control
-        backoff = _backoff(control.settings, control._rng)
-        with self._scope:
-            while True:
-                try:
-                    link = await control._connect(self.owner.subscribe_address,
-                                                  f"Dispatcher {self.owner.id}")  # fmt: skip
-                except _Closed as exc:
-                    delay = backoff.next_delay()
-                    log.warning("cannot reach a Dispatcher; retrying", extra={
-                        "member": self.owner.id, "address": self.owner.subscribe_address,
-                        "error": str(exc), "retry_in_s": round(delay, 2),
-                    })  # fmt: skip
-                    await trio.sleep(delay)
-                    continue
-                self.server_id = link.server_id
-                log.info("connected to a Dispatcher", extra={
-                    "member": self.owner.id, "address": self.owner.subscribe_address,
-                    "server": self.server_id,
-                })  # fmt: skip
-                wanted = {**dict.fromkeys(self.leaving), **self.services}
-                if wanted:
-                    link.send(wire.Subscribe(self._held(wanted)))
-                while self._pending_reports:
-                    link.send(self._pending_reports.popleft())
-                self._link = link
-                control._notify()
-                try:
-                    reason = await link.run(self._handle)
-                finally:
-                    self._link = None
-                    control._notify()
-                _connection_ended(backoff, link.age)
-                if self._stopping:
-                    log.info("left a Dispatcher: no services of ours there",
-                             extra={"member": self.owner.id})  # fmt: skip
-                    return
-                log.warning("lost a Dispatcher",
-                            extra={"member": self.owner.id, "reason": reason})  # fmt: skip
-                await trio.sleep(backoff.next_delay())
-
-    def _held(self, services: Iterable[str]) -> dict[str, int | None]:
-        held: dict[str, int | None] = {}
-        for name in services:
-            table = self.control.tables[name]
-            held[name] = table.version if table.source == self.server_id else None
-        return held
-
-    def _handle(self, message: wire.Message) -> None:
-        control = self.control
-        if isinstance(message, wire.Full | wire.Deltas):
-            control._on_update(self, message)
-        elif isinstance(message, wire.Redirect):
-            control._on_redirect(self, message)
-        elif isinstance(message, wire.Error):
-            raise _Closed(f"error from the Dispatcher: {message.code} {message.message}")
-        else:
-            log.debug("ignoring a message from a Dispatcher",
-                      extra={"member": self.owner.id, "type": message.type})  # fmt: skip
+    def session_changed(self) -> None:
+        self._notify()

@@ -123,6 +123,10 @@ class ServiceTable:
         """Whether a Full has ever been applied (the table may still be empty)."""
         return self.version is not None
 
+    def digest(self) -> str:
+        """:func:`~dispatcher.wire.table_digest` of the records held (what ``Ack`` reports)."""
+        return wire.table_digest(e.instance for e in self._endpoints.values())
+
     def candidates(self, now: float) -> tuple[EndpointState, ...]:
         """The endpoints to route to at ``now`` (see *Routing set*); the same tuple
         object while nothing changed, so balancers can key their state on it."""

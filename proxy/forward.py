@@ -37,6 +37,15 @@ own epoll, which costs less than half the CPU per message.
 
 ``TCP_NODELAY`` is set on both legs: the proxy must not add Nagle's delay
 to small request/response messages.
+
+A governance policy (:mod:`proxy.policy`), when one is in force for the
+service, replaces the flags' settings and balancer for new connections, and
+adds circuit breaking (refuse beyond ``max_connections`` held or
+``max_pending`` waiting), a retry filter and budget, and a first-byte
+timeout between the connect and the splice.
+
+Given an :class:`~proxy.outcomes.OutcomeCounter`, each connection's outcome and latency are
+counted there (see :mod:`proxy.outcomes`) for the mesh's automatic rollback.
 """
 
 from __future__ import annotations
@@ -46,11 +55,12 @@ import errno
 import functools
 import ipaddress
 import logging
+import math
 import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
@@ -59,8 +69,12 @@ from trio.lowlevel import checkpoint, wait_readable, wait_writable
 from dispatcher import wire
 from proxy.balancer import Balancer
 from proxy.endpoints import EndpointState, ServiceTable
+from proxy.outcomes import OutcomeCounter
 from proxy.outlier import OutlierDetector
 from proxy.splicer import EpollSplicer
+
+if TYPE_CHECKING:
+    from proxy.policy import Route, ServicePolicy
 
 __all__ = [
     "FailureHandler",
@@ -162,6 +176,17 @@ class ForwardStats:
     unrouted: int = 0
     #: Spliced connections that ended with an error on either side.
     aborted: int = 0
+    #: Connections waiting for an endpoint to appear, now.
+    waiting: int = 0
+    #: Connections connecting to a second (or later) endpoint, now.
+    retrying: int = 0
+    #: Connect attempts after a failed one, over the forwarder's life.
+    retries: int = 0
+    #: Connections refused by the policy's circuit breaking: beyond max_connections held,
+    #: or beyond max_pending waiting (those also count as unrouted).
+    refused: int = 0
+    #: Connections reset because the endpoint sent nothing within the request timeout.
+    request_timeouts: int = 0
 
 
 class _ConnectFailed(Exception):
@@ -181,6 +206,8 @@ class ServiceForwarder:
         settings: ForwardSettings | None = None,
         on_eject: FailureHandler | None = None,
         splicer: EpollSplicer | None = None,
+        policy: ServicePolicy | None = None,
+        outcomes: OutcomeCounter | None = None,
     ) -> None:
         self.table = table
         #: The ``epoll`` engine's thread, or None: copy in trio tasks (see proxy.splicer).
@@ -190,7 +217,11 @@ class ServiceForwarder:
         self.outlier = outlier
         self.settings = settings or ForwardSettings()
         self.on_eject = on_eject
+        #: The service's governance policy; while it has no route, the settings above apply.
+        self.policy = policy
         self.stats = ForwardStats()
+        #: Where each connection's outcome and latency are counted; None: nowhere.
+        self.outcomes = outcomes
 
     # ------------------------------------------------------------- listening
 
@@ -245,27 +276,54 @@ class ServiceForwarder:
     async def handle(self, client: socket.socket) -> None:
         """Forward one accepted (non-blocking) connection; closes it in the end."""
         stats = self.stats
+        outcomes = self.outcomes
+        accepted_at = trio.current_time()
+        route = None if self.policy is None else self.policy.route
+        if route is not None and not route.admit(stats.active):
+            stats.refused += 1
+            if outcomes is not None:
+                outcomes.outcome("connect_failure")
+            _abort(client)
+            return
         stats.active += 1
         upstream: socket.socket | None = None
         endpoint: EndpointState | None = None
         handed_over = False
         try:
-            found = await self._connect()
+            found = await self._connect(route, _client_key(client, route))
             if found is None:
                 stats.unrouted += 1
+                if outcomes is not None:
+                    outcomes.outcome("connect_failure")
                 _abort(client)
                 return
             upstream, endpoint = found
             stats.forwarded += 1
             endpoint.open_connections += 1
+            if route is not None and route.request_timeout is not None:
+                answered = await _first_byte(client, upstream, route.request_timeout,
+                                             self.settings.chunk)  # fmt: skip
+                if not answered:
+                    if outcomes is not None:
+                        # Waited the whole timeout: that wait is the call's latency.
+                        outcomes.latency(trio.current_time() - accepted_at)
+                        outcomes.outcome("timeout")
+                    self._request_timed_out(route, endpoint, client, upstream)
+                    return
+                route.outlier.success(self.table, endpoint)
+            if outcomes is not None:
+                outcomes.latency(trio.current_time() - accepted_at)
             if self.splicer is not None:
                 # The splicer's thread owns both sockets from here; _spliced
                 # settles the counters when it is done with them.
                 self.splicer.add(client, upstream, functools.partial(self._spliced, endpoint))
                 handed_over = True
                 return
-            if not await _splice(client, upstream, self.settings.chunk):
+            ok = await _splice(client, upstream, self.settings.chunk)
+            if not ok:
                 stats.aborted += 1
+            if outcomes is not None:
+                outcomes.outcome("success" if ok else "reset")
         finally:
             if not handed_over:
                 stats.active -= 1
@@ -280,45 +338,99 @@ class ServiceForwarder:
         endpoint.open_connections -= 1
         if not ok:
             self.stats.aborted += 1
+        if self.outcomes is not None:
+            self.outcomes.outcome("success" if ok else "reset")
 
-    async def _connect(self) -> tuple[socket.socket, EndpointState] | None:
-        """A connected socket to an endpoint, trying up to ``attempts`` of them."""
-        settings = self.settings
+    def _request_timed_out(
+        self, route: Route, endpoint: EndpointState, client: socket.socket,
+        upstream: socket.socket,
+    ) -> None:  # fmt: skip
+        """The endpoint sent nothing within the request timeout: reset both sides."""
+        self.stats.request_timeouts += 1
+        log.info("no response within the request timeout; resetting the connection", extra={
+            "service": self.service, "instance": endpoint.id,
+            "timeout_s": route.request_timeout,
+        })  # fmt: skip
+        self._failed(route.outlier, endpoint, "request-timeout")
+        _set_reset(client)
+        _set_reset(upstream)
+
+    def _failed(self, outlier: OutlierDetector, endpoint: EndpointState, reason: str) -> None:
+        """Count a failure of ``endpoint``; eject and report it if that is one too many."""
+        if outlier.failure(self.table, endpoint, trio.current_time()):
+            log.warning("endpoint ejected after consecutive failures", extra={
+                "service": self.service, "instance": endpoint.id,
+                "address": f"{endpoint.address[0]}:{endpoint.address[1]}", "reason": reason,
+            })  # fmt: skip
+            if self.on_eject is not None:
+                self.on_eject(self.service, endpoint.id, reason)
+
+    async def _connect(
+        self, route: Route | None = None, key: str = ""
+    ) -> tuple[socket.socket, EndpointState] | None:
+        """A connected socket to an endpoint, trying up to ``attempts`` of them (the
+        policy's ``route`` when one is in force, else the flags)."""
+        settings = self.settings if route is None else route.settings
+        outlier = self.outlier if route is None else route.outlier
         table = self.table
+        stats = self.stats
         tried: set[str] = set()
+        retrying = False
         deadline = trio.current_time() + settings.endpoint_wait
-        while len(tried) < settings.attempts:
-            now = trio.current_time()
-            endpoint = self.balancer.pick(table.candidates(now), tried) if table.ready else None
-            if endpoint is None:
-                if tried or now >= deadline:
-                    # Every endpoint left was tried, or none came in time.
-                    return None
-                with trio.move_on_at(deadline):
-                    await table.wait_changed()
-                continue
-            tried.add(endpoint.id)
-            try:
-                sock = await _open(endpoint.address, settings.connect_timeout)
-            except _ConnectFailed as exc:
-                self.stats.connect_failures += 1
-                log.debug("connect to an endpoint failed", extra={
-                    "service": self.service, "instance": endpoint.id,
-                    "address": f"{endpoint.address[0]}:{endpoint.address[1]}",
-                    "reason": exc.reason, "error": str(exc),
-                })  # fmt: skip
-                if self.outlier.failure(table, endpoint, trio.current_time()):
-                    log.warning("endpoint ejected after connect failures", extra={
+        try:
+            while len(tried) < settings.attempts:
+                now = trio.current_time()
+                if not table.ready:
+                    endpoint = None
+                elif route is None:
+                    endpoint = self.balancer.pick(table.candidates(now), tried)
+                else:
+                    endpoint = route.pick(table, now, tried, key)
+                if endpoint is None:
+                    if tried or now >= deadline:
+                        # Every endpoint left was tried, or none came in time.
+                        return None
+                    if route is not None and not route.may_wait(stats.waiting):
+                        stats.refused += 1
+                        return None
+                    stats.waiting += 1
+                    try:
+                        with trio.move_on_at(deadline):
+                            await table.wait_changed()
+                    finally:
+                        stats.waiting -= 1
+                    continue
+                tried.add(endpoint.id)
+                try:
+                    sock = await _open(endpoint.address, settings.connect_timeout)
+                except _ConnectFailed as exc:
+                    stats.connect_failures += 1
+                    log.debug("connect to an endpoint failed", extra={
                         "service": self.service, "instance": endpoint.id,
                         "address": f"{endpoint.address[0]}:{endpoint.address[1]}",
-                        "reason": exc.reason,
+                        "reason": exc.reason, "error": str(exc),
                     })  # fmt: skip
-                    if self.on_eject is not None:
-                        self.on_eject(self.service, endpoint.id, exc.reason)
-                continue
-            self.outlier.success(table, endpoint)
-            return sock, endpoint
-        return None
+                    self._failed(outlier, endpoint, exc.reason)
+                    if len(tried) >= settings.attempts:
+                        return None
+                    if route is not None and not route.may_retry(
+                        exc.reason, held=stats.active, retrying=stats.retrying,
+                        first=not retrying,
+                    ):  # fmt: skip
+                        return None
+                    stats.retries += 1
+                    if not retrying:
+                        retrying = True
+                        stats.retrying += 1
+                    continue
+                if route is None or route.request_timeout is None:
+                    # Under a request timeout, success is the answer, not the connect.
+                    outlier.success(table, endpoint)
+                return sock, endpoint
+            return None
+        finally:
+            if retrying:
+                stats.retrying -= 1
 
 
 # ---------------------------------------------------------------- connecting
@@ -360,6 +472,70 @@ async def _open(address: tuple[str, int], timeout: float) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _client_key(client: socket.socket, route: Route | None) -> str:
+    """The client's address, when the route hashes on it ("" for a Unix socket)."""
+    if route is None or not route.needs_key or client.family == socket.AF_UNIX:
+        return ""
+    try:
+        return str(client.getpeername()[0])
+    except OSError:
+        return ""  # gone already; the connect or the splice will notice
+
+
+async def _first_byte(
+    client: socket.socket, upstream: socket.socket, timeout: float, chunk: int
+) -> bool:
+    """Pass the client's bytes on until the upstream answers (a byte, its close or an
+    error); False if it has not within ``timeout`` of the client's first byte passed on.
+
+    Nothing is read from the upstream: its answer stays in the socket for the splice. The
+    relay is only ever interrupted while it waits for the client, never between a receive
+    and its send, so no byte of the client's is lost at the handover. A client that fails
+    meanwhile ends the wait (True: the splice sees the failure and resets the upstream).
+    """
+    answered = client_failed = False
+    idle: trio.CancelScope | None = None  # the relay's wait for the client, if it waits
+
+    async def answer(timer: trio.CancelScope) -> None:
+        nonlocal answered
+        await wait_readable(upstream)
+        answered = True
+        timer.deadline = math.inf  # a send in progress finishes, however long it takes
+        if idle is not None:
+            idle.cancel()
+
+    async def relay(timer: trio.CancelScope) -> None:
+        nonlocal idle, client_failed
+        while not answered:
+            with trio.CancelScope() as idle:
+                await wait_readable(client)
+            idle = None
+            if answered:
+                return
+            try:
+                data = client.recv(chunk)
+            except BlockingIOError:
+                continue
+            except OSError:
+                client_failed = True
+                timer.cancel()  # nothing left to time
+                return
+            if not data:
+                with contextlib.suppress(OSError):
+                    upstream.shutdown(socket.SHUT_WR)
+                with trio.CancelScope() as idle:
+                    await trio.sleep_forever()  # until the answer (or the timer)
+                return
+            if timer.deadline == math.inf:
+                timer.deadline = trio.current_time() + timeout
+            await _send_rest(upstream, memoryview(data))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer, nursery.cancel_scope)
+        nursery.start_soon(relay, nursery.cancel_scope)
+    return answered or client_failed
 
 
 # ---------------------------------------------------------------- splicing

@@ -5,12 +5,13 @@ checks on its own schedule; a proxy that sees connects fail now should not
 wait for it. So, per endpoint, as Envoy's ``consecutive_local_origin_failure``:
 
 * ``consecutive_failures`` connect failures in a row (refused, timed out,
-  unreachable) eject the endpoint from this proxy's rotation for
-  ``base_ejection * ejections`` seconds, capped at ``max_ejection``; a
-  successful connect resets the count;
-* the ejection count decays by one for every ``base_ejection`` the endpoint
-  spends back in rotation, so an endpoint that failed once long ago is not
-  punished like one that flaps;
+  unreachable; under a policy's request timeout, a connection the endpoint
+  did not answer in time too, see :mod:`proxy.policy`) eject the endpoint
+  from this proxy's rotation for ``base_ejection * ejections`` seconds,
+  capped at ``max_ejection``; a successful connect (answer) resets the count;
+* the ejection count decays by one for every ``decay`` seconds (by default
+  ``base_ejection``) the endpoint spends back in rotation, so an endpoint
+  that failed once long ago is not punished like one that flaps;
 * at most ``max_ejection_percent`` of a service's endpoints are ejected at
   once (at least one may always be, unless the percentage is 0, which
   switches ejection off; never the last one left), so a proxy whose own
@@ -49,6 +50,8 @@ class OutlierPolicy:
     max_ejection_percent: int = attrs.field(
         default=50, validator=[attrs.validators.ge(0), attrs.validators.le(100)]
     )
+    #: Seconds back in rotation that forgive one ejection; None: ``base_ejection``.
+    decay: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
 
 
 class OutlierDetector:
@@ -73,7 +76,8 @@ class OutlierDetector:
             return False
         if endpoint.returned_at > -float("inf"):
             served = now - endpoint.returned_at
-            endpoint.ejections = max(0, endpoint.ejections - int(served // policy.base_ejection))
+            period = policy.decay or policy.base_ejection
+            endpoint.ejections = max(0, endpoint.ejections - int(served // period))
         endpoint.ejections += 1
         duration = min(policy.base_ejection * endpoint.ejections, policy.max_ejection)
         endpoint.consecutive_failures = 0

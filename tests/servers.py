@@ -40,10 +40,11 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Generic, NoReturn, Self, TypeVar
+from typing import Generic, NoReturn, Self, TypedDict, TypeVar
 
 __all__ = [
     "LOOPBACK",
+    "NETTY_TLS_JARS",
     "EtcdServer",
     "PortAllocator",
     "ServerError",
@@ -56,6 +57,7 @@ __all__ = [
     "ZooKeeperServer",
     "four_letter",
     "free_port",
+    "secure_zookeeper_config",
     "wait_for",
 ]
 
@@ -64,15 +66,24 @@ LOOPBACK = "127.0.0.1"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+NETTY_TLS_JARS = (
+    "/usr/share/java/netty-codec.jar",
+    "/usr/share/java/netty-resolver.jar",
+    "/usr/share/java/netty-transport-native-unix-common.jar",
+)
+
 ZOOKEEPER_CLASSPATH = ":".join(
     [
         "/usr/share/java/zookeeper.jar",
         "/usr/share/java/slf4j-log4j12.jar",
         "/usr/share/java/log4j-1.2.jar",
+        *NETTY_TLS_JARS,
     ]
 )
 """Debian's zookeeper.jar names its other dependencies in its manifest's Class-Path;
-only the logging binding has to be added by hand."""
+the logging binding has to be added by hand, and so do the Netty jars its TLS
+port (NettyServerCnxnFactory) and its Netty client socket need but the manifest
+leaves out."""
 
 _LOG4J_PROPERTIES = """\
 # Written by tests/servers.py: everything goes to stdout, which is the log file.
@@ -635,6 +646,61 @@ class _ZooKeeperProcess(ServerProcess):
 
     def _repick_ports(self) -> None:
         self.port = free_port()
+
+
+def secure_zookeeper_config(
+    secure_port: int,
+    keystore: Path,
+    truststore: Path,
+    password: str,
+    *,
+    client_auth: str = "need",
+) -> dict[str, object]:
+    """zoo.cfg entries for a TLS client port (``secureClientPort``) beside the plain one.
+
+    The keystores are PKCS12 (see ``tests/certs.py``). ``client_auth`` is
+    ``ssl.clientAuth`` (``need``, ``want``, ``none``); a client that presents a
+    verified certificate is authenticated as ``x509:<subject DN>``. The plain
+    port stays, so readiness probes and four-letter words work as for any server.
+    """
+    return {
+        "secureClientPort": secure_port,
+        "serverCnxnFactory": "org.apache.zookeeper.server.NettyServerCnxnFactory",
+        "ssl.keyStore.location": keystore,
+        "ssl.keyStore.password": password,
+        "ssl.keyStore.type": "PKCS12",
+        "ssl.trustStore.location": truststore,
+        "ssl.trustStore.password": password,
+        "ssl.trustStore.type": "PKCS12",
+        "ssl.clientAuth": client_auth,
+        "authProvider.x509": "org.apache.zookeeper.server.auth.X509AuthenticationProvider",
+    }
+
+
+class SaslOptions(TypedDict):
+    """zoo.cfg entries and JVM properties, as :class:`ZooKeeperServer` takes them."""
+
+    config: dict[str, object]
+    system_properties: dict[str, object]
+
+
+def sasl_zookeeper(jaas: Path, *, required: bool = False) -> SaslOptions:
+    """Keyword arguments that give a ZooKeeper server DIGEST-MD5 SASL from ``jaas``.
+
+    ``ZooKeeperServer(**sasl_zookeeper(jaas))``: the JAAS file's ``Server``
+    section lists the users, the ``sasl`` ACL scheme is registered
+    (``SASLAuthenticationProvider``) and, with ``required``, every request
+    before SASL ends the connection (``zookeeper.sessionRequireClientSASLAuth``).
+    """
+    properties: dict[str, object] = {"java.security.auth.login.config": jaas}
+    if required:
+        properties["zookeeper.sessionRequireClientSASLAuth"] = "true"
+    return {
+        "config": {
+            "authProvider.sasl": "org.apache.zookeeper.server.auth.SASLAuthenticationProvider"
+        },
+        "system_properties": properties,
+    }
 
 
 class ZooKeeperServer(_ZooKeeperProcess):

@@ -440,3 +440,79 @@ def test_every_unknown_key_message_names_the_keys_known_there(tmp_path: Path) ->
         "membership.rooot: unknown key (known here: kind, address, root, session_timeout, "
         "stamp_grace)"
     )
+
+
+# ------------------------------------------------- [membership] without [sharding]
+
+
+def test_membership_alone_is_the_policy_store_and_no_shard() -> None:
+    """``[membership]`` without ``[sharding]`` holds the policies only: the shard's rules
+    (interest "subscribed", no projections) do not apply, so a Dubbo projection can show
+    them, and the file round-trips."""
+    data = {
+        "dispatcher": {"interest": "all"},
+        "membership": {"kind": "zookeeper", "address": "127.0.0.1:2181", "root": "/zkgate"},
+        "governance": {"token": "t0ken", "max_history": 5},
+        "projection": [{"root": "/dubbo", "layout": "dubbo"}],
+    }
+    config = parse_config(data)
+    assert config.sharding is None
+    assert config.membership is not None and config.membership.kind == "zookeeper"
+    assert config.dispatcher.interest == "all"
+    assert [p.layout for p in config.projections] == ["dubbo"]
+    assert parse_config(config.to_mapping()) == config
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"sharding": {}}, "sharding: needs a [membership] table (where the shards register)"),
+        (
+            {"membership": {"kind": "memory"}, "sharding": {},
+             "projection": [{"root": "/dubbo", "layout": "dubbo"}]},
+            "projection: not supported with [sharding] yet",
+        ),
+        (
+            {"membership": {"kind": "memory"}, "sharding": {},
+             "dispatcher": {"interest": "all"}},
+            "dispatcher.interest: must be 'subscribed' with [sharding]",
+        ),
+        ({"membership": {"kind": "zookeeper"}}, "membership.address"),
+    ],
+)  # fmt: skip
+def test_a_shard_still_needs_membership_and_keeps_its_rules(
+    data: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert str(caught.value).startswith(expected), str(caught.value)
+
+
+async def test_a_gateway_with_membership_alone_owns_every_service_and_loads_policies(
+    tmp_path: Path,
+) -> None:
+    config = parse_config(
+        {
+            "node_id": "gw-solo",
+            "zookeeper": {"listen": "127.0.0.1:0", "data_dir": str(tmp_path / "data")},
+            "admin": {"enabled": False},
+            "membership": {"kind": "memory"},
+            "upstream": [{"name": "primary", "kind": "scripted"}],
+            "projection": [{"root": "/dubbo", "layout": "dubbo"}],
+        },
+        kinds=scripted_kind,
+    )
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            gateway: Gateway = await nursery.start(run_gateway, config)
+        # No shard: nothing registered, no ownership map, every service loaded here.
+        assert gateway.sharding is None and gateway.ownership is None
+        assert gateway.policies is not None and gateway.policies.version == 0
+        (primary,) = gateway.upstreams
+        assert isinstance(primary, ScriptedUpstream)
+        with trio.fail_after(10):
+            await primary.running()
+        instance = Instance("orders", "o1", "10.0.0.1", 80, source=Source("primary", "/o1"))
+        await primary.send(Status(True), Listing((instance,)))
+        assert list(gateway.fanin.snapshot.full("orders").instances) == ["10.0.0.1:80"]
+        nursery.cancel_scope.cancel()

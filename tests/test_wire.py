@@ -44,6 +44,18 @@ EXAMPLES = [
     Redirect("orders", OWNER, 3),
     Redirect("orders", None, 3),
     Ack("orders", 9),
+    Hello(1, "secret", "proxy-b", policies=True, application="web-frontend"),
+    wire.PolicyUpdate(
+        "orders",
+        12,
+        {
+            "connect_timeout": 0.5,
+            "split": {"version=v1": 90, "version=v2": 10},
+            "weights": {"instances": {"10.0.0.1:8080": 50}},
+        },
+    ),
+    wire.PolicyUpdate("orders", 0, {}),
+    wire.PolicyAck("orders", 12),
     Report("orders", "i-1", "connect-refused"),
     Lookup(("orders", "users")),
     WatchAssignments(("orders",)),
@@ -57,6 +69,24 @@ EXAMPLES = [
 def test_every_message_round_trips(message: wire.Message) -> None:
     decoder = FrameDecoder()
     assert list(decoder.feed(wire.encode(message))) == [message]
+
+
+def test_an_older_peer_hello_decodes_and_a_new_one_adds_only_what_it_sets() -> None:
+    """A proxy that predates policies sends no ``policies``/``application``: it decodes
+    with them off (and is sent no PolicyUpdate); a new proxy that sets neither sends the
+    same bytes as before, so an older server sees nothing new."""
+    old = _frame({"type": "hello", "version": 1, "token": "t", "client_id": "c"})
+    (hello,) = FrameDecoder().feed(old)
+    assert hello == Hello(1, "t", "c") and not hello.policies and hello.application == ""
+    assert json.loads(wire.encode(Hello(1, "t", "c"))[4:]) == {
+        "type": "hello", "version": 1, "token": "t", "client_id": "c"}  # fmt: skip
+
+
+def test_a_policy_nested_as_deep_as_the_model_allows_fits_the_depth_limit() -> None:
+    policy = {"weights": {"instances": {"a:1": 5}, "zones": {"z": 1}},
+              "retries": {"on": ["reset"]}}  # fmt: skip
+    message = wire.PolicyUpdate("s", 3, policy)
+    assert list(FrameDecoder().feed(wire.encode(message))) == [message]
 
 
 def test_frames_split_anywhere_still_decode() -> None:
@@ -81,6 +111,29 @@ def _frame(obj: object) -> bytes:
         (_frame({"type": "launch-missiles"}), "unknown message type"),
         (_frame({"type": "hello", "version": "1", "token": "t", "client_id": "c"}), "'version'"),
         (_frame({"type": "subscribe", "services": {"a": "x"}}), "version number"),
+        (_frame({"type": "policy", "service": "s", "version": 1, "policy": [1]}), "'policy'"),
+        (_frame({"type": "policy", "service": "s", "version": 1}), "'policy'"),
+        (_frame({"type": "policy", "service": "s", "version": -1, "policy": {}}), ">= 0"),
+        (_frame({"type": "policy", "service": 5, "version": 1, "policy": {}}), "'service'"),
+        (_frame({"type": "policy-ack", "service": "s", "version": True}), "'version'"),
+        (
+            _frame(
+                {"type": "hello", "version": 1, "token": "t", "client_id": "c", "policies": "yes"}
+            ),
+            "'policies'",
+        ),
+        (
+            _frame(
+                {
+                    "type": "hello",
+                    "version": 1,
+                    "token": "t",
+                    "client_id": "c",
+                    "application": ["web"],
+                }
+            ),
+            "'application'",
+        ),
         (_frame({"type": "full", "service": "s", "version": 1, "instances": [{"id": 1}]}), "'id'"),
         (
             _frame(
@@ -213,6 +266,11 @@ def test_peer_addresses_need_a_host_and_a_real_port() -> None:
         # A lone surrogate survives JSON decoding; it must be refused, not crash the server.
         (Hello(wire.PROTOCOL_VERSION, "\ud800", "p"), "unauthenticated", "wrong token"),
         (Hello(wire.PROTOCOL_VERSION, "s3cret", "p" * 257), "bad-request", "longer than 256"),
+        (
+            Hello(wire.PROTOCOL_VERSION, "s3cret", "p", True, "a" * 257),
+            "bad-request",
+            "application longer than 256",
+        ),
     ],
 )
 def test_the_handshake_refuses_with_a_code(message: wire.Message, code: str, reason: str) -> None:

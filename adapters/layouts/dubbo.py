@@ -39,16 +39,20 @@ Besides ``providers``, a Dubbo consumer expects a service's ``consumers``,
 ``configurators`` and ``routers`` directories (:data:`CATEGORIES`): it
 creates them when absent, watches all but ``consumers``, and registers
 itself under ``consumers`` (:data:`CLIENT_PATHS` are the paths it writes).
+A projection writes a service's governance policy into ``configurators`` and
+``routers`` (:func:`governance`, :mod:`adapters.layouts.dubbo_governance`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Final
 from urllib.parse import unquote_plus
 
 from adapters.layouts import as_int
 from dispatcher.core.model import Health, Instance, Source
+from dispatcher.governance.policy import Policy
 from dispatcher.wire import join_address, parse_address
 
 __all__ = [
@@ -60,6 +64,8 @@ __all__ = [
     "decode",
     "directory",
     "encode",
+    "governance",
+    "java_order",
     "parse",
     "render",
     "service_of",
@@ -235,7 +241,8 @@ def _parameter(key: str, value: str) -> str | None:
     return value
 
 
-def _java_order(key: str) -> bytes:
+def java_order(key: str) -> bytes:
+    """The sort key of ``key`` in Java's ``String`` order (how Dubbo sorts parameters)."""
     # TreeMap<String, ...> compares UTF-16 code units; big-endian UTF-16
     # bytes compare the same way (code points do not, past U+FFFF).
     return key.encode("utf-16-be", "surrogatepass")
@@ -265,7 +272,7 @@ def render(instance: Instance) -> tuple[str, bytes]:
     interface = _parameter("interface", instance.service)
     if interface is not None:
         params.setdefault("interface", interface)
-    query = "&".join(f"{key}={params[key]}" for key in sorted(params, key=_java_order))
+    query = "&".join(f"{key}={params[key]}" for key in sorted(params, key=java_order))
     url = (
         f"{instance.protocol or _DEFAULT_PROTOCOL}://"
         f"{join_address(instance.host, instance.port)}/{instance.service}"
@@ -273,3 +280,15 @@ def render(instance: Instance) -> tuple[str, bytes]:
     if query:
         url = f"{url}?{query}"
     return encode(url), instance.host.encode("utf-8")
+
+
+def governance(
+    service: str, instances: Iterable[Instance], policy: Policy
+) -> dict[str, dict[str, bytes]]:
+    """``{category directory relative to the root: {znode name: data}}``: ``policy`` as the
+    override and route URLs Dubbo consumers read, given the providers shown."""
+    # Imported here: that module builds on this one's URL encoding.
+    from adapters.layouts import dubbo_governance
+
+    rendered = dubbo_governance.render(service, instances, policy)
+    return {f"{encode(service)}/{category}": children for category, children in rendered.items()}

@@ -265,7 +265,7 @@ class FanInCounters:
 class _Upstream:
     """The fan-in's bookkeeping for one upstream (not shared outside)."""
 
-    __slots__ = ("endpoints", "held", "name", "state", "upstream")
+    __slots__ = ("applied", "endpoints", "held", "name", "state", "upstream")
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
@@ -277,6 +277,9 @@ class _Upstream:
         #: upstream's id(s) there. A service is in both or in neither.
         self.endpoints: dict[str, dict[str, _Ids]] = {}
         self.state = UpstreamState(self.name, False, time.time(), "not connected yet")
+        #: Events applied from this upstream so far (inspection's "nothing
+        #: arrived meanwhile" test before it repairs).
+        self.applied = 0
 
 
 class FanIn:
@@ -327,6 +330,8 @@ class FanIn:
         # service -> endpoint id -> verdict (never UNKNOWN: no verdict is no
         # entry; no empty inner dicts); see set_probe_health.
         self._probe: dict[str, dict[str, Health]] = {}
+        # Test-only fault injection: (upstream, service) whose next change is dropped.
+        self._drops: set[tuple[str, str]] = set()
 
     # ----------------------------------------------------------------- reading
 
@@ -373,6 +378,43 @@ class FanIn:
                     record = _with_id(record, instance_id)
                 found.append(record)
         return tuple(found)
+
+    # ------------------------------------------------------------- inspection
+
+    def upstream(self, name: str) -> Upstream:
+        """The running upstream called ``name`` (KeyError: none)."""
+        return self._upstreams[name].upstream
+
+    def held(self, name: str) -> Mapping[str, Mapping[str, Instance]]:
+        """What upstream ``name`` currently reports: service -> its id -> record.
+
+        The records carry the endpoint id as ``instance_id`` (compare them
+        ignoring it). A live view: read it synchronously, never change it.
+        """
+        return MappingProxyType(self._upstreams[name].held)
+
+    def applied(self, name: str) -> int:
+        """How many events from upstream ``name`` have been applied so far."""
+        return self._upstreams[name].applied
+
+    def resync(self, name: str, listing: Listing) -> tuple[Delta, ...]:
+        """Replace what upstream ``name`` holds for ``listing.services`` by ``listing``.
+
+        For inspection's repair: ``listing`` is a direct read of the upstream
+        that is at least as new as everything applied from it (the caller
+        checks :meth:`applied` did not move since the read began). Applied
+        and published like the upstream's own listing.
+        """
+        state = self._upstreams[name]
+        touched: dict[_Key, None] = {}
+        self._on_listing(state, listing, touched)
+        return self._commit(self._resolve(touched))
+
+    def drop_next_change(self, name: str, service: str) -> None:
+        """Fault injection for tests: ignore the next change upstream ``name``
+        reports for ``service`` (a Put or Remove, or a listing of that service
+        alone), as if its event had been lost on the way."""
+        self._drops.add((name, service))
 
     def subscribe(self, keys: Iterable[str], *, max_queue: int | None = None) -> Subscription:
         """Subscribe to services of the merged snapshot; see :class:`SubscriptionHub`."""
@@ -479,6 +521,7 @@ class FanIn:
         for state, events in items:
             for event in events:
                 self.counters.events += 1
+                state.applied += 1
                 if isinstance(event, Listing):
                     self._on_listing(state, event, touched)
                 elif isinstance(event, Changed):
@@ -511,6 +554,11 @@ class FanIn:
         # Held state only ever covers wanted services (narrowing forgets the
         # rest), so the scope needs no intersection with the interest.
         scope = event.services
+        if self._drops and scope is not None and len(scope) == 1:
+            (service,) = scope
+            if (state.name, service) in self._drops:
+                self._drops.discard((state.name, service))
+                return
         listed: dict[str, dict[str, Instance]] = {}
         for instance in event.instances:
             if scope is not None and instance.service not in scope:
@@ -546,6 +594,11 @@ class FanIn:
 
     def _on_changed(self, state: _Upstream, event: Changed, touched: dict[_Key, None]) -> None:
         for change in event.changes:
+            if self._drops:
+                service = change.instance.service if isinstance(change, Put) else change.service
+                if (state.name, service) in self._drops:
+                    self._drops.discard((state.name, service))
+                    continue
             if isinstance(change, Put):
                 instance = change.instance
                 if not self._wanted(instance.service):

@@ -68,6 +68,25 @@ class Status:
 UpstreamEvent = Listing | Changed | Status
 
 
+@attrs.frozen
+class Inspection:
+    """What an upstream holds, read directly for inspection, and at which revision.
+
+    ``instances`` cover ``services`` (every service under the roots when
+    None), as the adapter would list them. ``revision`` is the upstream's own
+    version the read reflects (etcd's revision, ZooKeeper's highest zxid
+    seen, Consul's index), in the unit of ``Source.revision``; 0 when the
+    upstream has none. A record the fan-in holds with a newer revision
+    arrived after this read and is not compared.
+    """
+
+    instances: tuple[Instance, ...]
+    services: frozenset[str] | None
+    revision: int = 0
+    #: Requests the read took (pages, listings, queries): its cost, for metrics.
+    reads: int = 1
+
+
 class Upstream(Protocol):
     """One configured registry, as the Dispatcher drives it."""
 
@@ -90,6 +109,22 @@ class Upstream(Protocol):
         widening lists the new services (a :class:`Listing` for them) and
         watches them.
         """
+        ...
+
+
+class Inspectable(Protocol):
+    """An upstream that can be read directly, beside its watch, for inspection.
+
+    Optional: the inspector (:mod:`dispatcher.inspection`) checks upstreams
+    that have this method and skips the rest. The read must not disturb the
+    adapter's own session, and its cost must be bounded by the number of
+    services, not of instances (one range per prefix, one listing per
+    service directory, one catalog query per service).
+    """
+
+    async def inspect(self, services: frozenset[str] | None) -> Inspection:
+        """Read ``services`` (None: everything under the roots) directly; raise
+        ``OSError`` or the client's error when the upstream cannot be reached."""
         ...
 
 

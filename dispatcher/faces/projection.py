@@ -32,6 +32,15 @@ its child watch shows) and the projection never deletes a client's znode.
 Directories kept that way stay after the last consumer goes, until the
 service returns or zkgate restarts. Instance directories stay read-only:
 a write there gets NOAUTH.
+
+Policies. A layout that knows how its consumers read governance policies says
+so with a third optional attribute, ``governance(service, instances, policy)``
+(the Dubbo layout's: override URLs in ``configurators``, condition routes in
+``routers``): given a feed of policy documents (``run(policies)``), each
+service's directories beside its instances hold what the service's policy
+renders to, in the same transaction as its instances, re-rendered when a new
+governance version changes that service's policy and emptied when the policy
+is removed.
 """
 
 from __future__ import annotations
@@ -45,6 +54,9 @@ from dispatcher.core.fanin import EXPORTED_BY, FanIn
 from dispatcher.core.model import Health, Instance, Metadata
 from dispatcher.core.subscriptions import EVERYTHING
 from dispatcher.core.upstream import Layout
+from dispatcher.faces.policy_feed import policy_sets
+from dispatcher.governance.feed import GovernanceFeed
+from dispatcher.governance.policy import PolicySet
 from dispatcher.zk.codec.paths import join, parent_of
 from dispatcher.zk.codec.protocol import Perm
 from dispatcher.zk.codec.records import ACL, Id
@@ -74,30 +86,70 @@ class Projection:
         # ServerSet members carry a status, so failing ones are shown as DEAD.
         self.hide_failing = hide_failing and layout.NAME != "serverset"
         self.client_paths: tuple[str, ...] = tuple(getattr(layout, "CLIENT_PATHS", ()))
+        #: The policies rendered now, and their governance version (0: none).
+        self.policies = PolicySet()
+        self.policy_version = 0
 
     def mount(self) -> None:
         """Reserve the root in the tree; raises ValueError if it is taken."""
         self.engine.mount_projection(self.root, open_paths=self.client_paths)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self.fanin.subscribe([EVERYTHING]) as updates:
-            task_status.started()
-            async for update in updates:
-                self.render(update.service)
+    async def run(
+        self,
+        policies: GovernanceFeed | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Follow the fan-in (and ``policies``, where the layout renders them) until
+        cancelled."""
+        async with trio.open_nursery() as nursery:
+            if policies is not None and getattr(self.layout, "governance", None) is not None:
+                nursery.start_soon(self._follow_policies, policies)
+            async with self.fanin.subscribe([EVERYTHING]) as updates:
+                task_status.started()
+                async for update in updates:
+                    self.render(update.service)
+
+    async def _follow_policies(self, feed: GovernanceFeed) -> None:
+        async for version, policies in policy_sets(feed):
+            old, self.policies, self.policy_version = self.policies, policies, version
+            for service in sorted({name for name, _ in (*old.services, *policies.services)}):
+                if old.service(service) != policies.service(service):
+                    self.render(service)
+
+    def rendered(self, service: str) -> tuple[str, dict[str, bytes]]:
+        """``(directory, {znode name: data})``: what the current snapshot
+        makes of ``service`` under this root (inspection compares the tree with it)."""
+        children: dict[str, bytes] = {}
+        for instance in self._shown(service):
+            name, data = self.layout.render(self._marked(instance))
+            children[name] = data
+        return join(self.root, self.layout.directory(service)), children
+
+    def _shown(self, service: str) -> list[Instance]:
+        entry = self.fanin.snapshot.get(service)
+        return [
+            instance
+            for instance in (() if entry is None else entry.instances.values())
+            if not (self.hide_failing and instance.health is Health.FAILING)
+        ]
+
+    def governance(self, service: str) -> dict[str, dict[str, bytes]]:
+        """``{directory: {znode name: data}}``: what the service's policy renders to in
+        this layout (nothing for a layout without ``governance``)."""
+        render = getattr(self.layout, "governance", None)
+        if render is None:
+            return {}
+        rendered = render(service, self._shown(service), self.policies.effective(service))
+        return {join(self.root, relative): children for relative, children in rendered.items()}
 
     def render(self, service: str) -> None:
         """Re-render one service from the current snapshot."""
         entry = self.fanin.snapshot.get(service)
-        children: dict[str, bytes] = {}
-        for instance in () if entry is None else entry.instances.values():
-            if self.hide_failing and instance.health is Health.FAILING:
-                continue
-            name, data = self.layout.render(self._marked(instance))
-            children[name] = data
-        directory = join(self.root, self.layout.directory(service))
+        directory, children = self.rendered(service)
         self.engine.sync_projection(
             directory, children, keep=entry is not None and bool(self.client_paths),
-            beside=self._beside(service, directory),
+            beside=self._beside(service, directory), beside_children=self.governance(service),
         )  # fmt: skip
         log.debug("projected a service", extra={
             "service": service, "instances": len(children), "path": directory,

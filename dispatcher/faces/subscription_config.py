@@ -7,6 +7,12 @@
     token = "a long random secret"  # required: every client must present it
     history = 256                   # deltas kept per service for reconnecting proxies
     max_connections = 1024          # open subscriber connections; one more is refused
+
+    [subscriptions.tls]             # optional: TLS on the TCP port (see dispatcher.tls)
+    cert = "dispatcher.pem"
+    key = "dispatcher-key.pem"
+    ca = "proxies-ca.pem"
+    verify_client = true
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ import attrs
 from dispatcher import settings
 from dispatcher.faces.subscription_server import DEFAULT_HISTORY, SubscriptionLimits
 from dispatcher.settings import ConfigError
+from dispatcher.tls import TlsConfig, parse_tls
 from dispatcher.wire import parse_address
 
 __all__ = ["DEFAULT_SUBSCRIPTIONS_LISTEN", "SubscriptionsConfig", "parse_subscriptions"]
 
-_SUBSCRIPTIONS_KEYS: Final = ("listen", "unix", "token", "history", "max_connections")
+_SUBSCRIPTIONS_KEYS: Final = ("listen", "unix", "token", "history", "max_connections", "tls")
 DEFAULT_SUBSCRIPTIONS_LISTEN: Final = "127.0.0.1:7000"
 
 
@@ -42,6 +49,8 @@ class SubscriptionsConfig:
     unix: Path | None = None
     history: int = DEFAULT_HISTORY
     max_connections: int = SubscriptionLimits().max_connections
+    #: TLS on the TCP port (the Unix socket stays plain: the file's permissions guard it).
+    tls: TlsConfig | None = None
 
     @property
     def host(self) -> str:
@@ -59,6 +68,8 @@ class SubscriptionsConfig:
         }  # fmt: skip
         if self.unix is not None:
             result["unix"] = str(self.unix)
+        if self.tls is not None:
+            result["tls"] = self.tls.to_mapping()
         return result
 
 
@@ -82,4 +93,6 @@ def parse_subscriptions(table: Mapping[str, Any], base_dir: Path | None) -> Subs
         options["max_connections"] = settings.integer(
             table["max_connections"], f"{where}.max_connections", minimum=1
         )
+    if "tls" in table:
+        options["tls"] = parse_tls(table["tls"], f"{where}.tls", base_dir)
     return SubscriptionsConfig(**options)

@@ -21,8 +21,12 @@ One connection, as the server sees it:
   the fan-in publishes, each chaining on the previous one
   (``from_version`` is the version the client holds). A client that falls so
   far behind that the hub collapses its queue gets a ``Full`` instead.
-* **Unsubscribe**, **Ack** (recorded per connection, for lag metrics),
-  **Report** (handed to ``on_report``: the central health checker), **Ping**
+* **Unsubscribe**, **Ack** (recorded per connection, for lag metrics; its
+  optional table digest is compared with what was sent, and a proxy whose
+  table differs gets a ``Full``: inspection's "proxy" layer),
+  **Report** (handed to ``on_report``: the central health checker),
+  **Outcomes** (handed to ``on_outcomes``, and accepted only when one is set: the
+  ``Welcome`` says ``outcomes`` then, and a client sends none otherwise), **Ping**
   (answered ``Pong``).
 * Anything malformed, oversized or out of place: ``Error("bad-request")``,
   one log line, and that connection closes. The server never dies of a
@@ -60,6 +64,19 @@ below ``output_high_water``, so a slow reader's backlog stays in the hub
 not take the next 64 KiB within ``send_stall`` seconds, closes the
 connection.
 
+Policies. Given a :class:`~dispatcher.governance.feed.GovernanceFeed` of policy documents
+(``policies``: the constructor's argument, or set once later), the server sends each
+client that said ``policies`` in its Hello a :class:`~dispatcher.wire.PolicyUpdate` per
+subscribed service: the effective policy
+(:meth:`~dispatcher.governance.policy.PolicySet.effective`) of that service for the
+application the Hello named, at the governance version, right after each Subscribe and then
+whenever a new governance version changes that effective policy for that client (a change
+to another service or another application's policy sends nothing). The client answers
+``PolicyAck``, recorded per connection like ``Ack``. Until the feed has loaded, nothing is
+sent; once it has, every subscribed service gets its policy. A document that does not parse
+as policies (it cannot be written so, but a store can be edited by hand) is logged and the
+last good one stays in force.
+
 Ownership. :meth:`SubscriptionServer.ownership_changed` re-asks the
 :class:`~dispatcher.core.ownership.Ownership` for every subscribed service and
 sends a ``Redirect`` (and drops the subscription) for each one this
@@ -91,10 +108,15 @@ from dispatcher.core.model import Instance
 from dispatcher.core.ownership import Ownership
 from dispatcher.core.snapshot import Delta, ServiceEntry
 from dispatcher.core.subscriptions import EVERYTHING, Subscription, Update
+from dispatcher.governance.feed import GovernanceFeed
+from dispatcher.governance.policy import PolicyError, PolicySet, canonical_json
+from dispatcher.inspection.model import Divergence
+from dispatcher.tls import PlainGuard, ServerTls
 
 __all__ = [
     "DEFAULT_HISTORY",
     "DeltaHistory",
+    "OutcomesHandler",
     "ReportHandler",
     "SubscriberConnection",
     "SubscriptionLimits",
@@ -110,8 +132,15 @@ DEFAULT_HISTORY: Final = 256
 """Deltas kept per service for resuming clients."""
 
 _RECEIVE_SIZE: Final = 65536
+#: Services whose current table digest is kept (see SubscriptionServer._check_digest).
+_MAX_DIGESTS: Final = 65_536
 #: Bytes handed to the socket per send: the unit of the send_stall bound.
 _SEND_CHUNK: Final = 65536
+
+OutcomesHandler = Callable[[wire.Outcomes, str], object]
+"""``on_outcomes(outcomes, application)``: a client's report of call outcomes (the mesh
+automatic rollback's input). ``application`` is the report's own, or else the one its
+client's Hello named. Called on the trio thread; it must not block."""
 
 ReportHandler = Callable[[str, str, str, str], object]
 """``on_report(service, instance_id, reason, client_id)``: a proxy saw an endpoint fail.
@@ -339,6 +368,7 @@ class SubscriptionServer:
         history: int = DEFAULT_HISTORY,
         limits: SubscriptionLimits | None = None,
         on_report: ReportHandler | None = None,
+        policies: GovernanceFeed | None = None,
     ) -> None:
         if not token:
             raise ValueError("a subscription server needs a non-empty token")
@@ -350,6 +380,9 @@ class SubscriptionServer:
         self.incarnation = secrets.token_hex(4)
         self.welcome_id = f"{server_id}/{self.incarnation}"
         self.on_report: ReportHandler = on_report or _log_report
+        #: Takes the clients' Outcomes reports; None: the Welcome does not offer it and
+        #: an Outcomes message is refused like any unknown one. Set before serving.
+        self.on_outcomes: OutcomesHandler | None = None
         self.history = DeltaHistory(history, self.limits.history_total)
         self._token = token.encode("utf-8")
         self._frames = _FrameCache(self.limits.frame_cache)
@@ -362,8 +395,39 @@ class SubscriptionServer:
         #: Connections refused because max_connections were open.
         self.refused = 0
         self.internal_errors = InternalErrors("subscriptions")
+        self._policies: GovernanceFeed | None = None
+        self._policies_attached = trio.Event()
+        self.policies = policies
+        # The newest policy document that parsed, and its version.
+        self._policy_set: tuple[int, PolicySet] = (0, PolicySet())
+        self._policy_follower_stopped: trio.Event | None = None
+        #: Inspection of the clients' tables: told of every Ack compared (see
+        #: :meth:`_check_digest`): None when the digest matched, else the divergence.
+        self.on_inspected: Callable[[Divergence | None], None] | None = None
+        # service -> (version, table_digest of the snapshot's entry at it): one
+        # digest per service version, however many clients acknowledge it.
+        self._digests: dict[str, tuple[int, str]] = {}
 
     # ------------------------------------------------------------- reading
+
+    @property
+    def policies(self) -> GovernanceFeed | None:
+        """The feed of policy documents; None: no policies are sent (yet).
+
+        May be set once after construction, even while serving (a Dispatcher that opens
+        its governance store after building this server): clients subscribed by then get
+        their policies as soon as the feed has loaded.
+        """
+        return self._policies
+
+    @policies.setter
+    def policies(self, feed: GovernanceFeed | None) -> None:
+        if feed is None or feed is self._policies:
+            return
+        if self._policies is not None:
+            raise ValueError("this subscription server follows a policy feed already")
+        self._policies = feed
+        self._policies_attached.set()
 
     @property
     def connections(self) -> tuple[SubscriberConnection, ...]:
@@ -373,16 +437,27 @@ class SubscriptionServer:
     # ------------------------------------------------------------- serving
 
     async def serve_tcp(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        tls: ServerTls | None = None,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve on ``host:port`` until cancelled; ``task_status.started(bound port)``."""
+        """Serve on ``host:port`` until cancelled; ``task_status.started(bound port)``.
+
+        With ``tls``, every connection completes a TLS handshake first; without,
+        a TLS client is refused with a log line."""
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         log.info("serving subscriptions", extra={"listen": f"{host}:{bound}"})
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_history)
+            nursery.start_soon(self._follow_policies)
             task_status.started(bound)
-            await trio.serve_listeners(self._serve_tcp_connection, listeners)
+            await trio.serve_listeners(
+                functools.partial(self._serve_tcp_connection, tls=tls), listeners
+            )
 
     async def serve_unix(
         self,
@@ -410,6 +485,7 @@ class SubscriptionServer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_history)
+                nursery.start_soon(self._follow_policies)
                 task_status.started(path)
                 await trio.serve_listeners(
                     functools.partial(self._serve_unix_connection, path=path),
@@ -430,19 +506,27 @@ class SubscriptionServer:
             if lost:
                 connection._redirect(lost)
 
-    async def _serve_tcp_connection(self, stream: trio.SocketStream) -> None:
+    async def _serve_tcp_connection(
+        self, stream: trio.SocketStream, tls: ServerTls | None = None
+    ) -> None:
         try:
             host, port, *_ = stream.socket.getpeername()
         except OSError:
             await trio.aclose_forcefully(stream)
             return  # gone before we could ask who it was
-        await self._serve_connection(stream, f"{host}:{port}")
+        peer = f"{host}:{port}"
+        if tls is None:
+            await self._serve_connection(PlainGuard(stream, "subscriptions", peer), peer)
+            return
+        secure = await tls.accept(stream, peer)
+        if secure is not None:
+            await self._serve_connection(secure, peer)
 
     async def _serve_unix_connection(self, stream: trio.SocketStream, path: str) -> None:
         self._unix_count += 1
         await self._serve_connection(stream, f"unix:{path}#{self._unix_count}")
 
-    async def _serve_connection(self, stream: trio.SocketStream, peer: str) -> None:
+    async def _serve_connection(self, stream: trio.abc.Stream, peer: str) -> None:
         if len(self._connections) >= self.limits.max_connections:
             self.refused += 1
             log.warning("refusing a subscriber (max_connections)", extra={
@@ -516,6 +600,103 @@ class SubscriptionServer:
                 await self.history.wait_changed()
         return None
 
+    # ------------------------------------------------------------- policies
+
+    async def _follow_policies(self) -> None:
+        """Send changed effective policies to every client, unless another serve_* does."""
+        await self._policies_attached.wait()
+        feed = self._policies
+        assert feed is not None
+        while True:
+            if self._policy_follower_stopped is not None:
+                await self._policy_follower_stopped.wait()
+                continue
+            stopped = self._policy_follower_stopped = trio.Event()
+            try:
+                await feed.loaded.wait()
+                # Clients that subscribed before the feed loaded get their policies now.
+                self._publish_policies()
+                async with feed.subscribe() as revisions:
+                    async for _ in revisions:
+                        self._publish_policies()
+                return
+            finally:
+                self._policy_follower_stopped = None
+                stopped.set()
+
+    def _publish_policies(self) -> None:
+        for connection in tuple(self._connections):
+            connection._refresh_policies()
+
+    def policy_set(self) -> tuple[int, PolicySet] | None:
+        """The governance version and the policies in force; None before the feed loaded
+        (or without a feed)."""
+        feed = self.policies
+        if feed is None or not feed.loaded.is_set():
+            return None
+        revision = feed.current
+        if revision is not None and revision.version > self._policy_set[0]:
+            try:
+                self._policy_set = (revision.version, PolicySet.from_json(revision.body))
+            except PolicyError as exc:
+                log.error("the policy document does not parse; the last good one stays", extra={
+                    "version": revision.version, "in_force": self._policy_set[0],
+                    "error": wire.clip(str(exc)),
+                })  # fmt: skip
+                # Not parsed again for every client: this version is known bad.
+                self._policy_set = (revision.version, self._policy_set[1])
+        return self._policy_set
+
+    def _policy_frame(self, service: str, application: str) -> tuple[int, str, bytes] | None:
+        """``(version, canonical policy, frame)`` of ``service`` for ``application``."""
+        current = self.policy_set()
+        if current is None:
+            return None
+        version, policies = current
+        policy = policies.effective(service, application or None).to_mapping()
+        frame = self._frames.get(("policy", service, application, version),
+                                 lambda: wire.PolicyUpdate(service, version, policy))  # fmt: skip
+        return version, canonical_json(policy), frame
+
+    # ------------------------------------------------------------- inspection
+
+    def _check_digest(self, connection: SubscriberConnection, ack: wire.Ack) -> None:
+        """Compare the table a client reports holding with the one it was sent.
+
+        Only an Ack of the snapshot's current version of the service is
+        compared: an older one describes a table with updates still in flight.
+        A difference is a divergence (logged, reported to :attr:`on_divergence`)
+        and is repaired by a Full of that service to that client, once per
+        version: a client whose tables still differ after it is reported again,
+        not sent Full after Full.
+        """
+        service = ack.service
+        entry = self.fanin.snapshot.full(service)
+        if entry.version != ack.version:
+            return
+        cached = self._digests.get(service)
+        if cached is None or cached[0] != entry.version:
+            if len(self._digests) >= _MAX_DIGESTS:
+                self._digests.clear()  # bounded; recomputed on demand
+            cached = (entry.version, wire.table_digest(wire_full(entry).instances))
+            self._digests[service] = cached
+        if ack.digest == cached[1]:
+            if self.on_inspected is not None:
+                self.on_inspected(None)
+            return
+        repaired = connection._digest_repairs.get(service) != entry.version
+        target = connection.client_id or connection.peer
+        log.warning("inspection found a divergence", extra={
+            "layer": "proxy", "target": target, "service": service,
+            "version": entry.version, "instances": len(entry.instances),
+            "repaired": "sending a Full" if repaired else "not repaired by a Full",
+        })  # fmt: skip
+        if repaired:
+            connection._digest_repairs[service] = entry.version
+            connection._send_update(service, entry.version, lambda: self._full_frame(entry))
+        if self.on_inspected is not None:
+            self.on_inspected(Divergence("proxy", target, service, (), (), (), 0.0, repaired))
+
     # ------------------------------------------------------------- frames
 
     def _full_frame(self, entry: ServiceEntry) -> bytes:
@@ -552,7 +733,7 @@ class SubscriberConnection:
     synchronous code on the trio thread.
     """
 
-    def __init__(self, server: SubscriptionServer, stream: trio.SocketStream, peer: str) -> None:
+    def __init__(self, server: SubscriptionServer, stream: trio.abc.Stream, peer: str) -> None:
         self._server = server
         self._stream = stream
         #: Where the client connects from (``host:port`` or ``unix:PATH#N``).
@@ -563,6 +744,14 @@ class SubscriberConnection:
         self._services: dict[str, None] = {}
         self._sent: dict[str, int] = {}
         self._acked: dict[str, int] = {}
+        #: Whether the client asked for policies, and for which application.
+        self.wants_policies = False
+        self.application = ""
+        self._policy_sent: dict[str, tuple[int, str]] = {}
+        self._policy_acked: dict[str, int] = {}
+        # service -> the version a Full was last sent for because the client's
+        # digest differed (one repair per version; see _check_digest).
+        self._digest_repairs: dict[str, int] = {}
         self._resume: dict[str, _Resume] = {}
         self._subscription: Subscription | None = None
         self._subscription_changed = trio.Event()
@@ -591,6 +780,16 @@ class SubscriberConnection:
     def acked(self) -> Mapping[str, int]:
         """The version of each service this client last acknowledged."""
         return MappingProxyType(self._acked)
+
+    @property
+    def policy_sent(self) -> Mapping[str, int]:
+        """The governance version of each service's policy last queued to this client."""
+        return MappingProxyType({name: sent[0] for name, sent in self._policy_sent.items()})
+
+    @property
+    def policy_acked(self) -> Mapping[str, int]:
+        """The governance version of each service's policy this client last acknowledged."""
+        return MappingProxyType(self._policy_acked)
 
     @property
     def unsent(self) -> int:
@@ -712,7 +911,11 @@ class SubscriberConnection:
                 return
             assert isinstance(message, wire.Hello)  # check_hello welcomes nothing else
             self.client_id = message.client_id
+            self.wants_policies = message.policies
+            self.application = message.application
             self._reader_scope.deadline = math.inf
+            if server.on_outcomes is not None:
+                answer = attrs.evolve(answer, outcomes=True)
             self._send(wire.encode(answer))
             log.info("subscriber connected", extra={"peer": self.peer, "client": self.client_id})
             return
@@ -723,8 +926,20 @@ class SubscriberConnection:
         elif isinstance(message, wire.Ack):
             if message.service in self._services:
                 self._acked[message.service] = message.version
+                if message.digest is not None:
+                    server._check_digest(self, message)
+        elif isinstance(message, wire.PolicyAck):
+            if message.service in self._services:
+                self._policy_acked[message.service] = message.version
         elif isinstance(message, wire.Report):
             self._report(message)
+        elif isinstance(message, wire.Outcomes) and server.on_outcomes is not None:
+            try:
+                server.on_outcomes(message, message.application or self.application)
+            except Exception:
+                log.exception("outcomes handler failed", extra={
+                    "service": message.service, "peer": self.peer, "client": self.client_id,
+                })  # fmt: skip
         elif isinstance(message, wire.Ping):
             self._send(wire.encode(wire.Pong()))
         elif not isinstance(message, wire.Pong):
@@ -754,6 +969,9 @@ class SubscriberConnection:
                 self._resume[name] = _Resume(held if held is None or held >= 0 else None, True)
         for name in redirects:
             self._send_redirect(name)
+        for name in services:
+            if name in wanted:
+                self._send_policy(name)
         # A service asked for again needs a fresh full entry from the hub.
         refresh = any(name in self._services for name in services if name in wanted)
         self._resubscribe(wanted, refresh=refresh)
@@ -789,6 +1007,30 @@ class SubscriberConnection:
         self._resume.pop(service, None)
         self._sent.pop(service, None)
         self._acked.pop(service, None)
+        self._digest_repairs.pop(service, None)
+        self._policy_sent.pop(service, None)
+        self._policy_acked.pop(service, None)
+
+    def _send_policy(self, service: str) -> None:
+        """Queue the effective policy of ``service`` unless the client has it already."""
+        if not self.wants_policies:
+            return
+        found = self._server._policy_frame(service, self.application)
+        if found is None:
+            return  # the feed has not loaded; it sends every policy once it has
+        version, text, frame = found
+        sent = self._policy_sent.get(service)
+        if sent is not None and sent[1] == text:
+            return
+        self._send(frame)
+        self._policy_sent[service] = (version, text)
+
+    def _refresh_policies(self) -> None:
+        """A new governance version: send the policies that changed for this client."""
+        if self.closing:
+            return
+        for service in tuple(self._services):
+            self._send_policy(service)
 
     def _resubscribe(self, wanted: dict[str, None], *, refresh: bool = False) -> None:
         """Replace the hub subscription by one for ``wanted`` (sync: nothing is published

@@ -14,8 +14,9 @@
     services = ["orders", "users"]  # names to put in the shared catalog at start
     warm_timeout = 10.0             # a service not loaded by then is served anyway
 
-The two tables come together or not at all; :mod:`dispatcher.config` checks that,
-and what they require of the rest of the file.
+``[sharding]`` needs ``[membership]``; ``[membership]`` alone is the store of the
+governance policies only (this Dispatcher is then no shard). :mod:`dispatcher.config`
+checks that, and what a shard requires of the rest of the file.
 """
 
 from __future__ import annotations

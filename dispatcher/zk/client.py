@@ -21,6 +21,7 @@ import contextlib
 import enum
 import logging
 import random
+import ssl
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
@@ -61,16 +62,19 @@ from dispatcher.zk.codec.records import (
     DeleteRequest,
     GetChildrenResponse,
     GetDataResponse,
+    GetSASLRequest,
     PathRequest,
     PathWatchRequest,
     Record,
     SetDataRequest,
+    SetSASLResponse,
     SetWatches2,
     Stat,
     StatResponse,
     WatcherEvent,
     WatchesRequest,
 )
+from dispatcher.zk.sasl_client import DigestMd5Client, SaslCredentials, SaslError
 
 __all__ = [
     "OPEN_ACL",
@@ -466,7 +470,16 @@ class ZooKeeperClient:
         max_unsent: int = 16 * 1024 * 1024,
         connect_timeout: float = 5.0,
         max_backoff: float = 2.0,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+        sasl: SaslCredentials | None = None,
     ) -> None:
+        """``tls``: speak TLS (ZooKeeper's ``secureClientPort``) with this context,
+        checking the server's certificate against ``server_name`` (the host
+        dialled if None). ``sasl``: authenticate every connection with
+        DIGEST-MD5 as this user before anything else is sent, as ZooKeeper's
+        Java client does; a refusal is reported as :class:`AuthFailed` for the
+        scheme ``sasl`` and ends :meth:`run` as a refused credential does."""
         if not hosts:
             raise ValueError("at least one host is required")
         self._hosts = list(hosts)
@@ -479,6 +492,9 @@ class ZooKeeperClient:
         self._max_unsent = max_unsent
         self._connect_timeout = connect_timeout
         self._max_backoff = max_backoff
+        self._tls = tls
+        self._server_name = server_name
+        self._sasl = sasl
         self._random = random.Random()
         # Spread a fleet of clients over an ensemble, as ZooKeeper's client does.
         self._random.shuffle(self._hosts)
@@ -669,6 +685,27 @@ class ZooKeeperClient:
         if answers[0] != Err.OK:
             raise KeeperError(answers[0], None)
 
+    async def _tls_handshake(
+        self, stream: trio.SocketStream, host: tuple[str, int]
+    ) -> trio.SSLStream[trio.SocketStream]:
+        """The TLS handshake; a refusal is logged as a warning, being a
+        misconfiguration that retrying will not mend."""
+        assert self._tls is not None
+        secure = trio.SSLStream(stream, self._tls, server_hostname=self._server_name or host[0])
+        try:
+            await secure.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await trio.aclose_forcefully(stream)
+            cause = exc.__cause__
+            reason = (
+                cause.verify_message if isinstance(cause, ssl.SSLCertVerificationError)
+                else str(cause or exc) or "closed during the handshake"
+            )  # fmt: skip
+            log.warning("TLS handshake with ZooKeeper failed",
+                        extra={"peer": _peer(host), "reason": reason})  # fmt: skip
+            raise _HandshakeFailed(f"TLS handshake failed: {reason}") from None
+        return secure
+
     def _next_xid(self) -> int:
         # Positive and wrapping: negative xids are reserved for the session.
         self._xid = self._xid + 1 if self._xid < 0x7FFFFFFF else 1
@@ -740,6 +777,8 @@ class ZooKeeperClient:
         try:
             with trio.fail_after(timeout):
                 stream = await trio.open_tcp_stream(*host)
+                if self._tls is not None:
+                    stream = await self._tls_handshake(stream, host)
                 conn = _Connection(stream, ClientConnection(self._max_buffer), peer)
                 request = ConnectRequest(
                     0, self._last_zxid, self._session_timeout_ms, self._session_id,
@@ -790,6 +829,10 @@ class ZooKeeperClient:
     async def _setup(self, conn: _Connection, *, replay_watches: bool) -> None:
         """Replay credentials (always) and watches (on a resumed session), then wait
         for the answers, so that nothing the caller sends can overtake them."""
+        if self._sasl is not None:
+            await self._sasl_exchange(conn, self._sasl)
+            if self._auth_failed is not None:
+                return
         frames = bytearray()
         for scheme, credential in self._auth:
             auth = AuthPacket(0, scheme, credential)
@@ -806,6 +849,45 @@ class ZooKeeperClient:
             settling = self._watch_requests(conn, self._watches.settle())
             if settling:
                 await self._handshake(conn, settling)
+
+    async def _sasl_exchange(self, conn: _Connection, credentials: SaslCredentials) -> None:
+        """DIGEST-MD5 on this connection; a refusal (the server's, or a server
+        that cannot prove it knows the password) sets ``_auth_failed``."""
+        mechanism = DigestMd5Client(credentials)
+        token: bytes | None = mechanism.initial()
+        while token is not None:
+            xid = self._next_xid()
+            await conn.stream.send_all(
+                conn.codec.send(Request(xid, OpCode.SASL, GetSASLRequest(token)))
+            )
+            while True:
+                event = await self._next_event(conn)
+                if event is None:
+                    raise _HandshakeFailed("closed during SASL authentication")
+                if isinstance(event, ReplyReceived) and event.xid == xid:
+                    break
+                if not isinstance(event, WatchNotified):
+                    raise ProtocolError(f"unexpected {type(event).__name__} during SASL")
+                self._dispatch(conn, event)
+            if event.err != Err.OK:
+                return self._sasl_refused(f"the server answered {_as_err(event.err)!s}")
+            body = decode_body(OpCode.SASL, event.err, event.body)
+            assert isinstance(body, SetSASLResponse)
+            try:
+                token = mechanism.evaluate(body.token)
+            except SaslError as exc:
+                return self._sasl_refused(str(exc))
+        log.info("zookeeper SASL authenticated",
+                 extra={"user": credentials.username, "peer": conn.peer})  # fmt: skip
+
+    def _sasl_refused(self, reason: str) -> None:
+        # As for a refused digest: the same password would be refused again.
+        self._auth_failed = "sasl"
+        self._set_state(ClientState.AUTH_FAILED)
+        log.error("zookeeper SASL authentication failed: %s", reason,
+                  extra={"session": self._session_id})  # fmt: skip
+        if self._on_session is not None:
+            self._on_session(AuthFailed("sasl"))
 
     @staticmethod
     def _watch_requests(conn: _Connection, requests: list[tuple[int, Record]]) -> bytearray:
@@ -876,6 +958,7 @@ class ZooKeeperClient:
                 if not data:
                     conn.lost("closed by the server")
                     return
+                # A TLS stream hands out bytearrays; the codec keeps bytes.
                 conn.codec.receive_data(data if isinstance(data, bytes) else bytes(data))
             conn.lost(f"credentials for scheme {self._auth_failed} refused")
         except ProtocolError as exc:

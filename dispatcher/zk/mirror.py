@@ -38,11 +38,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 import attrs
 import trio
 
+from dispatcher.tls import ClientTls, client_context
 from dispatcher.zk.client import (
     AuthFailed,
     Connected,
@@ -76,6 +78,7 @@ from dispatcher.zk.codec.records import (
     WatcherEvent,
     encode,
 )
+from dispatcher.zk.sasl_client import SaslCredentials
 from dispatcher.zk.server.engine import Client, Engine
 from dispatcher.zk.server.pending import Pending
 from dispatcher.zk.server.tree import Trigger, encode_children, encode_data_body, world_perms
@@ -90,6 +93,8 @@ _CHILD_READS = frozenset({OpCode.GET_CHILDREN, OpCode.GET_CHILDREN2})
 _MAX_ATTEMPTS = 3
 #: Checks in flight while a mirror catches up after a reconnection.
 _RESYNC_WINDOW = 1000
+#: Paths the test-only fault hook may hold at once.
+_MAX_DROPPING = 64
 
 
 @attrs.frozen
@@ -106,6 +111,11 @@ class MirrorConfig:
     max_cached: int = 200_000
     connect_timeout: float = 5.0
     idle_timeout: float = 60.0
+    #: TLS to the ensemble's secure port; None: plain text.
+    tls: ClientTls | None = None
+    #: DIGEST-MD5 user of every upstream session (the mirror's own and the
+    #: write sessions); None: no SASL.
+    sasl: SaslCredentials | None = None
 
 
 @attrs.define(slots=True, eq=False)
@@ -198,8 +208,11 @@ class Mirror:
         self.since = time.time()
         self.resyncs = 0
         self._synced = trio.Event()
+        tls = None if config.tls is None else client_context(config.tls)
+        server_name = None if config.tls is None else config.tls.server_name
         self._watcher = ZooKeeperClient(
             config.hosts, session_timeout_ms=config.session_timeout_ms, auth=config.auth,
+            tls=tls, server_name=server_name, sasl=config.sasl,
             on_watch=self._upstream_event, on_session=self._watcher_event,
             # A restarting ZooKeeper can leave a handshake hanging: give up on
             # one attempt well before the session could lapse.
@@ -209,7 +222,7 @@ class Mirror:
             config.hosts, session_timeout_ms=config.session_timeout_ms,
             max_sessions=config.max_sessions, connect_timeout=config.connect_timeout,
             idle_timeout=config.idle_timeout, on_expired=self._writer_expired,
-            on_watch=self._forwarded_event,
+            on_watch=self._forwarded_event, tls=tls, server_name=server_name, sasl=config.sasl,
         )  # fmt: skip
         #: Watches of forwarded reads, held upstream on the client's session:
         #: (credentials, path) → the clients waiting, and for which kind.
@@ -220,6 +233,8 @@ class Mirror:
         self._owners: dict[str, tuple[int, UpstreamSession]] = {}
         self._owned: dict[int, set[str]] = {}
         self._nursery: trio.Nursery | None = None
+        #: Test-only fault: paths whose next upstream event is ignored (bounded).
+        self._dropping: set[str] = set()
 
     # --- lifetime ----------------------------------------------------------------
 
@@ -370,11 +385,60 @@ class Mirror:
             )
         self.stale = False
 
+    # --- inspection -------------------------------------------------------------------
+
+    @property
+    def cached(self) -> Mapping[str, CachedNode | None]:
+        """The cache, read-only: path -> entry (None: known absent). For inspection."""
+        return MappingProxyType(self._cache)
+
+    async def caught_up(self) -> None:
+        """Until the mirror's session has applied every event up to now (a ``sync``
+        on it: the ensemble sends a session's events before a later reply)."""
+        done = trio.Event()
+        self._after_sync(done.set)
+        await done.wait()
+
+    async def reload(self, path: str) -> None:
+        """Check the cache entry of ``path`` against the ensemble as after a
+        reconnection (a change missed fires its watches), then load it again."""
+        before = self._cache.get(path, _GONE)
+        if isinstance(before, _Gone):
+            return
+        checked = trio.Event()
+
+        def compared(reply: Reply) -> None:
+            if reply.err in (Err.OK, Err.NONODE) and self._cache.get(path, _GONE) is before:
+                stat = reply.body.stat if isinstance(reply.body, StatResponse) else None
+                self._compare(path, before, stat)
+            # Dropped whatever the stat said: the data may differ under an equal stat.
+            self._invalidate(path)
+            checked.set()
+
+        try:
+            self._watcher.submit(OpCode.EXISTS, PathWatchRequest(path, False), compared)
+        except ConnectionLost:
+            return
+        await checked.wait()
+        loaded = trio.Event()
+        children = before is not None and before.children is not None
+        self._load(path, children, lambda _err: loaded.set())
+        await loaded.wait()
+
+    def drop_next_event(self, path: str) -> None:
+        """Test-only fault: ignore the next upstream event on ``path``, leaving
+        its cache entry stale (as a lost event would)."""
+        if len(self._dropping) < _MAX_DROPPING:
+            self._dropping.add(path)
+
     # --- upstream events -----------------------------------------------------------
 
     def _upstream_event(self, event: WatcherEvent) -> None:
         path = event.path
         if not self._within(path):
+            return
+        if path in self._dropping:
+            self._dropping.discard(path)
             return
         kind = event.type
         triggers = [Trigger(path, EventType(kind), self._acl_of(path))] if (

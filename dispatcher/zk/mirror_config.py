@@ -10,30 +10,40 @@ zkgate's ZooKeeper face (see :mod:`dispatcher.zk.mirror`)::
     max_cached = 200000             # cached znodes; beyond this, unwatched ones are dropped
     connect_timeout = 5.0           # seconds; unreachable at start stops the start
     idle_timeout = 60.0             # seconds a write session without ephemerals is kept
+    tls = { ca = "ca.pem", cert = "client.pem", key = "client-key.pem" }  # secure port
+    sasl_username = "zkgate"        # DIGEST-MD5 on every upstream session, with
+    sasl_password_file = "zk.pass"  # the password in this file (both or neither)
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Final
 
 from dispatcher import settings
 from dispatcher.settings import ConfigError
+from dispatcher.tls import parse_client_tls
 from dispatcher.wire import join_address, parse_address
 from dispatcher.zk.mirror import MirrorConfig
+from dispatcher.zk.sasl_client import SaslCredentials, load_credentials
 from dispatcher.zk.server.config import mount_root
 
 __all__ = ["mirror_to_mapping", "parse_mirrors"]
 
 _MIRROR_KEYS: Final = (
     "root", "hosts", "session_timeout", "auth", "max_sessions", "max_cached", "connect_timeout",
-    "idle_timeout",
+    "idle_timeout", "tls", "sasl_username", "sasl_password_file",
 )  # fmt: skip
 
 
-def parse_mirrors(value: Any, taken: Iterable[str]) -> tuple[MirrorConfig, ...]:
-    """Check the ``[[mirror]]`` array; no root may overlap another mount's (``taken``)."""
+def parse_mirrors(
+    value: Any, taken: Iterable[str], base_dir: Path | None = None
+) -> tuple[MirrorConfig, ...]:
+    """Check the ``[[mirror]]`` array; no root may overlap another mount's (``taken``).
+
+    Relative paths in a ``tls`` table are relative to ``base_dir``."""
     result: list[MirrorConfig] = []
     others = list(taken)
     for where, table in settings.array_of_tables(value, "mirror"):
@@ -70,8 +80,30 @@ def parse_mirrors(value: Any, taken: Iterable[str]) -> tuple[MirrorConfig, ...]:
                                              f"{where}.connect_timeout"),
             idle_timeout=settings.seconds(table.get("idle_timeout", 60.0),
                                           f"{where}.idle_timeout"),
+            tls=None if "tls" not in table
+            else parse_client_tls(table["tls"], f"{where}.tls", base_dir),
+            sasl=parse_sasl(table, where, base_dir),
         ))  # fmt: skip
     return tuple(result)
+
+
+def parse_sasl(table: Any, where: str, base_dir: Path | None) -> SaslCredentials | None:
+    """``sasl_username`` and ``sasl_password_file`` (both or neither), the file
+    read now so that a missing one stops the start; relative to ``base_dir``."""
+    given = [key for key in ("sasl_username", "sasl_password_file") if key in table]
+    if not given:
+        return None
+    if len(given) == 1:
+        other = "sasl_password_file" if given[0] == "sasl_username" else "sasl_username"
+        raise ConfigError(f"{where}.{given[0]}: needs {other} too")
+    username = settings.string(table["sasl_username"], f"{where}.sasl_username")
+    path = settings.user_path(table["sasl_password_file"], f"{where}.sasl_password_file")
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        return load_credentials(username, path)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.sasl_password_file: {exc}") from None
 
 
 def mirror_to_mapping(mirror: MirrorConfig) -> dict[str, Any]:
@@ -85,4 +117,6 @@ def mirror_to_mapping(mirror: MirrorConfig) -> dict[str, Any]:
         "max_cached": mirror.max_cached,
         "connect_timeout": mirror.connect_timeout,
         "idle_timeout": mirror.idle_timeout,
+        **({} if mirror.tls is None else {"tls": mirror.tls.to_mapping()}),
+        **({} if mirror.sasl is None else mirror.sasl.to_mapping()),
     }

@@ -12,6 +12,7 @@ ephemerals or requests, and closed after ``idle_timeout`` otherwise.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -29,6 +30,7 @@ from dispatcher.zk.client import (
 )
 from dispatcher.zk.codec.protocol import Err
 from dispatcher.zk.codec.records import Record, WatcherEvent
+from dispatcher.zk.sasl_client import SaslCredentials
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +112,14 @@ class UpstreamSessions:
         on_expired: Callable[[UpstreamSession], None],
         on_watch: Callable[[UpstreamSession, WatcherEvent], None],
         max_queued: int = 1000,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+        sasl: SaslCredentials | None = None,
     ) -> None:
         self.hosts = tuple(hosts)
+        self.sasl = sasl
+        self.tls = tls
+        self.server_name = server_name
         self.session_timeout_ms = session_timeout_ms
         self.max_sessions = max_sessions
         self.connect_timeout = connect_timeout
@@ -148,6 +156,7 @@ class UpstreamSessions:
             self.hosts, session_timeout_ms=self.session_timeout_ms, auth=credentials,
             on_session=lambda event: self._session_event(holder[0], event),
             on_watch=lambda event: self.on_watch(holder[0], event),
+            tls=self.tls, server_name=self.server_name, sasl=self.sasl,
         )  # fmt: skip
         session = UpstreamSession(client, credentials, max_queued=self.max_queued)
         holder.append(session)

@@ -1,5 +1,7 @@
 #!/bin/bash
-# Registers the echo service in ZooKeeper, in zkgate's plain layout:
+# Registers echo-zk in ZooKeeper, in zkgate's plain layout: echo tagged
+# version=v1 and echo-v2 tagged version=v2 (docker/policies/canary.toml splits
+# between them),
 # /services/<service>/<instance id> holding {"host": ..., "port": ...}.
 # Runs once in the zookeeper image (docker-compose.yml, service register-zookeeper).
 set -euo pipefail
@@ -20,4 +22,5 @@ create() {
 
 create /services ""
 create /services/echo-zk ""
-create /services/echo-zk/echo-1 '{"host":"echo","port":5678,"metadata":{"registered-by":"compose"}}'
+create /services/echo-zk/echo-1 '{"host":"echo","port":5678,"metadata":{"registered-by":"compose","version":"v1"}}'
+create /services/echo-zk/echo-2 '{"host":"echo-v2","port":5678,"metadata":{"registered-by":"compose","version":"v2"}}'

@@ -9,11 +9,18 @@ max_connections = 64            # open admin connections; at the cap, the one wa
 max_connections_per_address = 8 # the same, per client address
 header_timeout = 2.0            # seconds from a request's start to the end of its head
 idle_timeout = 15.0             # seconds a keep-alive connection may wait between requests
+
+[admin.tls]                     # optional: HTTPS (see dispatcher.tls); with it, the
+cert = "admin.pem"              # policy write routes are allowed
+key = "admin-key.pem"
+ca = "operators-ca.pem"
+verify_client = true
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Final
 
 import attrs
@@ -21,13 +28,14 @@ import attrs
 from dispatcher import settings
 from dispatcher.faces.admin.http import AdminLimits
 from dispatcher.settings import ConfigError
+from dispatcher.tls import TlsConfig, parse_tls
 from dispatcher.wire import parse_address
 
 __all__ = ["DEFAULT_ADMIN_LISTEN", "AdminConfig", "parse_admin"]
 
 _ADMIN_KEYS: Final = (
     "enabled", "listen", "max_connections", "max_connections_per_address", "header_timeout",
-    "idle_timeout",
+    "idle_timeout", "tls",
 )  # fmt: skip
 DEFAULT_ADMIN_LISTEN: Final = "127.0.0.1:8081"
 
@@ -51,6 +59,8 @@ class AdminConfig:
     max_connections_per_address: int = AdminLimits().max_connections_per_address
     header_timeout: float = AdminLimits().header_timeout
     idle_timeout: float = AdminLimits().idle_timeout
+    #: HTTPS on the endpoint; None: plain HTTP.
+    tls: TlsConfig | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -75,11 +85,16 @@ class AdminConfig:
         }  # fmt: skip
         if self.listen is not None:
             result["listen"] = self.listen
+        if self.tls is not None:
+            result["tls"] = self.tls.to_mapping()
         return result
 
 
-def parse_admin(table: Mapping[str, Any], where: str = "admin") -> AdminConfig:
-    """Check the ``[admin]`` table (``where="--admin"``: the command line's flags)."""
+def parse_admin(
+    table: Mapping[str, Any], where: str = "admin", base_dir: Path | None = None
+) -> AdminConfig:
+    """Check the ``[admin]`` table (``where="--admin"``: the command line's flags);
+    relative paths in its ``tls`` table are relative to ``base_dir``."""
     settings.reject_unknown(table, _ADMIN_KEYS, where)
     options: dict[str, Any] = {}
     if "enabled" in table:
@@ -105,4 +120,6 @@ def parse_admin(table: Mapping[str, Any], where: str = "admin") -> AdminConfig:
                     f"{where}.{key}: must be above 0 and at most {most:g} seconds, not {value}"
                 )
             options[key] = float(value)
+    if "tls" in table:
+        options["tls"] = parse_tls(table["tls"], f"{where}.tls", base_dir)
     return AdminConfig(**options)

@@ -11,7 +11,9 @@ the ``[admin]`` table in :mod:`dispatcher.config`)::
     GET /snapshot    the merged snapshot as JSON; ``?service=NAME`` (repeatable) narrows it
     GET /shards      the shard map as JSON, or {"sharding": "off"}
     GET /status      what the status page shows besides the snapshot: upstreams and
-                     their staleness, the ZooKeeper face's counters, readiness
+                     their staleness, the ZooKeeper face's counters, readiness, policies
+    /policies...     the policy API (read, diff, write, roll back; see
+                     :mod:`~dispatcher.faces.admin.policies`)
 
 This module is the server: routing, connection caps and deadlines. What the
 answers contain comes from its neighbours in :mod:`dispatcher.faces.admin`:
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import logging
 import math
 import re
@@ -71,9 +74,12 @@ from prometheus_client.registry import Collector
 
 from dispatcher.containment import InternalErrors
 from dispatcher.core.snapshot import Snapshot
+from dispatcher.faces.admin.mesh import MeshApi
 from dispatcher.faces.admin.metrics import RequestMetrics
+from dispatcher.faces.admin.policies import PolicyApi
 from dispatcher.faces.admin.prometheus import GatewayCollector, GatewayObserver, proxy_lag
 from dispatcher.faces.admin.rendering import json_body, render_snapshot
+from dispatcher.tls import PlainGuard, SecureHalfCloseable, ServerTls
 
 if TYPE_CHECKING:
     from dispatcher.core.subscriptions import Subscription
@@ -85,7 +91,10 @@ log = logging.getLogger(__name__)
 
 _RECEIVE_SIZE: Final = 16384
 _PAGE: Final = "status_page.html"
-_ROUTES: Final = ("/", "/metrics", "/health", "/ready", "/snapshot", "/shards", "/status")
+_ROUTES: Final = (
+    "/", "/metrics", "/health", "/ready", "/snapshot", "/shards", "/status", "/policies",
+    "/inspect", "/mesh",
+)  # fmt: skip
 
 
 @attrs.frozen
@@ -98,6 +107,10 @@ class AdminLimits:
     max_connections_per_address: int = 8
     max_request_head: int = 8192
     max_request_body: int = 1024
+    #: The body of a policy write or diff (``/policies``), the only requests whose body is
+    #: read: room for the largest policy document the store takes (256 KiB of canonical
+    #: JSON) written out with indentation.
+    max_write_body: int = 512 * 1024
     #: Seconds from a request's start to the end of its head. A request starts
     #: at its first byte, the first request of a connection at the accept: curl
     #: and Prometheus open a connection to send a request and write its whole
@@ -232,6 +245,10 @@ class AdminServer:
         self.gateway = gateway
         self.limits = limits or AdminLimits()
         self.requests = RequestMetrics()
+        #: The ``/policies`` routes.
+        self.policies = PolicyApi(gateway)
+        #: The ``/mesh`` routes (mesh onboarding).
+        self.mesh = MeshApi(gateway)
         self.observer = GatewayObserver(gateway, clock)
         self.sample_interval = sample_interval
         self._shards = shards
@@ -266,13 +283,23 @@ class AdminServer:
         self._rendered: dict[int | None, tuple[Snapshot, bytes]] = {}
         self._page, self._page_policy = _load_page()
         self.port: int | None = None
+        self._tls: ServerTls | None = None
 
     # ------------------------------------------------------------- serving
 
     async def serve(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        tls: ServerTls | None = None,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on ``host:port`` until cancelled; ``task_status.started(bound port)``."""
+        """Listen on ``host:port`` until cancelled; ``task_status.started(bound port)``.
+
+        With ``tls``, HTTPS: each connection's handshake completes before its
+        request is read (and before it takes a slot)."""
+        self._tls = tls
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.port = listeners[0].socket.getsockname()[1]
         defer = getattr(socket, "TCP_DEFER_ACCEPT", None)
@@ -303,11 +330,17 @@ class AdminServer:
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:
-            address = str(stream.socket.getpeername()[0])
+            address, port, *_ = stream.socket.getpeername()
         except OSError:
             await trio.aclose_forcefully(stream)  # gone before it could be served
             return
-        await self.serve_stream(stream, address)
+        tls = self._tls
+        if tls is None:
+            await self.serve_stream(PlainGuard(stream, "admin", f"{address}:{port}"), address)
+            return
+        secure = await tls.accept(stream, f"{address}:{port}")
+        if secure is not None:
+            await self.serve_stream(SecureHalfCloseable(secure), str(address))
 
     async def serve_stream(self, stream: trio.abc.HalfCloseableStream, address: str) -> None:
         """Serve one accepted connection whose client is ``address`` (the key of
@@ -455,6 +488,7 @@ class AdminServer:
         while not slot.evicted:
             error: _Response | None = None
             request: h11.Request | None = None
+            body = b""
             if start is None and conn.trailing_data[0]:
                 start = trio.current_time()  # pipelined: the next request is here already
             if start is None:
@@ -465,12 +499,12 @@ class AdminServer:
             with trio.CancelScope(deadline=deadline) as waiting:
                 self._start_waiting(slot, waiting)
                 try:
-                    request = await self._read_request(stream, conn, slot, start)
+                    request, body = await self._read_request(stream, conn, slot, start)
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
                     error = _text(status, f"bad request: {exc}\n")
-                except _BodyTooLarge:
-                    error = _text(413, f"request body over {limits.max_request_body} bytes\n")
+                except _BodyTooLarge as exc:
+                    error = _text(413, f"request body over {exc.args[0]} bytes\n")
                 except _HeadTooLarge:
                     error = _text(431, f"request head over {limits.max_request_head} bytes\n")
             self._stop_waiting(slot)
@@ -501,7 +535,7 @@ class AdminServer:
             if request is None:
                 return  # the client closed the connection between requests
             try:
-                response = await self._route(request)
+                response = await self._route(request, body)
             except Exception:
                 # A bug behind one page must not take the process down with it.
                 log.exception("admin request failed", extra={
@@ -525,8 +559,11 @@ class AdminServer:
         conn: h11.Connection,
         slot: _Slot,
         start: float | None,
-    ) -> h11.Request | None:
-        """The next complete request (its body read and dropped), or None at EOF.
+    ) -> tuple[h11.Request | None, bytes]:
+        """The next complete request and its body, or None at EOF.
+
+        Only the policy API's writes have their body kept (up to ``max_write_body``); every
+        other body is read and dropped (up to ``max_request_body``).
 
         ``start`` is when the request began, None while a keep-alive
         connection waits for its first byte. From its start, the head must be
@@ -538,6 +575,7 @@ class AdminServer:
         request: h11.Request | None = None
         body = 0
         limit = limits.max_request_body
+        kept: bytearray | None = None
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -553,6 +591,11 @@ class AdminServer:
             elif isinstance(event, h11.Request):
                 request = event
                 slot.method = event.method
+                target_path = urlsplit(event.target.decode("ascii", "replace")).path
+                if event.method in (b"PUT", b"POST") and (
+                    PolicyApi.handles(target_path) or MeshApi.handles(target_path)
+                ):
+                    limit, kept = limits.max_write_body, bytearray()
                 if start is not None:
                     waiting.deadline = start + limits.request_timeout
                 # h11 bounds only a head still incomplete; one that arrived
@@ -561,17 +604,19 @@ class AdminServer:
                 for name, value in event.headers:
                     head += len(name) + len(value) + 4
                     if name == b"content-length" and int(value) > limit:
-                        raise _BodyTooLarge
+                        raise _BodyTooLarge(limit)
                 if head > limits.max_request_head:
                     raise _HeadTooLarge
             elif isinstance(event, h11.Data):
                 body += len(event.data)
                 if body > limit:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(limit)
+                if kept is not None:
+                    kept += event.data
             elif isinstance(event, h11.EndOfMessage):
-                return request
+                return request, b"" if kept is None else bytes(kept)
             else:  # ConnectionClosed, or PAUSED (cannot happen: one cycle at a time)
-                return None
+                return None, b""
 
     async def _fail(
         self, stream: trio.abc.HalfCloseableStream, conn: h11.Connection, error: _Response,
@@ -609,11 +654,26 @@ class AdminServer:
 
     # ------------------------------------------------------------- routes
 
-    async def _route(self, request: h11.Request) -> _Response:
-        if request.method not in (b"GET", b"HEAD"):
-            return _text(405, "only GET and HEAD\n", ("allow", "GET, HEAD"))
+    async def _route(self, request: h11.Request, body: bytes = b"") -> _Response:
         target = urlsplit(request.target.decode("ascii", "replace"))
         query = parse_qs(target.query)
+        if PolicyApi.handles(target.path):
+            self.served["/policies"] += 1
+            answer = await self.policies.handle(
+                request.method, target.path, query, dict(request.headers), body
+            )
+            return _json(answer.status, answer.body, *answer.headers)
+        if MeshApi.handles(target.path):
+            self.served["/mesh"] += 1
+            answer = await self.mesh.handle(
+                request.method, target.path, query, dict(request.headers), body
+            )
+            return _json(answer.status, answer.body, *answer.headers)
+        if target.path == "/inspect":
+            self.served["/inspect"] += 1
+            return await self._inspect(request)
+        if request.method not in (b"GET", b"HEAD"):
+            return _text(405, "only GET and HEAD\n", ("allow", "GET, HEAD"))
         self.observer.sample()
         path = target.path
         self.served[path if path in self.served else "other"] += 1
@@ -644,6 +704,8 @@ class AdminServer:
             shards = self._shards() if self._shards is not None else None
             return _json(200, shards if shards is not None else {"sharding": "off"})
         if path == "/status":
+            await self.policies.refresh_status()
+            await self.mesh.refresh_status()
             return _json(200, self.status())
         return _text(404, f"no such page: {path} (try /, /metrics, /health, /ready, "
                           "/snapshot, /shards, /status)\n")  # fmt: skip
@@ -669,6 +731,32 @@ class AdminServer:
                 cache.clear()  # bounded, and only the current version's
             cache[limit] = (snapshot, body)
         return _Response(200, body, "application/json", headers)
+
+    async def _inspect(self, request: h11.Request) -> _Response:
+        """``POST /inspect``: one inspection pass, reported, nothing repaired.
+
+        It costs upstream reads, so where the endpoint has a write token
+        (``[governance] token``) the request must carry it as a bearer token.
+        """
+        if request.method != b"POST":
+            return _text(405, "only POST\n", ("allow", "POST"))
+        inspector = self.gateway.inspector
+        if inspector is None:
+            return _text(503, "inspection is not available until the gateway serves\n")
+        token = self.gateway.config.governance.token
+        if token is not None:
+            sent = b""
+            for name, value in request.headers:
+                if name == b"authorization" and value.startswith(b"Bearer "):
+                    sent = value[len(b"Bearer ") :].strip()
+            if not hmac.compare_digest(sent, token.encode()):
+                refusal = "POST /inspect needs 'Authorization: Bearer <token>' ([governance] token)"
+                return _text(401, refusal + "\n", ("www-authenticate", "Bearer"))
+        reports = await inspector.inspect(repair=False)
+        return _json(200, {
+            "consistent": all(report.consistent for report in reports),
+            "layers": [report.to_json() for report in reports],
+        })  # fmt: skip
 
     def _proxies_status(self) -> dict[str, Any] | None:
         server = self.gateway.subscriptions
@@ -742,5 +830,17 @@ class AdminServer:
                 "lag_max": max(pending, default=0),
             },
             "proxies": self._proxies_status(),
+            "policies": self.policies.status(),
+            "mesh": self.mesh.status(),
+            "xds": self._xds_status(),
             "interest": None if interest is None else sorted(interest),
+            "inspection": None if gateway.inspector is None else gateway.inspector.status(),
         }
+
+    def _xds_status(self) -> dict[str, Any] | None:
+        server = self.gateway.xds
+        if server is None:
+            return None
+        m = server.metrics
+        return {"listen": server.config.listen, "port": server.port, "streams": m.streams_active,
+                "refused": m.streams_refused, "nacks": m.nacks}  # fmt: skip

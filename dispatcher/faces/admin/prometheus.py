@@ -172,6 +172,9 @@ class GatewayCollector(Collector):
         yield from self._subscribers(admin)
         yield from self._proxies(admin)
         yield from self._health(admin)
+        yield from self._xds(admin)
+        yield from self._mesh_views(admin)
+        yield from self._inspection(admin)
         yield self._internal_errors(admin)
         yield CounterMetricFamily(
             "zkgate_admin_connections_refused",
@@ -208,6 +211,8 @@ class GatewayCollector(Collector):
             if listener is not None:
                 errors = listener.internal_errors
                 family.add_metric([errors.listener], errors.count)
+        if gateway.xds is not None:
+            family.add_metric(["xds"], gateway.xds.metrics.internal_errors)
         return family
 
     def _instances(self, snapshot: Snapshot) -> tuple[dict[str, int], int]:
@@ -382,6 +387,44 @@ class GatewayCollector(Collector):
             value=unsent,
         )
 
+    def _inspection(self, admin: AdminSource) -> Iterator[Metric]:
+        inspector = admin.gateway.inspector
+        if inspector is None:
+            return
+        divergences = CounterMetricFamily(
+            "zkgate_inspection_divergences", "Divergences inspection found, by layer",
+            labels=["layer"],
+        )  # fmt: skip
+        repairs = CounterMetricFamily(
+            "zkgate_inspection_repairs", "Divergences repaired and checked equal, by layer",
+            labels=["layer"],
+        )  # fmt: skip
+        passes = CounterMetricFamily(
+            "zkgate_inspection_passes", "Inspection passes, by layer", labels=["layer"]
+        )
+        success = GaugeMetricFamily(
+            "zkgate_inspection_last_success_timestamp_seconds",
+            "Wall-clock time of the layer's last pass that completed (0: none yet)",
+            labels=["layer"],
+        )
+        duration = GaugeMetricFamily(
+            "zkgate_inspection_pass_seconds", "Duration of the layer's last pass",
+            labels=["layer"],
+        )  # fmt: skip
+        reads = GaugeMetricFamily(
+            "zkgate_inspection_pass_upstream_reads",
+            "Upstream requests the layer's last pass made", labels=["layer"],
+        )  # fmt: skip
+        for layer, stats in inspector.stats.items():
+            divergences.add_metric([layer], stats.divergences_total)
+            repairs.add_metric([layer], stats.repairs_total)
+            passes.add_metric([layer], stats.passes)
+            success.add_metric([layer], stats.last_success)
+            last = stats.last
+            duration.add_metric([layer], 0.0 if last is None else last.duration)
+            reads.add_metric([layer], 0 if last is None else last.reads)
+        yield from (divergences, repairs, passes, success, duration, reads)
+
     def _health(self, admin: AdminSource) -> Iterator[Metric]:
         checker = admin.gateway.health
         if checker is None:
@@ -430,6 +473,56 @@ class GatewayCollector(Collector):
             cumulative.append((bound_label, running))
         detection.add_metric([], cumulative, m.detection_sum)
         yield detection
+
+    def _xds(self, admin: AdminSource) -> Iterator[Metric]:
+        server = admin.gateway.xds
+        if server is None:
+            return
+        m = server.metrics
+        yield GaugeMetricFamily(
+            "zkgate_xds_streams", "Open xDS (ADS) streams", value=m.streams_active
+        )
+        for name, doc, value in (
+            ("streams_opened", "xDS streams accepted", m.streams_opened),
+            ("streams_refused", "xDS streams refused because max_streams were open",
+             m.streams_refused),
+            ("requests", "xDS discovery requests handled", m.requests),
+            ("acks", "xDS responses acknowledged (ACK)", m.acks),
+            ("nacks", "xDS responses rejected by the client (NACK; the last version stays)",
+             m.nacks),
+            ("stale_nonces", "xDS requests answering a superseded response (ignored)",
+             m.stale_nonces),
+            ("bad_requests", "xDS requests refused as malformed or over a limit",
+             m.bad_requests),
+            ("pushes", "xDS responses written to streams", m.pushes),
+            ("pushed_bytes", "Bytes of xDS responses written to streams", m.bytes_pushed),
+            ("encodings", "xDS resources encoded (once per change, shared by every stream)",
+             m.encodings),
+            ("encoded_bytes", "Bytes of xDS resources encoded", m.bytes_encoded),
+        ):  # fmt: skip
+            yield CounterMetricFamily(f"zkgate_xds_{name}", doc, value=value)
+
+    def _mesh_views(self, admin: AdminSource) -> Iterator[Metric]:
+        views = admin.gateway.mesh_views
+        if views is None:
+            return
+        yield GaugeMetricFamily(
+            "zkgate_mesh_view_version", "Mesh settings version the views are computed on",
+            value=views.version,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "zkgate_mesh_view_sessions",
+            "Sessions served from mesh views, counted once per provider directory they read",
+            value=views.sessions,
+        )
+        for name, doc, value in (
+            ("fired", "Watch events sent because a session's mesh view changed", views.fired),
+            ("moved", "Engine-held child watches moved onto mesh views", views.moved),
+            ("rendered", "Mesh views computed (cache misses)", views.rendered),
+            ("shared", "Mesh views served from a rendering another session shares",
+             views.shared),
+        ):  # fmt: skip
+            yield CounterMetricFamily(f"zkgate_mesh_view_{name}", doc, value=value)
 
 
 def proxy_lag(snapshot: Snapshot, connections: Iterable[SubscriberConnection]) -> tuple[int, int]:

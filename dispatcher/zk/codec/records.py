@@ -12,12 +12,17 @@ forwards a null field unchanged.
 
 from __future__ import annotations
 
+import struct
 from typing import ClassVar, Protocol, Self
 
 import attrs
 
 from dispatcher.zk.codec.jute import DecodeError, Reader, Writer
 from dispatcher.zk.codec.protocol import OpCode
+
+#: czxid, mzxid, ctime, mtime, version, cversion, aversion, ephemeralOwner,
+#: dataLength, numChildren, pzxid.
+_STAT = struct.Struct(">qqqqiiiqiiq")
 
 __all__ = [
     "ACL",
@@ -159,10 +164,12 @@ class Stat:
 
     @classmethod
     def read(cls, r: Reader) -> Stat:
-        return cls(
-            r.long(), r.long(), r.long(), r.long(), r.int(), r.int(), r.int(),
-            r.long(), r.int(), r.int(), r.long(),
-        )  # fmt: skip
+        # One unpack for the eleven fields: stats come by the tens of thousands.
+        if r.offset + _STAT.size > len(r.data):
+            raise DecodeError("record truncated")
+        values = _STAT.unpack_from(r.data, r.offset)
+        r.offset += _STAT.size
+        return cls(*values)
 
     def write(self, w: Writer) -> None:
         w.long(self.czxid)

@@ -1,10 +1,26 @@
-"""ACL schemes and checks as ZooKeeper 3.8 applies them (world, auth, digest, ip)."""
+"""ACL schemes and checks as ZooKeeper 3.8 applies them (world, auth, digest, ip, x509, sasl).
+
+``x509`` is ZooKeeper's ``X509AuthenticationProvider``: a client that presented a
+verified certificate on the TLS port holds ``x509:<subject DN>`` (see
+:func:`dispatcher.tls.x509_subject`). The provider is there only when a TLS port
+verifies client certificates (``x509=True`` below; without it an ``x509:`` entry
+is INVALIDACL, as on a ZooKeeper that does not configure it); then any string is
+a valid x509 id, and an entry matches when the DN is the same string.
+
+``sasl`` is ZooKeeper's ``SASLAuthenticationProvider``, there only when SASL is
+configured (``sasl=True`` below; without it a ``sasl:`` entry is INVALIDACL, as
+on a ZooKeeper without the provider): a client that completed DIGEST-MD5 holds
+``sasl:<user>``; an id is valid when Kerberos' name parser takes it (no ``@``,
+or exactly ``name[/host]@REALM``); an entry matches the same user, and a user
+named ``super`` matches every ``sasl:`` entry, as ZooKeeper's ``matches`` has it.
+"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import ipaddress
+import re
 
 from dispatcher.zk.codec.protocol import Perm
 from dispatcher.zk.codec.records import ACL, Id
@@ -23,6 +39,9 @@ class UnreadableACL(ValueError):
     request it fails to process, and the connection stays open.
     """
 
+
+#: Kerberos' principal syntax (``KerberosName``): an id with ``@`` must match it.
+_KERBEROS_NAME = re.compile(r"([^/@]*)(/([^/@]*))?@([^/@]*)")
 
 #: Schemes whose provider reads the id while validating it (a null id fails).
 _ID_READING_SCHEMES = frozenset({"world", "digest", "ip"})
@@ -53,7 +72,11 @@ def _ip_matches(client: str | None, spec: str | None) -> bool:
         return False
 
 
-def _valid_id(scheme: str, ident: str) -> bool:
+def _valid_id(scheme: str, ident: str, sasl: bool, x509: bool) -> bool:
+    if scheme == "x509":
+        return x509
+    if scheme == "sasl":
+        return sasl and ("@" not in ident or _KERBEROS_NAME.fullmatch(ident) is not None)
     if scheme == "digest":
         return len(ident.split(":")) == 2
     if scheme == "ip":
@@ -81,8 +104,13 @@ def _check_nulls_while_deduplicating(acl: tuple[ACL, ...]) -> None:
             kept.append(entry)
 
 
-def fixup_acl(acl: tuple[ACL, ...] | None, auth: list[Id]) -> tuple[ACL, ...]:
+def fixup_acl(
+    acl: tuple[ACL, ...] | None, auth: list[Id], *, sasl: bool = False, x509: bool = False
+) -> tuple[ACL, ...]:
     """Validate an ACL for storage, expanding ``auth`` entries into the caller's ids.
+
+    ``sasl``: the ``sasl`` scheme is known (SASL is configured); ``x509``: the
+    ``x509`` scheme is (a TLS port verifies client certificates).
 
     Raises :class:`InvalidACL` or :class:`UnreadableACL`, as ZooKeeper 3.8's
     ``fixupACL`` fails, for the first offending entry in order.
@@ -96,18 +124,20 @@ def fixup_acl(acl: tuple[ACL, ...] | None, auth: list[Id]) -> tuple[ACL, ...]:
         scheme, ident = entry.id.scheme, entry.id.id
         if scheme is None:
             raise InvalidACL("null ACL scheme")
-        if ident is None and scheme in _ID_READING_SCHEMES:
+        if ident is None and (scheme in _ID_READING_SCHEMES or (sasl and scheme == "sasl")):
             raise UnreadableACL(f"null id for the {scheme} scheme")
         if scheme == "world" and ident == "anyone":
             out.append(entry)
         elif scheme == "auth":
             # Only schemes that prove who a client is may stand in for "auth";
             # the ip scheme describes where it connects from, not who it is.
-            expanded = [ACL(entry.perms, a) for a in auth if a.scheme in ("digest", "super")]
+            expanded = [
+                ACL(entry.perms, a) for a in auth if a.scheme in ("digest", "super", "x509", "sasl")
+            ]
             if not expanded:
                 raise InvalidACL("auth scheme without an authenticated id")
             out.extend(expanded)
-        elif ident is not None and _valid_id(scheme, ident):
+        elif ident is not None and _valid_id(scheme, ident, sasl, x509):
             out.append(entry)
         else:
             raise InvalidACL(f"invalid ACL id {scheme}:{ident}")
@@ -137,6 +167,6 @@ def allowed(acl: tuple[ACL, ...], perm: Perm, auth: list[Id]) -> bool:
             if scheme == "ip":
                 if _ip_matches(a.id, ident):
                     return True
-            elif a.id == ident:
+            elif a.id == ident or (scheme == "sasl" and a.id == "super"):
                 return True
     return False

@@ -10,6 +10,16 @@
     container_check_ms = 60000      # znode.container.checkIntervalMs
     super_digest = "super:BASE64SHA1"
     four_letter_words = "ruok, srvr, mntr, isro"  # 4lw.commands.whitelist; "*" for all
+    secure_listen = "0.0.0.0:2281"  # ZooKeeper's secureClientPort; needs [zookeeper.tls]
+                                    # (listen = "off" then leaves only the TLS port)
+    sasl_jaas_file = "jaas.conf"    # DIGEST-MD5 users: the JAAS file's Server section
+    sasl_required = false           # zookeeper.sessionRequireClientSASLAuth
+
+    [zookeeper.tls]                 # see dispatcher.tls
+    cert = "server.pem"
+    key = "server-key.pem"
+    ca = "clients-ca.pem"
+    verify_client = true            # clients then carry an x509:<subject DN> identity
 
 The same keys come from ``zkgate serve``'s flags (``--tick-ms``, ``--4lw``...):
 :func:`parse_zookeeper` with ``where=None`` names them as flags in its messages.
@@ -29,10 +39,12 @@ import attrs
 
 from dispatcher import settings
 from dispatcher.settings import ConfigError
+from dispatcher.tls import TlsConfig, parse_tls
 from dispatcher.wire import parse_address
 from dispatcher.zk.codec.paths import InvalidPath, is_within, validate_path
 from dispatcher.zk.codec.protocol import DEFAULT_MAX_BUFFER
 from dispatcher.zk.server.fourletter import DEFAULT_WHITELIST, FourLetterWhitelist
+from dispatcher.zk.server.jaas import JaasError, SaslUsers, load_users
 
 __all__ = ["ZooKeeperConfig", "default_data_dir", "mount_root", "parse_zookeeper"]
 
@@ -46,6 +58,10 @@ _ZOOKEEPER_KEYS: Final = (
     "container_check_ms",
     "super_digest",
     "four_letter_words",
+    "secure_listen",
+    "tls",
+    "sasl_jaas_file",
+    "sasl_required",
 )
 #: Command-line flags whose name is not ``--`` plus the key with dashes.
 _FLAG_NAMES: Final = {"four_letter_words": "--4lw"}
@@ -70,6 +86,19 @@ class ZooKeeperConfig:
     container_check_ms: int = 60000
     super_digest: str | None = None
     four_letter_words: FourLetterWhitelist = DEFAULT_WHITELIST
+    #: The TLS port (ZooKeeper's ``secureClientPort``), served with ``tls``; None: off.
+    secure_listen: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(settings.valid_listen)
+    )
+    tls: TlsConfig | None = None
+    #: False (``listen = "off"``): no plain-text port, only ``secure_listen``.
+    plain: bool = True
+    #: The JAAS file whose ``Server`` section lists the DIGEST-MD5 users; None: no SASL.
+    sasl_jaas_file: Path | None = None
+    #: The users read from it at load time (passwords kept out of ``repr``).
+    sasl_users: SaslUsers | None = attrs.field(default=None, repr=False)
+    #: ZooKeeper's ``zookeeper.sessionRequireClientSASLAuth``.
+    sasl_required: bool = False
 
     @property
     def host(self) -> str:
@@ -82,7 +111,7 @@ class ZooKeeperConfig:
     def to_mapping(self) -> dict[str, Any]:
         """The ``[zookeeper]`` table as TOML would give it."""
         result: dict[str, Any] = {
-            "listen": self.listen,
+            "listen": self.listen if self.plain else "off",
             "data_dir": str(self.data_dir),
             "tick_ms": self.tick_ms,
             "max_buffer": self.max_buffer,
@@ -93,6 +122,13 @@ class ZooKeeperConfig:
         }
         if self.super_digest is not None:
             result["super_digest"] = self.super_digest
+        if self.secure_listen is not None:
+            result["secure_listen"] = self.secure_listen
+        if self.tls is not None:
+            result["tls"] = self.tls.to_mapping()
+        if self.sasl_jaas_file is not None:
+            result["sasl_jaas_file"] = str(self.sasl_jaas_file)
+            result["sasl_required"] = self.sasl_required
         return result
 
 
@@ -112,7 +148,9 @@ def parse_zookeeper(
 
     settings.reject_unknown(table, _ZOOKEEPER_KEYS, where or "")
     options: dict[str, Any] = {}
-    if "listen" in table:
+    if table.get("listen") == "off":
+        options["plain"] = False
+    elif "listen" in table:
         options["listen"] = settings.address(table["listen"], name("listen"))
     if "data_dir" in table:
         data_dir = settings.user_path(table["data_dir"], name("data_dir"))
@@ -139,6 +177,31 @@ def parse_zookeeper(
         options["four_letter_words"] = _four_letter_words(
             table["four_letter_words"], name("four_letter_words")
         )
+    if "tls" in table:
+        options["tls"] = parse_tls(table["tls"], f"{where or 'zookeeper'}.tls", base_dir)
+    if "secure_listen" in table:
+        options["secure_listen"] = settings.address(table["secure_listen"], name("secure_listen"))
+        if "tls" not in options:
+            raise ConfigError(
+                f"{name('secure_listen')}: needs a [zookeeper.tls] table (cert and key)"
+            )
+    elif not options.get("plain", True):
+        raise ConfigError(f"{name('listen')}: can be off only beside a secure_listen")
+    if "sasl_jaas_file" in table:
+        jaas = settings.user_path(table["sasl_jaas_file"], name("sasl_jaas_file"))
+        if not jaas.is_absolute() and base_dir is not None:
+            jaas = base_dir / jaas
+        try:
+            options["sasl_users"] = load_users(jaas)
+        except JaasError as exc:
+            raise ConfigError(f"{name('sasl_jaas_file')}: {exc}") from None
+        options["sasl_jaas_file"] = jaas
+    if "sasl_required" in table:
+        options["sasl_required"] = settings.boolean(table["sasl_required"], name("sasl_required"))
+        if options["sasl_required"] and "sasl_jaas_file" not in options:
+            raise ConfigError(
+                f"{name('sasl_required')}: needs sasl_jaas_file (the users to authenticate)"
+            )
     return ZooKeeperConfig(**options)
 
 

@@ -75,8 +75,9 @@ class GroupCommit:
 
     def add(self, paths: Iterable[str]) -> None:
         """Paths a write changed in the tree: they go to disk with the next fsync."""
-        group = self._group()
-        group.paths.update(dict.fromkeys(paths))
+        gathered = self._group().paths
+        for path in paths:
+            gathered[path] = None
         self._wake.set()
 
     def send(self, peer: _Peer, data: bytes) -> None:

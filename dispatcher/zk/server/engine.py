@@ -71,11 +71,15 @@ from dispatcher.zk.codec.records import (
     WatcherEvent,
     WatchesRequest,
     WhoAmIResponse,
+    read_acls,
 )
+from dispatcher.zk.digest_md5 import SaslError
 from dispatcher.zk.server import acl as acls
 from dispatcher.zk.server.durability import GroupCommit
+from dispatcher.zk.server.jaas import SaslUsers
 from dispatcher.zk.server.pending import Pending
 from dispatcher.zk.server.quotas import QuotaUsage
+from dispatcher.zk.server.sasl import DigestMd5Server
 from dispatcher.zk.server.sessions import Session, SessionTable
 from dispatcher.zk.server.stats import ServerStats
 from dispatcher.zk.server.store import TreeStore
@@ -139,6 +143,12 @@ class Mount(Protocol):
         """``mntr`` lines (``zk_mirror_stale`` and the like)."""
 
 
+class ReadHook(Protocol):
+    """Answers some reads itself (per-consumer views of projected znodes); True if it did."""
+
+    def read(self, client: Client, xid: int, opcode: int, path: str, watch: bool) -> bool: ...
+
+
 class Peer(Protocol):
     """Where the engine's bytes for one connection go.
 
@@ -169,6 +179,17 @@ class EngineConfig:
     container_check_ms: int = 60000
     #: ZooKeeper's ``znode.container.maxNeverUsedIntervalMs`` (0: keep forever).
     container_max_never_used_ms: int = 0
+    #: DIGEST-MD5 users (the JAAS file's ``Server`` section); None: SASL is off,
+    #: the ``sasl`` opcode gets an empty token and ``sasl:`` ACLs are invalid.
+    sasl_users: SaslUsers | None = None
+    #: ZooKeeper's ``zookeeper.sessionRequireClientSASLAuth``: every request but
+    #: ``auth`` and ``sasl`` from a connection without a ``sasl`` identity is
+    #: answered SESSIONCLOSEDREQUIRESASLAUTH and the connection closed.
+    sasl_required: bool = False
+    #: ZooKeeper's ``X509AuthenticationProvider`` is registered: the face has a TLS
+    #: port that verifies client certificates. Without it ``x509:`` ACLs are
+    #: INVALIDACL, as on an ensemble that does not configure that provider.
+    x509: bool = False
 
     @property
     def min_timeout(self) -> int:
@@ -201,6 +222,8 @@ class Client:
     #: Persistent watches on a null path (addWatch or setWatches2 with one);
     #: created on first use, which almost never comes.
     null_watches: NullPathWatches | None = None
+    #: The connection's DIGEST-MD5 exchange, from its first ``sasl`` request.
+    sasl: DigestMd5Server | None = None
 
     def __hash__(self) -> int:
         return id(self)
@@ -291,6 +314,8 @@ class Engine:
         self.projection_open: dict[str, tuple[tuple[str, ...], ...]] = {}
         #: Subtrees served by another backend (mirrors of upstream ensembles).
         self.mounts: tuple[Mount, ...] = ()
+        #: Per-consumer views of projected znodes (mesh onboarding); None: none.
+        self.views: ReadHook | None = None
         self.started = wall_clock()
         log.info("tree loaded from disk", extra={"znodes": loaded, "boot": store.boot})
         self._expire_orphaned_ephemerals()
@@ -331,6 +356,23 @@ class Engine:
             OpCode.SET_ACL: self._set_acl,  # type: ignore[dict-item]
             OpCode.CHECK: self._check,  # type: ignore[dict-item]
         }
+        # A write alone (not in a multi) answers with its result's encoding
+        # made straight from the znode: no result record to build and encode.
+        self._single_writes: dict[int, Callable[[Txn, Client, int, Record], Record | bytes | None]]
+        self._single_writes = {
+            **self._writes,
+            OpCode.CREATE: self._create_single,
+            OpCode.CREATE2: self._create_single,
+            OpCode.CREATE_CONTAINER: self._create_single,
+            OpCode.CREATE_TTL: self._create_single,
+            OpCode.SET_DATA: self._set_data_single,  # type: ignore[dict-item]
+        }
+        #: Encoded ACL vectors of create requests, decoded once (clients send
+        #: the same few ACLs with every create).
+        self._request_acls: dict[bytes, tuple[ACL, ...]] = {}
+        #: One tuple per distinct ACL for new znodes: znodes then share it
+        #: (less memory), and the store finds its encoding by identity.
+        self._acls: dict[tuple[ACL, ...], tuple[ACL, ...]] = {}
 
     # --- sessions ---------------------------------------------------------------
 
@@ -529,6 +571,7 @@ class Engine:
         *,
         keep: bool = False,
         beside: Mapping[str, tuple[ACL, ...]] | None = None,
+        beside_children: Mapping[str, Mapping[str, bytes]] | None = None,
     ) -> None:
         """Make ``directory`` (inside a projection) hold exactly ``children`` (name → data).
 
@@ -539,6 +582,9 @@ class Engine:
         ``beside`` are the other znodes (path → ACL) a layout keeps with the
         directory: a Dubbo service's znode and its other category directories.
         They are created with it, parents first, and never changed once there.
+        ``beside_children`` are the projected children of some of them (Dubbo's
+        governance URLs in ``configurators`` and ``routers``), kept exactly so in
+        the same transaction (emptied first when the directory goes).
         With ``keep`` the directory and ``beside`` stay while ``children`` is
         empty (a service that is known but has nothing to show). Without it, an
         empty directory is removed with ``beside`` and the parents left empty
@@ -558,9 +604,21 @@ class Engine:
                 if tree.get(path) is None:
                     self._ensure_directory(txn, parent_of(path))
                     txn.create(path, b"", beside[path], 0)
+        for path, wanted in sorted((beside_children or {}).items()):
+            if tree.get(path) is not None:
+                self._sync_children(txn, path, wanted if children or keep else {})
         self._ensure_directory(txn, directory)
-        node = tree.nodes[directory]
-        for name in sorted(node.children - set(children)):
+        self._sync_children(txn, directory, children)
+        if not children and not keep:
+            self._prune_empty(txn, directory, beside)
+        if txn.touched_paths:
+            self._commit(txn)
+        else:
+            self.zxid -= 1  # nothing changed: no transaction, no zxid
+
+    def _sync_children(self, txn: Txn, directory: str, children: Mapping[str, bytes]) -> None:
+        tree = self.tree
+        for name in sorted(tree.nodes[directory].children - set(children)):
             self._delete_projected(txn, join(directory, name))
         for name, data in sorted(children.items()):
             path = join(directory, name)
@@ -569,12 +627,6 @@ class Engine:
                 txn.create(path, data, READ_ONLY_WORLD, 0)
             elif existing.data != data:
                 txn.set_data(path, data, existing.version + 1)
-        if not children and not keep:
-            self._prune_empty(txn, directory, beside)
-        if txn.touched_paths:
-            self._commit(txn)
-        else:
-            self.zxid -= 1  # nothing changed: no transaction, no zxid
 
     def _internal_txn(self) -> Txn:
         self.zxid += 1
@@ -655,6 +707,9 @@ class Engine:
         client.received += 1
         self.stats.packets_received += 1
         self.sessions.touch(client.session, started)
+        if self.config.sasl_required and opcode not in _BEFORE_SASL and not _has_sasl(client):
+            self._require_sasl(client, xid, opcode)
+            return None
         pending = None
         read = self._reads.get(opcode)
         if read is not None:
@@ -665,16 +720,28 @@ class Engine:
                 # ZooKeeper's read dereferences the null path: the exception
                 # is answered as MARSHALLINGERROR and the connection stays.
                 self._reply(client, xid, Err.MARSHALLINGERROR)
+            elif self.views is not None and self.views.read(client, xid, opcode, path, watch):
+                pass  # answered from the session's own view
             elif (mount := self._mount_of(path) if self.mounts else None) is None:
                 read(client, xid, path, watch)
             else:
                 pending = mount.read(client, xid, opcode, path, watch)
-        elif opcode == OpCode.PING:
+        elif opcode == _OP_PING:
             self._reply(client, xid, Err.OK)
-        elif opcode == OpCode.CLOSE_SESSION:
+        elif opcode == _OP_CLOSE_SESSION:
             pending = self._close_session(client, xid)
-        elif opcode == OpCode.DELETE_CONTAINER:
+        elif opcode == _OP_DELETE_CONTAINER:
             self._delete_container(client, xid)
+            client.last_op = opcode
+        elif (
+            opcode in _FAST_WRITES
+            and not self.mounts
+            and (fast := _decode_write(opcode, body, self._request_acls)) is not None
+        ):
+            # The common writes, decoded in place; anything unusual in the
+            # body (a null field, a short frame) takes the generic path below,
+            # which answers it exactly as before.
+            self._single_write(client, xid, opcode, fast, self._single_writes[opcode])
             client.last_op = opcode
         else:
             op = OPS.get(opcode)
@@ -684,7 +751,7 @@ class Engine:
             # for is one transaction of one operation.
             write = None
             if handler is None and op is not None and op.write:
-                write = self._writes.get(opcode)
+                write = self._single_writes.get(opcode)
             if record_type is None or (handler is None and write is None):
                 self._unimplemented(client, xid, opcode)
                 return None
@@ -1111,8 +1178,43 @@ class Engine:
                 extra={"session": client.session.id, "peer": client.peer.remote},
             )
             return self._lose(client)
-        # A ZooKeeper without SASL configured answers with an empty token.
-        self._reply(client, xid, Err.OK, SetSASLResponse(None), zxid=0)
+        users = self.config.sasl_users
+        if users is None:
+            # A ZooKeeper without SASL configured answers with an empty token.
+            self._reply(client, xid, Err.OK, SetSASLResponse(None), zxid=0)
+            return
+        if client.sasl is None:
+            client.sasl = DigestMd5Server(users)
+        try:
+            token = client.sasl.evaluate(req.token)
+        except SaslError as exc:
+            # ZooKeeper (without allowSaslFailedClients) answers a refused
+            # token and closes the connection; the session lives on.
+            required = self.config.sasl_required
+            log.warning("SASL authentication failed; closing", extra={
+                "reason": str(exc), "session": client.session.id, "peer": client.peer.remote,
+            })  # fmt: skip
+            err = Err.SESSIONCLOSEDREQUIRESASLAUTH if required else Err.AUTHFAILED
+            self._reply(client, xid, err, SetSASLResponse(None), zxid=0)
+            self._lose(client)
+            return
+        if client.sasl.complete and client.sasl.authorization_id is not None:
+            ident = Id("sasl", client.sasl.authorization_id)
+            if ident not in client.auth:
+                client.auth.append(ident)
+            log.info("SASL authenticated", extra={
+                "user": client.sasl.authorization_id, "session": client.session.id,
+                "peer": client.peer.remote,
+            })  # fmt: skip
+        self._reply(client, xid, Err.OK, SetSASLResponse(token), zxid=0)
+
+    def _require_sasl(self, client: Client, xid: int, opcode: int) -> None:
+        """ZooKeeper's answer to a request before SASL when SASL is required."""
+        log.warning("request before SASL authentication; closing", extra={
+            "opcode": opcode, "session": client.session.id, "peer": client.peer.remote,
+        })  # fmt: skip
+        self._reply(client, xid, Err.SESSIONCLOSEDREQUIRESASLAUTH, zxid=0)
+        self._lose(client)
 
     def _reconfig(self, client: Client, xid: int, req: ReconfigRequest) -> None:
         self.zxid += 1  # refused in ZooKeeper's prep stage, as an error txn
@@ -1150,7 +1252,7 @@ class Engine:
         xid: int,
         opcode: int,
         record: Record,
-        write: Callable[[Txn, Client, int, Record], Record | None],
+        write: Callable[[Txn, Client, int, Record], Record | bytes | None],
     ) -> None:
         # A failed write still takes a zxid in ZooKeeper (it is logged as an
         # error txn), and clients see it in the reply header.
@@ -1213,12 +1315,14 @@ class Engine:
     def _commit(self, txn: Txn) -> None:
         try:
             self.quotas.account(txn)
-            # Projected subtrees are rebuilt from the snapshot at start, never stored.
-            paths = [
-                p
-                for p in txn.touched_paths
-                if not self._projected(p) and (not self.mounts or self._mount_of(p) is None)
-            ]
+            paths = txn.touched_paths
+            if self.projection_roots or self.mounts:
+                # Projected subtrees are rebuilt from the snapshot at start, never stored.
+                paths = [
+                    p
+                    for p in paths
+                    if not self._projected(p) and (not self.mounts or self._mount_of(p) is None)
+                ]
             if paths:
                 if self.durability is None:
                     self.store.commit(self.tree, paths)
@@ -1237,6 +1341,8 @@ class Engine:
         A watcher that hears several events of one transaction (a multi under
         a recursive watch) gets them in one send, in order.
         """
+        if not self.watches.data and not self.watches.child:
+            return  # nobody watches anything (recursive watches are in there too)
         if len(triggers) == 1:
             for watcher, notification in self._heard(triggers[0]):
                 self._send(watcher.peer, watcher.conn.send(notification))
@@ -1275,15 +1381,39 @@ class Engine:
         self.stats.packets_sent += 1
 
     def _create(self, txn: Txn, client: Client, opcode: int, req: Record) -> Record:
+        path, node = self._create_node(txn, client, opcode, req)
+        if opcode == OpCode.CREATE:
+            return CreateResponse(path)
+        return Create2Response(path, node.stat())
+
+    def _create_single(self, txn: Txn, client: Client, opcode: int, req: Record) -> bytes:
+        """:meth:`_create`'s result, encoded (the same bytes, made directly)."""
+        path, node = self._create_node(txn, client, opcode, req)
+        raw = path.encode()
+        if opcode == _OP_CREATE:
+            return _PATH_LENGTH.pack(len(raw)) + raw
+        return _PATH_LENGTH.pack(len(raw)) + raw + node.stat_bytes()
+
+    def _shared_acl(self, acl: tuple[ACL, ...]) -> tuple[ACL, ...]:
+        shared = self._acls.get(acl)
+        if shared is not None:
+            return shared
+        if len(self._acls) < _SHARED_ACLS:
+            self._acls[acl] = acl
+        return acl
+
+    def _create_node(self, txn: Txn, client: Client, opcode: int, req: Record) -> tuple[str, Znode]:
+        """Create what ``req`` asks for; the path created (sequential names
+        resolved) and its znode."""
         assert isinstance(req, CreateRequest | CreateTTLRequest)
         if req.path is not None:
             self._refuse_projected(req.path)
-        try:
-            mode = CreateMode(req.flags)
-        except ValueError:
-            raise ZkError(Err.BADARGUMENTS) from None
+        mode = _CREATE_MODES.get(req.flags)
+        if mode is None:
+            raise ZkError(Err.BADARGUMENTS)
+        is_ttl, is_sequential, is_ephemeral = mode
         ttl = req.ttl if isinstance(req, CreateTTLRequest) else -1
-        if mode.is_ttl:
+        if is_ttl:
             if not self.config.extended_types:
                 raise ZkError(Err.UNIMPLEMENTED)
             if not 0 < ttl <= MAX_TTL_MS:
@@ -1297,13 +1427,17 @@ class Engine:
         cut = path.rfind("/")
         if cut == -1 or "\0" in path:
             raise ZkError(Err.BADARGUMENTS)
-        acl = _fixed_acl(req.acl, client.auth)
+        acl = self._shared_acl(
+            _fixed_acl(
+                req.acl, client.auth, sasl=self.config.sasl_users is not None, x509=self.config.x509
+            )
+        )
         parent = self.tree.get(path[:cut])
         if parent is None:
             raise ZkError(Err.NONODE)
         if not self._can(client, parent, _CREATE):
             raise ZkError(Err.NOAUTH)
-        if mode.is_sequential:
+        if is_sequential:
             path = f"{path}{parent.child_creates:010d}"
         try:
             validate_path(path)
@@ -1317,18 +1451,15 @@ class Engine:
         # record it: createContainer always makes a container and createTTL a
         # TTL node, whatever else the flags say; a plain create with the
         # container flag makes a persistent node.
-        if opcode == OpCode.CREATE_CONTAINER:
+        if opcode == _OP_CREATE_CONTAINER:
             owner = CONTAINER_OWNER
-        elif opcode == OpCode.CREATE_TTL:
+        elif opcode == _OP_CREATE_TTL:
             owner = ttl_owner(ttl)
-        elif mode.is_ephemeral:
+        elif is_ephemeral:
             owner = client.session.id
         else:
             owner = 0
-        node = txn.create(path, req.data, acl, owner)
-        if opcode == OpCode.CREATE:
-            return CreateResponse(path)
-        return Create2Response(path, node.stat())
+        return path, txn.create(path, req.data, acl, owner)
 
     def _delete(self, txn: Txn, client: Client, opcode: int, req: DeleteRequest) -> None:
         path = req.path
@@ -1352,13 +1483,17 @@ class Engine:
         txn.delete(path)
 
     def _validated(self, client: Client, path: str, perm: int) -> Znode:
-        try:
-            validate_path(path)
-        except InvalidPath:
-            raise ZkError(Err.BADARGUMENTS) from None
+        node = self.tree.nodes.get(path)
+        # Every znode's path was checked when it was made, so a path that names
+        # one needs no second look; projected znodes are named by the registry,
+        # so they are checked, as paths that name nothing are.
+        if node is None or self.projection_roots:
+            try:
+                validate_path(path)
+            except InvalidPath:
+                raise ZkError(Err.BADARGUMENTS) from None
         if perm != _READ:
             self._refuse_projected(path)
-        node = self.tree.nodes.get(path)
         if node is None:
             raise ZkError(Err.NONODE)
         if not self._can(client, node, perm):
@@ -1366,10 +1501,17 @@ class Engine:
         return node
 
     def _set_data(self, txn: Txn, client: Client, opcode: int, req: SetDataRequest) -> Record:
+        return StatResponse(self._set_node_data(txn, client, req).stat())
+
+    def _set_data_single(self, txn: Txn, client: Client, opcode: int, req: SetDataRequest) -> bytes:
+        """:meth:`_set_data`'s result, encoded; the next read reuses the bytes."""
+        return self._set_node_data(txn, client, req).stat_bytes()
+
+    def _set_node_data(self, txn: Txn, client: Client, req: SetDataRequest) -> Znode:
         path = _non_null(req.path)
         node = self._validated(client, path, _WRITE)
         version = _check_version(node.version, req.version)
-        return StatResponse(txn.set_data(path, req.data, version).stat())
+        return txn.set_data(path, req.data, version)
 
     def _check(self, txn: Txn, client: Client, opcode: int, req: DeleteRequest) -> None:
         node = self._validated(client, _non_null(req.path), _READ)
@@ -1381,7 +1523,9 @@ class Engine:
             validate_path(path)
         except InvalidPath:
             raise ZkError(Err.BADARGUMENTS) from None
-        acl = _fixed_acl(req.acl, client.auth)
+        acl = _fixed_acl(
+            req.acl, client.auth, sasl=self.config.sasl_users is not None, x509=self.config.x509
+        )
         node = self._validated(client, path, _ADMIN)
         aversion = _check_version(node.aversion, req.version)
         return StatResponse(txn.set_acl(path, acl, aversion).stat())
@@ -1395,10 +1539,21 @@ def _non_null(path: str | None) -> str:
     return path
 
 
-def _fixed_acl(acl: tuple[ACL, ...] | None, auth: list[Id]) -> tuple[ACL, ...]:
+def _has_sasl(client: Client) -> bool:
+    return any(a.scheme == "sasl" for a in client.auth)
+
+
+#: What a connection may send before SASL when SASL is required, as ZooKeeper
+#: handles these two before its enforcement.
+_BEFORE_SASL = frozenset({OpCode.AUTH, OpCode.SASL})
+
+
+def _fixed_acl(
+    acl: tuple[ACL, ...] | None, auth: list[Id], *, sasl: bool = False, x509: bool = False
+) -> tuple[ACL, ...]:
     """:func:`acls.fixup_acl` with its failures as ZooKeeper answers them."""
     try:
-        return acls.fixup_acl(acl, auth)
+        return acls.fixup_acl(acl, auth, sasl=sasl, x509=x509)
     except acls.InvalidACL:
         raise ZkError(Err.INVALIDACL) from None
     except acls.UnreadableACL:
@@ -1473,6 +1628,91 @@ def _path_and_watch(body: bytes) -> tuple[str | None, bool]:
     except UnicodeDecodeError as exc:
         raise DecodeError("path is not UTF-8") from exc
     return path, body[4 + length] != 0
+
+
+# Opcodes compared on every request, as plain ints: comparing with an enum
+# member costs a class attribute lookup each time.
+_OP_PING, _OP_CLOSE_SESSION, _OP_DELETE_CONTAINER = (
+    int(OpCode.PING), int(OpCode.CLOSE_SESSION), int(OpCode.DELETE_CONTAINER),
+)  # fmt: skip
+_OP_CREATE, _OP_CREATE_CONTAINER, _OP_CREATE_TTL = (
+    int(OpCode.CREATE), int(OpCode.CREATE_CONTAINER), int(OpCode.CREATE_TTL),
+)  # fmt: skip
+_OP_DELETE, _OP_SET_DATA = int(OpCode.DELETE), int(OpCode.SET_DATA)
+#: Per create flags value: (TTL, sequential, ephemeral); absent: not a mode.
+_CREATE_MODES = {
+    int(mode): (mode.is_ttl, mode.is_sequential, mode.is_ephemeral) for mode in CreateMode
+}
+_FAST_WRITES = frozenset({
+    OpCode.CREATE, OpCode.CREATE2, OpCode.CREATE_CONTAINER, OpCode.SET_DATA, OpCode.DELETE,
+})  # fmt: skip
+#: Distinct ACL encodings kept decoded (more are decoded each time).
+_REQUEST_ACLS = 256
+#: Distinct ACLs whose tuple new znodes share (more get a tuple each).
+_SHARED_ACLS = 1024
+#: ACL entries a create may carry and still take the fast path.
+_FAST_ACL_ENTRIES = 16
+
+
+def _decode_write(
+    opcode: int, body: bytes, acl_cache: dict[bytes, tuple[ACL, ...]]
+) -> Record | None:
+    """The request record of a create, setData or delete, decoded in place.
+
+    None when the body holds anything but non-null fields that fit the frame
+    (a null string or buffer, a short frame, a path that is not UTF-8): the
+    record decoder then reads it, and answers or refuses it as always. So
+    this returns only what that decoder would (trailing bytes are ignored
+    there too).
+    """
+    size = len(body)
+    if size < 8:
+        return None
+    (length,) = _PATH_LENGTH.unpack_from(body)
+    at = 4 + length
+    if length < 0 or at + 4 > size:
+        return None
+    try:
+        path = body[4:at].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if opcode == _OP_DELETE:
+        return DeleteRequest(path, _PATH_LENGTH.unpack_from(body, at)[0])
+    (data_length,) = _PATH_LENGTH.unpack_from(body, at)
+    end = at + 4 + data_length
+    if data_length < 0 or end + 4 > size:
+        return None
+    data = body[at + 4 : end]
+    if opcode == _OP_SET_DATA:
+        return SetDataRequest(path, data, _PATH_LENGTH.unpack_from(body, end)[0])
+    # create, create2, createContainer: the ACL vector, then the flags.
+    (count,) = _PATH_LENGTH.unpack_from(body, end)
+    if not 0 <= count <= _FAST_ACL_ENTRIES:
+        return None
+    cursor = end + 4
+    for _ in range(count):
+        cursor += 4  # perms; then the scheme and the id, each a non-null ustring
+        for _field in range(2):
+            if cursor + 4 > size:
+                return None
+            (field_length,) = _PATH_LENGTH.unpack_from(body, cursor)
+            if field_length < 0:
+                return None
+            cursor += 4 + field_length
+    if cursor + 4 > size:
+        return None
+    raw_acl = body[end:cursor]
+    acl = acl_cache.get(raw_acl)
+    if acl is None:
+        try:
+            acl = read_acls(Reader(raw_acl))
+        except DecodeError:
+            return None
+        if acl is None:
+            return None
+        if len(acl_cache) < _REQUEST_ACLS:
+            acl_cache[raw_acl] = acl
+    return CreateRequest(path, data, acl, _PATH_LENGTH.unpack_from(body, cursor)[0])
 
 
 def _well_formed(path: str) -> bool:

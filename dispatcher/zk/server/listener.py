@@ -17,6 +17,7 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 import sys
 from collections.abc import Mapping
 
@@ -24,6 +25,7 @@ import attrs
 import trio
 
 from dispatcher.containment import InternalErrors
+from dispatcher.tls import ServerTls, looks_like_tls, refuse_tls_on_plain_port, x509_subject
 from dispatcher.zk.codec.connection import (
     ConnectRequested,
     FourLetterReply,
@@ -34,6 +36,7 @@ from dispatcher.zk.codec.connection import (
 )
 from dispatcher.zk.codec.jute import DecodeError
 from dispatcher.zk.codec.protocol import DEFAULT_MAX_BUFFER, Err
+from dispatcher.zk.codec.records import Id
 from dispatcher.zk.server.durability import GroupCommit
 from dispatcher.zk.server.engine import Client, Engine
 from dispatcher.zk.server.fourletter import answer
@@ -127,6 +130,8 @@ class StreamPeer:
         "client",
         "closing",
         "fd",
+        "fresh",
+        "identities",
         "in_batch",
         "limits",
         "pending",
@@ -135,11 +140,18 @@ class StreamPeer:
     )
 
     def __init__(
-        self, stream: trio.SocketStream, limits: ServerLimits, budget: OutputBudget
+        self,
+        stream: trio.SocketStream,
+        limits: ServerLimits,
+        budget: OutputBudget,
+        address: tuple[str, int] | None = None,
+        identities: tuple[Id, ...] = (),
     ) -> None:
         self.limits = limits
         self.budget = budget
-        host, port, *_ = stream.socket.getpeername()
+        # A TLS connection reaches the reader through a local socket pair:
+        # its client's address is given, not asked of the socket.
+        host, port, *_ = address or stream.socket.getpeername()
         # One string per client address, however many connections it has.
         self.remote_ip: str = sys.intern(host)
         self._port: int = port
@@ -162,6 +174,12 @@ class StreamPeer:
         self._scope: trio.CancelScope | None = None
         self.client: Client | None = None
         self.pending: Pending | None = None
+        #: Identities the transport proved (an ``x509`` id from a verified
+        #: client certificate), added to the session's auth on connect.
+        self.identities = identities
+        #: True until the first bytes arrive (checked for a TLS handshake on
+        #: the plain-text port).
+        self.fresh = address is None
 
     @property
     def remote(self) -> str:
@@ -313,12 +331,21 @@ class ZooKeeperServer:
         self._connections_by_ip: dict[str, int] = {}
 
     async def serve(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        *,
+        plain: bool = True,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        bound = listeners[0].socket.getsockname()[1]
-        self.settings.setdefault("clientPort", bound)
-        log.info("serving the ZooKeeper protocol", extra={"listen": f"{host}:{bound}"})
+        """Run the engine's background work and, unless ``plain`` is False (a
+        TLS-only face, see :meth:`serve_secure`), serve plain text on
+        ``host:port``; ``started(bound port)`` (0 without the plain port)."""
+        listeners = await trio.open_tcp_listeners(port, host=host) if plain else []
+        bound = listeners[0].socket.getsockname()[1] if listeners else 0
+        if listeners:
+            self.settings.setdefault("clientPort", bound)
+            log.info("serving the ZooKeeper protocol", extra={"listen": f"{host}:{bound}"})
         engine = self.engine
         engine.durability = GroupCommit(functools.partial(engine.store.prepare_commit, engine.tree))
         try:
@@ -327,11 +354,66 @@ class ZooKeeperServer:
                 nursery.start_soon(self._expire_sessions)
                 nursery.start_soon(self._reap_containers)
                 task_status.started(bound)
-                await trio.serve_listeners(self._serve_connection, listeners)
+                if listeners:
+                    await trio.serve_listeners(self._serve_connection, listeners)
+                else:
+                    await trio.sleep_forever()
         finally:
             # Writes not yet durable were never acknowledged; whoever uses the
             # engine after this server commits each write alone again.
             engine.durability = None
+
+    async def serve_secure(
+        self,
+        host: str,
+        port: int,
+        tls: ServerTls,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve TLS connections on ``host:port`` (ZooKeeper's ``secureClientPort``)
+        until cancelled, beside a running :meth:`serve`; ``started(bound port)``."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        self.settings.setdefault("secureClientPort", bound)
+        log.info(
+            "serving the ZooKeeper protocol over TLS",
+            extra={"listen": f"{host}:{bound}", "verify_client": tls.config.verify_client},
+        )
+        task_status.started(bound)
+        await trio.serve_listeners(functools.partial(self._serve_tls_connection, tls), listeners)
+
+    async def _serve_tls_connection(self, tls: ServerTls, stream: trio.SocketStream) -> None:
+        """Handshake, then serve the decrypted bytes through a socket pair, so the
+        reader and its bounds are the plain-text port's own."""
+        try:
+            host, port, *_ = stream.socket.getpeername()
+        except OSError:
+            await trio.aclose_forcefully(stream)
+            return
+        secure = await tls.accept(stream, f"/{host}:{port}")
+        if secure is None:
+            return
+        identities: tuple[Id, ...] = ()
+        der = secure.getpeercert(binary_form=True)
+        if der:
+            try:
+                identities = (Id("x509", x509_subject(der)),)
+            except (IndexError, ValueError) as exc:
+                log.warning(
+                    "cannot read the client certificate's subject; closing",
+                    extra={"peer": f"/{host}:{port}", "reason": str(exc)},
+                )
+                await trio.aclose_forcefully(secure)
+                return
+        inner, outer = socket.socketpair()
+        inner.setblocking(False)
+        outer_stream = trio.SocketStream(trio.socket.from_stdlib_socket(outer))
+        inner_stream = trio.SocketStream(trio.socket.from_stdlib_socket(inner))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pump_in, secure, outer_stream)
+            nursery.start_soon(_pump_out, outer_stream, secure, nursery.cancel_scope)
+            await self._serve_connection(inner_stream, (host, port), identities)
 
     async def _expire_sessions(self) -> None:
         # Expiry runs on ZooKeeper's tick; a session lapses between its timeout
@@ -349,9 +431,14 @@ class ZooKeeperServer:
             if reaped:
                 log.info("reaped empty containers and expired TTL nodes", extra={"reaped": reaped})
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+    async def _serve_connection(
+        self,
+        stream: trio.SocketStream,
+        address: tuple[str, int] | None = None,
+        identities: tuple[Id, ...] = (),
+    ) -> None:
         try:
-            peer = StreamPeer(stream, self.limits, self.budget)
+            peer = StreamPeer(stream, self.limits, self.budget, address, identities)
         except OSError:
             return  # the client left before we could ask who it was
         ip = peer.remote_ip
@@ -437,6 +524,12 @@ class ZooKeeperServer:
             if not data:
                 peer.close()
                 return
+            if peer.fresh:
+                peer.fresh = False
+                if looks_like_tls(data):
+                    refuse_tls_on_plain_port("zookeeper", peer.remote)
+                    peer.close()
+                    return
             if not waited:
                 # A read that did not wait is still a schedule point, as
                 # trio's own streams make it, or a client that never pauses
@@ -475,6 +568,8 @@ class ZooKeeperServer:
                         return client, pending
                 elif isinstance(event, ConnectRequested):
                     client = engine.connect(peer, conn, event.request)
+                    if client is not None and peer.identities:
+                        client.auth.extend(peer.identities)
                 elif isinstance(event, FourLetterWord):
                     peer.send(conn.send(FourLetterReply(answer(engine, event.word, self.settings))))
                     peer.close()
@@ -499,6 +594,37 @@ class ZooKeeperServer:
                         engine.reply(client, event.xid, Err.SYSTEMERROR)
                 peer.close()
         return client, None
+
+
+async def _pump_in(source: trio.abc.Stream, sink: trio.SocketStream) -> None:
+    """Decrypted client bytes to the reader's socket; the client's end is its end."""
+    try:
+        while data := await source.receive_some(_RECEIVE_SIZE):
+            await sink.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await sink.send_eof()
+
+
+async def _pump_out(
+    source: trio.SocketStream, sink: trio.abc.Stream, scope: trio.CancelScope
+) -> None:
+    """The reader's output to the client, encrypted; when the reader closes its
+    end, the TLS connection closes too."""
+    try:
+        while data := await source.receive_some(_RECEIVE_SIZE):
+            await sink.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    # A close_notify for the client, if it still listens; never waited on long.
+    with (
+        trio.move_on_after(1),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await sink.aclose()
+    await trio.aclose_forcefully(source)
+    scope.cancel()
 
 
 __all__ = ["ServerLimits", "ZooKeeperServer"]

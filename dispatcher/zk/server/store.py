@@ -98,6 +98,11 @@ class TreeStore:
             raise StoreError(f"cannot create {data_dir}: {exc.strerror or exc}") from None
         self._lock: int | None = _lock(data_dir)
         self._acls: dict[tuple[ACL, ...], bytes] = {}
+        # The same ACL tuples, by identity: a znode keeps its tuple, so the
+        # parents and setData targets of most writes find theirs here without
+        # hashing the ACL's records. Each entry holds its tuple, so an id
+        # cannot be reused while it is in here.
+        self._acls_by_id: dict[int, tuple[tuple[ACL, ...], bytes]] = {}
         try:
             self._open(data_dir)
         except BaseException:
@@ -136,9 +141,15 @@ class TreeStore:
         rows = self._db.execute("SELECT * FROM znodes").fetchall()
         # Parents before children, so every child finds its parent's children set.
         rows.sort(key=lambda row: (row[0].count("/"), row[0] != "/"))
+        # Znodes with the same ACL share one tuple (decoded once), as the
+        # engine's new znodes do.
+        decoded: dict[bytes, tuple[ACL, ...]] = {}
         for path, data, acl, *numbers in rows:
             czxid, mzxid, ctime, mtime, version, cversion, aversion, owner, pzxid, creates = numbers
-            node = Znode(data, read_acls(Reader(acl)) or (), czxid, mzxid, ctime, mtime,
+            entries = decoded.get(acl)
+            if entries is None:
+                entries = decoded[acl] = read_acls(Reader(acl)) or ()
+            node = Znode(data, entries, czxid, mzxid, ctime, mtime,
                          version, cversion, aversion, owner, pzxid, creates)  # fmt: skip
             existing = tree.nodes.get(path)
             if existing is not None:
@@ -169,11 +180,16 @@ class TreeStore:
 
     def _acl_bytes(self, acl: tuple[ACL, ...]) -> bytes:
         # Most znodes share a handful of ACLs, and every write stores its node's.
+        known = self._acls_by_id.get(id(acl))
+        if known is not None and known[0] is acl:
+            return known[1]
         encoded = self._acls.get(acl)
         if encoded is None:
             encoded = _encode_acl(acl)
             if len(self._acls) < _ACL_CACHE:
                 self._acls[acl] = encoded
+        if len(self._acls_by_id) < _ACL_CACHE:
+            self._acls_by_id[id(acl)] = (acl, encoded)
         return encoded
 
     def _write(self, upserts: Sequence[tuple[object, ...]], deletes: Sequence[tuple[str]]) -> None:

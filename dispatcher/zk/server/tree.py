@@ -8,6 +8,7 @@ sockets: the engine does that around it.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -16,7 +17,7 @@ import attrs
 from dispatcher.zk.codec.jute import Writer
 from dispatcher.zk.codec.paths import basename, parent_of
 from dispatcher.zk.codec.protocol import EventType
-from dispatcher.zk.codec.records import ACL, Id, Stat, encode
+from dispatcher.zk.codec.records import ACL, Id, Stat
 
 #: ``ephemeralOwner`` of a container node (ZooKeeper's ``EphemeralType.CONTAINER``).
 CONTAINER_OWNER = -(1 << 63)
@@ -32,6 +33,10 @@ def ttl_owner(ttl_ms: int) -> int:
     """The ``ephemeralOwner`` that marks a TTL node, as a signed 64-bit value."""
     return ((_TTL_TOP << 56) | ttl_ms) - (1 << 64)
 
+
+#: Stat's jute encoding (czxid, mzxid, ctime, mtime, version, cversion,
+#: aversion, ephemeralOwner, dataLength, numChildren, pzxid).
+_STAT = struct.Struct(">qqqqiiiqiiq")
 
 READ_ONLY_WORLD = (ACL(1, Id("world", "anyone")),)
 OPEN_WORLD = (ACL(31, Id("world", "anyone")),)
@@ -97,8 +102,16 @@ class Znode:
         )  # fmt: skip
 
     def stat_bytes(self) -> bytes:
+        """The encoded Stat, as :meth:`stat` would encode: packed in one call,
+        as every write's reply carries one and the next read reuses it."""
         if self._stat_bytes is None:
-            self._stat_bytes = encode(self.stat())
+            data = self.data
+            owner = self.ephemeral_owner
+            self._stat_bytes = _STAT.pack(
+                self.czxid, self.mzxid, self.ctime, self.mtime, self.version, self.cversion,
+                self.aversion, owner if owner > 0 else 0, 0 if data is None else len(data),
+                len(self.children), self.pzxid,
+            )  # fmt: skip
         return self._stat_bytes
 
     def data_body(self) -> bytes:
@@ -138,9 +151,11 @@ class Znode:
         return self.ephemeral_owner if self.ephemeral_owner > 0 else 0
 
 
-@attrs.frozen
-class Trigger:
-    """A watch to fire once the transaction that caused it commits."""
+class Trigger(NamedTuple):
+    """A watch to fire once the transaction that caused it commits.
+
+    A tuple rather than a frozen class: every write makes two of them.
+    """
 
     path: str
     event: EventType
@@ -203,6 +218,8 @@ class DataTree:
 
     def index(self, path: str, node: Znode) -> None:
         """File ``node`` under its owner or kind."""
+        if not node.ephemeral_owner:
+            return  # a plain persistent znode, filed nowhere: most of them
         if node.is_ephemeral:
             self.ephemerals.setdefault(node.ephemeral_owner, set()).add(path)
         elif node.is_container:
@@ -211,6 +228,8 @@ class DataTree:
             self.ttls.add(path)
 
     def unindex(self, path: str, node: Znode) -> None:
+        if not node.ephemeral_owner:
+            return  # filed nowhere (see index)
         if node.is_ephemeral:
             owned = self.ephemerals.get(node.ephemeral_owner)
             if owned is not None:
