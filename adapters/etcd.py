@@ -9,6 +9,14 @@ Configuration (one ``[upstream.<name>]`` table, kind ``etcd``)::
     ]
     timeout = 5.0                        # optional: seconds per etcd request
     max_backoff = 10.0                   # optional: longest pause between reconnects
+    tls = { ca = "ca.pem", cert = "client.pem", key = "client-key.pem" }  # optional
+
+``tls`` (:func:`dispatcher.tls.parse_client_tls`) speaks TLS to etcd: ``ca``
+verifies etcd's certificate (gRPC's own roots without it), ``cert``/``key``
+is the client certificate etcd's ``--client-cert-auth`` asks for,
+``server_name`` the name checked against etcd's certificate (the endpoint's
+host otherwise). A certificate etcd refuses is an outage like any other: one
+warning per failed attempt naming gRPC's reason, and reconnects back off.
 
 Layouts of the keys under a prefix (the service is always the part of the key
 after the prefix up to its *last* ``/``, the instance id the part after it):
@@ -104,6 +112,8 @@ from dispatcher.core.upstream import (
     reject_unknown,
     require,
 )
+from dispatcher.store_clients import describe_etcd_error, etcd_client
+from dispatcher.tls import ClientTls, parse_client_tls
 from dispatcher.wire import join_address, parse_address
 
 __all__ = ["LAYOUTS", "LEASE_KEY", "EtcdUpstream", "PrefixSpec"]
@@ -135,8 +145,9 @@ _GRPC_OPTIONS: Final = (
 )
 _GRPC_OP_ADD: Final = 0
 _GRPC_OP_DELETE: Final = 1
-_FAILURES: Final = (etcd3.exceptions.Etcd3Exception, grpc.RpcError)
-"""What python-etcd3 raises when etcd cannot be reached or refuses a request."""
+_FAILURES: Final = (etcd3.exceptions.Etcd3Exception, grpc.RpcError, OSError)
+"""What python-etcd3 raises when etcd cannot be reached or refuses a request (and what
+reading a ``tls`` certificate file that went away raises)."""
 
 
 # ----------------------------------------------------------------------- config
@@ -486,13 +497,7 @@ class _Session:
     @property
     def client(self) -> etcd3.Etcd3Client:
         if self._client is None:
-            upstream = self._upstream
-            self._client = etcd3.client(
-                upstream.host,
-                upstream.port,
-                timeout=upstream.timeout,
-                grpc_options=_GRPC_OPTIONS,
-            )
+            self._client = self._upstream.client(grpc_options=_GRPC_OPTIONS)
         return self._client
 
     async def serve(
@@ -704,9 +709,7 @@ class _Session:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc) or type(exc).__name__
+    return describe_etcd_error(exc)
 
 
 @attrs.define(eq=False)
@@ -719,6 +722,8 @@ class EtcdUpstream:
     prefixes: tuple[PrefixSpec, ...]
     timeout: float = _DEFAULT_TIMEOUT
     max_backoff: float = _DEFAULT_MAX_BACKOFF
+    #: TLS to etcd (``tls`` option); None: plain text.
+    tls: ClientTls | None = None
     #: What :meth:`set_interest` last asked for (None: every service).
     interest: frozenset[str] | None = attrs.field(default=None, init=False)
     #: The services wanted throughout since the interest was last applied
@@ -734,10 +739,11 @@ class EtcdUpstream:
     @classmethod
     def from_config(cls, name: str, options: Mapping[str, Any]) -> Self:
         where = f"upstream {name!r}"
-        reject_unknown(options, ("endpoint", "prefixes", "timeout", "max_backoff"), where)
+        reject_unknown(options, ("endpoint", "prefixes", "timeout", "max_backoff", "tls"), where)
         host, port = _parse_endpoint(require(options, "endpoint", str, where), where)
         if "prefixes" not in options:
             raise ConfigError(f"{where}: missing required key 'prefixes'")
+        tls = None if "tls" not in options else parse_client_tls(options["tls"], f"{where}: tls")
         return cls(
             name,
             host,
@@ -745,6 +751,14 @@ class EtcdUpstream:
             _parse_prefixes(options["prefixes"], where),
             timeout=_positive(options, "timeout", _DEFAULT_TIMEOUT, where),
             max_backoff=_positive(options, "max_backoff", _DEFAULT_MAX_BACKOFF, where),
+            tls=tls,
+        )
+
+    def client(self, grpc_options: Sequence[tuple[str, Any]] = ()) -> etcd3.Etcd3Client:
+        """A new python-etcd3 client of this etcd (over TLS if configured), with extra
+        gRPC channel options. Raises OSError if a certificate file cannot be read."""
+        return etcd_client(
+            self.host, self.port, timeout=self.timeout, tls=self.tls, grpc_options=grpc_options
         )
 
     @property
@@ -776,7 +790,7 @@ class EtcdUpstream:
         reuse = _Reuse(self._inspected, {} if services is None else dict(self._inspected))
 
         def read() -> tuple[int, list[Instance]]:
-            client = etcd3.client(self.host, self.port, timeout=self.timeout)
+            client = self.client()
             try:
                 return _range_scopes(client, scopes, self.name, pages, reuse)
             finally:

@@ -31,9 +31,11 @@ import os
 import resource
 import selectors
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import attrs
 
@@ -57,6 +59,10 @@ _REPLY_HEADER_SIZE = _REPLY_HEADER.size
 XID_CYCLE = 1 << 16
 
 _RECEIVE_SIZE = 1 << 18
+#: TLS records read per readable socket before looking at the others again.
+_TLS_RECORDS_PER_WAKEUP = 64
+#: "Nothing now" from a non-blocking socket, plain or TLS.
+_NOT_NOW = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class LoadError(RuntimeError):
@@ -115,6 +121,37 @@ def parse_address(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+# --------------------------------------------------------------------------- TLS
+
+
+@attrs.frozen
+class ClientTls:
+    """How the load generator reaches a TLS port: the CA that signed the server's
+    certificate and, for a port that verifies clients, a client certificate.
+
+    Paths rather than an :class:`ssl.SSLContext`, so that it can be handed to
+    worker processes (a context cannot be pickled); each process builds its own.
+    """
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    #: The newest TLS version offered; servers compared should speak the same one.
+    maximum_version: ssl.TLSVersion = ssl.TLSVersion.MAXIMUM_SUPPORTED
+    #: The TLS 1.2 cipher suites offered (OpenSSL's list syntax); None: the defaults.
+    ciphers: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.maximum_version = self.maximum_version
+        if self.ciphers is not None:
+            context.set_ciphers(self.ciphers)
+        if self.cert is not None:
+            context.load_cert_chain(self.cert, self.key)
+        return context
+
+
 # ------------------------------------------------------------ one blocking session
 
 
@@ -141,9 +178,14 @@ class Session:
     request/response, where a blocking ``recv`` is the cheapest possible wait.
     """
 
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+    def __init__(
+        self, host: str, port: int, timeout: float = 10.0, tls: ClientTls | None = None
+    ) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            # The handshake happens here, outside any measurement window.
+            self.sock = tls.context().wrap_socket(self.sock, server_hostname=host)
         self._pending = bytearray()
         self._xid = 0
         self.sock.sendall(connect_frame())
@@ -272,7 +314,9 @@ def _send(pipe: _Pipe, ring: memoryview, size: int, count: int) -> None:
         return
     try:
         sent = pipe.sock.send(data)
-    except BlockingIOError:
+    except _NOT_NOW:
+        # A TLS socket that could not take a record retries with the same bytes
+        # first (OpenSSL requires it), which queueing them here guarantees.
         sent = 0
     if sent < len(data):
         pipe.unsent = data[sent:]
@@ -282,9 +326,34 @@ def _flush(pipe: _Pipe) -> None:
     assert pipe.unsent is not None
     try:
         sent = pipe.sock.send(pipe.unsent)
-    except BlockingIOError:
+    except _NOT_NOW:
         return
     pipe.unsent = pipe.unsent[sent:] if sent < len(pipe.unsent) else None
+
+
+def _receive(sock: socket.socket) -> bytes | None:
+    """What ``sock`` has now (b"" at its end), None if nothing yet.
+
+    A TLS socket hands out one record (at most 16 KiB) per ``recv``; the
+    records already in the kernel are read too, so that a window of replies
+    costs one wake-up, as on a plain socket.
+    """
+    try:
+        data = sock.recv(_RECEIVE_SIZE)
+    except _NOT_NOW:
+        return None
+    if not data or not isinstance(sock, ssl.SSLSocket):
+        return data
+    chunks = [data]
+    for _ in range(_TLS_RECORDS_PER_WAKEUP):
+        try:
+            more = sock.recv(_RECEIVE_SIZE)
+        except _NOT_NOW:
+            break
+        if not more:
+            break
+        chunks.append(more)
+    return b"".join(chunks)
 
 
 def _count_replies(pipe: _Pipe, data: bytes) -> int:
@@ -319,11 +388,13 @@ def _count_replies(pipe: _Pipe, data: bytes) -> int:
     return count
 
 
-def _open_pipes(host: str, port: int, connections: int) -> list[tuple[Session, _Pipe]]:
+def _open_pipes(
+    host: str, port: int, connections: int, tls: ClientTls | None = None
+) -> list[tuple[Session, _Pipe]]:
     opened: list[tuple[Session, _Pipe]] = []
     try:
         for _ in range(connections):
-            session = Session(host, port)
+            session = Session(host, port, tls=tls)
             opened.append((session, _Pipe(session.sock)))
     except BaseException:
         for session, _ in opened:
@@ -341,6 +412,7 @@ def pipelined_worker(
     measure_at: float,
     stop_at: float,
     poll_interval: float = 0.0,
+    tls: ClientTls | None = None,
 ) -> ThroughputSample:
     """Keep ``window`` getData requests in flight on each of ``connections`` sessions.
 
@@ -355,11 +427,13 @@ def pipelined_worker(
     taken from the server on a 2-core machine. With a window of requests in
     flight the server never waits for the worker as long as the interval is
     short against the time the server needs to answer a whole window.
+
+    With ``tls`` the connections speak TLS (handshakes before any load).
     """
     if not 0 < window <= XID_CYCLE:
         raise ValueError(f"window must be in 1..{XID_CYCLE}")
     ring, size = _request_ring(path)
-    opened = _open_pipes(host, port, connections)
+    opened = _open_pipes(host, port, connections, tls)
     selector = selectors.DefaultSelector()
     try:
         for _, pipe in opened:
@@ -391,9 +465,8 @@ def pipelined_worker(
                 if mask & selectors.EVENT_WRITE and pipe.unsent is not None:
                     _flush(pipe)
                 if mask & selectors.EVENT_READ:
-                    try:
-                        data = pipe.sock.recv(_RECEIVE_SIZE)
-                    except BlockingIOError:
+                    data = _receive(pipe.sock)
+                    if data is None:
                         continue
                     receives += 1
                     if not data:
@@ -434,7 +507,12 @@ def pipelined_worker(
 
 
 def latency_worker(
-    host: str, port: int, path: str, warmup_requests: int, requests: int
+    host: str,
+    port: int,
+    path: str,
+    warmup_requests: int,
+    requests: int,
+    tls: ClientTls | None = None,
 ) -> LatencySample:
     """One connection, one getData at a time; the round trip of each of ``requests``.
 
@@ -445,7 +523,7 @@ def latency_worker(
     frames = [get_data_frame(xid, path) for xid in range(1, XID_CYCLE + 1)]
     nanos: list[int] = []
     clock = time.perf_counter_ns
-    with Session(host, port) as session:
+    with Session(host, port, tls=tls) as session:
         sock = session.sock
         sock.settimeout(10.0)
         for i in range(warmup_requests + requests):

@@ -269,7 +269,7 @@ class Config:
         if self.subscriptions is not None:
             result["subscriptions"] = self.subscriptions.to_mapping()
         if self.membership is not None:
-            result["membership"] = attrs.asdict(self.membership)
+            result["membership"] = self.membership.to_mapping()
         if self.sharding is not None:
             result["sharding"] = self.sharding.to_mapping()
         if self.governance != GovernanceConfig():
@@ -331,9 +331,9 @@ def parse_config(
     subscriptions = None
     if "subscriptions" in data:
         subscriptions = parse_subscriptions(settings.table(data, "subscriptions"), base_dir)
-    membership, sharding = _membership_and_sharding(data)
+    membership, sharding = _membership_and_sharding(data, base_dir)
     governance = parse_governance(settings.table(data, "governance"), base_dir)
-    xds = parse_xds(settings.table(data, "xds")) if "xds" in data else None
+    xds = parse_xds(settings.table(data, "xds"), base_dir) if "xds" in data else None
     if sharding is not None:
         dispatcher = attrs.evolve(dispatcher, interest="subscribed")
     return Config(
@@ -356,7 +356,7 @@ def parse_config(
 
 
 def _membership_and_sharding(
-    data: Mapping[str, Any],
+    data: Mapping[str, Any], base_dir: Path | None = None
 ) -> tuple[MembershipConfig | None, ShardingConfig | None]:
     """Check ``[membership]`` and ``[sharding]``, and what a shard requires of the other
     tables.
@@ -369,7 +369,7 @@ def _membership_and_sharding(
         if "sharding" in data:
             raise ConfigError("sharding: needs a [membership] table (where the shards register)")
         return None, None
-    membership = parse_membership(settings.table(data, "membership"))
+    membership = parse_membership(settings.table(data, "membership"), base_dir)
     if "sharding" not in data:
         return membership, None
     if settings.table(data, "dispatcher").get("interest") == "all":

@@ -427,6 +427,7 @@ class Gateway:
             raise ListenError("xDS ([xds] listen)", settings.listen, reason) from exc
         self.xds = server
         host = settings.listen.rpartition(":")[0]
+        warn_if_exposed("xds", host, settings.tls)
         log.info("xds serving", extra={"listen": f"{host}:{port}", "node": self.config.node})
 
     async def _faces_hub(self, nursery: trio.Nursery) -> SubscriptionHub:

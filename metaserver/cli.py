@@ -111,7 +111,7 @@ def parse_meta_config(
         raise MembershipConfigError("server_id: must be a string")
     if "membership" not in data:
         raise MembershipConfigError("membership: missing (the store the Dispatchers register in)")
-    membership = MembershipConfig.from_table(_table(data, "membership"))
+    membership = MembershipConfig.from_table(_table(data, "membership"), base_dir=base_dir)
     if membership.kind == "memory":
         raise MembershipConfigError(
             "membership.kind: 'memory' lives inside one process; zkgate meta needs "

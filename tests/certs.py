@@ -17,6 +17,8 @@ from pathlib import Path
 
 import attrs
 
+from dispatcher.tls import ClientTls
+
 __all__ = ["Authority", "Issued", "pkcs12", "truststore"]
 
 _CA_CONFIG = """\
@@ -105,3 +107,35 @@ def truststore(authority: Authority, path: Path, password: str) -> Path:
     _run("keytool", "-importcert", "-noprompt", "-alias", "ca", "-file", authority.cert,
          "-keystore", path, "-storetype", "PKCS12", "-storepass", password)  # fmt: skip
     return path
+
+
+@attrs.frozen
+class Pki:
+    """A CA with a server and a client certificate, and a stranger's CA with one of its own."""
+
+    ca: Authority
+    #: Someone else's CA, which signed ``stranger``.
+    other: Authority
+    server: Issued
+    client: Issued
+    stranger: Issued
+
+    def client_tls(self, issued: Issued | None = None) -> ClientTls:
+        issued = issued or self.client
+        return ClientTls(self.ca.cert, issued.cert, issued.key)
+
+    def tls_table(self, issued: Issued | None = None) -> dict[str, str]:
+        return self.client_tls(issued).to_mapping()
+
+
+def make_pki(base: Path, client: str = "client", subject: str = "/O=Example/CN=zkgate") -> Pki:
+    """A :class:`Pki` under ``base``; the client certificate is ``client`` with ``subject``."""
+    ca = Authority(base / "ca")
+    other = Authority(base / "other", name="someone else's CA")
+    return Pki(
+        ca=ca,
+        other=other,
+        server=ca.issue("server", "/CN=localhost"),
+        client=ca.issue(client, subject),
+        stranger=other.issue("stranger", "/CN=stranger"),
+    )

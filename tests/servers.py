@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -40,12 +41,13 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Generic, NoReturn, Self, TypedDict, TypeVar
+from typing import Generic, NamedTuple, NoReturn, Self, TypedDict, TypeVar
 
 __all__ = [
     "LOOPBACK",
     "NETTY_TLS_JARS",
     "EtcdServer",
+    "EtcdTls",
     "PortAllocator",
     "ServerError",
     "ServerFactory",
@@ -921,12 +923,28 @@ class ZooKeeperEnsemble:
 # ----------------------------------------------------------------------- etcd
 
 
+class EtcdTls(NamedTuple):
+    """What a TLS etcd serves with: its certificate and key (PEM), and the CA that must
+    have signed every client's certificate (``--client-cert-auth``)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 class EtcdServer(ServerProcess):
     """A single-member etcd 3.4 server on 127.0.0.1 (client and peer URLs on loopback).
 
     Ready when ``GET /health`` reports healthy. ``endpoint`` is ``127.0.0.1:P``
     (what python-etcd3 wants as host and port), ``client_url`` the same as a URL.
     ``extra_args`` are appended to etcd's command line.
+
+    With ``tls``, the client URL is ``https://``: etcd serves ``tls.cert``
+    (``--cert-file``, ``--key-file``) and refuses any client without a
+    certificate signed by ``tls.ca`` (``--client-cert-auth``,
+    ``--trusted-ca-file``). The readiness probe presents etcd's own certificate
+    as its client certificate (tests/certs.py issues certificates good for both
+    ends). Peer traffic stays plain, on loopback.
 
     Raft timing is shortened (heartbeat 25 ms, election 250 ms, against etcd's
     100 ms / 1000 ms): a lone member waits one election timeout before it
@@ -946,6 +964,7 @@ class EtcdServer(ServerProcess):
         heartbeat_interval_ms: int = 25,
         election_timeout_ms: int = 250,
         extra_args: Sequence[str] = (),
+        tls: EtcdTls | None = None,
         base_dir: Path | str | None = None,
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 30.0,
@@ -954,6 +973,7 @@ class EtcdServer(ServerProcess):
         super().__init__(
             base_dir=base_dir, env=env, startup_timeout=startup_timeout, stop_timeout=stop_timeout
         )
+        self.tls = tls
         self.host = LOOPBACK
         self._may_repick_ports = port is None and peer_port is None
         self.port = free_port() if port is None else port
@@ -964,7 +984,12 @@ class EtcdServer(ServerProcess):
         self.extra_args = list(extra_args)
         self.data_dir = self.base_dir / "data"
         # Never route loopback health checks through an HTTP proxy from the environment.
-        self._http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if tls is not None:
+            context = ssl.create_default_context(cafile=tls.ca)
+            context.load_cert_chain(tls.cert, tls.key)
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        self._http = urllib.request.build_opener(*handlers)
 
     @property
     def endpoint(self) -> str:
@@ -976,7 +1001,8 @@ class EtcdServer(ServerProcess):
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def peer_url(self) -> str:
@@ -1013,8 +1039,17 @@ class EtcdServer(ServerProcess):
             str(self.heartbeat_interval_ms),
             "--election-timeout",
             str(self.election_timeout_ms),
+            *self._tls_args(),
             *self.extra_args,
         ]
+
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            "--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key),
+            "--client-cert-auth", "--trusted-ca-file", str(self.tls.ca),
+        ]  # fmt: skip
 
     def _is_ready(self) -> bool:
         return self.health()

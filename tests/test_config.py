@@ -438,7 +438,7 @@ def test_every_unknown_key_message_names_the_keys_known_there(tmp_path: Path) ->
         load_config(write(tmp_path, '[membership]\nkind = "memory"\nrooot = "/x"\n[sharding]\n'))
     assert str(caught.value) == (
         "membership.rooot: unknown key (known here: kind, address, root, session_timeout, "
-        "stamp_grace)"
+        "stamp_grace, tls, sasl_username, sasl_password_file)"
     )
 
 

@@ -13,7 +13,6 @@ import json
 import random
 import socket
 import threading
-import time
 import types
 import urllib.error
 import urllib.request
@@ -29,7 +28,7 @@ from kazoo.handlers.threading import SequentialThreadingHandler
 from adapters.layouts.dubbo import encode
 from dispatcher.faces.mesh.config import parse_version
 from dispatcher.faces.mesh.views import sidecar_weight
-from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer, free_port
+from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer, free_port, wait_for
 
 SERVICE = "shop.Cart"
 TOKEN = "mesh-test-token"
@@ -40,11 +39,7 @@ SIDECAR_B = "127.0.0.2:15001"
 
 def until(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
     """Wait (kazoo's threads deliver events) until ``check()`` holds; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+    wait_for(check, timeout=timeout, interval=0.01, message=what)
 
 
 class _SourceBound(SequentialThreadingHandler):

@@ -21,6 +21,7 @@ from dispatcher.logs import LogfmtFormatter, PlainFormatter
 from dispatcher.zk.server.engine import Engine, EngineConfig
 from dispatcher.zk.server.fourletter import srvr
 from dispatcher.zk.server.store import TreeStore
+from tests.compose_certs import make_certs, stack_configs
 from tests.servers import ServerFactory, ZkgateServer, free_port, wait_for
 from tests.test_signals import command
 
@@ -63,13 +64,16 @@ def test_status_of_an_unreachable_node_exits_3() -> None:
 
 
 def test_check_config_accepts_the_shipped_configs_and_names_a_bad_key(tmp_path: Path) -> None:
+    # The stack's TLS tables name files its one-shot job writes into /certs.
+    make_certs(tmp_path / "certs")
+    stack = stack_configs(tmp_path / "certs", tmp_path / "config")
     for name in ("zkgate.toml", "dispatcher-1.toml", "dispatcher-2.toml"):
-        result = _zkgate("check-config", str(REPO / "docker" / "config" / name))
+        result = _zkgate("check-config", str(stack / name))
         assert result.returncode == 0, result.stderr
         assert "valid" in result.stdout
         if name == "dispatcher-1.toml":
             assert "mirror: /services from zookeeper:2181" in result.stdout
-    assert _zkgate("check-config", "--meta", str(REPO / "docker/config/meta.toml")).returncode == 0
+    assert _zkgate("check-config", "--meta", str(stack / "meta.toml")).returncode == 0
     bad = tmp_path / "bad.toml"
     bad.write_text('[[upstream]]\nname = "e"\nkind = "etcd"\nendpoint = "x:1"\nprefixes = 3\n')
     result = _zkgate("check-config", str(bad))

@@ -136,7 +136,7 @@ class Dispatchers:
             "zookeeper": {"listen": "127.0.0.1:0", "data_dir": str(self.tmp / node)},
             "admin": {"listen": "127.0.0.1:0"},
             "subscriptions": {"listen": "127.0.0.1:0", "token": "subscribe"},
-            "membership": attrs.asdict(self.membership),
+            "membership": self.membership.to_mapping(),
             "sharding": {"id": node},
             "governance": {"max_history": 10},
         }

@@ -31,6 +31,7 @@ from proxy.forward import ListenAddress
 from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer, free_port
 from tests.test_proxy import EchoServer
 from tests.test_proxy_policy import SlowEcho, one_exchange, run_connections, timed_exchange
+from tests.waiting import until
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "subscription-token"
@@ -133,12 +134,8 @@ async def policy(admin: str, *args: str) -> str:
 
 
 async def until_true(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Repeat the async ``check`` (itself a real request) until it says True."""
-    with trio.move_on_after(TIMEOUT):
-        while not await check():
-            pass
-        return
-    raise AssertionError(f"{what}: not within {TIMEOUT}s")
+    """Repeat the async ``check`` (itself a real request, so no pause between) until True."""
+    await until(check, what, timeout=TIMEOUT, poll=0)
 
 
 async def test_policy_set_and_rollback_move_a_real_proxys_traffic(

@@ -2,7 +2,7 @@
 
 Governance documents live in the same ZooKeeper ensemble or etcd cluster as membership, under
 the same root (``<root>/governance/<kind>``), so a cluster of Dispatchers shares them without a
-store of its own.
+store of its own, and reach it as membership does (its ``tls`` table, its SASL user).
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def open_governance_store(
             max_body=max_body,
             request_timeout=request_timeout,
             session_timeout=config.session_timeout,
+            tls=config.tls,
+            sasl=config.sasl,
         )
     if config.kind == "etcd":
         # MembershipConfig has already checked that the address is host:port.
@@ -59,6 +61,7 @@ def open_governance_store(
             max_history=max_history,
             max_body=max_body,
             request_timeout=request_timeout,
+            tls=config.tls,
         )
     if config.kind != "memory":
         raise ValueError(f"membership kind {config.kind!r} has no governance store")

@@ -30,6 +30,9 @@ from dispatcher.governance.store import (
     governance_base,
 )
 from dispatcher.sharding.membership_core import Bell
+from dispatcher.store_clients import describe_etcd_error as _describe
+from dispatcher.store_clients import etcd_client
+from dispatcher.tls import ClientTls
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +64,14 @@ class EtcdGovernanceStore(GovernanceStore):
         max_history: int = DEFAULT_MAX_HISTORY,
         max_body: int = DEFAULT_MAX_BODY,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        tls: ClientTls | None = None,
     ) -> None:
+        """Raises OSError if a certificate file of ``tls`` cannot be read."""
         super().__init__(kind, max_history=max_history, max_body=max_body)
-        import etcd3
-
         self.base = governance_base(root, kind)
         self.head = f"{self.base}/head"
         self.request_timeout = request_timeout
-        self.client = etcd3.client(host, port, timeout=request_timeout)
+        self.client = etcd_client(host, port, timeout=request_timeout, tls=tls)
 
     def _rev_key(self, version: int) -> str:
         return f"{self.base}/rev/{version:0{_DIGITS}d}"
@@ -232,14 +235,6 @@ class EtcdGovernanceStore(GovernanceStore):
             self.client.close()
 
 
-def _describe(exc: BaseException) -> str:
-    code = getattr(exc, "code", None)
-    if callable(code):
-        with contextlib.suppress(Exception):
-            return f"{code().name}: {exc.details()}"  # type: ignore[attr-defined]
-    return str(exc) or type(exc).__name__
-
-
 @contextlib.asynccontextmanager
 async def open_etcd_store(
     host: str,
@@ -250,8 +245,9 @@ async def open_etcd_store(
     max_history: int = DEFAULT_MAX_HISTORY,
     max_body: int = DEFAULT_MAX_BODY,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    tls: ClientTls | None = None,
 ) -> AsyncIterator[EtcdGovernanceStore]:
-    """A store on its own etcd client, closed when the block ends."""
+    """A store on its own etcd client (over TLS with ``tls``), closed when the block ends."""
     store = EtcdGovernanceStore(
         host,
         port,
@@ -260,6 +256,7 @@ async def open_etcd_store(
         max_history=max_history,
         max_body=max_body,
         request_timeout=request_timeout,
+        tls=tls,
     )
     try:
         yield store

@@ -27,6 +27,8 @@ from dispatcher.governance.store import (
     governance_base,
 )
 from dispatcher.sharding.membership_core import Bell
+from dispatcher.store_clients import zookeeper_client
+from dispatcher.tls import ClientTls
 from dispatcher.zk.client import (
     OPEN_ACL,
     Connected,
@@ -34,8 +36,6 @@ from dispatcher.zk.client import (
     KeeperError,
     Reply,
     SessionEvent,
-    ZooKeeperClient,
-    split_connect_string,
 )
 from dispatcher.zk.codec.protocol import CreateMode, Err, OpCode
 from dispatcher.zk.codec.records import (
@@ -50,6 +50,7 @@ from dispatcher.zk.codec.records import (
     SetDataRequest,
     WatcherEvent,
 )
+from dispatcher.zk.sasl_client import SaslCredentials
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +76,21 @@ class ZooKeeperGovernanceStore(GovernanceStore):
         max_body: int = DEFAULT_MAX_BODY,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         session_timeout: float = 10.0,
+        tls: ClientTls | None = None,
+        sasl: SaslCredentials | None = None,
     ) -> None:
         super().__init__(kind, max_history=max_history, max_body=max_body)
-        servers, chroot = split_connect_string(hosts)
-        self.base = governance_base(chroot + root, kind)
-        self.head = f"{self.base}/head"
-        self.request_timeout = request_timeout
-        self.client = ZooKeeperClient(
-            servers,
-            session_timeout_ms=max(1, round(session_timeout * 1000)),
+        self.client, chroot = zookeeper_client(
+            hosts,
+            session_timeout,
+            tls=tls,
+            sasl=sasl,
             on_watch=self._note_watch,
             on_session=self._note_session,
         )
+        self.base = governance_base(chroot + root, kind)
+        self.head = f"{self.base}/head"
+        self.request_timeout = request_timeout
         self._bells: set[Bell] = set()
         # Whether <root>/governance/<kind> is known to exist: made once, not on every write.
         self._base_ready = False
@@ -303,9 +307,12 @@ async def open_zookeeper_store(
     max_body: int = DEFAULT_MAX_BODY,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     session_timeout: float = 10.0,
+    tls: ClientTls | None = None,
+    sasl: SaslCredentials | None = None,
 ) -> AsyncIterator[ZooKeeperGovernanceStore]:
     """A store on its own session to ``hosts`` (a connect string; a chroot in it is prefixed
-    to ``root``), closed when the block ends."""
+    to ``root``), over TLS with ``tls`` and authenticated with ``sasl``, closed when the
+    block ends."""
     store = ZooKeeperGovernanceStore(
         hosts,
         root,
@@ -314,6 +321,8 @@ async def open_zookeeper_store(
         max_body=max_body,
         request_timeout=request_timeout,
         session_timeout=session_timeout,
+        tls=tls,
+        sasl=sasl,
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(store.client.run)

@@ -22,6 +22,7 @@ checks that, and what a shard requires of the rest of the file.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Final
 
 import attrs
@@ -69,10 +70,11 @@ class ShardingConfig:
         return result
 
 
-def parse_membership(table: Mapping[str, Any]) -> MembershipConfig:
-    """Check the ``[membership]`` table, its errors raised as :class:`ConfigError`."""
+def parse_membership(table: Mapping[str, Any], base_dir: Path | None = None) -> MembershipConfig:
+    """Check the ``[membership]`` table, its errors raised as :class:`ConfigError`; relative
+    paths in it are relative to ``base_dir``."""
     try:
-        return MembershipConfig.from_table(table)
+        return MembershipConfig.from_table(table, base_dir=base_dir)
     except MembershipConfigError as exc:
         raise ConfigError(str(exc)) from None
 

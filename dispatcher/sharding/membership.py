@@ -82,11 +82,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Final
 
 import attrs
 
-from dispatcher.settings import reject_unknown
+from dispatcher import settings
+from dispatcher.settings import ConfigError, reject_unknown
 from dispatcher.sharding.membership_core import (
     DEFAULT_ROOT,
     DEFAULT_SESSION_TIMEOUT,
@@ -101,7 +103,9 @@ from dispatcher.sharding.membership_core import (
 from dispatcher.sharding.membership_etcd import EtcdMembership
 from dispatcher.sharding.membership_memory import MemoryMembership, MemoryStore
 from dispatcher.sharding.membership_zookeeper import ZooKeeperMembership
+from dispatcher.tls import ClientTls, parse_client_tls
 from dispatcher.zk.client import split_connect_string
+from dispatcher.zk.sasl_client import SaslCredentials, load_credentials
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -139,6 +143,15 @@ class MembershipConfig:
         root = "/zkgate"              # znode root / etcd key prefix
         session_timeout = 10.0        # ZooKeeper session timeout / etcd lease TTL, seconds
         stamp_grace = 2.0             # etcd: longest wait for a departure's stamp
+        tls = { ca = "ca.pem", cert = "client.pem", key = "client-key.pem" }
+        sasl_username = "zkgate"      # ZooKeeper: DIGEST-MD5 as this user, with
+        sasl_password_file = "zk.pass"  # the password in this file (both or neither)
+
+    ``tls`` (zookeeper and etcd) speaks TLS to the store: ``ca`` verifies its certificate
+    (the system's CAs without it), ``cert``/``key`` is the client certificate that a
+    ZooKeeper ``ssl.clientAuth=need`` or an etcd ``--client-cert-auth`` asks for,
+    ``server_name`` the name checked against the store's certificate (the host dialled
+    otherwise). Relative paths are relative to the configuration file's directory.
 
     A Dispatcher that dies without leaving loses its services after ``session_timeout`` (plus,
     for etcd, up to half a second of lease-expiry granularity).
@@ -149,10 +162,19 @@ class MembershipConfig:
     root: str = DEFAULT_ROOT
     session_timeout: float = DEFAULT_SESSION_TIMEOUT
     stamp_grace: float = 2.0
+    #: TLS to the store; None: plain text.
+    tls: ClientTls | None = None
+    #: ZooKeeper only: the DIGEST-MD5 user every session authenticates as; None: no SASL.
+    sasl: SaslCredentials | None = None
 
     @classmethod
-    def from_table(cls, table: Mapping[str, Any], where: str = "membership") -> MembershipConfig:
-        known = ("kind", "address", "root", "session_timeout", "stamp_grace")
+    def from_table(
+        cls, table: Mapping[str, Any], where: str = "membership", base_dir: Path | None = None
+    ) -> MembershipConfig:
+        """Check the table; raises :class:`MembershipConfigError` naming the bad key. The
+        SASL password file is read now, so a missing one stops the start."""
+        known = ("kind", "address", "root", "session_timeout", "stamp_grace", "tls",
+                 *_SASL_KEYS)  # fmt: skip
         reject_unknown(table, known, where, MembershipConfigError)
         kind = table.get("kind")
         if kind not in KINDS:
@@ -189,7 +211,59 @@ class MembershipConfig:
             if not (math.isfinite(value) and value > 0):
                 raise MembershipConfigError(f"{where}.{key}: must be > 0")
             timeouts[key] = float(value)
-        return cls(kind, address, root, timeouts["session_timeout"], timeouts["stamp_grace"])
+        tls = None
+        if "tls" in table:
+            if kind == "memory":
+                raise MembershipConfigError(f"{where}.tls: kind 'memory' has no connection")
+            try:
+                tls = parse_client_tls(table["tls"], f"{where}.tls", base_dir)
+            except ConfigError as exc:
+                raise MembershipConfigError(str(exc)) from None
+        sasl = _parse_sasl(table, kind, where, base_dir)
+        return cls(
+            kind, address, root, timeouts["session_timeout"], timeouts["stamp_grace"], tls, sasl
+        )
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The ``[membership]`` table as TOML would give it (never the SASL password)."""
+        result: dict[str, Any] = {
+            "kind": self.kind, "address": self.address, "root": self.root,
+            "session_timeout": self.session_timeout, "stamp_grace": self.stamp_grace,
+        }  # fmt: skip
+        if self.tls is not None:
+            result["tls"] = self.tls.to_mapping()
+        if self.sasl is not None:
+            result.update(self.sasl.to_mapping())
+        return result
+
+
+_SASL_KEYS: Final = ("sasl_username", "sasl_password_file")
+
+
+def _parse_sasl(
+    table: Mapping[str, Any], kind: str, where: str, base_dir: Path | None
+) -> SaslCredentials | None:
+    given = [key for key in _SASL_KEYS if key in table]
+    if not given:
+        return None
+    if kind != "zookeeper":
+        raise MembershipConfigError(
+            f"{where}.{given[0]}: SASL is for kind 'zookeeper' only, not {kind!r}"
+        )
+    if len(given) == 1:
+        other = _SASL_KEYS[1] if given[0] == _SASL_KEYS[0] else _SASL_KEYS[0]
+        raise MembershipConfigError(f"{where}.{given[0]}: needs {other} too")
+    try:
+        username = settings.string(table["sasl_username"], f"{where}.sasl_username")
+        path = settings.user_path(table["sasl_password_file"], f"{where}.sasl_password_file")
+    except ConfigError as exc:
+        raise MembershipConfigError(str(exc)) from None
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        return load_credentials(username, path)
+    except ValueError as exc:
+        raise MembershipConfigError(f"{where}.sasl_password_file: {exc}") from None
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
@@ -207,11 +281,21 @@ def open_membership(
     Servers do not need them; on ZooKeeper the warm directory is still read for the epoch)."""
     if config.kind == "zookeeper":
         return ZooKeeperMembership(
-            config.address, config.root, config.session_timeout, watch_warm=watch_warm
+            config.address,
+            config.root,
+            config.session_timeout,
+            watch_warm=watch_warm,
+            tls=config.tls,
+            sasl=config.sasl,
         )
     if config.kind == "etcd":
         host, port = _split_host_port(config.address)
         return EtcdMembership(
-            host, port, config.root, config.session_timeout, stamp_grace=config.stamp_grace
+            host,
+            port,
+            config.root,
+            config.session_timeout,
+            stamp_grace=config.stamp_grace,
+            tls=config.tls,
         )
     return MemoryMembership(memory if memory is not None else MemoryStore())

@@ -31,6 +31,9 @@ from dispatcher.sharding.membership_core import (
     quote_service,
     unquote_service,
 )
+from dispatcher.store_clients import describe_etcd_error as _describe
+from dispatcher.store_clients import etcd_client
+from dispatcher.tls import ClientTls
 
 __all__ = ["EtcdMembership"]
 
@@ -73,9 +76,11 @@ class _EtcdShared:
         stamp_grace: float,
         timeout: float,
         feed: ViewFeed,
+        tls: ClientTls | None,
     ) -> None:
         self.host = host
         self.port = port
+        self.tls = tls
         self.root = root
         self.lease_ttl = lease_ttl
         self.stamp_grace = stamp_grace
@@ -85,6 +90,10 @@ class _EtcdShared:
         self.bell = Bell()
         self.lease_id: int | None = None
         self.written: tuple[Registration | None, int | None] = (None, None)
+
+    def client(self) -> Any:
+        """A new python-etcd3 client (blocking: call it in a worker thread)."""
+        return etcd_client(self.host, self.port, timeout=self.timeout, tls=self.tls)
 
     def key(self, part: str, name: str = "") -> str:
         return f"{self.root}/{part}/{name}" if part != "epoch" else f"{self.root}/epoch"
@@ -114,6 +123,7 @@ class EtcdMembership:
         *,
         stamp_grace: float = 2.0,
         timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        tls: ClientTls | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -123,7 +133,7 @@ class EtcdMembership:
         self.timeout = timeout
         self.feed = ViewFeed()
         self._shared = _EtcdShared(
-            host, port, root, self.lease_ttl, stamp_grace, timeout, self.feed
+            host, port, root, self.lease_ttl, stamp_grace, timeout, self.feed, tls
         )
 
     # -- intents -------------------------------------------------------------------
@@ -149,7 +159,17 @@ class EtcdMembership:
         backoff = Backoff(initial=0.2, maximum=5.0)
         try:
             while True:
-                session = _EtcdSession(self._shared, trio.lowlevel.current_trio_token())
+                try:
+                    session = _EtcdSession(self._shared, trio.lowlevel.current_trio_token())
+                except OSError as exc:
+                    # A certificate file gone or unreadable since the start: say so, and
+                    # try again, as for an etcd that is down.
+                    log.warning(
+                        "cannot read the etcd client's TLS files; retrying",
+                        extra={"address": f"{self.host}:{self.port}", "error": str(exc)},
+                    )
+                    await backoff.sleep()
+                    continue
                 try:
                     await session.serve(backoff.reset)
                 except Exception as exc:
@@ -168,12 +188,15 @@ class EtcdMembership:
 
     def _leave(self) -> None:
         """Delete our keys and stamp the departure in one transaction, then drop the lease."""
-        import etcd3
-
         registration, lease_id = self._shared.wanted.registration, self._shared.lease_id
         if registration is None or lease_id is None:
             return
-        client = etcd3.client(self.host, self.port, timeout=self.timeout)
+        try:
+            client = self._shared.client()
+        except OSError as exc:
+            log.warning("could not leave etcd cleanly; the lease will expire",
+                        extra={"member": registration.id, "error": str(exc)})  # fmt: skip
+            return
         try:
             member_key = self._shared.key("members", registration.id)
             # Only our own record (bound to our lease): never a successor's.
@@ -199,11 +222,9 @@ class EtcdMembership:
 
 class _EtcdSession:
     def __init__(self, shared: _EtcdShared, token: trio.lowlevel.TrioToken) -> None:
-        import etcd3
-
         self.shared = shared
         self.token = token
-        self.client = etcd3.client(shared.host, shared.port, timeout=shared.timeout)
+        self.client = shared.client()
         self.state = _EtcdState()
         self.inbox_send, self.inbox = trio.open_memory_channel[Any](1024)
         self.overflowed = False
@@ -532,17 +553,3 @@ class _EtcdSession:
 
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(close)
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "no error"
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    # grpc's RpcError carries its status as methods; etcd3 exposes no type for it.
-    code = getattr(exc, "code", None)
-    details = getattr(exc, "details", None)
-    if callable(code) and callable(details):
-        with contextlib.suppress(Exception):
-            return f"{code().name}: {details()}"
-    return str(exc) or type(exc).__name__

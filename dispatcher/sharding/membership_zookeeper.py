@@ -29,6 +29,8 @@ from dispatcher.sharding.membership_core import (
     quote_service,
     unquote_service,
 )
+from dispatcher.store_clients import zookeeper_client
+from dispatcher.tls import ClientTls
 from dispatcher.zk.client import (
     OPEN_ACL,
     Connected,
@@ -37,7 +39,6 @@ from dispatcher.zk.client import (
     Reply,
     SessionEvent,
     ZooKeeperClient,
-    split_connect_string,
 )
 from dispatcher.zk.codec.protocol import CreateMode, Err, OpCode
 from dispatcher.zk.codec.records import (
@@ -52,6 +53,7 @@ from dispatcher.zk.codec.records import (
     Record,
     WatcherEvent,
 )
+from dispatcher.zk.sasl_client import SaslCredentials
 
 __all__ = ["ZooKeeperMembership"]
 
@@ -75,7 +77,8 @@ class _Read:
 class ZooKeeperMembership:
     """Membership in ZooKeeper (see :mod:`dispatcher.sharding.membership` for the layout).
 
-    ``hosts`` is a connect string (a chroot in it is prefixed to ``root``, as kazoo did).
+    ``hosts`` is a connect string (a chroot in it is prefixed to ``root``, as kazoo did);
+    ``tls`` and ``sasl`` reach an ensemble with only a secure port, or one that requires SASL.
     Every watch firing names the part of the tree that changed (members, services or warm), and
     only that part is read again, with its watch re-armed by the read. On every connection,
     a resumed session's too, the registration and warm marker are written again and everything
@@ -89,8 +92,12 @@ class ZooKeeperMembership:
         session_timeout: float = DEFAULT_SESSION_TIMEOUT,
         *,
         watch_warm: bool = True,
+        tls: ClientTls | None = None,
+        sasl: SaslCredentials | None = None,
     ) -> None:
         self.hosts = hosts
+        self.tls = tls
+        self.sasl = sasl
         self.root = root
         self.session_timeout = session_timeout
         self.watch_warm = watch_warm
@@ -132,16 +139,17 @@ class ZooKeeperMembership:
     # -- running -------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        servers, chroot = split_connect_string(self.hosts)
-        self._base = chroot + self.root
         self._generation += 1
         generation = self._generation
-        client = ZooKeeperClient(
-            servers,
-            session_timeout_ms=max(1, round(self.session_timeout * 1000)),
+        client, chroot = zookeeper_client(
+            self.hosts,
+            self.session_timeout,
+            tls=self.tls,
+            sasl=self.sasl,
             on_watch=lambda event: self._note_watch(generation, event),
             on_session=lambda event: self._note_session(generation, event),
         )
+        self._base = chroot + self.root
         task_status.started()
         # Leaving the nursery cancels client.run, which closes the session: that deletes our
         # ephemerals in one step, so the member record and warm marker go at once, and so do

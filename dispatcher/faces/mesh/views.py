@@ -70,7 +70,14 @@ from dispatcher.zk.codec.records import (
 from dispatcher.zk.server.engine import Client, Engine
 from dispatcher.zk.server.watches import Mode, WatcherType
 
-__all__ = ["SIDECAR_MARK", "SIDECAR_POLL", "MeshViews", "ViewKey", "sidecar_weight"]
+__all__ = [
+    "SIDECAR_MARK",
+    "SIDECAR_POLL",
+    "MeshViews",
+    "ViewKey",
+    "hashed_onto_sidecar",
+    "sidecar_weight",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +100,17 @@ def sidecar_weight(ratio: int, weights: list[int]) -> int | None:
     if ratio >= 100:
         return 100
     return max(1, min(MAX_WEIGHT, round(ratio * total / (100 - ratio))))
+
+
+def hashed_onto_sidecar(application: str, host: str, service: str, ratio: int) -> bool:
+    """Whether the consumer instance (``application`` on ``host``) is among the ``ratio``
+    percent that a layout without weights shows the sidecar alone for ``service``.
+
+    A stable hash, so an instance keeps its side across reads, restarts and Dispatchers;
+    raising R only adds instances (each instance's bucket is fixed, R is the threshold)."""
+    token = f"{application}|{host}|{service}".encode()
+    bucket = int.from_bytes(hashlib.sha256(token).digest()[:8], "big") % 100
+    return bucket < ratio
 
 
 @attrs.frozen
@@ -246,7 +264,7 @@ class MeshViews:
             return False
         directory = self._directory(path)
         if directory is None:
-            return False
+            return self._read_sidecar(client, xid, opcode, path)
         readers = self._readers.setdefault(client, set())
         if len(readers) < 1024:
             readers.add(directory.service)
@@ -277,6 +295,41 @@ class MeshViews:
                 if opcode == OpCode.GET_DATA
                 else StatResponse(stat)
             )
+        self.engine.reply(client, xid, Err.OK, body)
+        return True
+
+    def _read_sidecar(self, client: Client, xid: int, opcode: int, path: str) -> bool:
+        """Answer a read of the sidecar's own znode in ``client``'s view of its directory.
+
+        Clients that read each instance's data after listing the directory (Curator's
+        ServiceDiscovery, its ServiceCache) would otherwise get NONODE for the sidecar and
+        drop it. The znode exists only in the views, so no watch is kept on it: its name
+        is its address, and a change of address is a change of the directory's children.
+        """
+        if opcode not in (OpCode.GET_DATA, OpCode.EXISTS):
+            return False
+        parent, _, name = path.rpartition("/")
+        directory = self._directories.get(parent)
+        if directory is None or self.engine.tree.get(path) is not None:
+            return False
+        parent_node = self.engine.tree.get(parent)
+        if parent_node is None:
+            return False
+        key = self.decide(client, directory).key
+        if key.sidecar is None:
+            return False
+        rendered = self._sidecar_node(directory, key)
+        if rendered is None or rendered[0] != name:
+            return False
+        data = rendered[1]
+        # Made when this directory's view last changed: no older than anything listed there.
+        made = max(parent_node.pzxid, directory.epoch_zxid)
+        stat = Stat(
+            czxid=made, mzxid=made, ctime=parent_node.mtime, mtime=parent_node.mtime,
+            version=0, cversion=0, aversion=0, ephemeral_owner=0, data_length=len(data),
+            num_children=0, pzxid=made,
+        )  # fmt: skip
+        body: Any = GetDataResponse(data, stat) if opcode == OpCode.GET_DATA else StatResponse(stat)
         self.engine.reply(client, xid, Err.OK, body)
         return True
 
@@ -338,9 +391,7 @@ class MeshViews:
             return Decision(TRUE_VIEW, "on", 0, "on")
         if projection.layout.NAME != "dubbo" and ratio < 100:
             # No weights in this layout: the ratio picks consumer instances, stably.
-            token = f"{consumer.application}|{consumer.host}|{service}".encode()
-            bucket = int.from_bytes(hashlib.sha256(token).digest()[:8], "big") % 100
-            if bucket >= ratio:
+            if not hashed_onto_sidecar(consumer.application or "", consumer.host, service, ratio):
                 return Decision(TRUE_VIEW, "on", ratio, "on", "hashed to the direct path")
             ratio = 100
         return Decision(ViewKey(sidecar, ratio), "on", switch.ratio, "on")
@@ -373,31 +424,42 @@ class MeshViews:
         self.rendered += 1
         _, true = projection.rendered(service)
         names = set(true)
-        if key.sidecar is not None:
-            shown = [
-                instance
-                for instance in (() if entry is None else entry.instances.values())
-                if not (projection.hide_failing and instance.health is Health.FAILING)
-            ]
-            weight = (
-                100
-                if key.ratio >= 100
-                else sidecar_weight(key.ratio, [instance.weight for instance in shown])
-            )
-            if weight is not None:
-                if key.ratio >= 100:
-                    names.clear()
-                names.add(self._render_sidecar(projection, service, key.sidecar, weight, shown))
+        sidecar = self._sidecar_node(directory, key)
+        if sidecar is not None:
+            if key.ratio >= 100:
+                names.clear()
+            names.add(sidecar[0])
         children = tuple(sorted(names))
         self._renderings[cache_key] = children
         if len(self._renderings) > MAX_RENDERINGS:
             self._renderings.popitem(last=False)
         return children
 
+    def _sidecar_node(self, directory: _Directory, key: ViewKey) -> tuple[str, bytes] | None:
+        """The sidecar's znode (name, data) in the view ``key`` of ``directory``; None when
+        that view shows no sidecar."""
+        if key.sidecar is None:
+            return None
+        projection, service = directory.projection, directory.service
+        entry = projection.fanin.snapshot.get(service)
+        shown = [
+            instance
+            for instance in (() if entry is None else entry.instances.values())
+            if not (projection.hide_failing and instance.health is Health.FAILING)
+        ]
+        weight = (
+            100
+            if key.ratio >= 100
+            else sidecar_weight(key.ratio, [instance.weight for instance in shown])
+        )
+        if weight is None:
+            return None
+        return self._render_sidecar(projection, service, key.sidecar, weight, shown)
+
     @staticmethod
     def _render_sidecar(
         projection: Projection, service: str, address: str, weight: int, shown: list[Instance]
-    ) -> str:
+    ) -> tuple[str, bytes]:
         host, port = parse_address(address)
         marks = {SIDECAR_MARK: "true", EXPORTED_BY: projection.node_id}
         if shown:
@@ -410,8 +472,8 @@ class MeshViews:
             )  # fmt: skip
         else:
             instance = Instance(service, address, host, port, weight=weight, metadata=marks)
-        name, _ = projection.layout.render(instance)
-        return str(name)
+        name, data = projection.layout.render(instance)
+        return str(name), bytes(data)
 
     def _stat(self, directory: _Directory, true: Stat, count: int) -> Stat:
         return attrs.evolve(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Final
 
 import attrs
 
 from dispatcher.core.upstream import ConfigError, reject_unknown
+from dispatcher.tls import TlsConfig, parse_tls
 
 __all__ = ["DEFAULT_LISTEN", "XdsConfig", "XdsLimits", "parse_xds"]
 
@@ -41,19 +43,27 @@ class XdsLimits:
 
 @attrs.frozen(slots=True)
 class XdsConfig:
-    """``[xds]``: ``listen`` (``HOST:PORT``, port 0 picks a free one), the limits and
-    an optional ``token``.
+    """``[xds]``: ``listen`` (``HOST:PORT``, port 0 picks a free one), the limits, an
+    optional ``token`` and an optional ``tls`` table.
 
     With a token, every ADS call must carry the gRPC metadata
     ``authorization: Bearer <token>`` (Envoy: ``initial_metadata`` of its ADS
     ``grpc_service``) or ends with UNAUTHENTICATED. Without one, anyone who
     can reach ``listen`` reads every service's endpoints, which is why the
     default address is loopback.
+
+    With ``tls`` (the table every listener takes, :class:`~dispatcher.tls.TlsConfig`)
+    the port speaks only TLS 1.2+, and with ``verify_client`` only to clients
+    whose certificate ``ca`` signed. It is also what lets proxyless gRPC
+    clients send the token: gRPC sends call credentials over secure channels
+    only. gRPC bounds the handshake itself, so ``handshake_timeout`` is
+    accepted but not used here.
     """
 
     listen: str = DEFAULT_LISTEN
     limits: XdsLimits = XdsLimits()
     token: str | None = attrs.field(default=None, repr=False)
+    tls: TlsConfig | None = None
 
     def to_mapping(self) -> dict[str, Any]:
         """The ``[xds]`` table as TOML would give it (token included), so that
@@ -61,6 +71,8 @@ class XdsConfig:
         result: dict[str, Any] = {"listen": self.listen, **attrs.asdict(self.limits)}
         if self.token is not None:
             result["token"] = self.token
+        if self.tls is not None:
+            result["tls"] = self.tls.to_mapping()
         return result
 
 
@@ -76,17 +88,19 @@ def _split_listen(value: object) -> str:
     return value
 
 
-def parse_xds(table: Mapping[str, Any]) -> XdsConfig:
-    """Build an :class:`XdsConfig` from the ``[xds]`` table of the config file.
+def parse_xds(table: Mapping[str, Any], base_dir: Path | None = None) -> XdsConfig:
+    """Build an :class:`XdsConfig` from the ``[xds]`` table of the config file;
+    relative paths in its ``tls`` table are relative to ``base_dir``.
 
     Unknown keys and bad values raise :class:`~dispatcher.core.upstream.ConfigError`
-    naming ``xds.<key>``.
+    naming ``xds.<key>`` (a ``tls`` whose files cannot be loaded included).
     """
-    reject_unknown(table, ("listen", "token", *_LIMIT_KEYS), "xds")
+    reject_unknown(table, ("listen", "token", "tls", *_LIMIT_KEYS), "xds")
     listen = _split_listen(table.get("listen", DEFAULT_LISTEN))
     limits = XdsLimits(**{key: table[key] for key in _LIMIT_KEYS if key in table})
     token = table.get("token")
     if token is not None and (not isinstance(token, str) or not token):
         # The value is a secret: never echoed.
         raise ConfigError("xds.token: expected a non-empty string")
-    return XdsConfig(listen, limits, token)
+    tls = parse_tls(table["tls"], "xds.tls", base_dir) if "tls" in table else None
+    return XdsConfig(listen, limits, token, tls)

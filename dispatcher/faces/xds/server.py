@@ -21,6 +21,12 @@ The trio side (:class:`XdsServer`) holds the :class:`ResourceCache` and one
 ``token`` configured, a call without ``authorization: Bearer <token>`` ends
 with UNAUTHENTICATED before it holds anything.
 
+With a ``tls`` table the port speaks TLS only (gRPC's SSL server credentials,
+TLS 1.2 and 1.3), asking for a client certificate signed by ``ca`` when
+``verify_client`` is set. The certificate files are reread when their
+modification time changes, checked as each connection's handshake begins;
+connections already open keep the certificate they were made with.
+
 Work crosses between the threads through two :class:`Handoff` queues, one
 per direction, so that a push to a thousand streams (and their thousand
 ACKs) wakes the other loop a few times rather than once per stream; a
@@ -35,6 +41,8 @@ import collections
 import contextlib
 import hmac
 import logging
+import os
+import ssl
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
@@ -51,6 +59,7 @@ from dispatcher.faces.xds.handoff import Handoff
 from dispatcher.faces.xds.metrics import XdsMetrics
 from dispatcher.faces.xds.stream import AdsStream, DeltaStream, Refusal, SotwStream, StreamError
 from dispatcher.governance.feed import GovernanceFeed
+from dispatcher.tls import TlsConfig, server_context
 
 __all__ = ["ADS_SERVICE", "XdsServer"]
 
@@ -363,6 +372,63 @@ def _authorized(context: grpc.aio.ServicerContext[bytes, bytes], expected: bytes
     return hmac.compare_digest(presented, expected)
 
 
+class _CertificateFiles:
+    """The ``tls`` table's files as gRPC's server credentials, reread when they change.
+
+    gRPC asks :meth:`_fetch` (on one of its own threads) before each handshake;
+    it answers None, which keeps the current certificates, unless a file's
+    modification time moved and the files load.
+    """
+
+    def __init__(self, config: TlsConfig) -> None:
+        self._config = config
+        self._lock = threading.Lock()
+        self._stamp = self._stamps()
+        # A bad file here is a start-up error: the config check loaded these already.
+        self._initial = self._load()
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, self._fetch, require_client_authentication=self._config.verify_client
+        )
+
+    def _stamps(self) -> tuple[int, ...]:
+        stamps = []
+        for path in (self._config.cert, self._config.key, self._config.ca):
+            if path is not None:
+                try:
+                    stamps.append(os.stat(path).st_mtime_ns)
+                except OSError:
+                    stamps.append(-1)
+        return tuple(stamps)
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        config = self._config
+        # gRPC would take malformed PEM and fail every handshake after; loading
+        # the files into an SSL context first refuses them here.
+        server_context(config)
+        chain, key = config.cert.read_bytes(), config.key.read_bytes()
+        root = None if config.ca is None else config.ca.read_bytes()
+        return grpc.ssl_server_certificate_configuration([(key, chain)], root)
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            stamp = self._stamps()
+            if stamp == self._stamp:
+                return None
+            # Once per change, even if the load fails: a half-written file is
+            # retried when its writer finishes (and moves the stamp again).
+            self._stamp = stamp
+            try:
+                loaded = self._load()
+            except (OSError, ssl.SSLError) as exc:
+                _log.error("xds: cannot reload TLS certificates; keeping the previous ones: %s",
+                           exc)  # fmt: skip
+                return None
+        _log.info("xds: TLS certificates reloaded")
+        return loaded
+
+
 class _GrpcThread:
     """grpcio's asyncio server on a thread and event loop of its own."""
 
@@ -432,8 +498,14 @@ class _GrpcThread:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(ADS_SERVICE, handlers),)
         )
+        tls = self._config.tls
         try:
-            port = server.add_insecure_port(self._config.listen)
+            if tls is None:
+                port = server.add_insecure_port(self._config.listen)
+            else:
+                port = server.add_secure_port(
+                    self._config.listen, _CertificateFiles(tls).credentials()
+                )
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {self._config.listen} for xDS: {exc}") from None
         if not port and not self._config.listen.endswith(":0"):
