@@ -49,22 +49,8 @@
     kind = "zookeeper"              # an entry point of the zkgate.upstreams group
     # ... the kind's own options, checked by its from_config
 
-    [health]                        # central health checking (dispatcher.core.health)
-    enabled = false                 # probe the instances of the services this node owns
-    interval = 5.0                  # seconds between two probes of one instance
-    timeout = 1.0                   # seconds a probe may take; less than interval
-    rise = 2                        # passes in a row that bring a failing instance back
-    fall = 3                        # failures in a row that make a passing one failing
-    jitter = 0.1                    # fraction of interval added per probe, in [0, 0.5]
-    concurrency = 256               # probes in flight at once (sockets)
-    recheck = 0.5                   # seconds between report-triggered probes of one instance
-    probe = "tcp"                   # default probe: "tcp", "http" or "none"
-    path = "/health"                # default path of the http probe
-
-    [[health.service]]              # per-service overrides
-    name = "orders"
-    probe = "http"
-    path = "/healthz"
+    [health]                        # central health checking, and [[health.service]]
+    enabled = false                 # overrides: every key in dispatcher.core.health_config
 
     [membership]                    # the store of shards and policies; alone (no [sharding]):
     kind = "zookeeper"              # policies only, no shard; zookeeper | etcd | memory

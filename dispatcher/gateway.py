@@ -280,7 +280,10 @@ class Gateway:
                     await nursery.start(projection.run, self.policies)
                 self.mesh_views = MeshViews(engine, projections, self.mesh, config.mesh)
                 await nursery.start(self.mesh_views.run)
-                engine.views = self.mesh_views
+                if self.mesh is not None and projections:
+                    # Only then can a session's view differ from the tree; otherwise
+                    # every read would pay the views' lookups for nothing.
+                    engine.views = self.mesh_views
                 await self._start_subscriptions(nursery)
                 nursery.start_soon(self._serve_xds, nursery)
                 if config.inspection.enabled:
