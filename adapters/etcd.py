@@ -420,13 +420,18 @@ class _Inbox:
         self.receive.close()
 
 
+#: What one etcd key decoded to at one mod_revision (None: no instance).
+_Decoded = tuple[int, Instance | None]
+
+
 @attrs.frozen
 class _Reuse:
-    """Inspection's decodings: ``previous`` read's by key (with the key's
-    mod_revision), and ``fresh``, this read's, to be kept for the next."""
+    """Decodings to reuse and to keep: ``previous`` by key (with the key's
+    mod_revision: a key at the same mod_revision holds the same value), and
+    ``fresh``, this read's, to be kept (None: nothing kept)."""
 
-    previous: Mapping[bytes, tuple[int, Instance | None]]
-    fresh: dict[bytes, tuple[int, Instance | None]]
+    previous: Mapping[bytes, _Decoded]
+    fresh: dict[bytes, _Decoded] | None
 
 
 def _range_scopes(
@@ -450,10 +455,10 @@ def _range_scopes(
             revision = revision or response.header.revision
             for kv in response.kvs:
                 if reuse is not None:
-                    # A key at the mod_revision of an earlier read has the same value.
                     known = reuse.previous.get(kv.key)
                     if known is not None and known[0] == kv.mod_revision:
-                        reuse.fresh[kv.key] = known
+                        if reuse.fresh is not None:
+                            reuse.fresh[kv.key] = known
                         if known[1] is not None and scope.accepts(known[1].service):
                             instances.append(known[1])
                         continue
@@ -463,7 +468,7 @@ def _range_scopes(
                     if key is None
                     else _decode(scope.spec, adapter, key, kv.value, kv.mod_revision, kv.lease)
                 )
-                if reuse is not None:
+                if reuse is not None and reuse.fresh is not None:
                     reuse.fresh[kv.key] = (kv.mod_revision, record.instance if record else None)
                 if record and record.instance and scope.accepts(record.service):
                     instances.append(record.instance)
@@ -508,7 +513,7 @@ class _Session:
         """List, then follow the watches; returns only by raising."""
         upstream = self._upstream
         self._scope = upstream.kept = upstream.interest
-        revision, instances = await self._range(self._scopes(self._scope))
+        revision, instances = await self._range(self._scopes(self._scope), whole=True)
         await events.send(Listing(tuple(instances), self._scope))
         await self._start([(scope, revision + 1) for scope in self._scopes(self._scope)])
         # Only now "connected": listed *and* following.
@@ -542,10 +547,25 @@ class _Session:
             return [_Scope(spec) for spec in specs]
         return [_Scope(spec, service) for spec in specs for service in sorted(services)]
 
-    async def _range(self, scopes: Sequence[_Scope]) -> tuple[int, list[Instance]]:
-        return await trio.to_thread.run_sync(
-            _range_scopes, self.client, scopes, self._upstream.name, abandon_on_cancel=True
+    async def _range(
+        self, scopes: Sequence[_Scope], *, whole: bool = False
+    ) -> tuple[int, list[Instance]]:
+        """List ``scopes`` at one revision; what each key decoded to becomes the
+        upstream's :attr:`~EtcdUpstream.applied` (all of it when the listing is
+        ``whole``: everything the session watches)."""
+        upstream = self._upstream
+        # A key still at the mod_revision applied before (a relist after a
+        # reconnect or a compaction) is not decoded again.
+        reuse = _Reuse(upstream.applied, {})
+        listed = await trio.to_thread.run_sync(
+            _range_scopes, self.client, scopes, upstream.name, None, reuse, abandon_on_cancel=True
         )
+        assert reuse.fresh is not None
+        if whole:
+            upstream.applied = reuse.fresh
+        else:
+            upstream.applied.update(reuse.fresh)
+        return listed
 
     async def _follow_interest(self, events: trio.MemorySendChannel[UpstreamEvent]) -> None:
         upstream = self._upstream
@@ -561,7 +581,7 @@ class _Session:
             # Everything: per-service watches give way to prefix watches, from
             # a fresh listing of everything.
             await self._cancel(list(self._watches))
-            revision, instances = await self._range(self._scopes(None))
+            revision, instances = await self._range(self._scopes(None), whole=True)
             await events.send(Listing(tuple(instances), None))
             await self._start([(scope, revision + 1) for scope in self._scopes(None)])
         elif current is None:
@@ -569,6 +589,7 @@ class _Session:
             # its prefix's watch stopped, so nothing needs listing again.
             resume = {watch.scope.spec: watch.seen + 1 for watch in self._watches.values()}
             await self._cancel(list(self._watches))
+            upstream.forget_unwanted(wanted)
             await self._start([(scope, resume[scope.spec]) for scope in self._scopes(wanted)])
             await self._relist(forgotten, events)
         else:
@@ -576,6 +597,8 @@ class _Session:
             await self._cancel(
                 [tag for tag, watch in self._watches.items() if watch.scope.service in dropped]
             )
+            if dropped:
+                upstream.forget_unwanted(wanted)
             added = wanted - current
             if added:
                 scopes = self._scopes(added)
@@ -662,20 +685,25 @@ class _Session:
             watch.seen = max(watch.seen, response.header.revision)
             return []
         adapter = self._upstream.name
+        applied = self._upstream.applied
         changes: list[Change] = []
         for event in response.events:
             watch.seen = max(watch.seen, event.mod_revision)
             key = _key_text(event.key, adapter)
-            if key is None:
-                continue
             if isinstance(event, etcd3.events.DeleteEvent):
-                identity = _identity(watch.scope.spec, key)
+                applied.pop(event.key, None)
+                identity = None if key is None else _identity(watch.scope.spec, key)
                 if identity is not None and watch.scope.accepts(identity[0]):
                     changes.append(Remove(*identity))
                 continue
-            record = _decode(
-                watch.scope.spec, adapter, key, event.value, event.mod_revision, event.lease
+            record = (
+                None
+                if key is None
+                else _decode(
+                    watch.scope.spec, adapter, key, event.value, event.mod_revision, event.lease
+                )
             )
+            applied[event.key] = (event.mod_revision, None if record is None else record.instance)
             if record is None or not watch.scope.accepts(record.service):
                 continue
             if record.instance is None:
@@ -731,10 +759,13 @@ class EtcdUpstream:
     #: dropped, so one dropped and wanted again meanwhile is listed again.
     kept: frozenset[str] | None = attrs.field(default=None, init=False)
     _session: _Session | None = attrs.field(default=None, init=False, repr=False)
-    #: Inspection's decoding of each key at its mod_revision, reused by the next read.
-    _inspected: dict[bytes, tuple[int, Instance | None]] = attrs.field(
-        factory=dict, init=False, repr=False
-    )
+    #: Per key, the mod_revision the adapter last applied (listed, or seen in an
+    #: event) and what the value decoded to: inspection decodes only the keys
+    #: whose mod_revision differs (a key at the same one holds the same value).
+    #: One entry per key of the services watched (deletions remove theirs, a
+    #: listing of everything replaces it, narrowing the interest drops the
+    #: services left), the Instance shared with what was sent to the fan-in.
+    applied: dict[bytes, _Decoded] = attrs.field(factory=dict, init=False, repr=False)
 
     @classmethod
     def from_config(cls, name: str, options: Mapping[str, Any]) -> Self:
@@ -765,6 +796,16 @@ class EtcdUpstream:
     def endpoint(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def forget_unwanted(self, wanted: frozenset[str]) -> None:
+        """Drop from :attr:`applied` the keys of services not ``wanted`` (no longer
+        watched, so their deletions would not remove them); keys holding no
+        instance go too (decoding them again costs little)."""
+        self.applied = {
+            key: known
+            for key, known in self.applied.items()
+            if known[1] is not None and known[1].service in wanted
+        }
+
     def set_interest(self, services: frozenset[str] | None) -> None:
         self.interest = None if services is None else frozenset(services)
         if self.interest is not None:
@@ -785,9 +826,11 @@ class EtcdUpstream:
         )
 
         pages: list[int] = []
-        # Filled by this read, then kept for the next (replaced on a read of
-        # everything, so it holds no more than the registry).
-        reuse = _Reuse(self._inspected, {} if services is None else dict(self._inspected))
+        # What the adapter applied is what the fan-in was sent: a key at that
+        # mod_revision decodes the same (and was not missed), so only keys that
+        # differ from it (changed, or missed) are decoded. Read from the worker
+        # thread while events update it: single lookups, never an iteration.
+        reuse = _Reuse(self.applied, None)
 
         def read() -> tuple[int, list[Instance]]:
             client = self.client()
@@ -797,7 +840,6 @@ class EtcdUpstream:
                 client.close()
 
         revision, instances = await trio.to_thread.run_sync(read, abandon_on_cancel=True)
-        self._inspected = reuse.fresh
         # Every page is a request: a range of N keys costs N / _PAGE of them.
         return Inspection(tuple(instances), services, revision, max(1, len(pages)))
 

@@ -1163,8 +1163,6 @@ class ZooKeeperUpstream:
         self.config = config
         self._interest: frozenset[str] | None = None
         self._tracker: _Tracker | None = None
-        #: Inspection's parse of each znode at its mzxid, reused by the next read.
-        self._inspected: dict[str, tuple[int, Instance | None]] = {}
 
     @classmethod
     def from_config(cls, name: str, options: Mapping[str, Any]) -> Self:
@@ -1183,7 +1181,25 @@ class ZooKeeperUpstream:
 
         chroot = self.config.chroot
         roots = [_Root.of(root, chroot) for root in self.config.roots]
-        return await inspect_zookeeper(self.name, self.config, roots, services, self._inspected)
+        return await inspect_zookeeper(self.name, self.config, roots, services, self.applied())
+
+    def applied(self) -> dict[str, tuple[int, Instance | None]]:
+        """Per instance znode the adapter follows (absolute path), the ``mzxid`` it
+        last applied and what the znode parsed to then.
+
+        Inspection parses only the znodes whose ``mzxid`` differs (changed, or
+        missed): one at the same ``mzxid`` holds the same data. Built from the
+        state the adapter keeps anyway (one ``_Znode`` per znode), a new dict per
+        call that the read may change and drops.
+        """
+        tracker = self._tracker
+        if tracker is None:
+            return {}
+        return {
+            f"{directory.path}/{name}": (znode.revision, znode.instance)
+            for directory in tracker.dirs.values()
+            for name, znode in directory.znodes.items()
+        }
 
     def watches(self) -> frozenset[tuple[WatchKind, str]]:
         """The upstream watches the session holds, as ``(kind, root)``.

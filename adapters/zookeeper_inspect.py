@@ -6,8 +6,8 @@ leader had; a ``getChildren`` of each root; ``multiRead`` of the wanted
 service directories' children, 200 per request; and ``multiRead`` of the
 instance znodes' data, 500 per request across services (well under
 ``jute.maxbuffer``). Requests are therefore bounded by the number of
-services, not of instances. A znode whose mzxid is that of the previous
-read is not parsed again. The revision is the
+services, not of instances. A znode at the mzxid the adapter last applied
+is not parsed again. The revision is the
 zxid the session had seen after the syncs: records the fan-in holds with a
 newer ``mzxid`` changed during the read and are not compared.
 
@@ -27,6 +27,7 @@ import trio
 
 from dispatcher.core.model import Instance, Source
 from dispatcher.core.upstream import Inspection
+from dispatcher.store_clients import zookeeper_session
 from dispatcher.zk.client import ConnectionLost, KeeperError, ZooKeeperClient
 from dispatcher.zk.codec.jute import DecodeError, Reader, Writer
 from dispatcher.zk.codec.protocol import Err, OpCode
@@ -59,7 +60,7 @@ def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
 #: Service directories listed per multiRead (getChildren).
 _LIST_CHUNK: Final = 200
 
-#: What a previous read parsed: absolute znode path -> (mzxid, instance or None).
+#: What the adapter applied: absolute znode path -> (mzxid, instance or None).
 #: A znode with the same mzxid has the same data, so it is not parsed again.
 Parsed = dict[str, tuple[int, Instance | None]]
 
@@ -70,27 +71,20 @@ async def inspect_zookeeper(
 ) -> Inspection:  # fmt: skip
     """Read ``services`` (None: every service) under ``roots`` on a session of its own.
 
-    ``parsed`` is the previous reads' parse of each znode, reused where the
-    mzxid is unchanged, and updated in place (replaced on a read of everything,
-    so it holds no more than the registry).
+    ``parsed`` is what the adapter last applied for each znode (a throwaway map the
+    caller built), reused where the mzxid is unchanged.
     """
-    client = ZooKeeperClient(
-        config.servers,
-        session_timeout_ms=max(1, round(config.session_timeout * 1000)),
+    # The adapter's own TLS, SASL user and credentials: a secured ensemble serves no one else.
+    client = zookeeper_session(
+        config.servers, config.session_timeout, tls=config.tls, sasl=config.sasl,
         auth=[(scheme, cred.encode()) for scheme, cred in config.auth],
-    )
+    )  # fmt: skip
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.run)
         try:
             with trio.fail_after(_CONNECT_TIMEOUT):
                 await client.wait_connected()
-            fresh: Parsed = {}
-            inspection = await _read(name, client, roots, services, parsed or {}, fresh)
-            if parsed is not None:
-                if services is None:
-                    parsed.clear()
-                parsed.update(fresh)
-            return inspection
+            return await _read(name, client, roots, services, parsed or {})
         except trio.TooSlowError:
             raise ConnectionError(f"zookeeper {config.hosts}: no session") from None
         finally:
@@ -151,7 +145,7 @@ async def _multi_read(
 
 async def _read(
     name: str, client: ZooKeeperClient, roots: Sequence[_Root], services: frozenset[str] | None,
-    parsed: Parsed, fresh: Parsed,
+    parsed: Parsed,
 ) -> Inspection:  # fmt: skip
     reads = 0
     for root in roots:
@@ -200,7 +194,6 @@ async def _read(
                         instance = root.layout.parse(service, znode, data, source=source)
                     except Exception:
                         instance = None
-                fresh[path] = (mzxid, instance)
                 if instance is None:
                     continue
                 by_id = claims.setdefault(instance.service, {})

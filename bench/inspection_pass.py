@@ -7,12 +7,14 @@ What it does:
    each: etcd in transactions of 128 puts (etcd's default ``max-txn-ops``),
    ZooKeeper in ``multi`` batches of 500 creates (Curator layout).
 2. Runs a gateway in this process over both (with a projection of every
-   service), waits until its snapshot holds every instance.
-3. Times one full inspection pass over every layer, on demand (nothing to
-   repair): wall time, this process's CPU time (the etcd read's decoding
-   runs in a worker thread of this process and is counted) and the upstream
-   requests made (etcd range pages of 1,000 keys, ZooKeeper syncs, listings
-   and multiReads, all counted).
+   service), waits until its snapshot holds every instance and the
+   projection shows them (so that the projection's writing is not timed
+   as inspection).
+3. Times the first inspection pass after the start, then a second one, over
+   every layer, on demand (nothing to repair): wall time, this process's CPU
+   time (the etcd read's decoding runs in a worker thread of this process
+   and is counted) and the upstream requests made (etcd range pages of
+   1,000 keys, ZooKeeper syncs, listings and multiReads, all counted).
 4. Runs passes while a thread churns etcd (puts and deletes at
    ``--churn-rate`` per second, the rate reached is reported): every
    divergence they report is a false one, as are any of the quiet pass.
@@ -27,7 +29,9 @@ Last line (one line)::
 
 Targets: ``pass_s`` <= 10, ``cpu_s`` <= 2, ``upstream_reads`` bounded by the
 services (not the instances), ``false_divergences`` 0, ``detect_s`` < 2
-intervals. ``--check`` exits 1 when one is missed.
+intervals; the first pass after the start (the line before, ``first_pass_s``
+and ``first_pass_cpu_s``) meets the same time and CPU targets. ``--check``
+exits 1 when one is missed.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ import etcd3
 import trio
 from kazoo.client import KazooClient
 
-from adapters.layouts import curator
+from adapters.layouts import curator, plain
 from dispatcher.config import parse_config
 from dispatcher.core.model import Instance
 from dispatcher.gateway import Gateway, run_gateway
@@ -61,6 +65,7 @@ from tests.servers import EtcdServer, ZooKeeperServer
 
 ETCD_PREFIX = "/bench/inspect/"
 ZK_ROOT = "/bench-inspect"
+PROJECTION_ROOT = "/projected"
 #: etcd's default --max-txn-ops.
 TXN_OPS = 128
 ZK_BATCH = 500
@@ -241,31 +246,40 @@ def gateway_config(base: Path, etcd: EtcdServer, zookeeper: ZooKeeperServer, arg
                     "roots": [{"path": ZK_ROOT, "layout": "curator"}],
                 },
             ],
-            "projection": [{"root": "/projected", "layout": "plain"}] if args.projection else [],
+            "projection": [{"root": PROJECTION_ROOT, "layout": "plain"}] if args.projection else [],
             "inspection": {"enabled": False, "interval": args.interval, "grace": args.grace},
         }
     )
 
 
+def projected(gw: Gateway) -> int:
+    """The instance znodes the projection (:data:`PROJECTION_ROOT`) shows."""
+    assert gw.engine is not None
+    nodes = gw.engine.tree.nodes
+    shown = 0
+    for service in gw.fanin.snapshot:
+        node = nodes.get(f"{PROJECTION_ROOT}/{plain.directory(service)}")
+        shown += 0 if node is None else len(node.children)
+    return shown
+
+
 async def measure(gw: Gateway, etcd: EtcdServer, args: Any) -> dict[str, Any]:
     inspector = gw.inspector
     assert inspector is not None
-    wall, cpu = time.perf_counter(), time.process_time()
-    first = await inspector.inspect()
-    first_s, first_cpu = time.perf_counter() - wall, time.process_time() - cpu
-    _progress(
-        f"  first pass (parses and renders everything once): {first_s:.2f} s, {first_cpu:.2f} CPU-s"
-    )
-    false = sum(len(r.divergences) for r in first) + sum(bool(r.error) for r in first)
     profiler = cProfile.Profile() if args.profile else None
     wall, cpu = time.perf_counter(), time.process_time()
     if profiler is not None:
         profiler.enable()
-    reports = await inspector.inspect()
-    pass_s, cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+    first = await inspector.inspect()
+    first_s, first_cpu = time.perf_counter() - wall, time.process_time() - cpu
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(args.profile)
+    _progress(f"  first pass: {first_s:.2f} s, {first_cpu:.2f} CPU-s")
+    false = sum(len(r.divergences) for r in first) + sum(bool(r.error) for r in first)
+    wall, cpu = time.perf_counter(), time.process_time()
+    reports = await inspector.inspect()
+    pass_s, cpu_s = time.perf_counter() - wall, time.process_time() - cpu
     for report in reports:
         _progress(
             f"  {report.layer}: {report.services} compared, {report.reads} reads, "
@@ -341,7 +355,11 @@ async def run(args: Any) -> dict[str, Any]:
             with trio.fail_after(300):
                 while sum(len(e.instances) for e in gw.fanin.snapshot.values()) < written:
                     await trio.sleep(0.1)
-            _progress("the gateway holds every instance; one full pass")
+                # The projection writes them after the snapshot has them: a pass
+                # timed before it is done would count its writing as inspection.
+                while args.projection and projected(gw) < written:
+                    await trio.sleep(0.1)
+            _progress("the gateway holds and projects every instance; one full pass")
             result = await measure(gw, etcd, args)
             nursery.cancel_scope.cancel()
         result["instances"] = written
@@ -383,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         f"false_divergences={result['false']} detect_s={result['detect_s']:.2f}"
     )
     missed = (
-        result["pass_s"] > 10
-        or result["cpu_s"] > 2
+        max(result["pass_s"], result["first_s"]) > 10
+        or max(result["cpu_s"], result["first_cpu"]) > 2
         or result["reads"] > args.services
         or result["false"]
         or not result["detect_s"] < 2 * args.interval

@@ -330,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--zkgate-address")
     parser.add_argument("--zookeeper-address")
     parser.add_argument("--zookeeper-heap", default="512m")
+    # The servers are started by zk_reads' helper, which also knows TLS ports;
+    # writes are measured on the plain ones.
+    parser.set_defaults(tls=False)
     args = parser.parse_args(argv)
     # Every session is a socket here and in the server (a child: it inherits this).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

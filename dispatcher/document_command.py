@@ -18,7 +18,9 @@ describes it with a :class:`DocumentCommand` and may add actions of its own.
 changes from the current version before it writes them, and writes them on top of that
 version (a change someone made meanwhile makes it fail with a conflict rather than be
 overwritten); ``--dry-run`` stops after the changes. Writes present the token read from
-``--token-file`` (surrounding whitespace stripped).
+``--token-file`` (surrounding whitespace stripped). Every action takes ``--tls-ca FILE``
+(and ``--tls-cert FILE --tls-key FILE`` where the endpoint verifies clients) to reach an
+admin endpoint that serves TLS; its writes are refused beyond loopback without it.
 
 Exit codes: 0 done, 1 refused (an invalid document, a conflict, a wrong or missing token,
 the kind unavailable: the server's message is printed), 2 usage, 3 the admin endpoint
@@ -41,6 +43,8 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 import attrs
+
+from dispatcher.tls import add_client_arguments, client_context_from_args
 
 __all__ = [
     "EXIT_OK",
@@ -118,6 +122,9 @@ def add_command(
             metavar="HOST:PORT",
             help="the Dispatcher's admin endpoint (default: %(default)s)",
         )
+        # Writes are refused beyond loopback unless the endpoint serves TLS, so a remote
+        # operator needs these to write at all.
+        add_client_arguments(parser, "the admin endpoint")
         if writes:
             parser.add_argument(
                 "--token-file",
@@ -331,11 +338,16 @@ def call(
         token = _token(args)
         if token is not None:
             headers["authorization"] = f"Bearer {token}"
+    try:
+        context = client_context_from_args(args)
+    except (ValueError, OSError) as exc:
+        raise Usage(str(exc)) from None
+    scheme = "http" if context is None else "https"
     request = urllib.request.Request(
-        f"http://{args.admin}{path}", data=data, headers=headers, method=method
+        f"{scheme}://{args.admin}{path}", data=data, headers=headers, method=method
     )
     try:
-        with urllib.request.urlopen(request, timeout=_TIMEOUT) as response:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT, context=context) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         with exc:

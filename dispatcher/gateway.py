@@ -211,7 +211,7 @@ class Gateway:
                     sasl_required=zk.sasl_required,
                     x509=zk.secure_listen is not None
                     and zk.tls is not None
-                    and zk.tls.verify_client,
+                    and zk.tls.verifies_clients,
                 ),
             )
             self.engine = engine

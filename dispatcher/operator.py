@@ -27,7 +27,7 @@ from typing import Any, TextIO
 from dispatcher.config import load_config
 from dispatcher.settings import ConfigError
 from dispatcher.sharding.membership import MembershipConfigError
-from dispatcher.tls import add_client_arguments, client_context, client_tls_from_args
+from dispatcher.tls import add_client_arguments, client_context_from_args
 
 #: Loaders of other programs' configuration files, by name (``--meta``: "meta").
 CONFIG_CHECKS = "zkgate.config_checks"
@@ -105,8 +105,7 @@ def _get(admin: str, path: str, context: ssl.SSLContext | None = None) -> Any:
 
 def status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     try:
-        tls = client_tls_from_args(args)
-        context = None if tls is None else client_context(tls)
+        context = client_context_from_args(args)
     except (ValueError, OSError) as exc:
         print(f"zkgate: error: {exc}", file=sys.stderr)
         return EXIT_INVALID

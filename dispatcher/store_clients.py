@@ -1,7 +1,9 @@
 """Opening a client of an existing store (ZooKeeper, etcd), with TLS and SASL.
 
 One place for everyone who dials a store zkgate does not run: the membership backends and
-the governance stores (both from a ``[membership]`` table) and the etcd adapter. A store
+the governance stores (both from a ``[membership]`` table), the etcd adapter, the sidecar's
+registration in a ZooKeeper face, and the inspection's direct reads of a mirror's ensemble or
+a ZooKeeper upstream (with the TLS and SASL of the component they inspect). A store
 opened here speaks TLS when given a :class:`~dispatcher.tls.ClientTls` (the client
 certificate, if any, presented to a server that requires one) and, for ZooKeeper,
 authenticates with DIGEST-MD5 when given :class:`~dispatcher.zk.sasl_client.SaslCredentials`.
@@ -18,7 +20,7 @@ from dispatcher.zk.client import SessionEvent, ZooKeeperClient, split_connect_st
 from dispatcher.zk.codec.records import WatcherEvent
 from dispatcher.zk.sasl_client import SaslCredentials
 
-__all__ = ["describe_etcd_error", "etcd_client", "zookeeper_client"]
+__all__ = ["describe_etcd_error", "etcd_client", "zookeeper_client", "zookeeper_session"]
 
 
 def zookeeper_client(
@@ -35,16 +37,36 @@ def zookeeper_client(
 
     Raises ValueError for a connect string that does not parse."""
     servers, chroot = split_connect_string(hosts)
-    client = ZooKeeperClient(
+    client = zookeeper_session(
+        servers, session_timeout, tls=tls, sasl=sasl, on_watch=on_watch, on_session=on_session
+    )
+    return client, chroot
+
+
+def zookeeper_session(
+    servers: Sequence[tuple[str, int]],
+    session_timeout: float,
+    *,
+    tls: ClientTls | None = None,
+    sasl: SaslCredentials | None = None,
+    auth: Sequence[tuple[str, bytes]] = (),
+    on_watch: Callable[[WatcherEvent], None] | None = None,
+    on_session: Callable[[SessionEvent], None] | None = None,
+) -> ZooKeeperClient:
+    """A trio ZooKeeper client of ``servers`` (not running yet), for callers that hold the
+    servers already parsed; ``auth`` is sent (``addAuth``) on every connection, after SASL.
+
+    Raises OSError or ssl.SSLError if a certificate file of ``tls`` cannot be loaded."""
+    return ZooKeeperClient(
         servers,
         session_timeout_ms=max(1, round(session_timeout * 1000)),
+        auth=auth,
         on_watch=on_watch,
         on_session=on_session,
         tls=None if tls is None else client_context(tls),
         server_name=None if tls is None else tls.server_name,
         sasl=sasl,
     )
-    return client, chroot
 
 
 def _read(path: object) -> bytes | None:

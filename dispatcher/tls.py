@@ -10,6 +10,12 @@ A listener takes a ``tls`` sub-table (``[zookeeper.tls]``, ``[subscriptions.tls]
     verify_client = true       # require a client certificate signed by ``ca``
     handshake_timeout = 10.0   # seconds a connection may take to finish its handshake
 
+``[zookeeper.tls]`` alone also takes ``verify_client = "want"`` (a certificate
+is asked for and verified if given, not required: ZooKeeper's
+``ssl.clientAuth=want``) and ``x509_superuser = "CN=admin,O=Example"`` (the
+client whose certificate subject, as :func:`x509_subject` writes it, is this
+string is a superuser: ZooKeeper's ``zookeeper.X509AuthenticationProvider.superUser``).
+
 A client (a ``[[mirror]]``, a ZooKeeper ``[[upstream]]``, the proxy, ``zkgate
 status``) takes ``tls = { ca = "...", cert = "...", key = "..." }``: ``ca``
 verifies the server (the system's CAs without it), ``cert``/``key`` is the
@@ -27,13 +33,15 @@ connections already open keep the context they were made with.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import attrs
 import trio
@@ -47,8 +55,10 @@ __all__ = [
     "SecureHalfCloseable",
     "ServerTls",
     "TlsConfig",
+    "TlsSession",
     "add_client_arguments",
     "client_context",
+    "client_context_from_args",
     "client_tls_from_args",
     "is_loopback",
     "looks_like_tls",
@@ -63,6 +73,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SERVER_KEYS: Final = ("cert", "key", "ca", "verify_client", "handshake_timeout")
+#: The keys only a listener that identifies clients by certificate takes.
+_X509_KEYS: Final = ("x509_superuser",)
 _CLIENT_KEYS: Final = ("ca", "cert", "key", "server_name")
 #: Seconds a closing TLS connection may take to send its close_notify.
 _CLOSE_NOTIFY_TIMEOUT: Final = 1.0
@@ -78,9 +90,19 @@ class TlsConfig:
     cert: Path
     key: Path
     ca: Path | None = None
-    #: Require a client certificate signed by ``ca`` (ZooKeeper's ``ssl.clientAuth=need``).
-    verify_client: bool = False
+    #: True: require a client certificate signed by ``ca`` (ZooKeeper's
+    #: ``ssl.clientAuth=need``); ``"want"``: ask for one and verify it if given
+    #: (``ssl.clientAuth=want``); False: ask for none.
+    verify_client: bool | Literal["want"] = False
     handshake_timeout: float = 10.0
+    #: The certificate subject (RFC 2253, as :func:`x509_subject` writes it) of
+    #: the ZooKeeper face's superuser; None: no such user.
+    x509_superuser: str | None = None
+
+    @property
+    def verifies_clients(self) -> bool:
+        """Whether a client certificate, when there is one, is verified and names the client."""
+        return self.verify_client is not False
 
     def to_mapping(self) -> dict[str, Any]:
         """The ``tls`` table as TOML would give it."""
@@ -90,7 +112,19 @@ class TlsConfig:
         }  # fmt: skip
         if self.ca is not None:
             result["ca"] = str(self.ca)
+        if self.x509_superuser is not None:
+            result["x509_superuser"] = self.x509_superuser
         return result
+
+
+@attrs.frozen
+class TlsSession:
+    """A finished server handshake, for a caller that moves the bytes itself:
+    the TLS state and its two memory buffers (ciphertext in and out)."""
+
+    tls: ssl.SSLObject
+    incoming: ssl.MemoryBIO
+    outgoing: ssl.MemoryBIO
 
 
 @attrs.frozen
@@ -115,11 +149,45 @@ def _path(value: Any, where: str, base_dir: Path | None) -> Path:
     return path
 
 
-def parse_tls(value: Any, where: str, base_dir: Path | None = None) -> TlsConfig:
-    """Check a listener's ``tls`` table; relative paths are relative to ``base_dir``."""
+#: A comma that separates two RDNs followed by a space: not how RFC 2253 (Java's
+#: ``X500Principal.getName()``) writes a subject, so such a name never matches.
+_SPACED_RDN: Final = re.compile(r"(?<!\\),\s")
+
+
+def _verify_client(value: Any, where: str, x509: bool) -> bool | Literal["want"]:
+    if isinstance(value, bool):
+        return value
+    if value == "want" and x509:
+        return "want"
+    if value == "want":
+        raise ConfigError(f'{where}: "want" is for [zookeeper.tls] only; here true or false')
+    choices = 'true, false or "want"' if x509 else "true or false"
+    raise ConfigError(f"{where}: must be {choices}, not {value!r}")
+
+
+def _x509_superuser(value: Any, where: str) -> str:
+    subject = settings.string(value, where)
+    if "=" not in subject:
+        raise ConfigError(f"{where}: must be a certificate subject such as CN=admin,O=Example")
+    if _SPACED_RDN.search(subject):
+        raise ConfigError(
+            f"{where}: write the subject as RFC 2253 does, with no space after the commas "
+            f"(CN=admin,O=Example), as ZooKeeper compares it; got {subject!r}"
+        )
+    return subject
+
+
+def parse_tls(
+    value: Any, where: str, base_dir: Path | None = None, *, x509: bool = False
+) -> TlsConfig:
+    """Check a listener's ``tls`` table; relative paths are relative to ``base_dir``.
+
+    ``x509``: the listener names clients by their certificates (the ZooKeeper
+    face), so ``verify_client = "want"`` and ``x509_superuser`` are allowed.
+    """
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where}: must be a table, not {settings.type_name(value)}")
-    settings.reject_unknown(value, _SERVER_KEYS, where)
+    settings.reject_unknown(value, _SERVER_KEYS + _X509_KEYS if x509 else _SERVER_KEYS, where)
     for key in ("cert", "key"):
         if key not in value:
             raise ConfigError(f"{where}.{key}: missing (a TLS listener needs a {key})")
@@ -130,11 +198,20 @@ def parse_tls(value: Any, where: str, base_dir: Path | None = None) -> TlsConfig
     if "ca" in value:
         options["ca"] = _path(value["ca"], f"{where}.ca", base_dir)
     if "verify_client" in value:
-        options["verify_client"] = settings.boolean(
-            value["verify_client"], f"{where}.verify_client"
+        options["verify_client"] = _verify_client(
+            value["verify_client"], f"{where}.verify_client", x509
         )
-        if options["verify_client"] and "ca" not in options:
+        if options["verify_client"] is not False and "ca" not in options:
             raise ConfigError(f"{where}.verify_client: needs {where}.ca to verify clients against")
+    if "x509_superuser" in value:
+        options["x509_superuser"] = _x509_superuser(
+            value["x509_superuser"], f"{where}.x509_superuser"
+        )
+        if options.get("verify_client", False) is False:
+            raise ConfigError(
+                f'{where}.x509_superuser: needs verify_client = true or "want" '
+                "(the subject comes from a verified client certificate)"
+            )
     if "handshake_timeout" in value:
         options["handshake_timeout"] = settings.seconds(
             value["handshake_timeout"], f"{where}.handshake_timeout"
@@ -198,6 +275,13 @@ def client_tls_from_args(args: argparse.Namespace) -> ClientTls | None:
     return ClientTls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
+def client_context_from_args(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client context the ``--tls-*`` flags describe; None without any (plain text).
+    Raises ValueError for flags that do not go together, OSError for files that do not load."""
+    tls = client_tls_from_args(args)
+    return None if tls is None else client_context(tls)
+
+
 def _restrict(context: ssl.SSLContext) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # Renegotiation would let a client restart the handshake mid-session.
@@ -211,7 +295,10 @@ def server_context(config: TlsConfig) -> ssl.SSLContext:
     context.load_cert_chain(config.cert, config.key)
     if config.ca is not None:
         context.load_verify_locations(config.ca)
-    context.verify_mode = ssl.CERT_REQUIRED if config.verify_client else ssl.CERT_NONE
+    if config.verify_client == "want":
+        context.verify_mode = ssl.CERT_OPTIONAL
+    else:
+        context.verify_mode = ssl.CERT_REQUIRED if config.verify_client else ssl.CERT_NONE
     return context
 
 
@@ -305,6 +392,66 @@ class ServerTls:
         )
         await trio.aclose_forcefully(stream)
         return None
+
+    async def handshake(self, sock: trio.socket.SocketType, peer: str) -> TlsSession | None:
+        """The server handshake on ``sock``, within ``handshake_timeout``, done on
+        memory buffers so that the caller can then read and write the socket
+        without waiting (as the plain-text path does); None if refused (logged;
+        the caller closes ``sock``)."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.context.wrap_bio(incoming, outgoing, server_side=True)
+        reason = None
+        with trio.move_on_after(self.config.handshake_timeout) as scope:
+            try:
+                while True:
+                    try:
+                        tls.do_handshake()
+                        done = True
+                    except ssl.SSLWantReadError:
+                        done = False
+                    if outgoing.pending:
+                        await _send_all(sock, outgoing.read())
+                    if done:
+                        break
+                    data = await sock.recv(_HANDSHAKE_RECEIVE)
+                    if not data:
+                        raise trio.BrokenResourceError
+                    incoming.write(data)
+            except ssl.SSLError as exc:
+                # The alert says why to the client too, if its socket takes it now.
+                _send_now(sock, outgoing.read())
+                reason = _refusal(exc)
+            except (OSError, trio.BrokenResourceError):
+                reason = _refusal(trio.BrokenResourceError())
+        if scope.cancelled_caught:
+            reason = f"no TLS handshake within {self.config.handshake_timeout:g} s"
+        if reason is None:
+            return TlsSession(tls, incoming, outgoing)
+        self.refused += 1
+        log.warning(
+            "refused a TLS connection",
+            extra={"listener": self.listener, "peer": peer, "reason": reason},
+        )
+        return None
+
+
+#: Bytes read at a time during a handshake (a ClientHello with its certificate
+#: chain fits in a few of these).
+_HANDSHAKE_RECEIVE: Final = 16384
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view)
+        view = view[sent:]
+
+
+def _send_now(sock: trio.socket.SocketType, data: bytes) -> None:
+    """Write what ``sock`` takes at once, ignoring a socket already broken."""
+    if data:
+        with contextlib.suppress(OSError):
+            os.write(sock.fileno(), data)
 
 
 def looks_like_tls(data: bytes) -> bool:

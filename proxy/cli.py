@@ -14,6 +14,15 @@ application's (``--application``) call outcomes for the automatic rollback::
     zkgate proxy --meta 127.0.0.1:7000 --service shop.Cart=10.1.2.3:15001 \\
                  --application web --register 127.0.0.1:2181 --token-file /etc/zkgate/token
 
+A ZooKeeper face that serves only TLS (its ``secure_listen``) and wants SASL is reached with
+``--register-tls-ca`` (``--register-tls-cert``/``--register-tls-key`` when it verifies
+clients) and ``--register-sasl-username`` with ``--register-sasl-password-file`` (the
+password is never given on the command line)::
+
+    zkgate proxy ... --register 10.1.2.3:2281 --register-tls-ca /etc/zkgate/ca.pem \\
+                 --register-sasl-username sidecar \\
+                 --register-sasl-password-file /etc/zkgate/sidecar.pass
+
 The shared token may come from ``--token``, ``--token-file`` or the
 ``ZKGATE_TOKEN`` environment variable (a token on the command line is
 visible to every user of the machine in ``ps``).
@@ -32,7 +41,8 @@ import attrs
 import trio
 
 from dispatcher.stopping import run_until_stopped
-from dispatcher.tls import add_client_arguments, client_tls_from_args
+from dispatcher.tls import ClientTls, add_client_arguments, client_tls_from_args
+from dispatcher.zk.sasl_client import SaslCredentials, load_credentials
 from proxy import balancer
 from proxy.control import ControlSettings
 from proxy.forward import ForwardSettings, ListenAddress
@@ -192,6 +202,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="with --register: the Dispatchers' [mesh] sidecars path (default: %(default)s)",
     )
+    parser.add_argument(
+        "--register-tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="with --register: reach the ZooKeeper face's TLS port (its secure_listen), "
+        "trusting this CA (PEM)",
+    )
+    parser.add_argument(
+        "--register-tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="with --register: the client certificate (PEM) to present to the ZooKeeper "
+        "face, with --register-tls-key (TLS even without --register-tls-ca: the system's CAs)",
+    )
+    parser.add_argument(
+        "--register-tls-key",
+        type=Path,
+        metavar="FILE",
+        help="with --register: the client certificate's key (PEM)",
+    )
+    parser.add_argument(
+        "--register-sasl-username",
+        metavar="NAME",
+        help="with --register: authenticate to the ZooKeeper face with SASL DIGEST-MD5 as "
+        "NAME, with --register-sasl-password-file",
+    )
+    parser.add_argument(
+        "--register-sasl-password-file",
+        type=Path,
+        metavar="FILE",
+        help="with --register-sasl-username: read the password from FILE (one trailing "
+        "newline dropped); there is no flag for the password itself",
+    )
     add_client_arguments(parser, "the Meta Server and the Dispatchers")
 
 
@@ -231,8 +274,13 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
     if args.client_id is not None:
         control = attrs.evolve(control, client_id=args.client_id)
     register = None if args.register is None else RegistrationSettings(
-        args.register, _register_host(args, services), args.sidecars
+        args.register, _register_host(args, services), args.sidecars,
+        tls=_register_tls(args), sasl=_register_sasl(args),
     )  # fmt: skip
+    if register is None:
+        given = [flag for flag in _REGISTER_SECURITY if getattr(args, _dest(flag)) is not None]
+        if given:
+            raise ValueError(f"{given[0]} needs --register")
     try:
         return SidecarConfig(
             meta=args.meta, services=services, balancer=args.balancer, control=control,
@@ -245,6 +293,41 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
         )  # fmt: skip
     except (TypeError, ValueError) as exc:
         raise ValueError(str(exc)) from None
+
+
+_REGISTER_SECURITY = (
+    "--register-tls-ca", "--register-tls-cert", "--register-tls-key",
+    "--register-sasl-username", "--register-sasl-password-file",
+)  # fmt: skip
+
+
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def _register_tls(args: argparse.Namespace) -> ClientTls | None:
+    """TLS to the ZooKeeper face: on with any ``--register-tls-*`` flag."""
+    ca, cert, key = args.register_tls_ca, args.register_tls_cert, args.register_tls_key
+    if ca is None and cert is None and key is None:
+        return None
+    return ClientTls(ca=ca, cert=cert, key=key)
+
+
+def _register_sasl(args: argparse.Namespace) -> SaslCredentials | None:
+    """The SASL user of the registration; the password only ever from its file."""
+    username, password_file = args.register_sasl_username, args.register_sasl_password_file
+    if username is None and password_file is None:
+        return None
+    if username is None or password_file is None:
+        missing = "--register-sasl-password-file" if username is not None else (
+            "--register-sasl-username"
+        )  # fmt: skip
+        raise ValueError(f"--register-sasl-username and --register-sasl-password-file go "
+                         f"together: {missing} is missing")  # fmt: skip
+    try:
+        return load_credentials(username, password_file)
+    except ValueError as exc:
+        raise ValueError(f"--register-sasl-password-file: {exc}") from None
 
 
 def _register_host(args: argparse.Namespace, services: dict[str, ListenAddress]) -> str:

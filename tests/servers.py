@@ -173,9 +173,23 @@ class PortAllocator:
         raise ServerError("could not find a free loopback port")
 
 
+def _worker_allocator() -> PortAllocator:
+    """This process's allocator: under pytest-xdist, each worker draws from its own
+    slice of the range, so two workers never hand out the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count <= 1:
+        return PortAllocator()
+    low = 20000
+    high = _ephemeral_port_range()[0] - 1
+    width = (high - low + 1) // count
+    index = int(worker[2:])
+    return PortAllocator(low + index * width, low + (index + 1) * width - 1)
+
+
 # The one deliberate piece of process-wide state in this module: "never hand out
 # the same port twice" only holds if every caller in the process shares the set.
-_PROCESS_PORTS = PortAllocator()
+_PROCESS_PORTS = _worker_allocator()
 
 
 def free_port() -> int:

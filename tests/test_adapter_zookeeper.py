@@ -616,12 +616,15 @@ def data_watches(server: ZooKeeperServer) -> dict[str, list[str]]:
     """``wchp``: every data watch, as path -> the sessions holding one on it."""
     watches: dict[str, list[str]] = {}
     path = ""
-    for line in server.four_letter("wchp").splitlines():
-        if line.startswith("/"):
-            path = line.strip()
+    # A path line is any unindented one: tests/test_differential_nulls.py leaves the
+    # shared server a watch on a null path, which ZooKeeper keeps and prints as "null".
+    # Session lines are the tab-indented ones.
+    for line in server.four_letter("wchp").split("\n"):
+        if line.startswith("\t"):
+            watches.setdefault(path, []).append(line.strip())
+        elif line:
+            path = line
             watches[path] = []
-        elif line.strip():
-            watches[path].append(line.strip())
     return watches
 
 

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import etcd3
 import h11
 import pytest
@@ -238,6 +239,98 @@ async def test_a_stale_projection_znode_is_found_and_reloaded(
         assert divergence.repaired is True
         assert await metric(gw.admin.port, "zkgate_inspection_divergences_total", "projection") >= 1
         assert any(r.__dict__.get("layer") == "projection" for r in caplog.records)
+
+
+async def test_the_first_pass_after_a_start_finds_what_was_missed_before_it(
+    tmp_path: Path, etcd: EtcdServer, zookeeper: ZooKeeperServer, unique_path: str
+) -> None:
+    """The first pass reuses what the adapters decoded and the projection
+    rendered rather than decoding and rendering everything again; each miss made
+    before it still shows: a changed value the fan-in never applied (etcd and
+    ZooKeeper alike, the adapter having seen it at the revision the read
+    finds) and a projection znode left stale."""
+    prefix, root = f"{unique_path}/", unique_path
+    orders_key = f"{prefix}orders/a"
+    await trio.to_thread.run_sync(put, etcd, orders_key, grpc_value("10.0.4.1:80"))
+    await trio.to_thread.run_sync(put, etcd, f"{prefix}carts/a", grpc_value("10.0.4.2:80"))
+    first = Instance("inventory", "i1", "10.0.4.3", 80)
+    await trio.to_thread.run_sync(zk_register, zookeeper, root, first)
+    cfg = config(tmp_path, etcd, zookeeper, prefix, enabled=False, zk_root=root)
+    async with gateway(cfg) as gw:
+        assert gw.engine is not None and gw.inspector is not None
+        await until(lambda: all(instance_ids(gw, s) for s in ("orders", "carts", "inventory")),
+                    "every instance")  # fmt: skip
+        projection = gw.inspector._layers["projection"].projections[0]  # type: ignore[attr-defined]
+        directory, expected = projection.rendered("carts")
+        await until(lambda: gw.engine is not None and gw.engine.tree.get(directory) is not None,
+                    "the projection rendered")  # fmt: skip
+        adapters: dict[str, Any] = {upstream.name: upstream for upstream in gw.upstreams}
+        etcd_key = orders_key.encode()
+        zk_path = f"{root}/{curator.directory('inventory')}/{curator.render(first)[0]}"
+        etcd_seen, zk_seen = adapters["etcd"].applied[etcd_key], adapters["zk"].applied()[zk_path]
+        # The faults: two changes the fan-in drops once the adapters applied them,
+        # and the tree written directly, as a missed re-render would leave it.
+        gw.fanin.drop_next_change("etcd", "orders")
+        await trio.to_thread.run_sync(put, etcd, orders_key, grpc_value("10.0.4.9:80"))
+        gw.fanin.drop_next_change("zk", "inventory")
+        moved = curator.render(attrs.evolve(first, port=81))[1]
+        await trio.to_thread.run_sync(zk_set, zookeeper, zk_path, moved)
+        await until(lambda: adapters["etcd"].applied[etcd_key][0] > etcd_seen[0]
+                    and adapters["zk"].applied()[zk_path][0] > zk_seen[0],
+                    "the adapters applied the changes")  # fmt: skip
+        (name,) = expected
+        gw.engine.sync_projection(directory, {name: b"stale"})
+        assert all(stats.passes == 0 for stats in gw.inspector.stats.values())
+
+        reports = {report.layer: report for report in await gw.inspector.inspect()}
+
+        upstream = {(d.target, d.service): d for d in reports["upstream"].divergences}
+        assert set(upstream) == {("etcd", "orders"), ("zk", "inventory")}
+        assert upstream["etcd", "orders"].differing == ("a",)
+        assert upstream["zk", "inventory"].differing == ("i1",)
+        (stale,) = reports["projection"].divergences
+        assert (stale.service, stale.differing) == ("carts", (name,))
+        # On demand: reported, not repaired.
+        assert all(d.repaired is None for d in (*upstream.values(), stale))
+        assert instance_ids(gw, "orders") == {"10.0.4.1:80"}
+
+
+def zk_set(zookeeper: ZooKeeperServer, path: str, data: bytes) -> None:
+    client = KazooClient(hosts=f"127.0.0.1:{zookeeper.port}")
+    client.start(timeout=10)
+    try:
+        client.set(path, data)
+    finally:
+        client.stop()
+        client.close()
+
+
+async def test_the_etcd_adapter_keeps_one_revision_per_live_key(
+    tmp_path: Path, etcd: EtcdServer, zookeeper: ZooKeeperServer, unique_path: str
+) -> None:
+    """What inspection compares revisions with costs one entry per key the
+    adapter watches: a deleted key's goes with its deletion."""
+    prefix = f"{unique_path}/"
+    keys = [f"{prefix}stock/{n}" for n in "abc"]
+    for n, key in enumerate(keys):
+        await trio.to_thread.run_sync(put, etcd, key, grpc_value(f"10.0.5.{n + 1}:80"))
+    async with gateway(config(tmp_path, etcd, zookeeper, prefix, enabled=False)) as gw:
+        upstream: Any = next(u for u in gw.upstreams if u.name == "etcd")
+        assert set(upstream.applied) == {key.encode() for key in keys}
+        await trio.to_thread.run_sync(delete, etcd, keys[1])
+        await until(lambda: len(instance_ids(gw, "stock")) == 2, "the deletion applied")
+        assert set(upstream.applied) == {keys[0].encode(), keys[2].encode()}
+        # And a pass over what is left reads it all as consistent.
+        reports = await gw.inspector.inspect() if gw.inspector else ()
+        assert reports and all(report.consistent for report in reports)
+
+
+def delete(etcd: EtcdServer, key: str) -> None:
+    client = etcd3.client(etcd.host, etcd.port, timeout=10)
+    try:
+        client.delete(key)
+    finally:
+        client.close()
 
 
 #: The issue's churn rate.

@@ -239,6 +239,39 @@ async def test_rollback_locks_the_pair_off_without_flapping(
     assert again is not None and again.locked and "failure ratio 0.50" in again.reason
 
 
+async def test_pairs_judged_together_are_rolled_back_in_one_revision(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A sidecar that fails every consumer it carries trips them all at once: the pairs
+    judged while no rollback is being written go in one revision, each off and locked with
+    its own reason and figures, the revision's why naming each; a pair on whose mesh path
+    is fine stays on."""
+    store = MemoryGovernanceStore(MemoryGovernance(), "mesh")
+    on = MeshSettings()
+    for application in ("web", "api", "batch"):
+        on = on.with_switch(application, SERVICE, Switch("on", 100))
+    await store.write(on.to_json(), expected_version=0, who="operator", why="all on")
+    feed = GovernanceFeed(store)
+    await nursery.start(feed.run)
+    rule = MeshRollback(RULE, who="zkgate-rollback/d1")
+    await nursery.start(rule.run, feed)
+    rule.record(_report(app="web", timeout=20), "web")
+    rule.record(_report(app="api", reset=20), "api")
+    rule.record(_report(app="batch", success=20), "batch")
+    revision = await feed.wait_version(2)
+    await trio.testing.wait_all_tasks_blocked()
+    assert feed.version == 2 and rule.rolled_back == 2
+    document = MeshSettings.from_json(revision.body)
+    for application, kind in (("web", "20 timeout"), ("api", "20 reset")):
+        switch = document.switch(application, SERVICE)
+        assert switch is not None and switch.mode == "off" and switch.locked
+        assert switch.reason.startswith("automatic rollback: mesh failure ratio 1.00")
+        assert kind in switch.reason
+        assert f"{application} {SERVICE}: mesh failure ratio 1.00" in revision.why
+    assert revision.why.startswith("automatic rollback of 2 consumers: ")
+    assert document.switch("batch", SERVICE) == Switch("on", 100)
+
+
 async def test_reports_without_an_application_change_nothing(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:

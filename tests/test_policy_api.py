@@ -39,6 +39,7 @@ from dispatcher.governance.backends import open_governance_store
 from dispatcher.governance.policy import PolicySet
 from dispatcher.governance.store import Revision
 from dispatcher.sharding.membership import MembershipConfig
+from tests.certs import make_pki
 
 TIMEOUT = 30.0
 """Seconds any single wait on a real server may take before the test fails."""
@@ -510,6 +511,53 @@ async def test_writes_are_refused_on_an_admin_listener_beyond_loopback(
     for listen in ("127.0.0.1:8081", "[::1]:8081", "localhost:8081"):
         assert writes_refused_on(AdminConfig(listen=listen)) is None
     assert writes_refused_on(AdminConfig(listen="10.0.0.5:8081")) is not None
+
+
+async def test_the_commands_write_through_an_admin_endpoint_that_serves_tls(
+    tmp_path: Path, unique_path: str, token_file: Path
+) -> None:
+    """The way a remote operator must write (beyond loopback only TLS endpoints take
+    writes): `zkgate policy set` and `zkgate inspect` with --tls-ca and a client
+    certificate reach an [admin.tls] endpoint that verifies clients; without the flags the
+    endpoint cannot be reached (exit 3), and a certificate without its key is a usage
+    error (exit 2)."""
+    pki = make_pki(tmp_path / "pki")
+    config = parse_config({
+        "zookeeper": {"listen": "127.0.0.1:0", "data_dir": str(tmp_path / "data")},
+        "admin": {"listen": "127.0.0.1:0", "tls": {
+            "cert": str(pki.server.cert), "key": str(pki.server.key), "ca": str(pki.ca.cert),
+            "verify_client": True,
+        }},
+        "membership": {"kind": "memory", "root": unique_path},
+        "governance": {"token": TOKEN},
+    })  # fmt: skip
+    document = tmp_path / "v1.json"
+    document.write_text(json.dumps(CART_V1))
+    async with trio.open_nursery() as nursery:
+        gateway: Gateway = await nursery.start(run_gateway, config)
+        assert gateway.admin is not None and gateway.admin.port is not None
+        admin = ("--admin", f"localhost:{gateway.admin.port}")
+        tls = ("--tls-ca", str(pki.ca.cert),
+               "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key))  # fmt: skip
+        written = await zkgate_policy(
+            "set", str(document), "--why", "remote", "--token-file", str(token_file),
+            *admin, *tls,
+        )  # fmt: skip
+        assert written.returncode == 0, written.stderr
+        assert b"written: version 1" in written.stdout
+        assert gateway.policies is not None and gateway.policies.version == 1
+        plain = await zkgate_policy("get", *admin)
+        assert plain.returncode == 3 and b"cannot reach" in plain.stderr
+        half = await zkgate_policy("get", *admin, "--tls-ca", str(pki.ca.cert),
+                                   "--tls-cert", str(pki.client.cert))  # fmt: skip
+        assert half.returncode == 2 and b"--tls-cert and --tls-key go together" in half.stderr
+        with trio.fail_after(TIMEOUT):
+            inspected = await trio.run_process(
+                [ZKGATE, "inspect", "--token-file", str(token_file), *admin, *tls],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+        assert inspected.returncode == 0, inspected.stderr
+        nursery.cancel_scope.cancel()
 
 
 def test_the_governance_table_is_checked_and_round_trips(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """TLS on every listener, checked with certificates made by the test (a throwaway CA).
 
 The ZooKeeper face is compared with a real ZooKeeper 3.8 serving the same
-certificates on its ``secureClientPort``: the same clients (kazoo, zkCli.sh)
-connect to both, and an ``x509`` ACL written for a certificate's subject lets
-in the same client on both and refuses the same other one. For each listener
+certificates on its ``secureClientPort`` (one for the module): the same clients
+(kazoo, zkCli.sh) connect to both, an ``x509`` ACL written for a certificate's
+subject lets in the same client on both and refuses the same other one, and
+the x509 superuser may do the same things on both. For each listener
 (ZooKeeper, subscriptions, Meta Server, admin): a good certificate connects;
 an expired one, one from another CA, a plain-text client on the TLS port and a
 TLS client on the plain port are refused with a log line naming the cause, and
@@ -21,6 +22,7 @@ import os
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -32,7 +34,6 @@ import pytest
 import trio
 from kazoo.client import KazooClient
 from kazoo.exceptions import InvalidACLError, NoAuthError
-from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.security import ACL, Id, Permissions
 
 from dispatcher import operator, wire
@@ -54,12 +55,18 @@ from tests.servers import (
     secure_zookeeper_config,
     wait_for,
 )
+from tests.waiting import until
 
 TIMEOUT = 15.0
 PASSWORD = "keystore-secret"
 #: A subject with a comma inside a value: the DN's escaping is compared too.
 ALICE_SUBJECT = "/C=US/O=Example, Inc./OU=apps/CN=alice"
 BOB_SUBJECT = "/O=Example/CN=bob"
+ADMIN_SUBJECT = "/O=Example/CN=admin"
+#: ADMIN_SUBJECT as RFC 2253 writes it: what ``x509_superuser`` names.
+ADMIN_DN = "CN=admin,O=Example"
+#: The JVM property ZooKeeper 3.8 reads its x509 superuser from.
+SUPERUSER_PROPERTY = "zookeeper.X509AuthenticationProvider.superUser"
 
 
 @attrs.frozen
@@ -68,6 +75,7 @@ class Pki:
     server: Issued
     alice: Issued
     bob: Issued
+    admin: Issued
     expired: Issued
     stranger: Issued
 
@@ -82,6 +90,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         server=ca.issue("server", "/CN=localhost"),
         alice=ca.issue("alice", ALICE_SUBJECT),
         bob=ca.issue("bob", BOB_SUBJECT),
+        admin=ca.issue("admin", ADMIN_SUBJECT),
         expired=ca.issue("expired", "/CN=expired", expired=True),
         stranger=other.issue("stranger", "/CN=stranger"),
     )
@@ -96,6 +105,7 @@ def _tls_table(pki: Pki, *, verify_client: bool = True, cert: Issued | None = No
     return (
         f'cert = "{cert.cert}"\nkey = "{cert.key}"\nca = "{pki.ca.cert}"\n'
         f"verify_client = {'true' if verify_client else 'false'}\nhandshake_timeout = 3.0\n"
+        f'x509_superuser = "{ADMIN_DN}"\n'
     )
 
 
@@ -115,21 +125,40 @@ def kazoo(port: int, client: Issued | None, pki: Pki, **kwargs: object) -> Itera
         zk.close()
 
 
-def _refused_by_kazoo(port: int, client: Issued | None, pki: Pki, **kwargs: object) -> bool:
-    """Whether kazoo fails to get a session (it retries until its start timeout)."""
-    options: dict[str, object] = {"use_ssl": True, "ca": str(pki.ca.cert)}
-    if client is not None:
-        options.update(certfile=str(client.cert), keyfile=str(client.key))
-    options.update(kwargs)
-    zk = KazooClient(hosts=f"127.0.0.1:{port}", timeout=4, **options)
-    try:
-        zk.start(timeout=3)
-    except Exception:
-        return True
-    finally:
-        zk.stop()
-        zk.close()
-    return False
+#: A ZooKeeper ConnectRequest (protocol 0, no session, 10 s, read-write), framed.
+_CONNECT = struct.pack(">iqiqi16s?", 0, 0, 10000, 0, 16, bytes(16), False)
+_CONNECT_FRAME = struct.pack(">i", len(_CONNECT)) + _CONNECT
+
+
+def _receive_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count and (chunk := sock.recv(count - len(data))):
+        data += chunk
+    return data
+
+
+def _served(port: int, client: Issued | None, pki: Pki, *, tls: bool = True) -> bool:
+    """Whether ``port`` gives a ZooKeeper session to a client connecting over TLS
+    with ``client``'s certificate (or none), or in plain text (``tls=False``).
+
+    A raw socket, so a refusal shows at once rather than after a client's retries.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw:
+        sock: socket.socket = raw
+        try:
+            if tls:
+                context = ssl.create_default_context(cafile=str(pki.ca.cert))
+                if client is not None:
+                    context.load_cert_chain(client.cert, client.key)
+                sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            sock.sendall(_CONNECT_FRAME)
+            header = _receive_exactly(sock, 4)
+            # A ConnectResponse is 36 or 37 bytes; anything else (an alert read as
+            # a length, or the end) is no session.
+            length = int.from_bytes(header, "big") if len(header) == 4 else 0
+            return length in (36, 37) and len(_receive_exactly(sock, length)) == length
+        except (ssl.SSLError, ConnectionError):
+            return False
 
 
 def _log(server: ZkgateServer) -> str:
@@ -162,17 +191,22 @@ def secure_zkgate(
     return SecureZkgate(server, secure_port, config)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def secure_zookeeper(
-    zookeeper_factory: ServerFactory[ZooKeeperServer], tmp_path: Path, pki: Pki
-) -> tuple[ZooKeeperServer, int]:
+    tmp_path_factory: pytest.TempPathFactory, pki: Pki
+) -> Iterator[tuple[ZooKeeperServer, int]]:
+    """One real ZooKeeper for the module (a JVM start costs seconds): each test
+    works under paths of its own. Its x509 superuser is the admin certificate."""
+    base = tmp_path_factory.mktemp("secure-zookeeper")
     secure_port = free_port()
-    keystore = pkcs12(pki.server, pki.ca, tmp_path / "keystore.p12", PASSWORD)
-    trust = truststore(pki.ca, tmp_path / "truststore.p12", PASSWORD)
-    server = zookeeper_factory(
-        config=secure_zookeeper_config(secure_port, keystore, trust, PASSWORD)
-    )
-    return server, secure_port
+    keystore = pkcs12(pki.server, pki.ca, base / "keystore.p12", PASSWORD)
+    trust = truststore(pki.ca, base / "truststore.p12", PASSWORD)
+    with ZooKeeperServer(
+        base_dir=base / "server",
+        config=secure_zookeeper_config(secure_port, keystore, trust, PASSWORD),
+        system_properties={SUPERUSER_PROPERTY: ADMIN_DN},
+    ) as server:
+        yield server, secure_port
 
 
 # ----------------------------------------------------------------- x509 names
@@ -216,7 +250,7 @@ def test_bad_client_certificates_are_refused_with_a_reason_and_the_port_serves_o
     secure_zkgate: SecureZkgate, pki: Pki, who: str | None, kwargs: dict[str, object], reason: str
 ) -> None:
     client = None if who is None else getattr(pki, who)
-    assert _refused_by_kazoo(secure_zkgate.secure_port, client, pki, **kwargs)
+    assert not _served(secure_zkgate.secure_port, client, pki, **kwargs)
     wait_for(lambda: reason in _log(secure_zkgate.server), timeout=TIMEOUT)
     assert "refused a TLS connection" in _log(secure_zkgate.server)
     with kazoo(secure_zkgate.secure_port, pki.alice, pki) as zk:
@@ -226,13 +260,10 @@ def test_bad_client_certificates_are_refused_with_a_reason_and_the_port_serves_o
 def test_a_plain_client_on_the_tls_port_and_a_tls_client_on_the_plain_port_are_refused(
     secure_zkgate: SecureZkgate, pki: Pki
 ) -> None:
-    plain = KazooClient(hosts=f"127.0.0.1:{secure_zkgate.secure_port}", timeout=4)
-    with pytest.raises(KazooTimeoutError):
-        plain.start(timeout=3)
-    plain.stop()
-    plain.close()
+    assert _served(secure_zkgate.server.port, None, pki, tls=False)
+    assert not _served(secure_zkgate.secure_port, None, pki, tls=False)
     wait_for(lambda: "not a TLS client" in _log(secure_zkgate.server), timeout=TIMEOUT)
-    assert _refused_by_kazoo(secure_zkgate.server.port, pki.alice, pki)
+    assert not _served(secure_zkgate.server.port, pki.alice, pki)
     wait_for(
         lambda: "a TLS client on the plain-text port" in _log(secure_zkgate.server),
         timeout=TIMEOUT,
@@ -319,6 +350,46 @@ def test_x509_acls_match_as_on_real_zookeeper(
     reference = _x509_acl_outcomes(secure_zookeeper[1], pki, "/x509-acl")
     assert reference[0] == 'alice reads b"alice\'s"'
     assert _x509_acl_outcomes(secure_zkgate.secure_port, pki, "/x509-acl") == reference
+
+
+def _superuser_outcomes(port: int, pki: Pki, path: str) -> list[str]:
+    """What the x509 superuser may do on a node only alice may touch."""
+    alice_acl = [ACL(Permissions.ALL, Id("x509", x509_subject(_der(pki.alice))))]
+    outcomes = []
+    with kazoo(port, pki.alice, pki) as alice:
+        alice.create(path, b"alice's", acl=alice_acl)
+    with kazoo(port, pki.admin, pki) as admin:
+        outcomes.append(f"admin reads {admin.get(path)[0]!r}")
+        admin.set(path, b"admin's")
+        outcomes.append(f"admin wrote, alice's acl kept: {admin.get_acls(path)[0] == alice_acl}")
+        admin.create(path + "/mine", b"", acl=[ACL(Permissions.READ, Id("auth", ""))])
+        expanded = admin.get_acls(path + "/mine")[0]
+        outcomes.append(f"auth acl {[(a.id.scheme, a.id.id) for a in expanded]}")
+        admin.set_acls(path, [ACL(Permissions.ALL, Id("x509", "CN=nobody"))])
+        outcomes.append(f"admin reads after setACL {admin.get(path)[0]!r}")
+    with kazoo(port, pki.alice, pki) as alice:
+        try:
+            alice.get(path)
+            outcomes.append("alice reads")
+        except NoAuthError:
+            outcomes.append("alice: NOAUTH")
+    with kazoo(port, pki.admin, pki) as admin:
+        admin.delete(path, recursive=True)
+        outcomes.append(f"admin deleted it: {admin.exists(path) is None}")
+    return outcomes
+
+
+def test_the_x509_superuser_may_do_anything_as_on_real_zookeeper(
+    secure_zkgate: SecureZkgate, secure_zookeeper: tuple[ZooKeeperServer, int], pki: Pki
+) -> None:
+    """``x509_superuser`` against ZooKeeper's ``X509AuthenticationProvider.superUser``:
+    the subject RFC 2253 names, every ACL passed, and an ``auth`` entry that
+    names the certificate (not the superuser)."""
+    assert x509_subject(_der(pki.admin)) == ADMIN_DN
+    reference = _superuser_outcomes(secure_zookeeper[1], pki, "/x509-super")
+    assert reference[0] == 'admin reads b"alice\'s"'
+    assert reference[2] == f"auth acl [('x509', '{ADMIN_DN}')]"
+    assert _superuser_outcomes(secure_zkgate.secure_port, pki, "/x509-super") == reference
 
 
 def _x509_acl_without_tls(address: str, path: str) -> str:
@@ -589,3 +660,190 @@ async def test_a_tls_only_zookeeper_face_serves_no_plain_port(pki: Pki, tmp_path
 def test_listen_off_needs_a_secure_listen() -> None:
     with pytest.raises(ConfigError, match=r"zookeeper\.listen: can be off only beside"):
         parse_config({"zookeeper": {"listen": "off"}})
+
+
+# ------------------------------------- the ZooKeeper face's TLS port, in-process
+
+
+@asynccontextmanager
+async def secure_face(
+    pki: Pki, tmp_path: Path, tls: dict[str, object], **zookeeper: object
+) -> AsyncIterator[int]:
+    """A gateway in this process serving only a TLS ZooKeeper port; yields the port."""
+    table = {"cert": str(pki.server.cert), "key": str(pki.server.key), "ca": str(pki.ca.cert),
+             "handshake_timeout": 10.0, **tls}  # fmt: skip
+    config = parse_config({"zookeeper": {
+        "listen": "off", "secure_listen": "127.0.0.1:0", "data_dir": str(tmp_path / "data"),
+        "tls": table, **zookeeper,
+    }, "admin": {"enabled": False}})  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        gateway = await nursery.start(run_gateway, config)
+        assert gateway.secure_port is not None
+        yield gateway.secure_port
+        nursery.cancel_scope.cancel()
+
+
+async def test_verify_client_want_asks_for_a_certificate_but_needs_none(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """ZooKeeper's ``ssl.clientAuth=want``: a certificate, when given, is verified
+    and names the client; a client without one gets a session and no x509 id."""
+    alice_acl = [ACL(Permissions.ALL, Id("x509", x509_subject(_der(pki.alice))))]
+
+    def scenario(port: int) -> list[str]:
+        with kazoo(port, pki.alice, pki) as alice:
+            alice.create("/want", b"alice's", acl=alice_acl)
+            outcomes = [f"alice reads {alice.get('/want')[0]!r}"]
+        with kazoo(port, None, pki) as anonymous:
+            anonymous.create("/open", b"anyone's")
+            outcomes.append(f"no certificate reads /open {anonymous.get('/open')[0]!r}")
+            try:
+                anonymous.get("/want")
+                outcomes.append("no certificate reads /want")
+            except NoAuthError:
+                outcomes.append("no certificate: NOAUTH on /want")
+        outcomes += [f"{who} served: {_served(port, getattr(pki, who), pki)}"
+                     for who in ("expired", "stranger")]  # fmt: skip
+        return outcomes
+
+    async with secure_face(pki, tmp_path, {"verify_client": "want"}) as port:
+        assert await trio.to_thread.run_sync(scenario, port) == [
+            'alice reads b"alice\'s"',
+            'no certificate reads /open b"anyone\'s"',
+            "no certificate: NOAUTH on /want",
+            "expired served: False",
+            "stranger served: False",
+        ]
+
+
+class _Frames:
+    """Length-prefixed ZooKeeper frames read from a stream."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def next(self) -> bytes:
+        while True:
+            if len(self.buffer) >= 4:
+                length = int.from_bytes(self.buffer[:4], "big")
+                if len(self.buffer) >= 4 + length:
+                    frame = bytes(self.buffer[4 : 4 + length])
+                    del self.buffer[: 4 + length]
+                    return frame
+            data = await self.stream.receive_some(1 << 20)
+            if not data:
+                raise EOFError("the server closed the connection")
+            self.buffer += data
+
+
+def _get_data(xid: int, path: bytes) -> bytes:
+    body = struct.pack(">iii", xid, 4, len(path)) + path + b"\0"  # getData, no watch
+    return struct.pack(">i", len(body)) + body
+
+
+async def test_pipelined_large_reads_over_tls_all_come_back_whole_and_in_order(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """32 MiB of replies for 64 pipelined getData: far more than the socket takes
+    at once, so the output waits encrypted and unencrypted, under the same
+    bounds as on the plain port, and goes out whole, in order."""
+    big = bytes(range(256)) * 2048  # 512 KiB
+
+    def store(port: int) -> None:
+        with kazoo(port, pki.alice, pki) as zk:
+            zk.create("/big", big)
+
+    async with secure_face(pki, tmp_path, {"verify_client": True}) as port:
+        await trio.to_thread.run_sync(store, port)
+        stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port),
+                                client_context(_as(pki, pki.alice)),
+                                server_hostname="127.0.0.1")  # fmt: skip
+        frames = _Frames(stream)
+        with trio.fail_after(4 * TIMEOUT):
+            await stream.send_all(_CONNECT_FRAME)
+            await frames.next()
+            await stream.send_all(b"".join(_get_data(xid, b"/big") for xid in range(1, 65)))
+            replies = []
+            for _ in range(64):
+                body = await frames.next()
+                xid, _zxid, err, length = struct.unpack(">iqii", body[:20])
+                replies.append((xid, err, body[20 : 20 + length] == big))
+        await trio.aclose_forcefully(stream)
+        assert replies == [(xid, 0, True) for xid in range(1, 65)]
+
+
+def _client_hello() -> bytes:
+    """The first flight of a TLS client: what a server answers with its hello."""
+    context = ssl.create_default_context()
+    client = context.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
+                              server_hostname="localhost")  # fmt: skip
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    return outgoing.read()
+
+
+async def test_max_client_cnxns_refuses_at_accept_on_the_tls_port_before_any_handshake(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection over the per-address limit is closed as it is accepted: its
+    ClientHello gets no ServerHello (no handshake work), and once a slot is free
+    a client connects again."""
+    caplog.set_level(logging.WARNING, logger="dispatcher.zk.server.listener")
+    good = client_context(_as(pki, pki.alice))
+    async with secure_face(pki, tmp_path, {"verify_client": True}, max_client_cnxns=2) as port:
+        holders = []
+        for _ in range(2):
+            holder = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), good,
+                                    server_hostname="127.0.0.1")  # fmt: skip
+            await holder.do_handshake()  # served, so counted
+            holders.append(holder)
+        with trio.fail_after(TIMEOUT):
+            extra = await trio.open_tcp_stream("127.0.0.1", port)
+            await extra.send_all(_client_hello())
+            try:
+                answer = await extra.receive_some(65536)
+            except trio.BrokenResourceError:  # reset: as refused as a close
+                answer = b""
+            await extra.aclose()
+        assert answer == b""
+        assert any(r.getMessage() == "too many connections from one address"
+                   for r in caplog.records)  # fmt: skip
+        await trio.aclose_forcefully(holders.pop())
+
+        async def served_again() -> bool:
+            return await trio.to_thread.run_sync(_served, port, pki.alice, pki)
+
+        await until(served_again, "a connection after a slot was freed", timeout=TIMEOUT)
+        for holder in holders:
+            await trio.aclose_forcefully(holder)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"zookeeper": {"verify_client": "maybe"}},
+         r'zookeeper\.tls\.verify_client: must be true, false or "want", not \'maybe\''),
+        ({"subscriptions": {"verify_client": "want"}},
+         r'subscriptions\.tls\.verify_client: "want" is for \[zookeeper\.tls\] only'),
+        ({"zookeeper": {"x509_superuser": ADMIN_DN, "verify_client": False}},
+         r"zookeeper\.tls\.x509_superuser: needs verify_client = true or \"want\""),
+        ({"zookeeper": {"x509_superuser": "CN=admin, O=Example", "verify_client": True}},
+         r"zookeeper\.tls\.x509_superuser: write the subject as RFC 2253 does"),
+        ({"subscriptions": {"x509_superuser": ADMIN_DN}},
+         r"subscriptions\.tls.*x509_superuser"),
+    ],
+)  # fmt: skip
+def test_bad_client_verification_settings_are_refused_naming_the_key(
+    pki: Pki, tmp_path: Path, table: dict[str, dict[str, object]], message: str
+) -> None:
+    base = {"cert": str(pki.server.cert), "key": str(pki.server.key), "ca": str(pki.ca.cert)}
+    ((listener, tls),) = table.items()
+    options: dict[str, object] = {"zookeeper": {"data_dir": str(tmp_path / "data")}}
+    if listener == "zookeeper":
+        options["zookeeper"] = {"data_dir": str(tmp_path / "data"),
+                                "secure_listen": "127.0.0.1:0", "tls": {**base, **tls}}  # fmt: skip
+    else:
+        options[listener] = {"listen": "127.0.0.1:0", "token": TOKEN, "tls": {**base, **tls}}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(options)

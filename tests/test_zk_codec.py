@@ -321,6 +321,44 @@ def test_a_short_request_frame_breaks_an_established_session() -> None:
         server.send(Notification(WatcherEvent(1, 3, "/a")))
 
 
+def test_next_request_reads_what_next_event_reads_without_the_event() -> None:
+    # The server's hot path takes requests as tuples: the same frames, split
+    # anywhere, must give the same requests in the same order, and a
+    # closeSession must end the reading exactly as through next_event.
+    requests = [(1, OpCode.GET_DATA, b"\0\0\0\2/a\0"), (2, OpCode.PING, b""),
+                (3, OpCode.CLOSE_SESSION, b"")]  # fmt: skip
+    stream = b"".join(
+        struct.pack(">iii", 8 + len(body), xid, opcode) + body for xid, opcode, body in requests
+    )
+    _, by_event = connected_pair()
+    by_event.receive_data(stream)
+    expected = []
+    while (event := by_event.next_event()) is not None:
+        assert isinstance(event, RequestReceived)
+        expected.append((event.xid, event.opcode, event.body))
+    assert [xid for xid, _, _ in expected] == [1, 2, 3]
+    for cut in range(len(stream) + 1):
+        _, server = connected_pair()
+        got = []
+        for part in (stream[:cut], stream[cut:]):
+            server.receive_data(part)
+            while server.state is State.CONNECTED and (request := server.next_request()):
+                got.append(request)
+        assert got == expected
+        assert server.state is State.CLOSING
+
+
+def test_next_request_refuses_outside_a_session_and_after_a_broken_frame() -> None:
+    with pytest.raises(LocalProtocolError):
+        ServerConnection().next_request()  # no session yet: next_event reads the connect
+    _, server = connected_pair()
+    server.receive_data(struct.pack(">i", 4) + b"\0\0\0\1")
+    with pytest.raises(ProtocolError):
+        server.next_request()
+    with pytest.raises(LocalProtocolError):
+        server.next_request()
+
+
 def test_a_client_connection_refuses_every_call_once_the_server_broke_the_protocol() -> None:
     client = ClientConnection()
     client.send(Connect(CONNECT))

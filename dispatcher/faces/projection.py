@@ -46,12 +46,14 @@ is removed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import attrs
 import trio
 
 from dispatcher.core.fanin import EXPORTED_BY, FanIn
 from dispatcher.core.model import Health, Instance, Metadata
+from dispatcher.core.snapshot import ServiceEntry
 from dispatcher.core.subscriptions import EVERYTHING
 from dispatcher.core.upstream import Layout
 from dispatcher.faces.policy_feed import policy_sets
@@ -69,6 +71,17 @@ log = logging.getLogger(__name__)
 # anyone may create the category directories a client expects in it (they
 # exist, so such a create gets NODEEXISTS, as from ZooKeeper).
 _READ_CREATE_WORLD = (ACL(Perm.READ | Perm.CREATE, Id("world", "anyone")),)
+
+
+@attrs.frozen
+class Rendering:
+    """One service rendered from one snapshot entry: its instance directory and
+    znodes (name -> data). ``entry`` is the snapshot's entry it was made from
+    (compared by identity: entries never change), None for no entry."""
+
+    entry: ServiceEntry | None
+    directory: str
+    children: Mapping[str, bytes]
 
 
 class Projection:
@@ -89,6 +102,11 @@ class Projection:
         #: The policies rendered now, and their governance version (0: none).
         self.policies = PolicySet()
         self.policy_version = 0
+        #: Per service in the snapshot, what :meth:`render` last wrote of it,
+        #: so that inspection compares the tree with it instead of rendering
+        #: every znode again. Its bytes are the tree's own (see :meth:`_remember`):
+        #: the memory is one dict per service.
+        self._renders: dict[str, Rendering] = {}
 
     def mount(self) -> None:
         """Reserve the root in the tree; raises ValueError if it is taken."""
@@ -126,6 +144,18 @@ class Projection:
             children[name] = data
         return join(self.root, self.layout.directory(service)), children
 
+    def rendering(self, service: str) -> Rendering:
+        """What the tree should hold for ``service`` now: what :meth:`render` wrote,
+        while the snapshot still holds the entry it rendered (the same entry
+        renders the same bytes), else the current snapshot rendered anew (not
+        kept: only what was written is)."""
+        entry = self.fanin.snapshot.get(service)
+        known = self._renders.get(service)
+        if known is not None and known.entry is entry:
+            return known
+        directory, children = self.rendered(service)
+        return Rendering(entry, directory, children)
+
     def _shown(self, service: str) -> list[Instance]:
         entry = self.fanin.snapshot.get(service)
         return [
@@ -151,9 +181,29 @@ class Projection:
             directory, children, keep=entry is not None and bool(self.client_paths),
             beside=self._beside(service, directory), beside_children=self.governance(service),
         )  # fmt: skip
+        self._remember(service, entry, directory, children)
         log.debug("projected a service", extra={
             "service": service, "instances": len(children), "path": directory,
         })  # fmt: skip
+
+    def _remember(
+        self, service: str, entry: ServiceEntry | None, directory: str, children: dict[str, bytes]
+    ) -> None:
+        """Keep what was just written, for :meth:`rendering`. A znode whose bytes
+        did not change keeps the object kept before, which is the one the tree
+        holds (the tree keeps unchanged data, and stores new data as given), so
+        the bytes are not held twice."""
+        if entry is None:
+            self._renders.pop(service, None)  # nothing to show renders to nothing: cheap
+            return
+        known = self._renders.get(service)
+        if known is not None:
+            before = known.children
+            for name, data in children.items():
+                kept = before.get(name)
+                if kept is not None and kept == data:
+                    children[name] = kept  # a value replaced, no key added: safe while iterating
+        self._renders[service] = Rendering(entry, directory, children)
 
     def _beside(self, service: str, directory: str) -> dict[str, tuple[ACL, ...]]:
         """The znodes kept with ``directory``, with their ACLs: the service's own

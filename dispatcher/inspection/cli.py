@@ -16,6 +16,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from dispatcher.tls import add_client_arguments, client_context_from_args
+
 __all__ = ["add_command", "inspect"]
 
 EXIT_CONSISTENT: Final = 0
@@ -48,6 +50,7 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="how long to wait for the pass (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+    add_client_arguments(parser, "the admin endpoint")
     parser.set_defaults(run=inspect)
 
 
@@ -64,11 +67,17 @@ def inspect(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     except OSError as exc:
         print(f"zkgate: error: cannot read --token-file: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    request = urllib.request.Request(f"http://{args.admin}/inspect", data=b"", method="POST")
+    try:
+        context = client_context_from_args(args)
+    except (ValueError, OSError) as exc:
+        print(f"zkgate: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    scheme = "http" if context is None else "https"
+    request = urllib.request.Request(f"{scheme}://{args.admin}/inspect", data=b"", method="POST")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as response:
             answer: dict[str, Any] = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         print(f"zkgate: the admin endpoint at {args.admin} refused: {exc.code} "

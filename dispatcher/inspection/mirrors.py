@@ -25,8 +25,8 @@ import attrs
 import trio
 
 from dispatcher.inspection.difference import Check, Difference
-from dispatcher.tls import client_context
-from dispatcher.zk.client import ConnectionLost, KeeperError, ZooKeeperClient
+from dispatcher.store_clients import zookeeper_session
+from dispatcher.zk.client import ConnectionLost, KeeperError
 from dispatcher.zk.codec.paths import parent_of
 from dispatcher.zk.codec.protocol import Err, OpCode
 from dispatcher.zk.codec.records import (
@@ -126,12 +126,38 @@ class MirrorLayer:
 
 async def _read(mirror: Mirror, paths: Sequence[str]) -> tuple[dict[str, _Upstream], int, int]:
     """``paths`` read on a session of their own; with the zxid seen after the sync and
-    the requests made."""
+    the requests made. An ensemble that fails the read raises one of :data:`_FAILURES`."""
+    try:
+        return await _read_direct(mirror, paths)
+    except BaseExceptionGroup as group:
+        # The session's task and the reads fail inside one nursery; the ensemble's
+        # refusal (the session's own error first: it names the cause) is raised alone so
+        # that the pass reports this mirror as skipped. Anything else, a cancellation
+        # among it, goes on as it is.
+        failures, rest = group.split(_FAILURES)
+        if failures is None or rest is not None:
+            raise
+        leaves = list(_leaves(failures))
+        raise next((e for e in leaves if isinstance(e, KeeperError)), leaves[0]) from None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+async def _read_direct(
+    mirror: Mirror, paths: Sequence[str]
+) -> tuple[dict[str, _Upstream], int, int]:
     config = mirror.config
-    client = ZooKeeperClient(
-        config.hosts, session_timeout_ms=config.session_timeout_ms, auth=config.auth,
-        tls=None if config.tls is None else client_context(config.tls),
-        server_name=None if config.tls is None else config.tls.server_name,
+    # As the mirror's own session: the same TLS, SASL user and digest credentials, so the
+    # read reaches a secured ensemble and sees what the mirror may see.
+    client = zookeeper_session(
+        config.hosts, config.session_timeout_ms / 1000,
+        tls=config.tls, sasl=config.sasl, auth=config.auth,
     )  # fmt: skip
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.run)

@@ -18,60 +18,41 @@ _YIELD_EVERY: Final = 50
 
 
 def _equal(a: bytes | None, b: bytes | None) -> bool:
-    return a == b
+    return a is b or a == b
 
 
 class ProjectionLayer:
     """Reads each projection's instance directories in the engine's tree (in
-    process, no request) and compares them with the snapshot rendered anew."""
+    process, no request) and compares them with the snapshot as rendered:
+    what the projection wrote while the snapshot still holds the entry it
+    wrote it from (the same entry renders the same bytes, so nothing is
+    rendered again, not even in the first pass), else the entry rendered anew."""
 
     layer = "projection"
 
     def __init__(self, projections: Sequence[Projection]) -> None:
         self.projections = tuple(projections)
-        #: (root, service) -> (the snapshot's entry, its directory, its znodes as
-        #: rendered from it): rendering is most of a pass's cost, and an entry
-        #: the snapshot still holds (the same object) renders the same.
-        self._rendered: dict[tuple[str, str], tuple[object, str, dict[str, bytes | None]]] = {}
 
     async def check(self, services: frozenset[str] | None) -> Check:
         differences: list[Difference] = []
         compared = 0
-        kept: dict[tuple[str, str], tuple[object, str, dict[str, bytes | None]]] = {}
         for projection in self.projections:
             wanted = set(projection.fanin.snapshot) if services is None else set(services)
             if services is None:
                 wanted.update(self._shown(projection))
             for service in sorted(wanted):
                 compared += 1
-                difference = self._compare(projection, service, kept)
+                difference = self._compare(projection, service)
                 if difference:
                     differences.append(difference)
                 if compared % _YIELD_EVERY == 0:
                     await trio.lowlevel.checkpoint()  # a large pass must not stall the server
-        # A full pass keeps the renderings of what it compared, no more.
-        if services is None:
-            self._rendered = kept
-        else:
-            self._rendered.update(kept)
         return Check(tuple(differences), compared)
 
-    def _expected(
-        self, projection: Projection, service: str
-    ) -> tuple[object, str, dict[str, bytes | None]]:
-        entry = projection.fanin.snapshot.get(service)
-        known = self._rendered.get((projection.root, service))
-        if known is not None and entry is not None and known[0] is entry:
-            return known
-        directory, children = projection.rendered(service)
-        return entry, directory, dict(children)
-
-    def _compare(
-        self, projection: Projection, service: str,
-        kept: dict[tuple[str, str], tuple[object, str, dict[str, bytes | None]]] | None = None,
-    ) -> Difference:  # fmt: skip
-        entry, directory, expected = self._expected(projection, service)
+    def _compare(self, projection: Projection, service: str) -> Difference:
+        expected = projection.rendering(service)
         nodes = projection.engine.tree.nodes
+        directory = expected.directory
         node = nodes.get(directory)
         actual: dict[str, bytes | None] = {}
         if node is not None:
@@ -79,12 +60,7 @@ class ProjectionLayer:
             for name in node.children:
                 child = nodes.get(f"{prefix}/{name}")
                 actual[name] = None if child is None else child.data
-        difference = compare(projection.root, service, expected, actual, equal=_equal)
-        if kept is not None and entry is not None:
-            # When equal, the tree's own bytes are kept: the memory is the dict's only.
-            kept[(projection.root, service)] = (
-                entry, directory, expected if difference else actual,
-            )  # fmt: skip
+        difference = compare(projection.root, service, expected.children, actual, equal=_equal)
 
         def repair() -> bool:
             projection.render(service)

@@ -870,7 +870,10 @@ class ZooKeeperClient:
                     raise ProtocolError(f"unexpected {type(event).__name__} during SASL")
                 self._dispatch(conn, event)
             if event.err != Err.OK:
-                return self._sasl_refused(f"the server answered {_as_err(event.err)!s}")
+                err = _as_err(event.err)
+                # An IntEnum formats as its number; the name is what an operator looks up.
+                said = err.name if isinstance(err, Err) else str(err)
+                return self._sasl_refused(f"the server answered {said}")
             body = decode_body(OpCode.SASL, event.err, event.body)
             assert isinstance(body, SetSASLResponse)
             try:

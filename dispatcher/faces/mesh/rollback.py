@@ -11,10 +11,13 @@ mesh path misbehaves: its failure ratio or p99 above the absolute thresholds, or
 
 When it does, :class:`MeshRollback` writes the mesh document (kind ``mesh`` of the governance
 store) with that pair ``{"mode": "off", "locked": true, "reason": ...}``, the same reason and
-figures as the revision's ``why``. The write names the version it read (``expected_version``)
-and, on a :class:`~dispatcher.governance.store.Conflict`, reads again and re-applies the change
-to the newer document; a pair found already off is left alone, so two Dispatchers that judge
-at once write one rollback. The views follow the mesh feed, so the consumer's sessions go
+figures as the revision's ``why``. The pairs judged while a write is under way go together
+in the next one (a sidecar's failure trips every consumer application it carries at once;
+one revision per pair would queue them behind each other's round trips to the store). The
+write names the version it read (``expected_version``) and, on a
+:class:`~dispatcher.governance.store.Conflict`, reads again and re-applies the change to the
+newer document; a pair found already off is left alone, so two Dispatchers that judge at
+once write one rollback. The views follow the mesh feed, so the consumer's sessions go
 direct at their next read.
 
 No flapping: the rule only ever turns pairs off, it ignores the mesh reports of a pair that
@@ -40,7 +43,7 @@ from dispatcher.backoff import Backoff
 from dispatcher.faces.mesh.config import RollbackConfig
 from dispatcher.governance.feed import GovernanceFeed
 from dispatcher.governance.mesh import MeshError, MeshSettings, Switch
-from dispatcher.governance.store import Conflict, GovernanceError, Revision
+from dispatcher.governance.store import MAX_WHY, Conflict, GovernanceError, Revision
 
 __all__ = ["Figures", "MeshRollback", "OutcomeWindow", "judge"]
 
@@ -307,53 +310,80 @@ class MeshRollback:
                 self._wake = trio.Event()
                 await self._wake.wait()
                 continue
-            (application, service), reason = next(iter(self._pending.items()))
+            # Every pair judged meanwhile goes in one revision: an anomaly of one sidecar
+            # trips each consumer application it carries at once, and one write per pair
+            # would queue them behind each other's store round trips.
+            batch = dict(self._pending)
             try:
-                await self.roll_back(application, service, reason)
+                await self.roll_back_all(batch)
             finally:
-                self._pending.pop((application, service), None)
+                for pair in batch:
+                    self._pending.pop(pair, None)
 
     async def roll_back(self, application: str, service: str, reason: str) -> Revision | None:
         """Write the pair off and locked with ``reason``; None if it was not on any more
         (or the store could not take it within :data:`MAX_ATTEMPTS`)."""
+        return await self.roll_back_all({(application, service): reason})
+
+    async def roll_back_all(self, reasons: Mapping[tuple[str, str], str]) -> Revision | None:
+        """Write each (application, service) pair of ``reasons`` off and locked with its
+        reason, in one revision; the pairs no longer on are left alone. None if none was on
+        any more (or the store could not take it within :data:`MAX_ATTEMPTS`)."""
         feed = self.feed
-        if feed is None:
+        if feed is None or not reasons:
             return None
         store = feed.store
         backoff = Backoff(initial=0.1, maximum=2.0)
+        shown = {"pairs": len(reasons), "first": "/".join(next(iter(reasons)))}
         for _ in range(MAX_ATTEMPTS):
             try:
                 head = await store.current()
                 settings = MeshSettings() if head is None else MeshSettings.from_json(head.body)
-                switch = settings.switch(application, service)
-                if switch is None or switch.mode != "on":
-                    return None  # turned off meanwhile (an operator, another Dispatcher)
-                locked = settings.with_switch(application, service,
-                                              Switch("off", 0, True, reason))  # fmt: skip
+                written = {}
+                for (application, service), reason in reasons.items():
+                    switch = settings.switch(application, service)
+                    if switch is None or switch.mode != "on":
+                        continue  # turned off meanwhile (an operator, another Dispatcher)
+                    settings = settings.with_switch(application, service,
+                                                    Switch("off", 0, True, reason))  # fmt: skip
+                    written[(application, service)] = reason
+                if not written:
+                    return None
                 revision = await store.write(
-                    locked.to_json(), expected_version=0 if head is None else head.version,
-                    who=self.who, why=reason,
+                    settings.to_json(), expected_version=0 if head is None else head.version,
+                    who=self.who, why=_why(written),
                 )  # fmt: skip
             except Conflict:
                 continue  # someone wrote in between: apply the change to the newer document
             except MeshError as exc:
                 log.error("the mesh document does not parse; cannot roll back",
-                          extra={"application": application, "service": service,
-                                 "error": str(exc)[:500]})  # fmt: skip
+                          extra={**shown, "error": str(exc)[:500]})  # fmt: skip
                 return None
             except GovernanceError as exc:
                 log.warning("cannot write a rollback yet; retrying",
-                            extra={"application": application, "service": service,
-                                   "error": str(exc)})  # fmt: skip
+                            extra={**shown, "error": str(exc)})  # fmt: skip
                 await backoff.sleep()
                 continue
-            self.rolled_back += 1
+            self.rolled_back += len(written)
             self.last = revision
-            self.window.forget(application, service)
-            log.warning("consumer rolled back to the direct path",
-                        extra={"application": application, "service": service,
-                               "version": revision.version, "reason": reason})  # fmt: skip
+            for (application, service), reason in written.items():
+                self.window.forget(application, service)
+                log.warning("consumer rolled back to the direct path",
+                            extra={"application": application, "service": service,
+                                   "version": revision.version, "reason": reason})  # fmt: skip
             return revision
         log.error("gave up writing a rollback; it is judged again at the next report",
-                  extra={"application": application, "service": service})  # fmt: skip
+                  extra=shown)  # fmt: skip
         return None
+
+
+def _why(written: Mapping[tuple[str, str], str]) -> str:
+    """The revision's ``why``: the one pair's reason, or each pair's, within
+    :data:`~dispatcher.governance.store.MAX_WHY` characters."""
+    if len(written) == 1:
+        return next(iter(written.values()))[:MAX_WHY]
+    prefix = "automatic rollback: "
+    head = f"automatic rollback of {len(written)} consumers: "
+    why = head + "; ".join(f"{application} {service}: {reason.removeprefix(prefix)}"
+                           for (application, service), reason in written.items())  # fmt: skip
+    return why if len(why) <= MAX_WHY else why[: MAX_WHY - 3] + "..."

@@ -32,10 +32,17 @@ names, a sidecar change those of the services registered or gone, and the sessio
 served by the engine are found through the engine's child-watch table of that directory
 (sessions by directory), never by walking every connection.
 
+Sidecar registrations are followed through the engine's ``changed`` hook, in the step that
+commits them: a registration, a change of its address, or its deletion (the proxy's session
+closed or expired) re-decides the views of that service at once, before any later request
+is answered, and nothing wakes up periodically to look. Closed sessions are forgotten when
+a change of their directory meets them and, so that the bookkeeping stays bounded under
+session churn, whenever as many new readers have come as were kept at the last sweep.
+
 Limits: a session's watch set before it was view-served stays in the engine (and fires on
 true changes); after a reconnection, ``setWatches`` is answered from the true tree; the
-sidecar's own znode is not readable (Dubbo consumers only list names); a change of sidecar
-registrations reaches views within :data:`SIDECAR_POLL` seconds.
+sidecar's own znode is not readable (Dubbo consumers only list names); sidecars registered
+under a mirrored subtree (``[[mirror]]``) are not seen.
 """
 
 from __future__ import annotations
@@ -68,11 +75,11 @@ from dispatcher.zk.codec.records import (
     StatResponse,
 )
 from dispatcher.zk.server.engine import Client, Engine
+from dispatcher.zk.server.tree import Trigger
 from dispatcher.zk.server.watches import Mode, WatcherType
 
 __all__ = [
     "SIDECAR_MARK",
-    "SIDECAR_POLL",
     "MeshViews",
     "ViewKey",
     "hashed_onto_sidecar",
@@ -81,14 +88,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SIDECAR_POLL: Final = 0.5
-"""Seconds between looks at the sidecar registrations (an in-memory walk of their znodes)."""
 SIDECAR_MARK: Final = "zkgate.sidecar"
 """Metadata key set on a rendered sidecar provider."""
 MAX_RENDERINGS: Final = 4096
 """Cached view renderings; the oldest go first."""
 MAX_WEIGHT: Final = 2**31 - 1
 """Dubbo keeps a weight in a Java int."""
+MIN_SWEEP: Final = 256
+"""New readers that may come before closed sessions are swept out, however few are kept."""
 
 
 def sidecar_weight(ratio: int, weights: list[int]) -> int | None:
@@ -180,25 +187,33 @@ class MeshViews:
         self.moved = 0
         #: Live sessions that read a projected directory, for ``zkgate mesh consumers``.
         self._readers: dict[Client, set[str]] = {}
+        #: New readers until the next sweep of closed sessions (see :meth:`_prune`).
+        self._until_sweep = MIN_SWEEP
+        self._sidecar_prefix = self.config.sidecars.rstrip("/") + "/"
 
     # ------------------------------------------------------------------- running
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Follow the mesh settings, the snapshot and the sidecars until cancelled."""
-        async with trio.open_nursery() as nursery:
-            if self.feed is not None:
-                await self.feed.loaded.wait()
-                self._apply(self.feed.current)
+        if self.feed is None or not self.projections:
+            # No switch can be on, or nothing to show one in: every view is the true one.
+            task_status.started()
+            return
+        engine = self.engine
+        if engine.changed is not None:
+            raise RuntimeError("the engine's change hook is taken already")
+        await self.feed.loaded.wait()
+        self._apply(self.feed.current)
+        engine.changed = self._tree_changed
+        try:
+            async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._follow_settings, self.feed)
-            nursery.start_soon(self._follow_sidecars)
-            fanin = self.projections[0].fanin if self.projections else None
-            if fanin is None:
-                task_status.started()
-                return
-            async with fanin.subscribe([EVERYTHING]) as updates:
-                task_status.started()
-                async for update in updates:
-                    self.refresh(self._paths_of(update.service), bump=False)
+                async with self.projections[0].fanin.subscribe([EVERYTHING]) as updates:
+                    task_status.started()
+                    async for update in updates:
+                        self.refresh(self._paths_of(update.service), bump=False)
+        finally:
+            engine.changed = None
 
     async def _follow_settings(self, feed: GovernanceFeed) -> None:
         async with feed.subscribe() as revisions:
@@ -222,39 +237,41 @@ class MeshViews:
         self.version = revision.version
         return changed
 
-    async def _follow_sidecars(self) -> None:
-        seen = self._sidecar_state()
-        while True:
-            await trio.sleep(SIDECAR_POLL)
-            self._prune()
-            state = self._sidecar_state()
-            if state != seen:
-                # Only the services whose registrations came, went or changed.
-                services = {service for (_, service), _ in set(state.items()) ^ set(seen.items())}
-                seen = state
-                self.refresh(self._paths_of_services(services), bump=True)
+    def _tree_changed(self, triggers: list[Trigger]) -> None:
+        """The engine's ``changed`` hook: re-decide the views of the services whose sidecar
+        registrations (``<sidecars>/<host>/<service>``) came, went or changed address.
 
-    def _sidecar_state(self) -> dict[tuple[str, str], int]:
-        """``(host, service)`` -> the registration's mzxid, for every sidecar registered."""
-        nodes = self.engine.tree.nodes
-        root = self.config.sidecars
-        top = nodes.get(root)
-        if top is None:
-            return {}
-        state = {}
-        for host in top.children:
-            host_path = join(root, host)
-            for service in nodes[host_path].children:
-                state[(host, service)] = nodes[join(host_path, service)].mzxid
-        return state
+        Runs inside the committing write, so it costs a prefix test per trigger unless a
+        registration changed; a failure here is logged and leaves the write alone (it is
+        committed, and its client must hear so)."""
+        prefix = self._sidecar_prefix
+        services: set[str] | None = None
+        for trigger in triggers:
+            path = trigger.path
+            if not path.startswith(prefix) or trigger.event is EventType.NODE_CHILDREN_CHANGED:
+                continue
+            _, _, service = path[len(prefix) :].partition("/")
+            if service and "/" not in service:
+                if services is None:
+                    services = set()
+                services.add(service)
+        if services is None:
+            return
+        try:
+            self.refresh(self._paths_of_services(services), bump=True)
+        except Exception:
+            log.exception("a sidecar change could not reach the mesh views",
+                          extra={"services": sorted(services)[:20]})  # fmt: skip
 
     def _prune(self) -> None:
+        """Forget closed sessions everywhere (amortized: see :attr:`_until_sweep`)."""
         for directory in self._directories.values():
             for client in [c for c in directory.served if c.closed]:
                 del directory.served[client]
                 directory.watching.discard(client)
         for client in [c for c in self._readers if c.closed]:
             del self._readers[client]
+        self._until_sweep = max(MIN_SWEEP, len(self._readers))
 
     # -------------------------------------------------------------------- reads
 
@@ -265,7 +282,12 @@ class MeshViews:
         directory = self._directory(path)
         if directory is None:
             return self._read_sidecar(client, xid, opcode, path)
-        readers = self._readers.setdefault(client, set())
+        readers = self._readers.get(client)
+        if readers is None:
+            readers = self._readers[client] = set()
+            self._until_sweep -= 1
+            if self._until_sweep <= 0:
+                self._prune()
         if len(readers) < 1024:
             readers.add(directory.service)
         node = self.engine.tree.get(path)

@@ -97,6 +97,21 @@ class ServerConnection(FrameBuffer):
         state = self.state
         if state is not _CONNECTED:
             return self._next_event_outside_session(state)
+        request = self.next_request()
+        return None if request is None else RequestReceived(*request)
+
+    def next_request(self) -> tuple[int, int, bytes] | None:
+        """In a session (state CONNECTED), the next complete request as
+        ``(xid, opcode, body)``: :meth:`next_event`'s ``RequestReceived``
+        without the event object, for the server's hot path, which reads
+        hundreds of thousands of requests a second. None until more bytes
+        arrive. Raises as :meth:`next_event` does; in any other state it
+        raises :class:`LocalProtocolError` (use :meth:`next_event` there).
+        """
+        if self.state is not _CONNECTED:
+            if self.state is State.ERROR:
+                self._refuse("next_request")
+            raise LocalProtocolError(f"cannot read a request in state {self.state.name}")
         buf, start = self._buffer, self._offset
         if len(buf) - start < 4:
             if start and start == len(buf):
@@ -116,7 +131,7 @@ class ServerConnection(FrameBuffer):
         if opcode == _CLOSE_SESSION:
             self.state = _CLOSING
             self._close_xid = xid
-        return RequestReceived(xid, opcode, bytes(buf[start + 12 : end]))
+        return xid, opcode, bytes(buf[start + 12 : end])
 
     def _next_event_outside_session(self, state: State) -> ServerEvent | None:
         if state is State.ERROR:

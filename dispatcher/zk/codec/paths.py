@@ -21,10 +21,16 @@ class InvalidPath(ValueError):
 # The characters PathUtils.validatePath refuses besides NUL (which has its own
 # message): controls, the C1 range, surrogates and private use, and specials.
 _FORBIDDEN = re.compile("[\x01-\x1f\x7f-\x9f\ud800-\uf8ff\ufff0-\uffff]")
+# Paths that pass every check below but the one for "." and ".." names, told
+# in one match: names of allowed characters (none of the above, no NUL) after
+# each slash, no empty name, no trailing slash. Most paths are such.
+_PLAIN = re.compile("(?:/[^/\x00-\x1f\x7f-\x9f\ud800-\uf8ff\ufff0-\uffff]+)+")
 
 
 def validate_path(path: str) -> None:
     """Raise :class:`InvalidPath` unless ``path`` is a legal absolute znode path."""
+    if _PLAIN.fullmatch(path) and "/." not in path:
+        return
     if not path:
         raise InvalidPath("path length must be > 0")
     if path[0] != "/":

@@ -2,10 +2,12 @@
 
 ``x509`` is ZooKeeper's ``X509AuthenticationProvider``: a client that presented a
 verified certificate on the TLS port holds ``x509:<subject DN>`` (see
-:func:`dispatcher.tls.x509_subject`). The provider is there only when a TLS port
-verifies client certificates (``x509=True`` below; without it an ``x509:`` entry
-is INVALIDACL, as on a ZooKeeper that does not configure it); then any string is
-a valid x509 id, and an entry matches when the DN is the same string.
+:func:`dispatcher.tls.x509_subject`), and the configured ``x509_superuser`` holds
+``super:<subject DN>`` before it, which passes every check. The provider is
+there only when a TLS port verifies client certificates (``x509=True`` below;
+without it an ``x509:`` entry is INVALIDACL, as on a ZooKeeper that does not
+configure it); then any string is a valid x509 id, and an entry matches when
+the DN is the same string.
 
 ``sasl`` is ZooKeeper's ``SASLAuthenticationProvider``, there only when SASL is
 configured (``sasl=True`` below; without it a ``sasl:`` entry is INVALIDACL, as
@@ -130,10 +132,10 @@ def fixup_acl(
             out.append(entry)
         elif scheme == "auth":
             # Only schemes that prove who a client is may stand in for "auth";
-            # the ip scheme describes where it connects from, not who it is.
-            expanded = [
-                ACL(entry.perms, a) for a in auth if a.scheme in ("digest", "super", "x509", "sasl")
-            ]
+            # the ip scheme describes where it connects from, not who it is, and
+            # "super" has no provider in ZooKeeper, which skips it here: a
+            # superuser's auth entry names its digest or certificate only.
+            expanded = [ACL(entry.perms, a) for a in auth if a.scheme in ("digest", "x509", "sasl")]
             if not expanded:
                 raise InvalidACL("auth scheme without an authenticated id")
             out.extend(expanded)

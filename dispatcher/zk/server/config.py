@@ -19,7 +19,9 @@
     cert = "server.pem"
     key = "server-key.pem"
     ca = "clients-ca.pem"
-    verify_client = true            # clients then carry an x509:<subject DN> identity
+    verify_client = true            # clients then carry an x509:<subject DN> identity;
+                                    # "want": asked for, verified if given, not required
+    x509_superuser = "CN=admin,O=Example"  # this certificate subject is a superuser
 
 The same keys come from ``zkgate serve``'s flags (``--tick-ms``, ``--4lw``...):
 :func:`parse_zookeeper` with ``where=None`` names them as flags in its messages.
@@ -178,7 +180,7 @@ def parse_zookeeper(
             table["four_letter_words"], name("four_letter_words")
         )
     if "tls" in table:
-        options["tls"] = parse_tls(table["tls"], f"{where or 'zookeeper'}.tls", base_dir)
+        options["tls"] = parse_tls(table["tls"], f"{where or 'zookeeper'}.tls", base_dir, x509=True)
     if "secure_listen" in table:
         options["secure_listen"] = settings.address(table["secure_listen"], name("secure_listen"))
         if "tls" not in options:

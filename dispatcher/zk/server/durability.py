@@ -75,16 +75,29 @@ class GroupCommit:
 
     def add(self, paths: Iterable[str]) -> None:
         """Paths a write changed in the tree: they go to disk with the next fsync."""
+        # The commit task was woken when the open group was made: while a
+        # group is open, the task either has the wake still to see or is in
+        # its loop, which takes every group there is before it waits again.
         gathered = self._group().paths
         for path in paths:
             gathered[path] = None
-        self._wake.set()
+
+    def add_path(self, path: str) -> None:
+        """``add((path,))`` for one path, without the tuple: a setData's only one."""
+        group = self._open
+        if group is None:
+            group = self._group()
+        group.paths[path] = None
 
     def send(self, peer: _Peer, data: bytes) -> None:
-        if not self.holding:
-            peer.send(data)
-            return
-        group = self._group()
+        """Send ``data`` to ``peer`` once the writes before it are durable (at
+        once when none is waiting)."""
+        group = self._open
+        if group is None:
+            if not self._committing:
+                peer.send(data)
+                return
+            group = self._group()
         group.held.append((peer, data))
         group.held_bytes += len(data)
 

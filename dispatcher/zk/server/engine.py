@@ -316,6 +316,9 @@ class Engine:
         self.mounts: tuple[Mount, ...] = ()
         #: Per-consumer views of projected znodes (mesh onboarding); None: none.
         self.views: ReadHook | None = None
+        #: Told each committed transaction's triggers, after their watches fired (the mesh
+        #: views follow sidecar registrations this way); runs on every write: keep it cheap.
+        self.changed: Callable[[list[Trigger]], None] | None = None
         self.started = wall_clock()
         log.info("tree loaded from disk", extra={"znodes": loaded, "boot": store.boot})
         self._expire_orphaned_ephemerals()
@@ -367,6 +370,20 @@ class Engine:
             OpCode.CREATE_TTL: self._create_single,
             OpCode.SET_DATA: self._set_data_single,  # type: ignore[dict-item]
         }
+        #: Writes done in place when nothing about them is unusual (see
+        #: :meth:`_create_in_place`); each returns False, having done nothing,
+        #: for the transaction path to take the request instead.
+        self._shortcuts: dict[int, Callable[[Client, int, int, _WriteFields], bool]] = {
+            OpCode.CREATE: self._create_in_place,
+            OpCode.CREATE2: self._create_in_place,
+            OpCode.CREATE_CONTAINER: self._create_in_place,
+            OpCode.SET_DATA: self._set_data_in_place,
+            OpCode.DELETE: self._delete_in_place,
+        }
+        #: Per decoded create ACL without an ``auth`` entry (by id, with the
+        #: ACL itself): the ACL its znodes get, validated and shared, which
+        #: then depends on nothing else.
+        self._create_acls: dict[int, tuple[tuple[ACL, ...], tuple[ACL, ...]]] = {}
         #: Encoded ACL vectors of create requests, decoded once (clients send
         #: the same few ACLs with every create).
         self._request_acls: dict[bytes, tuple[ACL, ...]] = {}
@@ -736,12 +753,17 @@ class Engine:
         elif (
             opcode in _FAST_WRITES
             and not self.mounts
-            and (fast := _decode_write(opcode, body, self._request_acls)) is not None
+            and (fields := _write_fields(opcode, body, self._request_acls)) is not None
         ):
             # The common writes, decoded in place; anything unusual in the
             # body (a null field, a short frame) takes the generic path below,
-            # which answers it exactly as before.
-            self._single_write(client, xid, opcode, fast, self._single_writes[opcode])
+            # which answers it exactly as before. A write that will succeed
+            # and concerns nothing special is then done in place; any other
+            # goes through a transaction record.
+            shortcut = self._shortcuts.get(opcode)
+            if shortcut is None or not shortcut(client, xid, opcode, fields):
+                record = _write_record(opcode, fields)
+                self._single_write(client, xid, opcode, record, self._single_writes[opcode])
             client.last_op = opcode
         else:
             op = OPS.get(opcode)
@@ -879,10 +901,10 @@ class Engine:
             # the hot path of every read.
             data = client.conn.send_reply(xid, zxid, err, body)
             gate = self.durability
-            if gate is not None and gate.holding:
-                gate.send(client.peer, data)
-            else:
+            if gate is None:
                 client.peer.send(data)
+            else:
+                gate.send(client.peer, data)
         client.sent += 1
         client.last_zxid = zxid
         self.stats.packets_sent += 1
@@ -1270,6 +1292,164 @@ class Engine:
         self._commit(txn)
         self._reply(client, xid, Err.OK, b"" if result is None else result, txn.zxid)
 
+    # --- writes in place ----------------------------------------------------------
+    #
+    # create, setData and delete that will succeed, on a server that commits in
+    # groups, touching nothing the generic path treats specially (projections,
+    # mounts, quotas, /zookeeper, ACLs that world:anyone does not open): done
+    # straight on the tree, with no transaction record, undo log or request
+    # record, and answered with the bytes the generic path would send. Every
+    # condition is checked before anything changes; where one does not hold
+    # they return False and the generic path takes the request, and answers
+    # it (errors included) as always. The group is told of the paths first:
+    # it reads them only when it closes, after this call, and a failure there
+    # would leave the tree untouched.
+
+    def _in_place_allowed(self, path: str) -> bool:
+        """True when a write of ``path`` may be done in place (see above)."""
+        return not (
+            self.durability is None
+            or self.quotas.active
+            or path.startswith("/zookeeper")
+            or (self.projection_roots and self._projected(path))
+        )
+
+    def _set_data_in_place(
+        self, client: Client, xid: int, opcode: int, fields: _WriteFields
+    ) -> bool:
+        path, data, _, expected = fields
+        node = self.tree.nodes.get(path)
+        if node is None or not node.world_perms & _WRITE or not self._in_place_allowed(path):
+            return False
+        version = node.version
+        if expected != -1 and expected != version:
+            return False
+        self.durability.add_path(path)  # type: ignore[union-attr]  # _in_place_allowed: not None
+        self.zxid = zxid = self.zxid + 1
+        node.data = data
+        node.version = version + 1 if version != 0x7FFFFFFF else 1
+        node.mzxid = zxid
+        node.mtime = int(self.wall_clock() * 1000)
+        node.touched()
+        if self.watches.data or self.watches.child or self.changed is not None:
+            self._committed_in_place([Trigger(path, _NODE_DATA_CHANGED, node.acl)])
+        self._reply(client, xid, _OK, node.stat_bytes(), zxid)
+        return True
+
+    def _delete_in_place(self, client: Client, xid: int, opcode: int, fields: _WriteFields) -> bool:
+        path, _, _, expected = fields
+        nodes = self.tree.nodes
+        node = nodes.get(path)
+        if node is None or node.children or path in _SPECIAL_PATHS or "\0" in path:
+            return False
+        if expected != -1 and expected != node.version:
+            return False
+        cut = path.rfind("/")
+        parent_path = path[:cut] or "/"
+        parent = nodes.get(parent_path)
+        if parent is None or not parent.world_perms & _DELETE:
+            return False
+        if not self._in_place_allowed(path):
+            return False
+        self.durability.add((path, parent_path))  # type: ignore[union-attr]  # as above
+        self.zxid = zxid = self.zxid + 1
+        self.tree.unindex(path, node)
+        del nodes[path]
+        parent.children.discard(path[cut + 1 :])
+        parent.cversion += 1
+        parent.pzxid = zxid
+        parent.touched()
+        if self.watches.data or self.watches.child or self.changed is not None:
+            self._committed_in_place([
+                Trigger(path, _NODE_DELETED, node.acl),
+                Trigger(parent_path, _NODE_CHILDREN_CHANGED, parent.acl),
+            ])  # fmt: skip
+        self._reply(client, xid, _OK, b"", zxid)
+        return True
+
+    def _create_in_place(self, client: Client, xid: int, opcode: int, fields: _WriteFields) -> bool:
+        path, data, requested, flags = fields
+        mode = _CREATE_MODES.get(flags)
+        if mode is None or mode[0] or requested is None:
+            return False  # unknown flags, or a TTL mode: refused by the generic path
+        acl = self._create_acl(client, requested)
+        if acl is None:
+            return False
+        cut = path.rfind("/")
+        if cut == -1:
+            return False
+        nodes = self.tree.nodes
+        parent_path = path[:cut] or "/"
+        parent = nodes.get(parent_path)
+        if parent is None or not parent.world_perms & _CREATE or parent.is_ephemeral:
+            return False
+        if not self._in_place_allowed(path):
+            return False  # checked before the sequence number too: the generic path does
+        if mode[1]:
+            path = f"{path}{parent.child_creates:010d}"
+            if not self._in_place_allowed(path):
+                return False
+        if path in nodes or not _well_formed(path):
+            return False
+        if opcode == _OP_CREATE_CONTAINER:
+            owner = CONTAINER_OWNER
+        elif mode[2]:
+            owner = client.session.id
+        else:
+            owner = 0
+        self.durability.add((path, parent_path))  # type: ignore[union-attr]  # as above
+        self.zxid = zxid = self.zxid + 1
+        now = int(self.wall_clock() * 1000)
+        node = Znode(data, acl, zxid, zxid, now, now, ephemeral_owner=owner, pzxid=zxid)
+        self.tree.index(path, node)
+        nodes[path] = node
+        parent.children.add(path[cut + 1 :])
+        parent.cversion += 1
+        parent.child_creates += 1
+        parent.pzxid = zxid
+        parent.touched()
+        if self.watches.data or self.watches.child or self.changed is not None:
+            self._committed_in_place([
+                Trigger(path, _NODE_CREATED, acl),
+                Trigger(parent_path, _NODE_CHILDREN_CHANGED, parent.acl),
+            ])  # fmt: skip
+        raw = path.encode()
+        result = _PATH_LENGTH.pack(len(raw)) + raw
+        if opcode != _OP_CREATE:
+            result += node.stat_bytes()
+        self._reply(client, xid, _OK, result, zxid)
+        return True
+
+    def _committed_in_place(self, triggers: list[Trigger]) -> None:
+        """What :meth:`_commit` does once a transaction is handed to the store:
+        the watches fire, then :attr:`changed` hears of it."""
+        self._fire(triggers)
+        if self.changed is not None:
+            self.changed(triggers)
+
+    def _create_acl(self, client: Client, requested: tuple[ACL, ...]) -> tuple[ACL, ...] | None:
+        """The ACL a create's znode gets, as the generic path fixes it up, if
+        that depends on ``requested`` alone (no ``auth`` entry, which stands
+        for the client's ids) and is valid; None otherwise."""
+        # By identity: the decoded ACLs of the few encodings clients send are
+        # kept (see _write_fields), and hashing one costs more than a lookup.
+        known = self._create_acls.get(id(requested))
+        if known is not None and known[0] is requested:
+            return known[1]
+        if any(entry.id.scheme == "auth" for entry in requested):
+            return None
+        try:
+            fixed = _fixed_acl(
+                requested, [], sasl=self.config.sasl_users is not None, x509=self.config.x509
+            )
+        except ZkError:
+            return None
+        acl = self._shared_acl(fixed)
+        if len(self._create_acls) < _REQUEST_ACLS:
+            # The entry holds ``requested``: its id cannot be reused meanwhile.
+            self._create_acls[id(requested)] = (requested, acl)
+        return acl
+
     def _multi(self, client: Client, xid: int, req: MultiRequest) -> None:
         self.zxid += 1
         if _names_null_path(req):
@@ -1334,6 +1514,8 @@ class Engine:
             txn.rollback()
             raise
         self._fire(txn.triggers)
+        if self.changed is not None:
+            self.changed(txn.triggers)
 
     def _fire(self, triggers: list[Trigger]) -> None:
         """Send each trigger's event to its watchers.
@@ -1639,6 +1821,12 @@ _OP_CREATE, _OP_CREATE_CONTAINER, _OP_CREATE_TTL = (
     int(OpCode.CREATE), int(OpCode.CREATE_CONTAINER), int(OpCode.CREATE_TTL),
 )  # fmt: skip
 _OP_DELETE, _OP_SET_DATA = int(OpCode.DELETE), int(OpCode.SET_DATA)
+_OK = int(Err.OK)
+# Watches compare events by identity: these are the enum members themselves.
+_NODE_CREATED, _NODE_DELETED, _NODE_DATA_CHANGED, _NODE_CHILDREN_CHANGED = (
+    EventType.NODE_CREATED, EventType.NODE_DELETED, EventType.NODE_DATA_CHANGED,
+    EventType.NODE_CHILDREN_CHANGED,
+)  # fmt: skip
 #: Per create flags value: (TTL, sequential, ephemeral); absent: not a mode.
 _CREATE_MODES = {
     int(mode): (mode.is_ttl, mode.is_sequential, mode.is_ephemeral) for mode in CreateMode
@@ -1654,10 +1842,16 @@ _SHARED_ACLS = 1024
 _FAST_ACL_ENTRIES = 16
 
 
-def _decode_write(
+#: What a create, setData or delete body holds, decoded in place: the path, the
+#: data (None for delete), the decoded ACL (None but for creates), and the
+#: last int (the expected version, or a create's flags).
+_WriteFields = tuple[str, "bytes | None", "tuple[ACL, ...] | None", int]
+
+
+def _write_fields(
     opcode: int, body: bytes, acl_cache: dict[bytes, tuple[ACL, ...]]
-) -> Record | None:
-    """The request record of a create, setData or delete, decoded in place.
+) -> _WriteFields | None:
+    """The fields of a create, setData or delete body, decoded in place.
 
     None when the body holds anything but non-null fields that fit the frame
     (a null string or buffer, a short frame, a path that is not UTF-8): the
@@ -1677,14 +1871,14 @@ def _decode_write(
     except UnicodeDecodeError:
         return None
     if opcode == _OP_DELETE:
-        return DeleteRequest(path, _PATH_LENGTH.unpack_from(body, at)[0])
+        return path, None, None, _PATH_LENGTH.unpack_from(body, at)[0]
     (data_length,) = _PATH_LENGTH.unpack_from(body, at)
     end = at + 4 + data_length
     if data_length < 0 or end + 4 > size:
         return None
     data = body[at + 4 : end]
     if opcode == _OP_SET_DATA:
-        return SetDataRequest(path, data, _PATH_LENGTH.unpack_from(body, end)[0])
+        return path, data, None, _PATH_LENGTH.unpack_from(body, end)[0]
     # create, create2, createContainer: the ACL vector, then the flags.
     (count,) = _PATH_LENGTH.unpack_from(body, end)
     if not 0 <= count <= _FAST_ACL_ENTRIES:
@@ -1712,7 +1906,26 @@ def _decode_write(
             return None
         if len(acl_cache) < _REQUEST_ACLS:
             acl_cache[raw_acl] = acl
-    return CreateRequest(path, data, acl, _PATH_LENGTH.unpack_from(body, cursor)[0])
+    return path, data, acl, _PATH_LENGTH.unpack_from(body, cursor)[0]
+
+
+def _write_record(opcode: int, fields: _WriteFields) -> Record:
+    """The request record that :func:`_write_fields`' fields stand for."""
+    path, data, acl, last = fields
+    if opcode == _OP_DELETE:
+        return DeleteRequest(path, last)
+    if opcode == _OP_SET_DATA:
+        return SetDataRequest(path, data, last)
+    return CreateRequest(path, data, acl, last)
+
+
+def _decode_write(
+    opcode: int, body: bytes, acl_cache: dict[bytes, tuple[ACL, ...]]
+) -> Record | None:
+    """The request record of a create, setData or delete, decoded in place;
+    None where :func:`_write_fields` leaves the body to the record decoder."""
+    fields = _write_fields(opcode, body, acl_cache)
+    return None if fields is None else _write_record(opcode, fields)
 
 
 def _well_formed(path: str) -> bool:

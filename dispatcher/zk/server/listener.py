@@ -9,15 +9,22 @@ a writer, run beside the reader to flush the rest. Queues are bounded: a reader
 stops reading while its connection's unsent output is above a high-water mark
 (so one connection's outstanding requests are bounded), and a connection whose
 unsent output passes a hard cap (a watcher that never reads) is closed.
+
+A TLS connection (the secure port) is the same reader on the same socket: after
+the handshake, :class:`TlsPeer` decrypts what it reads and encrypts what it
+writes in memory, without waiting, so framing, output bounds, batching and
+closing are the plain-text path's own. The per-address connection limit is
+applied as a connection is accepted, before any handshake work.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hmac
 import logging
 import os
-import socket
+import ssl
 import sys
 from collections.abc import Mapping
 
@@ -25,7 +32,13 @@ import attrs
 import trio
 
 from dispatcher.containment import InternalErrors
-from dispatcher.tls import ServerTls, looks_like_tls, refuse_tls_on_plain_port, x509_subject
+from dispatcher.tls import (
+    ServerTls,
+    TlsSession,
+    looks_like_tls,
+    refuse_tls_on_plain_port,
+    x509_subject,
+)
 from dispatcher.zk.codec.connection import (
     ConnectRequested,
     FourLetterReply,
@@ -33,6 +46,7 @@ from dispatcher.zk.codec.connection import (
     ProtocolError,
     RequestReceived,
     ServerConnection,
+    State,
 )
 from dispatcher.zk.codec.jute import DecodeError
 from dispatcher.zk.codec.protocol import DEFAULT_MAX_BUFFER, Err
@@ -45,20 +59,11 @@ from dispatcher.zk.server.pending import Pending
 log = logging.getLogger(__name__)
 
 _RECEIVE_SIZE = 65536
-
-
-def _read_some(fd: int) -> bytes | None:
-    """What the socket has: b"" at its end (or reset), None if nothing yet.
-
-    A function of its own because an exception raised in the reader's frame
-    would give that frame a frame object, kept for the connection's life.
-    """
-    try:
-        return os.read(fd, _RECEIVE_SIZE)
-    except BlockingIOError:
-        return None
-    except OSError:  # reset by the peer: as good as the end of the stream
-        return b""
+#: Plaintext encrypted per write on a TLS connection: what is encrypted but not
+#: yet taken by the socket is held apart from the output budget, so it is kept
+#: this small (the rest waits, counted, as plain text).
+_TLS_WRITE_CHUNK = 262144
+_CONNECTED = State.CONNECTED
 
 
 @attrs.frozen
@@ -141,7 +146,7 @@ class StreamPeer:
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        sock: trio.socket.SocketType,
         limits: ServerLimits,
         budget: OutputBudget,
         address: tuple[str, int] | None = None,
@@ -149,13 +154,11 @@ class StreamPeer:
     ) -> None:
         self.limits = limits
         self.budget = budget
-        # A TLS connection reaches the reader through a local socket pair:
-        # its client's address is given, not asked of the socket.
-        host, port, *_ = address or stream.socket.getpeername()
+        host, port, *_ = address or sock.getpeername()
         # One string per client address, however many connections it has.
         self.remote_ip: str = sys.intern(host)
         self._port: int = port
-        self.fd: int = stream.socket.fileno()
+        self.fd: int = sock.fileno()
         #: Output the socket has not taken yet; None (not an empty buffer) when
         #: there is none, which is nearly always.
         self._out: bytearray | None = None
@@ -179,11 +182,24 @@ class StreamPeer:
         self.identities = identities
         #: True until the first bytes arrive (checked for a TLS handshake on
         #: the plain-text port).
-        self.fresh = address is None
+        self.fresh = True
 
     @property
     def remote(self) -> str:
         return f"/{self.remote_ip}:{self._port}"
+
+    def receive(self) -> bytes | None:
+        """What the client sent: b"" at its end (or reset), None if nothing yet.
+
+        A method of its own because an exception raised in the reader's frame
+        would give that frame a frame object, kept for the connection's life.
+        """
+        try:
+            return os.read(self.fd, _RECEIVE_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError:  # reset by the peer: as good as the end of the stream
+            return b""
 
     def send(self, data: bytes) -> None:
         if self.closing:
@@ -230,7 +246,7 @@ class StreamPeer:
 
     def _write(self, data: bytes | bytearray) -> int:
         """Write what the socket takes now, without waiting; a broken socket
-        closes the connection."""
+        closes the connection. Returns how much of ``data`` was taken."""
         try:
             return os.write(self.fd, data)
         except BlockingIOError:
@@ -265,6 +281,7 @@ class StreamPeer:
 
     @property
     def unsent(self) -> bool:
+        """Whether output waits for the socket (a writer task then flushes it)."""
         return bool(self._out)
 
     @property
@@ -294,11 +311,12 @@ class StreamPeer:
     async def flush(self) -> None:
         """Write the queued output as the socket takes it, until none is left
         or the socket breaks."""
-        while self._out:
+        while self.unsent:
             await trio.lowlevel.wait_writable(self.fd)
             out = self._out
             if not out:
-                break
+                self._write(b"")  # what a TLS connection encrypted already
+                continue
             sent = self._write(out)
             if sent:
                 del out[:sent]
@@ -311,7 +329,126 @@ class StreamPeer:
         """The last output of a closed connection, within close_flush_timeout."""
         with trio.CancelScope(deadline=self._close_deadline):
             await self.flush()
+            self._end()
+            await self.flush()
         self._discard_output()
+
+    def _end(self) -> None:
+        """Say goodbye on the transport, if it has a way to (TLS: close_notify)."""
+
+
+class TlsPeer(StreamPeer):
+    """A TLS connection as the engine sees it: :class:`StreamPeer` on the same
+    socket, decrypting what it reads and encrypting what it writes in memory.
+
+    Ciphertext the socket did not take yet (``_cipher``) is flushed before any
+    more plain text is encrypted, so the output's order is kept and at most
+    one chunk of it is held encrypted; the rest stays in the plain-text queue,
+    under the same bounds as on the plain-text port.
+    """
+
+    __slots__ = ("_cipher", "_incoming", "_outgoing", "_tls")
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        session: TlsSession,
+        limits: ServerLimits,
+        budget: OutputBudget,
+        address: tuple[str, int],
+        identities: tuple[Id, ...] = (),
+    ) -> None:
+        super().__init__(sock, limits, budget, address, identities)
+        self.fresh = False
+        self._tls = session.tls
+        self._incoming = session.incoming
+        self._outgoing = session.outgoing
+        #: Encrypted output the socket has not taken yet.
+        self._cipher = b""
+
+    @property
+    def unsent(self) -> bool:
+        return bool(self._out) or bool(self._cipher)
+
+    def receive(self) -> bytes | None:
+        tls = self._tls
+        while True:
+            try:
+                data = tls.read(_RECEIVE_SIZE)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:  # the client's close_notify
+                return b""
+            except ssl.SSLError as exc:
+                log.warning(
+                    "closing a TLS connection that sent a bad record",
+                    extra={"peer": self.remote, "reason": exc.reason or str(exc)},
+                )
+                return b""
+            else:
+                if self._outgoing.pending:
+                    # A post-handshake message (a TLS 1.3 key update) wants an answer.
+                    self._encrypted(self._outgoing.read())
+                return data
+            try:
+                raw = os.read(self.fd, _RECEIVE_SIZE)
+            except BlockingIOError:
+                return None
+            except OSError:
+                return b""
+            if not raw:
+                return b""
+            self._incoming.write(raw)
+
+    def send(self, data: bytes) -> None:
+        super().send(data)
+        if self._cipher and not self.writing and not self.closing:
+            self._wake_reader()
+
+    def _write(self, data: bytes | bytearray) -> int:
+        if self._cipher and not self._send_cipher():
+            return 0
+        if not data:
+            return 0
+        try:
+            taken = self._tls.write(memoryview(data)[:_TLS_WRITE_CHUNK])
+        except ssl.SSLError:
+            self._discard_output()
+            self.close()
+            return 0
+        self._encrypted(self._outgoing.read())
+        # Taken even if its ciphertext waits: that is flushed before anything else.
+        return 0 if self.closing else taken
+
+    def _encrypted(self, cipher: bytes) -> None:
+        self._cipher += cipher
+        self._send_cipher()
+
+    def _send_cipher(self) -> bool:
+        """Write the pending ciphertext the socket takes now; whether all went."""
+        cipher = self._cipher
+        try:
+            sent = os.write(self.fd, cipher)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._discard_output()
+            self.close()
+            return False
+        self._cipher = cipher[sent:]
+        return not self._cipher
+
+    def _discard_output(self) -> None:
+        self._cipher = b""
+        super()._discard_output()
+
+    def _end(self) -> None:
+        if self._cipher or self._out:
+            return  # the client did not take the rest: it gets no close_notify
+        with contextlib.suppress(ssl.SSLError, ValueError):
+            self._tls.unwrap()
+        if self._outgoing.pending:
+            self._encrypted(self._outgoing.read())
 
 
 class ZooKeeperServer:
@@ -384,36 +521,53 @@ class ZooKeeperServer:
         await trio.serve_listeners(functools.partial(self._serve_tls_connection, tls), listeners)
 
     async def _serve_tls_connection(self, tls: ServerTls, stream: trio.SocketStream) -> None:
-        """Handshake, then serve the decrypted bytes through a socket pair, so the
-        reader and its bounds are the plain-text port's own."""
+        """Admit (the per-address limit costs a refused client no handshake),
+        handshake, then serve the connection as the plain-text port does."""
+        sock = stream.socket
         try:
-            host, port, *_ = stream.socket.getpeername()
-        except OSError:
-            await trio.aclose_forcefully(stream)
-            return
-        secure = await tls.accept(stream, f"/{host}:{port}")
-        if secure is None:
-            return
-        identities: tuple[Id, ...] = ()
-        der = secure.getpeercert(binary_form=True)
-        if der:
             try:
-                identities = (Id("x509", x509_subject(der)),)
-            except (IndexError, ValueError) as exc:
-                log.warning(
-                    "cannot read the client certificate's subject; closing",
-                    extra={"peer": f"/{host}:{port}", "reason": str(exc)},
-                )
-                await trio.aclose_forcefully(secure)
+                host, port, *_ = sock.getpeername()
+            except OSError:
+                return  # the client left before we could ask who it was
+            ip = sys.intern(host)
+            remote = f"/{host}:{port}"
+            if not self._admit(ip, remote):
                 return
-        inner, outer = socket.socketpair()
-        inner.setblocking(False)
-        outer_stream = trio.SocketStream(trio.socket.from_stdlib_socket(outer))
-        inner_stream = trio.SocketStream(trio.socket.from_stdlib_socket(inner))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_pump_in, secure, outer_stream)
-            nursery.start_soon(_pump_out, outer_stream, secure, nursery.cancel_scope)
-            await self._serve_connection(inner_stream, (host, port), identities)
+            try:
+                session = await tls.handshake(sock, remote)
+                if session is None:
+                    return
+                identities = _certificate_identities(session, tls, remote)
+                if identities is None:
+                    return
+                peer = TlsPeer(sock, session, self.limits, self.budget, (ip, port), identities)
+                await self._serve_peer(peer)
+            finally:
+                self._release(ip)
+        finally:
+            # Closed here, synchronously, so that no write can reach the fd
+            # after it is closed (and perhaps reused) even if we are cancelled.
+            sock.close()
+
+    def _admit(self, ip: str, remote: str) -> bool:
+        """Count a new connection from ``ip``, or refuse it (logged) at the limit;
+        an admitted one is given back with :meth:`_release`."""
+        limit = self.limits.max_client_cnxns
+        count = self._connections_by_ip.get(ip, 0)
+        if limit and count >= limit:
+            log.warning(
+                "too many connections from one address", extra={"peer": remote, "max": limit}
+            )
+            return False
+        self._connections_by_ip[ip] = count + 1
+        return True
+
+    def _release(self, ip: str) -> None:
+        remaining = self._connections_by_ip[ip] - 1
+        if remaining:
+            self._connections_by_ip[ip] = remaining
+        else:
+            del self._connections_by_ip[ip]
 
     async def _expire_sessions(self) -> None:
         # Expiry runs on ZooKeeper's tick; a session lapses between its timeout
@@ -431,25 +585,26 @@ class ZooKeeperServer:
             if reaped:
                 log.info("reaped empty containers and expired TTL nodes", extra={"reaped": reaped})
 
-    async def _serve_connection(
-        self,
-        stream: trio.SocketStream,
-        address: tuple[str, int] | None = None,
-        identities: tuple[Id, ...] = (),
-    ) -> None:
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        sock = stream.socket
         try:
-            peer = StreamPeer(stream, self.limits, self.budget, address, identities)
-        except OSError:
-            return  # the client left before we could ask who it was
-        ip = peer.remote_ip
-        limit = self.limits.max_client_cnxns
-        if limit and self._connections_by_ip.get(ip, 0) >= limit:
-            log.warning(
-                "too many connections from one address", extra={"peer": peer.remote, "max": limit}
-            )
-            await stream.aclose()
-            return
-        self._connections_by_ip[ip] = self._connections_by_ip.get(ip, 0) + 1
+            try:
+                peer = StreamPeer(sock, self.limits, self.budget)
+            except OSError:
+                return  # the client left before we could ask who it was
+            if not self._admit(peer.remote_ip, peer.remote):
+                return
+            try:
+                await self._serve_peer(peer)
+            finally:
+                self._release(peer.remote_ip)
+        finally:
+            # Closed here, synchronously, so that no write can reach the fd
+            # after it is closed (and perhaps reused) even if we are cancelled.
+            sock.close()
+
+    async def _serve_peer(self, peer: StreamPeer) -> None:
+        """Read, answer and write one admitted connection until it ends."""
         conn = ServerConnection(self.limits.max_buffer)
         try:
             try:
@@ -476,20 +631,13 @@ class ZooKeeperServer:
             self.internal_errors.record(exc, peer=peer.remote)
         finally:
             peer.closing = True
-            remaining = self._connections_by_ip[ip] - 1
-            if remaining:
-                self._connections_by_ip[ip] = remaining
-            else:
-                del self._connections_by_ip[ip]
-            # Closed here, synchronously, so that no write can reach the fd
-            # after it is closed (and perhaps reused) even if we are cancelled.
-            stream.socket.close()
 
     async def _read_loop(self, conn: ServerConnection, peer: StreamPeer) -> None:
         """Read and answer requests until the connection ends, or (with no
         writer task running) until output is left unsent: the caller then
         starts a writer task and calls again."""
         fd = peer.fd
+        receive = peer.receive
         budget = self.budget
         waited = True
         while not peer.closing:
@@ -516,7 +664,7 @@ class ZooKeeperServer:
                 # clients that pipeline faster than the disk wait for it.
                 await gate.wait_durable()
                 continue
-            data = _read_some(fd)
+            data = receive()
             if data is None:
                 await trio.lowlevel.wait_readable(fd)
                 waited = True
@@ -553,9 +701,25 @@ class ZooKeeperServer:
         """Answer complete requests received so far, in order, until one is
         deferred (returned, with the rest left buffered)."""
         engine = self.engine
+        handle = engine.handle
         while not peer.closing:
-            event = None
+            # The xid of the request being answered, for its SYSTEMERROR.
+            xid: int | None = None
             try:
+                if client is not None and conn.state is _CONNECTED:
+                    # In a session every frame is a request: taken as a tuple,
+                    # not an event object, as this runs once per request.
+                    request = conn.next_request()
+                    if request is None:
+                        break
+                    if client.closed:
+                        peer.close()
+                        break
+                    xid, opcode, body = request
+                    pending = handle(client, xid, opcode, body)
+                    if pending is not None and not pending.finished:
+                        return client, pending
+                    continue
                 event = conn.next_event()
                 if event is None:
                     break
@@ -563,7 +727,8 @@ class ZooKeeperServer:
                     if client is None or client.closed:
                         peer.close()
                         break
-                    pending = engine.handle(client, event.xid, event.opcode, event.body)
+                    xid = event.xid
+                    pending = handle(client, xid, event.opcode, event.body)
                     if pending is not None and not pending.finished:
                         return client, pending
                 elif isinstance(event, ConnectRequested):
@@ -589,42 +754,38 @@ class ZooKeeperServer:
                 # ZooKeeper answers an unexpected failure, and its connection
                 # closes; the other connections and the process go on.
                 self.internal_errors.record(exc, peer=peer.remote)
-                if isinstance(event, RequestReceived) and client is not None:
+                if xid is not None and client is not None:
                     with contextlib.suppress(Exception):  # recorded above already
-                        engine.reply(client, event.xid, Err.SYSTEMERROR)
+                        engine.reply(client, xid, Err.SYSTEMERROR)
                 peer.close()
         return client, None
 
 
-async def _pump_in(source: trio.abc.Stream, sink: trio.SocketStream) -> None:
-    """Decrypted client bytes to the reader's socket; the client's end is its end."""
+def _certificate_identities(
+    session: TlsSession, tls: ServerTls, remote: str
+) -> tuple[Id, ...] | None:
+    """What a verified client certificate proves, as ZooKeeper's
+    ``X509AuthenticationProvider`` has it: ``x509:<subject>``, after
+    ``super:<subject>`` for the configured superuser; () without a certificate;
+    None (logged) for a certificate whose subject cannot be read."""
+    der = session.tls.getpeercert(binary_form=True)
+    if not der:
+        return ()
     try:
-        while data := await source.receive_some(_RECEIVE_SIZE):
-            await sink.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        await sink.send_eof()
-
-
-async def _pump_out(
-    source: trio.SocketStream, sink: trio.abc.Stream, scope: trio.CancelScope
-) -> None:
-    """The reader's output to the client, encrypted; when the reader closes its
-    end, the TLS connection closes too."""
-    try:
-        while data := await source.receive_some(_RECEIVE_SIZE):
-            await sink.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    # A close_notify for the client, if it still listens; never waited on long.
-    with (
-        trio.move_on_after(1),
-        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        subject = x509_subject(der)
+    except (IndexError, ValueError) as exc:
+        log.warning(
+            "cannot read the client certificate's subject; closing",
+            extra={"peer": remote, "reason": str(exc)},
+        )
+        return None
+    superuser = tls.config.x509_superuser
+    if superuser is not None and hmac.compare_digest(
+        subject.encode("utf-8"), superuser.encode("utf-8")
     ):
-        await sink.aclose()
-    await trio.aclose_forcefully(source)
-    scope.cancel()
+        log.info("authenticated the x509 superuser", extra={"peer": remote, "subject": subject})
+        return (Id("super", subject), Id("x509", subject))
+    return (Id("x509", subject),)
 
 
-__all__ = ["ServerLimits", "ZooKeeperServer"]
+__all__ = ["ServerLimits", "StreamPeer", "TlsPeer", "ZooKeeperServer"]

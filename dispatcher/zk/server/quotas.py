@@ -38,6 +38,12 @@ class QuotaUsage:
         ]
         return sorted(roots, key=len, reverse=True)
 
+    @property
+    def active(self) -> bool:
+        """True while some quota is kept: only then may a write outside
+        ``/zookeeper`` change a stats node."""
+        return bool(self._roots)
+
     def account(self, txn: Txn) -> None:
         touched = txn.touched_paths
         # The prefix test first, in C (no generator frame): this runs on every write.
