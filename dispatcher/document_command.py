@@ -36,14 +36,14 @@ import json
 import socket
 import sys
 import tomllib
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TextIO
 
 import attrs
 
+from dispatcher import admin_client
+from dispatcher.admin_client import Refused, Unreachable
 from dispatcher.tls import add_client_arguments, client_context_from_args
 
 __all__ = [
@@ -71,14 +71,6 @@ _TIMEOUT: Final = 30.0
 
 Action = Callable[["DocumentCommand", argparse.Namespace, TextIO], int]
 """One action of a command: its exit code, its output written to the stream."""
-
-
-class Refused(Exception):
-    """The server (or the input) refused the operation; the message says why."""
-
-
-class Unreachable(Exception):
-    """The admin endpoint could not be reached."""
 
 
 class Usage(Exception):
@@ -342,27 +334,6 @@ def call(
         context = client_context_from_args(args)
     except (ValueError, OSError) as exc:
         raise Usage(str(exc)) from None
-    scheme = "http" if context is None else "https"
-    request = urllib.request.Request(
-        f"{scheme}://{args.admin}{path}", data=data, headers=headers, method=method
+    return admin_client.call(
+        args.admin, method, path, body=data, headers=headers, context=context, timeout=_TIMEOUT
     )
-    try:
-        with urllib.request.urlopen(request, timeout=_TIMEOUT, context=context) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            raise Refused(f"HTTP {exc.code}: {_message(exc.read())}") from None
-    except (OSError, urllib.error.URLError) as exc:
-        raise Unreachable(str(getattr(exc, "reason", exc))) from None
-    except ValueError as exc:
-        raise Unreachable(f"not an admin API answer: {exc}") from None
-
-
-def _message(body: bytes) -> str:
-    try:
-        answer = json.loads(body)
-    except ValueError:
-        return body.decode(errors="replace").strip()
-    if isinstance(answer, dict) and isinstance(answer.get("error"), str):
-        return answer["error"]
-    return body.decode(errors="replace").strip()

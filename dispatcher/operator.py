@@ -17,13 +17,12 @@ import argparse
 import json
 import ssl
 import sys
-import urllib.error
-import urllib.request
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
+from dispatcher import admin_client
 from dispatcher.config import load_config
 from dispatcher.settings import ConfigError
 from dispatcher.sharding.membership import MembershipConfigError
@@ -97,10 +96,7 @@ def check_config(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 def _get(admin: str, path: str, context: ssl.SSLContext | None = None) -> Any:
-    scheme = "http" if context is None else "https"
-    url = f"{scheme}://{admin}{path}"
-    with urllib.request.urlopen(url, timeout=5, context=context) as response:
-        return json.loads(response.read())
+    return admin_client.call(admin, "GET", path, context=context, timeout=5)
 
 
 def status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -113,7 +109,7 @@ def status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         state = _get(args.admin, "/status", context)
         snapshot = _get(args.admin, f"/snapshot?limit={args.services}", context)
         shards = _get(args.admin, "/shards", context)
-    except (OSError, urllib.error.URLError, ValueError) as exc:
+    except (admin_client.Refused, admin_client.Unreachable) as exc:
         print(f"zkgate: cannot reach the admin endpoint at {args.admin}: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if args.json:

@@ -12,15 +12,33 @@ authenticates with DIGEST-MD5 when given :class:`~dispatcher.zk.sasl_client.Sasl
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, Final
+
+import trio
 
 from dispatcher.tls import ClientTls, client_context
-from dispatcher.zk.client import SessionEvent, ZooKeeperClient, split_connect_string
+from dispatcher.zk.client import (
+    ConnectionLost,
+    KeeperError,
+    SessionEvent,
+    ZooKeeperClient,
+    split_connect_string,
+)
 from dispatcher.zk.codec.records import WatcherEvent
 from dispatcher.zk.sasl_client import SaslCredentials
 
-__all__ = ["describe_etcd_error", "etcd_client", "zookeeper_client", "zookeeper_session"]
+__all__ = [
+    "SESSION_FAILURES",
+    "describe_etcd_error",
+    "etcd_client",
+    "short_session",
+    "zookeeper_client",
+    "zookeeper_session",
+]
+
+#: What a :func:`short_session` block raises when the ensemble fails it.
+SESSION_FAILURES: Final = (ConnectionLost, KeeperError, ConnectionError, trio.TooSlowError)
 
 
 def zookeeper_client(
@@ -67,6 +85,47 @@ def zookeeper_session(
         server_name=None if tls is None else tls.server_name,
         sasl=sasl,
     )
+
+
+@contextlib.asynccontextmanager
+async def short_session(
+    client: ZooKeeperClient, connect_timeout: float, what: str
+) -> AsyncIterator[ZooKeeperClient]:
+    """``client`` running and connected for the block, stopped after it (a read on a
+    session of its own). No session within ``connect_timeout`` raises ConnectionError
+    naming ``what``.
+
+    The session's task and the block run in one nursery; when the ensemble fails them,
+    the failure comes out alone, as one of :data:`SESSION_FAILURES` (the session's own
+    :class:`KeeperError` first: it names the cause, such as a refused SASL user), so that
+    a caller can catch it. Anything else, a cancellation among it, comes out as the
+    nursery raised it."""
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.run)
+            try:
+                with trio.fail_after(connect_timeout):
+                    await client.wait_connected()
+            except trio.TooSlowError:
+                raise ConnectionError(f"{what}: no session") from None
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        failures, rest = group.split(SESSION_FAILURES)
+        if failures is None or rest is not None:
+            raise
+        leaves = list(_leaves(failures))
+        raise next((e for e in leaves if isinstance(e, KeeperError)), leaves[0]) from None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 def _read(path: object) -> bytes | None:

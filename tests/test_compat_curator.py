@@ -14,8 +14,6 @@ same checks against real ZooKeeper are the proof that the checks are right.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,8 @@ import pytest
 from tests.compat.harness import (
     TARGET_KINDS,
     Target,
+    compile_java,
+    curator_classpath,
     failed_checks,
     make_target,
     parse_report,
@@ -31,16 +31,6 @@ from tests.compat.harness import (
 
 SOURCE = Path(__file__).parent / "compat" / "CuratorCompat.java"
 
-#: Debian's jars name their own dependencies (guava, jackson, slf4j-api,
-#: zookeeper-jute, netty) in their manifests' Class-Path, which both javac and
-#: java follow, so only the entry points and a logging binding are listed.
-JARS = [
-    "/usr/share/java/curator-recipes.jar",
-    "/usr/share/java/curator-x-discovery.jar",
-    "/usr/share/java/curator-framework.jar",
-    "/usr/share/java/curator-client.jar",
-    "/usr/share/java/zookeeper.jar",
-]
 LOGGING_JAR = "/usr/share/java/slf4j-simple.jar"
 
 #: Every check each scenario must print ``OK`` for, in the program's order.
@@ -142,29 +132,10 @@ CHECKS: dict[str, tuple[str, ...]] = {
 RUN_TIMEOUT = 90.0
 
 
-def _classpath(*extra: str) -> str:
-    return ":".join([*extra, *JARS])
-
-
 @pytest.fixture(scope="session")
 def curator_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """CuratorCompat compiled once per session into a temp dir (class files are never committed)."""
-    javac = shutil.which("javac")
-    if javac is None:
-        pytest.fail("javac not found: install a JDK (scripts/test installs default-jdk-headless)")
-    missing = [jar for jar in [*JARS, LOGGING_JAR] if not Path(jar).exists()]
-    if missing:
-        pytest.fail(f"missing jars {missing}: install the Debian packages that scripts/test lists")
-    out = tmp_path_factory.mktemp("curator-classes")
-    compiled = subprocess.run(
-        [javac, "-nowarn", "-d", str(out), "-cp", _classpath(), str(SOURCE)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert compiled.returncode == 0, f"javac failed:\n{compiled.stdout}\n{compiled.stderr}"
-    return out
+    """CuratorCompat compiled once per session."""
+    return compile_java(SOURCE, tmp_path_factory.mktemp("curator-classes"), LOGGING_JAR)
 
 
 @pytest.fixture(params=TARGET_KINDS)
@@ -181,7 +152,7 @@ def test_curator(scenario: str, target: Target, curator_classes: Path) -> None:
         "-XX:TieredStopAtLevel=1",
         "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
         "-cp",
-        _classpath(str(curator_classes), LOGGING_JAR),
+        curator_classpath(str(curator_classes), LOGGING_JAR),
         "CuratorCompat",
         target.address,
         target.base,

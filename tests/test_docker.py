@@ -211,7 +211,7 @@ def test_the_envoy_sidecar_is_fed_by_a_dispatchers_xds_port(stack: Path) -> None
 def test_the_envoy_bootstrap_is_one_envoy_accepts(certs: Path, tmp_path: Path) -> None:
     """``envoy --mode validate`` reads the bootstrap as the container would, its TLS
     files from the volume (the compose name it resolves is not looked up in this mode)."""
-    from tests.test_xds import envoy_binary
+    from tests.envoy import envoy_binary
 
     binary = envoy_binary()
     if binary is None:
@@ -495,9 +495,9 @@ async def test_the_stacks_envoy_gets_its_clusters_from_dispatcher_1_over_mutual_
     import trio
 
     from dispatcher.faces.xds import XdsConfig, XdsServer
+    from tests.envoy import running_envoy
     from tests.servers import free_port
     from tests.test_xds import Registry, host_lines, http_get, inst
-    from tests.test_xds_e2e import running_envoy
     from tests.waiting import until
 
     xds = load_config(stack / "dispatcher-1.toml").xds

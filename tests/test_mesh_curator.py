@@ -16,7 +16,6 @@ consumer on that host.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import subprocess
 import threading
@@ -29,16 +28,11 @@ from kazoo.client import KazooClient
 from adapters.layouts.curator import render
 from dispatcher.core.model import Instance
 from dispatcher.faces.mesh.views import hashed_onto_sidecar
+from tests.compat.harness import compile_java, curator_classpath
 from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer, free_port
 from tests.test_mesh import TOKEN, _admin, until
 
 SOURCE = Path(__file__).parent / "compat" / "CuratorMeshConsumer.java"
-JARS = [
-    "/usr/share/java/curator-x-discovery.jar",
-    "/usr/share/java/curator-framework.jar",
-    "/usr/share/java/curator-client.jar",
-    "/usr/share/java/zookeeper.jar",
-]
 LOGGING_JAR = "/usr/share/java/slf4j-nop.jar"
 SERVICE = "orders"
 APPLICATION = "billing"
@@ -112,32 +106,17 @@ class SourceRelay:
             thread.join(timeout=10)
 
 
-def _classpath(*extra: str) -> str:
-    return ":".join([*extra, *JARS])
-
-
 @pytest.fixture(scope="session")
 def consumer_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """CuratorMeshConsumer compiled once per session (class files are never committed)."""
-    javac = shutil.which("javac")
-    if javac is None:
-        pytest.fail("javac not found: install a JDK (scripts/test installs default-jdk-headless)")
-    missing = [jar for jar in [*JARS, LOGGING_JAR] if not Path(jar).exists()]
-    if missing:
-        pytest.fail(f"missing jars {missing}: install the Debian packages that scripts/test lists")
-    out = tmp_path_factory.mktemp("curator-mesh-classes")
-    compiled = subprocess.run(
-        [javac, "-nowarn", "-d", str(out), "-cp", _classpath(), str(SOURCE)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert compiled.returncode == 0, f"javac failed:\n{compiled.stdout}\n{compiled.stderr}"
-    return out
+    """CuratorMeshConsumer compiled once per session."""
+    return compile_java(SOURCE, tmp_path_factory.mktemp("curator-mesh-classes"), LOGGING_JAR)
 
 
 def discover(classes: Path, connects: list[str]) -> list[set[str]]:
     """What each Curator consumer (one per connect string) finds of the service."""
     result = subprocess.run(
-        ["java", "-Xmx256m", "-XX:+UseSerialGC", "-cp", _classpath(str(classes), LOGGING_JAR),
+        ["java", "-Xmx256m", "-XX:+UseSerialGC",
+         "-cp", curator_classpath(str(classes), LOGGING_JAR),
          "CuratorMeshConsumer", "/services", SERVICE, *connects],
         capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip

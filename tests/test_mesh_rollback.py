@@ -36,7 +36,7 @@ from proxy.forward import ListenAddress
 from proxy.outcomes import OutcomeCounter
 from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer, free_port
 from tests.test_mesh import TOKEN, DubboConsumer, _admin, _switch
-from tests.test_proxy_policy import one_exchange
+from tests.test_proxy_policy import SlowEcho, one_exchange
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "shop.Cart"
@@ -286,32 +286,6 @@ async def test_reports_without_an_application_change_nothing(
 # ----------------------------------------------------------------- end to end
 
 
-class DelayedEcho:
-    """A TCP echo provider that answers each message ``delay`` seconds late, counting
-    the connections it accepted."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.port = 0
-        self.accepted = 0
-
-    async def start(self, nursery: trio.Nursery) -> DelayedEcho:
-        listeners = await nursery.start(
-            functools.partial(trio.serve_tcp, host="127.0.0.1"), self._echo, 0
-        )
-        self.port = listeners[0].socket.getsockname()[1]
-        return self
-
-    async def _echo(self, stream: trio.SocketStream) -> None:
-        self.accepted += 1
-        try:
-            while data := await stream.receive_some(65536):
-                await trio.sleep(self.delay)
-                await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-
 def _config(tmp: Path, node: str, zookeeper: str, root: str, *, owner: bool) -> Path:
     subscriptions = f"""
 [subscriptions]
@@ -390,7 +364,7 @@ async def test_a_real_sidecar_registers_and_a_mesh_only_failure_rolls_the_consum
     the true provider, and its call there succeeds directly."""
     from metaserver.cli import parse_meta_config, run_meta
 
-    provider = await DelayedEcho(0.3).start(nursery)
+    provider = await SlowEcho(0.3).start(nursery)
     from kazoo.client import KazooClient
 
     upstream = KazooClient(hosts=zookeeper.address)

@@ -17,8 +17,6 @@ consumer.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +28,8 @@ from kazoo.client import KazooClient
 from adapters.layouts import dubbo, dubbo_governance
 from dispatcher.core.model import Instance
 from dispatcher.governance.policy import Policy
+from tests.policy_cli import POLICY_TOKEN, policy_cli
 from tests.servers import (
-    REPO_ROOT,
     ServerFactory,
     ZkgateServer,
     ZooKeeperServer,
@@ -232,7 +230,6 @@ def test_nothing_is_rendered_for_what_dubbo_does_not_apply() -> None:
 
 # ------------------------------------------------------- real processes, real clients
 
-POLICY_TOKEN = "policy-write-token"
 WAIT = 30.0
 """Seconds a policy change may take to reach zkgate's ZooKeeper face or the client: far
 above the sub-second it takes, so only a change that never arrives fails."""
@@ -242,22 +239,10 @@ request_timeout = 1
 """
 
 
-def _policy_cli(tmp: Path, admin: str, *args: str) -> str:
-    """``zkgate policy ARGS --admin ADMIN`` with the write token; its stdout. Must succeed."""
-    if args[0] in ("set", "rollback"):
-        args = (*args, "--token-file", str(tmp / "policy-token"))
-    done = subprocess.run(
-        [sys.executable, "-m", "dispatcher", "policy", *args, "--admin", admin],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 def _set(tmp: Path, admin: str, name: str, document: str, why: str) -> str:
     path = tmp / name
     path.write_text(document)
-    return _policy_cli(tmp, admin, "set", str(path), "--why", why)
+    return policy_cli(tmp, admin, "set", str(path), "--why", why)
 
 
 @pytest.fixture
@@ -358,7 +343,7 @@ def test_policy_set_renders_configurators_and_routers_in_the_zookeeper_face_and_
         # The store holds the policies and nothing of a shard: no member registered.
         assert upstream_zk.get_children(f"{unique_path}/zkgate") == ["governance"]
 
-        assert "version 3" in _policy_cli(tmp_path, admin, "rollback", "1", "--why", "undo")
+        assert "version 3" in policy_cli(tmp_path, admin, "rollback", "1", "--why", "undo")
         wait_for(lambda: not _children(face, service, "configurators")
                  and not _children(face, service, "routers"), timeout=WAIT,
                  message="the rollback removing the znodes")  # fmt: skip
@@ -413,7 +398,7 @@ def test_a_real_python_dubbo_consumer_follows_a_per_provider_weight_override(
         wait_for(lambda: weights() == {"10.0.0.1:20880": 100, "10.0.0.2:20880": 300},
                  timeout=WAIT, message="the client applying the override")  # fmt: skip
 
-        assert "version 3" in _policy_cli(tmp_path, admin, "rollback", "1", "--why", "undo")
+        assert "version 3" in policy_cli(tmp_path, admin, "rollback", "1", "--why", "undo")
         wait_for(lambda: weights() == {"10.0.0.1:20880": 100, "10.0.0.2:20880": 100},
                  timeout=WAIT, message="the client dropping the override")  # fmt: skip
     finally:

@@ -28,6 +28,7 @@ from pathlib import Path
 import trio
 
 from proxy.forward import ListenAddress
+from tests.policy_cli import POLICY_TOKEN, write_static_registry
 from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer, free_port
 from tests.test_proxy import EchoServer
 from tests.test_proxy_policy import SlowEcho, one_exchange, run_connections, timed_exchange
@@ -35,7 +36,6 @@ from tests.waiting import until
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "subscription-token"
-POLICY_TOKEN = "policy-write-token"
 TIMEOUT = 30.0
 """Seconds any wait on a real process may take before the test fails."""
 SLOW_DELAY = 2.0
@@ -58,17 +58,6 @@ split = { "version=v1" = 90, "version=v2" = 10 }
 [services.slow]
 request_timeout = 0.2
 """
-
-
-def _static(path: Path, entries: list[tuple[str, int, str]]) -> None:
-    """The registry: ``(service, port, version tag)`` per instance, written atomically."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(
-        f'[[instance]]\nservice = "{service}"\nid = "{service}-{port}"\nhost = "127.0.0.1"\n'
-        f'port = {port}\nhealth = "passing"\nmetadata = {{ version = "{version}" }}\n\n'
-        for service, port, version in entries
-    ))  # fmt: skip
-    tmp.rename(path)
 
 
 def _dispatcher_config(tmp: Path, zookeeper: str, root: str, static: Path) -> Path:
@@ -155,7 +144,7 @@ async def test_policy_set_and_rollback_move_a_real_proxys_traffic(
     v2 = await EchoServer("v2").start(nursery)
     slow = await SlowEcho(SLOW_DELAY).start(nursery)
     static = tmp_path / "registry.toml"
-    _static(static, [("echo", v1.port, "v1"), ("echo", v2.port, "v2"),
+    write_static_registry(static, [("echo", v1.port, "v1"), ("echo", v2.port, "v2"),
                      ("slow", slow.port, "v1")])  # fmt: skip
     admin_port = free_port()
     admin = f"127.0.0.1:{admin_port}"

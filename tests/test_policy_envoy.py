@@ -30,7 +30,8 @@ from typing import Any
 
 import grpc
 
-from tests.servers import REPO_ROOT, ServerFactory, ZkgateServer, ZooKeeperServer, free_port
+from tests.policy_cli import POLICY_TOKEN, policy_cli, write_static_registry
+from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer, free_port
 from tests.test_xds import _ECHO_METHOD
 from tests.test_xds_e2e import (
     echoes,
@@ -42,7 +43,6 @@ from tests.test_xds_e2e import (
     until,
 )
 
-POLICY_TOKEN = "policy-write-token"
 CONNECTIONS = 2000
 """TCP connections through Envoy the 90/10 split is measured over."""
 SLOW_DELAY = 1.5
@@ -71,17 +71,6 @@ request_timeout = {SHORT_TIMEOUT}
 # ------------------------------------------------------------------ helpers
 
 
-def _registry(path: Path, entries: list[tuple[str, int, str]]) -> None:
-    """The static registry: ``(service, port, version tag)`` per instance."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(
-        f'[[instance]]\nservice = "{service}"\nid = "{service}-{port}"\nhost = "127.0.0.1"\n'
-        f'port = {port}\nhealth = "passing"\nmetadata = {{ version = "{version}" }}\n\n'
-        for service, port, version in entries
-    ))  # fmt: skip
-    tmp.rename(path)
-
-
 def _dispatcher_config(tmp: Path, zookeeper: str, root: str, registry: Path, xds_port: int) -> Path:
     token_file = tmp / "policy-token"
     token_file.write_text(POLICY_TOKEN + "\n")
@@ -105,18 +94,6 @@ path = "{registry}"
 poll_interval = 0.2
 """)
     return path
-
-
-def policy(tmp: Path, admin: str, *args: str) -> str:
-    """``zkgate policy ARGS --admin ADMIN`` with the write token; its stdout. Must succeed."""
-    if args[0] in ("set", "rollback"):
-        args = (*args, "--token-file", str(tmp / "policy-token"))
-    done = subprocess.run(
-        [sys.executable, "-m", "dispatcher", "policy", *args, "--admin", admin],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def _write(tmp: Path, name: str, text: str) -> Path:
@@ -257,8 +234,10 @@ def test_policy_set_and_rollback_move_envoy_traffic_and_proxyless_grpc_deadlines
     lets the slow calls succeed."""
     with echoes("v1", "v2") as echo, slow_grpc_server(SLOW_DELAY) as slow_port:
         registry = tmp_path / "registry.toml"
-        _registry(registry, [("echo", echo["v1"].port, "v1"), ("echo", echo["v2"].port, "v2"),
-                             ("greeter", slow_port, "v1")])  # fmt: skip
+        write_static_registry(registry, [
+            ("echo", echo["v1"].port, "v1"), ("echo", echo["v2"].port, "v2"),
+            ("greeter", slow_port, "v1"),
+        ])  # fmt: skip
         xds_port, admin_port = free_port(), free_port()
         admin = f"127.0.0.1:{admin_port}"
         config = _dispatcher_config(tmp_path, zookeeper.address, unique_path, registry, xds_port)
@@ -275,14 +254,14 @@ def test_policy_set_and_rollback_move_envoy_traffic_and_proxyless_grpc_deadlines
                 took = client.next_call("slow")
                 assert took >= SLOW_DELAY - 0.1
 
-                out = policy(tmp_path, admin, "set", str(_write(tmp_path, "p1.toml", P1_ALL_V1)),
-                             "--why", "all on v1")  # fmt: skip
+                p1 = _write(tmp_path, "p1.toml", P1_ALL_V1)
+                out = policy_cli(tmp_path, admin, "set", str(p1), "--why", "all on v1")
                 assert "written: version 1" in out
                 until(lambda: weights(envoy, ports) == {"v1": 100}, "v2 left out in Envoy")
                 assert count(listen, 200) == {"v1": 200}
 
-                out = policy(tmp_path, admin, "set", str(_write(tmp_path, "p2.toml", P2_CANARY)),
-                             "--why", "canary v2 at 10%")  # fmt: skip
+                p2 = _write(tmp_path, "p2.toml", P2_CANARY)
+                out = policy_cli(tmp_path, admin, "set", str(p2), "--why", "canary v2 at 10%")
                 assert "written: version 2" in out
                 until(lambda: weights(envoy, ports) == {"v1": 9000, "v2": 1000}, "the split")
                 seen = count(listen, CONNECTIONS)
@@ -303,7 +282,7 @@ def test_policy_set_and_rollback_move_envoy_traffic_and_proxyless_grpc_deadlines
                     assert outcome == "ERR_DEADLINE_EXCEEDED", (outcome, took)
                     assert took < SLOW_DELAY - 0.5, took
 
-                out = policy(tmp_path, admin, "rollback", "1", "--why", "back to all on v1")
+                out = policy_cli(tmp_path, admin, "rollback", "1", "--why", "back to all on v1")
                 assert "version 3" in out
                 until(lambda: weights(envoy, ports) == {"v1": 100}, "the rollback in Envoy")
                 cluster = echo_cluster(envoy)

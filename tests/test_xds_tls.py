@@ -33,20 +33,20 @@ from dispatcher.faces.xds import XdsConfig, XdsLimits, XdsServer, parse_xds
 from dispatcher.faces.xds.resources import CLUSTER
 from dispatcher.tls import TlsConfig
 from tests.certs import Issued, Pki, make_pki
+from tests.envoy import ads_bootstrap, running_envoy
 from tests.servers import free_port
 from tests.test_xds import (
+    _ECHO_METHOD,
     _GRPC_CLIENT,
     ADS,
     Lines,
     Registry,
     echo_server,
-    envoy_bootstrap,
     grpc_echo,
     host_lines,
     http_get,
     inst,
 )
-from tests.test_xds_e2e import running_envoy
 from tests.waiting import until
 
 TIMEOUT = 10.0
@@ -206,8 +206,10 @@ async def test_replaced_certificate_files_are_used_for_the_next_connection(
 def tls_envoy_bootstrap(
     pki: Pki, client: Issued, xds_port: int, admin: int, listen: int
 ) -> dict[str, Any]:
-    """tests/test_xds.py's bootstrap with its ADS cluster speaking mutual TLS."""
-    bootstrap = envoy_bootstrap(xds_port, admin, listen, "GRPC", TOKEN)
+    """The tests' ADS-only bootstrap with its ADS cluster speaking mutual TLS."""
+    bootstrap = ads_bootstrap(
+        xds_port, admin, node="sidecar-test", token=TOKEN, outbound={"echo": listen}
+    )
     (cluster,) = bootstrap["static_resources"]["clusters"]
     cluster["transport_socket"] = {
         "name": "envoy.transport_sockets.tls",
@@ -328,7 +330,7 @@ async def test_proxyless_grpc_with_tls_channel_creds_resolves_through_xds(
             path = tmp_path / "bootstrap.json"
             path.write_text(json.dumps(bootstrap))
             child = subprocess.Popen(
-                [sys.executable, "-c", _GRPC_CLIENT],
+                [sys.executable, "-c", _GRPC_CLIENT, "echo", _ECHO_METHOD],
                 env={"GRPC_XDS_BOOTSTRAP": str(path), "PATH": "/usr/bin:/bin"},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,

@@ -11,11 +11,10 @@ import argparse
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from dispatcher import admin_client
 from dispatcher.tls import add_client_arguments, client_context_from_args
 
 __all__ = ["add_command", "inspect"]
@@ -72,18 +71,16 @@ def inspect(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     except (ValueError, OSError) as exc:
         print(f"zkgate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    scheme = "http" if context is None else "https"
-    request = urllib.request.Request(f"{scheme}://{args.admin}/inspect", data=b"", method="POST")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as response:
-            answer: dict[str, Any] = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        print(f"zkgate: the admin endpoint at {args.admin} refused: {exc.code} "
-              f"{exc.read().decode('utf-8', 'replace').strip()}", file=sys.stderr)  # fmt: skip
+        answer: dict[str, Any] = admin_client.call(
+            args.admin, "POST", "/inspect", body=b"", headers=headers, context=context,
+            timeout=args.timeout,
+        )  # fmt: skip
+    except admin_client.Refused as exc:
+        print(f"zkgate: the admin endpoint at {args.admin} refused: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    except (OSError, urllib.error.URLError, ValueError) as exc:
+    except admin_client.Unreachable as exc:
         print(f"zkgate: cannot reach the admin endpoint at {args.admin}: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if args.json:

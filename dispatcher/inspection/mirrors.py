@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from dispatcher.inspection.difference import Check, Difference
-from dispatcher.store_clients import zookeeper_session
+from dispatcher.store_clients import SESSION_FAILURES, short_session, zookeeper_session
 from dispatcher.zk.client import ConnectionLost, KeeperError
 from dispatcher.zk.codec.paths import parent_of
 from dispatcher.zk.codec.protocol import Err, OpCode
@@ -48,7 +48,6 @@ DEFAULT_SAMPLE: Final = 512
 _CHUNK: Final = 250
 _CONNECT_TIMEOUT: Final = 10.0
 #: An ensemble away or refusing: the mirror reports that itself; not a divergence.
-_FAILURES: Final = (ConnectionLost, KeeperError, ConnectionError, trio.TooSlowError)
 
 
 @attrs.frozen
@@ -92,7 +91,7 @@ class MirrorLayer:
                 continue
             try:
                 upstream, revision, made = await _read(mirror, paths)
-            except _FAILURES as exc:
+            except SESSION_FAILURES as exc:
                 skipped.append(f"{root}: direct read failed: {exc!r}")
                 continue
             reads += made
@@ -126,32 +125,8 @@ class MirrorLayer:
 
 async def _read(mirror: Mirror, paths: Sequence[str]) -> tuple[dict[str, _Upstream], int, int]:
     """``paths`` read on a session of their own; with the zxid seen after the sync and
-    the requests made. An ensemble that fails the read raises one of :data:`_FAILURES`."""
-    try:
-        return await _read_direct(mirror, paths)
-    except BaseExceptionGroup as group:
-        # The session's task and the reads fail inside one nursery; the ensemble's
-        # refusal (the session's own error first: it names the cause) is raised alone so
-        # that the pass reports this mirror as skipped. Anything else, a cancellation
-        # among it, goes on as it is.
-        failures, rest = group.split(_FAILURES)
-        if failures is None or rest is not None:
-            raise
-        leaves = list(_leaves(failures))
-        raise next((e for e in leaves if isinstance(e, KeeperError)), leaves[0]) from None
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
-
-
-async def _read_direct(
-    mirror: Mirror, paths: Sequence[str]
-) -> tuple[dict[str, _Upstream], int, int]:
+    the requests made. An ensemble that fails the read raises one of
+    :data:`~dispatcher.store_clients.SESSION_FAILURES`."""
     config = mirror.config
     # As the mirror's own session: the same TLS, SASL user and digest credentials, so the
     # read reaches a secured ensemble and sees what the mirror may see.
@@ -159,48 +134,41 @@ async def _read_direct(
         config.hosts, config.session_timeout_ms / 1000,
         tls=config.tls, sasl=config.sasl, auth=config.auth,
     )  # fmt: skip
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.run)
-        try:
-            with trio.fail_after(_CONNECT_TIMEOUT):
-                await client.wait_connected()
-            await client.sync(mirror.root)
-            revision = client.last_zxid
-            found: dict[str, _Upstream] = {}
-            reads = 1
-            cached = mirror.cached
-            for chunk in _chunks(paths):
-                ops: list[tuple[int, PathWatchRequest]] = []
-                wanted: list[tuple[str, bool]] = []
-                for path in chunk:
-                    ops.append((int(OpCode.GET_DATA), PathWatchRequest(path, False)))
-                    wanted.append((path, False))
-                    node = cached.get(path)
-                    if node is not None and node.children is not None:
-                        ops.append((int(OpCode.GET_CHILDREN), PathWatchRequest(path, False)))
-                        wanted.append((path, True))
-                reply = await client.call(OpCode.MULTI_READ, MultiReadRequest(tuple(ops)))
-                reads += 1
-                if reply.err == Err.CONNECTIONLOSS:
-                    raise ConnectionLost(f"connection lost reading under {mirror.root}")
-                body = reply.body
-                if reply.err != Err.OK or not isinstance(body, MultiResponse):
-                    raise KeeperError(reply.err, mirror.root)
-                for (path, children), (_op, result) in zip(wanted, body.results, strict=True):
-                    seen = found.get(path, _Upstream(None, None, None))
-                    if isinstance(result, GetDataResponse):
-                        seen = attrs.evolve(seen, stat=result.stat, data=result.data)
-                    elif children and isinstance(result, GetChildrenResponse):
-                        seen = attrs.evolve(seen, children=frozenset(result.children))
-                    elif isinstance(result, ErrorResult) and result.err not in (
-                        Err.NONODE, Err.NOAUTH,
-                    ):  # fmt: skip
-                        raise KeeperError(result.err, path)
-                    found[path] = seen
-            return found, revision, reads
-        finally:
-            nursery.cancel_scope.cancel()
-    raise AssertionError("unreachable")  # pragma: no cover; the nursery returns above
+    async with short_session(client, _CONNECT_TIMEOUT, f"zookeeper {config.hosts}"):
+        await client.sync(mirror.root)
+        revision = client.last_zxid
+        found: dict[str, _Upstream] = {}
+        reads = 1
+        cached = mirror.cached
+        for chunk in _chunks(paths):
+            ops: list[tuple[int, PathWatchRequest]] = []
+            wanted: list[tuple[str, bool]] = []
+            for path in chunk:
+                ops.append((int(OpCode.GET_DATA), PathWatchRequest(path, False)))
+                wanted.append((path, False))
+                node = cached.get(path)
+                if node is not None and node.children is not None:
+                    ops.append((int(OpCode.GET_CHILDREN), PathWatchRequest(path, False)))
+                    wanted.append((path, True))
+            reply = await client.call(OpCode.MULTI_READ, MultiReadRequest(tuple(ops)))
+            reads += 1
+            if reply.err == Err.CONNECTIONLOSS:
+                raise ConnectionLost(f"connection lost reading under {mirror.root}")
+            body = reply.body
+            if reply.err != Err.OK or not isinstance(body, MultiResponse):
+                raise KeeperError(reply.err, mirror.root)
+            for (path, children), (_op, result) in zip(wanted, body.results, strict=True):
+                seen = found.get(path, _Upstream(None, None, None))
+                if isinstance(result, GetDataResponse):
+                    seen = attrs.evolve(seen, stat=result.stat, data=result.data)
+                elif children and isinstance(result, GetChildrenResponse):
+                    seen = attrs.evolve(seen, children=frozenset(result.children))
+                elif isinstance(result, ErrorResult) and result.err not in (
+                    Err.NONODE, Err.NOAUTH,
+                ):  # fmt: skip
+                    raise KeeperError(result.err, path)
+                found[path] = seen
+        return found, revision, reads
 
 
 async def _caught_up(mirror: Mirror) -> bool:
@@ -274,7 +242,7 @@ def _repairer(mirror: Mirror, paths: list[str]) -> Callable[[], Awaitable[bool]]
                 for path in paths:
                     await mirror.reload(path)
                 upstream, revision, _ = await _read(mirror, paths)
-            except _FAILURES:
+            except SESSION_FAILURES:
                 return False  # the ensemble is away: the next pass retries
             if await _caught_up(mirror):
                 found, _ = _compare(mirror, paths, upstream, revision)

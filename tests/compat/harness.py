@@ -12,6 +12,7 @@ test one of the three, with a znode path of its own; :func:`parse_report` reads 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -22,16 +23,53 @@ import pytest
 from tests.servers import ServerFactory, ZkgateServer, ZooKeeperServer
 
 __all__ = [
+    "CURATOR_JARS",
     "TARGET_KINDS",
     "ZKGATE_ARGS",
     "Check",
     "ClientRun",
     "Target",
+    "compile_java",
+    "curator_classpath",
     "failed_checks",
     "make_target",
     "parse_report",
     "run_client",
 ]
+
+#: Debian's Curator jars. They name their own dependencies (guava, jackson, slf4j-api,
+#: zookeeper-jute, netty) in their manifests' Class-Path, which both javac and java
+#: follow, so only the entry points are listed; a logging binding is added per program.
+CURATOR_JARS = (
+    "/usr/share/java/curator-recipes.jar",
+    "/usr/share/java/curator-x-discovery.jar",
+    "/usr/share/java/curator-framework.jar",
+    "/usr/share/java/curator-client.jar",
+    "/usr/share/java/zookeeper.jar",
+)
+
+
+def curator_classpath(*extra: str) -> str:
+    """A classpath of ``extra`` entries, then :data:`CURATOR_JARS`."""
+    return ":".join([*extra, *CURATOR_JARS])
+
+
+def compile_java(source: Path, out: Path, logging_jar: str) -> Path:
+    """``source`` compiled against :data:`CURATOR_JARS` into ``out`` (class files are never
+    committed); fails the test, saying what to install, when the JDK or a jar is missing."""
+    javac = shutil.which("javac")
+    if javac is None:
+        pytest.fail("javac not found: install a JDK (scripts/test installs default-jdk-headless)")
+    missing = [jar for jar in [*CURATOR_JARS, logging_jar] if not Path(jar).exists()]
+    if missing:
+        pytest.fail(f"missing jars {missing}: install the Debian packages that scripts/test lists")
+    compiled = subprocess.run(
+        [javac, "-nowarn", "-d", str(out), "-cp", curator_classpath(), str(source)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert compiled.returncode == 0, f"javac failed:\n{compiled.stdout}\n{compiled.stderr}"
+    return out
+
 
 #: The reference first, so that in a run's output a broken check shows up
 #: against ZooKeeper before anyone blames zkgate.
