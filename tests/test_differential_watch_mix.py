@@ -310,6 +310,9 @@ def test_session_close_drops_mixed_watches(pair: Pair) -> None:
         b.call(OpCode.GET_CHILDREN, PathWatchRequest(w, True))
         b.call(OpCode.GET_DATA, PathWatchRequest(w, True))
         b.call(OpCode.CLOSE_SESSION)
+        # ZooKeeper drops a connection's watches when it closes the socket,
+        # after it has sent the close's reply: B's EOF is the moment they go.
+        assert b.read_frame() is None
         a = side.clients["A"]
         answers.append([
             Err(a.call(OpCode.CHECK_WATCHES, WatchesRequest(w, kind)).header.err).name
