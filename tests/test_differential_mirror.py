@@ -62,25 +62,42 @@ SESSION_MS = 30000
 C = OPEN_ACL_UNSAFE
 
 
+#: Never created: deleting it through zkgate fails upstream (see SettlingClient).
+SETTLE_PATH = f"{MOUNT}/.settle"
+
+
 class SettlingClient(WireClient):
     """A client of the mirror's upstream whose every answer waits for the mirror.
 
-    A change made straight on the upstream reaches zkgate as a watch event on
-    the mirror's own session, some time after the writer's answer. A ``sync``
-    through zkgate is answered only once the mirror has applied every event
-    produced before it, and so after the downstream watch events went out: the
-    differential's pings then collect them as they would on the reference.
+    A change made straight on the upstream reaches zkgate as watch events
+    some time after the writer's answer, on two kinds of upstream session:
+    the mirror's own (its recursive watch, for what it may read) and, for a
+    znode it may not read, the write session of the credentials whose
+    forwarded read set the watch. ZooKeeper delivers a session's events
+    before any later reply on that session, and orders nothing across two
+    sessions, so a ``sync`` through zkgate (the mirror's session only) does
+    not wait for the second kind. After each request U's settler deletes a
+    znode that does not exist: with U's credentials (it repeats U's AUTH
+    packets), so upstream that delete fails on the write session of those
+    credentials after the events it had to deliver, and zkgate answers a
+    write only after a sync on the mirror's session. The downstream events
+    have then gone out, and the differential's pings collect them as they
+    would on the reference. (Forwarded watches of credentials U never uses
+    are not settled: no scenario changes such znodes from U.)
     """
 
-    def __init__(self, host: str, port: int, mirror: WireClient) -> None:
+    def __init__(self, host: str, port: int, settler: WireClient) -> None:
         super().__init__(host, port)
-        self.mirror = mirror
+        self.settler = settler
 
     def call(self, opcode: int, record: Record | None = None, xid: int | None = None) -> Reply:
         reply = super().call(opcode, record, xid)
+        if opcode == OpCode.AUTH and reply.header.err == Err.OK:
+            # The settler's write session must be the one of U's credentials.
+            assert self.settler.call(opcode, record).header.err == Err.OK
         if opcode != OpCode.PING:
-            settled = self.mirror.call(OpCode.SYNC, PathRequest(MOUNT))
-            assert settled.header.err == Err.OK, Err(settled.header.err).name
+            settled = self.settler.call(OpCode.DELETE, DeleteRequest(SETTLE_PATH, -1))
+            assert settled.header.err == Err.NONODE, Err(settled.header.err).name
         return reply
 
 

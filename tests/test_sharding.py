@@ -593,15 +593,18 @@ async def test_a_subscriber_follows_a_handover_without_missing_a_change(
         first_server = follower.servers[-1]
 
         written = {endpoint(port0): 0.0}
-        stop = trio.Event()
+        stop, stopped = trio.Event(), trio.Event()
 
         async def writer() -> None:
             port = 30000
-            while not stop.is_set():
-                await trio.to_thread.run_sync(c.registry.put, service, port)
-                written[endpoint(port)] = trio.current_time()
-                port += 1
-                await trio.sleep(0.02)
+            try:
+                while not stop.is_set():
+                    await trio.to_thread.run_sync(c.registry.put, service, port)
+                    written[endpoint(port)] = trio.current_time()
+                    port += 1
+                    await trio.sleep(0.02)
+            finally:
+                stopped.set()
 
         c.nursery.start_soon(writer)
         await c.start("d4")
@@ -614,6 +617,9 @@ async def test_a_subscriber_follows_a_handover_without_missing_a_change(
         more = len(written) + 5
         await c.wait(lambda: len(written) >= more, "five more changes after the move")
         stop.set()
+        # A put may be in flight: it reaches the subscribers before the writer records it,
+        # so the expected set is only complete once the writer has finished.
+        await stopped.wait()
         for subscriber in (follower, newcomer):
             await subscriber.wait_for(set(written))
             assert subscriber.servers[-1].startswith("d4/")
