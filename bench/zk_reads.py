@@ -73,6 +73,9 @@ from tests.servers import (
 )
 
 SERVERS = ("zookeeper", "zkgate")
+#: ZooKeeper's own default tickTime (the test harness's is shorter, for quick
+#: expiry tests): sessions then last up to 40 s, as zkgate's do by default.
+ZOOKEEPER_TICK_MS = 2000
 
 #: Time given to the worker processes to open their connections before a
 #: measurement window may begin (their load starts as soon as they are connected).
@@ -316,7 +319,7 @@ def _secure_zookeeper(pki: _Pki, heap: str) -> tuple[ZooKeeperServer, int]:
     config = secure_zookeeper_config(
         secure_port, pki.keystore, pki.truststore, _KEYSTORE_PASSWORD, client_auth="need"
     )
-    return ZooKeeperServer(heap=heap, config=config), secure_port
+    return ZooKeeperServer(heap=heap, config=config, tick_time_ms=ZOOKEEPER_TICK_MS), secure_port
 
 
 @contextlib.contextmanager
@@ -357,7 +360,7 @@ def _targets(args: argparse.Namespace) -> Iterator[list[Target]]:
                 # default of 60 would be refused.
                 server = ZkgateServer(extra_args=["--max-client-cnxns", "0"])
             else:
-                server = ZooKeeperServer(heap=args.zookeeper_heap)
+                server = ZooKeeperServer(heap=args.zookeeper_heap, tick_time_ms=ZOOKEEPER_TICK_MS)
             stack.enter_context(server)
             targets.append(Target(name, server.host, server.port, server.pid))
         yield targets

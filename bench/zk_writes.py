@@ -65,14 +65,23 @@ from bench.zk_reads import SERVERS, Target
 from bench.zk_reads import _targets as targets_of
 
 OP_DELETE = 2
+OP_PING = 11
+XID_PING = -2
 # "def new generation   total 116224K, used 0K [...]", "tenured generation ...",
 # or G1's "garbage-first heap   total ...": the heap's parts, whatever the GC.
 _HEAP_PART = re.compile(r"(?:generation|heap)\s+total (\d+)K, used (\d+)K")
 _RECEIVE_SIZE = 1 << 18
+#: What an idle session asks for: the most both servers grant by default (20
+#: ticks of 2 s), so the sessions outlive the measurement without pinging.
+_IDLE_SESSION_TIMEOUT_MS = 40_000
 
 
 def delete_frame(xid: int, path: str) -> bytes:
     return _frame(xid, OP_DELETE, _ustring(path) + _INT.pack(-1))
+
+
+def ping_frame() -> bytes:
+    return _frame(XID_PING, OP_PING, b"")
 
 
 def _say(line: str) -> None:
@@ -289,13 +298,24 @@ def _idle_sessions(target: Target, count: int) -> Iterator[None]:
     dropped socket would leave the session alive until its timeout)."""
     socks: list[socket.socket] = []
     try:
+        # One at a time: thousands of connects at once overflow a listen
+        # backlog, and the retried SYNs stretched the opening past the first
+        # sessions' timeout.
         for _ in range(count):
             sock = socket.create_connection((target.host, target.port), timeout=30)
-            sock.sendall(connect_frame(timeout_ms=60_000))
             socks.append(sock)
-        for sock in socks:
+            sock.sendall(connect_frame(timeout_ms=_IDLE_SESSION_TIMEOUT_MS))
             read_frame(sock, bytearray())
         yield
+        # A session that expired (or a connection the server dropped) before
+        # the measurement would have made it look cheap: every one must still
+        # answer a ping.
+        alive = sum(_answers_ping(sock) for sock in socks)
+        if alive < count:
+            raise LoadError(
+                f"{target.name}: only {alive} of {count} idle sessions were alive when"
+                " measured (a session timeout shorter than the measurement?)"
+            )
         for sock in socks:
             sock.sendall(close_session_frame(1))
         for sock in socks:
@@ -304,6 +324,16 @@ def _idle_sessions(target: Target, count: int) -> Iterator[None]:
     finally:
         for sock in socks:
             sock.close()
+
+
+def _answers_ping(sock: socket.socket) -> bool:
+    try:
+        sock.sendall(ping_frame())
+        reply = read_frame(sock, bytearray())
+    except (LoadError, OSError):
+        return False
+    (xid,) = _INT.unpack_from(reply)
+    return xid == XID_PING
 
 
 # ------------------------------------------------------------ servers, report

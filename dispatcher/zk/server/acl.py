@@ -107,7 +107,7 @@ def _check_nulls_while_deduplicating(acl: tuple[ACL, ...]) -> None:
 
 
 def fixup_acl(
-    acl: tuple[ACL, ...] | None, auth: list[Id], *, sasl: bool = False, x509: bool = False
+    acl: tuple[ACL, ...] | None, auth: tuple[Id, ...], *, sasl: bool = False, x509: bool = False
 ) -> tuple[ACL, ...]:
     """Validate an ACL for storage, expanding ``auth`` entries into the caller's ids.
 
@@ -150,7 +150,7 @@ def fixup_acl(
     return tuple(deduplicated)
 
 
-def allowed(acl: tuple[ACL, ...], perm: Perm, auth: list[Id]) -> bool:
+def allowed(acl: tuple[ACL, ...], perm: Perm, auth: tuple[Id, ...]) -> bool:
     """Whether a client holding ``auth`` may do ``perm`` on a node with ``acl``."""
     if not acl:
         return True

@@ -208,7 +208,9 @@ class Client:
     #: The connection's codec: every byte sent to ``peer`` comes from its ``send``.
     conn: ServerConnection
     session: Session
-    auth: list[Id]
+    #: The identities the connection has proved, in the order it proved them;
+    #: a tuple, replaced on change, so connections from one address share one.
+    auth: tuple[Id, ...]
     connected_at: float
     #: The digest credentials the client authenticated with, as sent, so a
     #: mirror can authenticate as the client upstream; see :attr:`credentials`.
@@ -398,10 +400,18 @@ class Engine:
         for owner in sorted(self.tree.ephemerals):
             self._close_session_txn(owner)
 
-    def connect(self, peer: Peer, conn: ServerConnection, request: ConnectRequest) -> Client | None:
+    def connect(
+        self,
+        peer: Peer,
+        conn: ServerConnection,
+        request: ConnectRequest,
+        auth: tuple[Id, ...] | None = None,
+    ) -> Client | None:
         """Open or resume a session; None when the connection must close.
 
-        ``conn`` is the connection's codec, which has just delivered ``request``.
+        ``conn`` is the connection's codec, which has just delivered ``request``;
+        ``auth``, what the connection has proved already (by default its ``ip``
+        identity alone).
         """
         now = self.clock()
         if request.last_zxid_seen > self.zxid:
@@ -419,8 +429,8 @@ class Engine:
                 "session": session.id, "peer": peer.remote, "timeout_ms": session.timeout_ms,
             })  # fmt: skip
         else:
-            session = self.sessions.get(request.session_id)  # type: ignore[assignment]  # None is checked next
-            if session is None or session.passwd != request.passwd or session.closing:
+            session = self.sessions.resumable(request.session_id, request.passwd)  # type: ignore[assignment]  # None is checked next
+            if session is None:
                 log.info(
                     "session refused: expired or wrong password",
                     extra={"session": request.session_id, "peer": peer.remote},
@@ -439,11 +449,15 @@ class Engine:
                 self.disconnect(stale)
                 self._close_peer(stale.peer)
             log.info("session resumed", extra={"session": session.id, "peer": peer.remote})
-        client = Client(peer, conn, session, [Id("ip", peer.remote_ip)], now)
+        if auth is None:
+            auth = (Id("ip", peer.remote_ip),)
+        client = Client(peer, conn, session, auth, now)
         session.client = client
         self.clients.add(client)
         self._send_connect(
-            peer, conn, ConnectResponse(0, session.timeout_ms, session.id, session.passwd)
+            peer,
+            conn,
+            ConnectResponse(0, session.timeout_ms, session.id, self.sessions.password(session)),
         )
         return client
 
@@ -884,7 +898,7 @@ class Engine:
         zkgate's super digest is left out: it is this server's, and an
         upstream ensemble would not know it.
         """
-        auth = [a for a in client.auth if a.scheme != "super"]
+        auth = tuple(a for a in client.auth if a.scheme != "super")
         return acls.allowed(acl, Perm.READ, auth)
 
     def _reply(
@@ -1223,7 +1237,7 @@ class Engine:
         if client.sasl.complete and client.sasl.authorization_id is not None:
             ident = Id("sasl", client.sasl.authorization_id)
             if ident not in client.auth:
-                client.auth.append(ident)
+                client.auth = (*client.auth, ident)
             log.info("SASL authenticated", extra={
                 "user": client.sasl.authorization_id, "session": client.session.id,
                 "peer": client.peer.remote,
@@ -1263,7 +1277,7 @@ class Engine:
             return
         for ident_ in new:
             if ident_ not in client.auth:
-                client.auth.append(ident_)
+                client.auth = (*client.auth, ident_)
         self._reply(client, xid, Err.OK, zxid=0)
 
     # --- writes -----------------------------------------------------------------
@@ -1440,7 +1454,7 @@ class Engine:
             return None
         try:
             fixed = _fixed_acl(
-                requested, [], sasl=self.config.sasl_users is not None, x509=self.config.x509
+                requested, (), sasl=self.config.sasl_users is not None, x509=self.config.x509
             )
         except ZkError:
             return None
@@ -1731,7 +1745,7 @@ _BEFORE_SASL = frozenset({OpCode.AUTH, OpCode.SASL})
 
 
 def _fixed_acl(
-    acl: tuple[ACL, ...] | None, auth: list[Id], *, sasl: bool = False, x509: bool = False
+    acl: tuple[ACL, ...] | None, auth: tuple[Id, ...], *, sasl: bool = False, x509: bool = False
 ) -> tuple[ACL, ...]:
     """:func:`acls.fixup_acl` with its failures as ZooKeeper answers them."""
     try:

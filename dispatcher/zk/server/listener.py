@@ -1,11 +1,14 @@
 """The trio server around the sans-I/O codec and the synchronous engine.
 
-Each connection is one task, its reader, which turns bytes into engine calls
-and writes the engine's output for that connection (replies and watch events
-alike) straight to the socket, once per batch of requests; output produced by
-other tasks (a watch another session fired, a deferred answer) is written at
-once too. Only while the socket does not take everything does a second task,
-a writer, run beside the reader to flush the rest. Queues are bounded: a reader
+A connection with work is one task, its reader, which turns bytes into engine
+calls and writes the engine's output for that connection (replies and watch
+events alike) straight to the socket, once per batch of requests; output
+produced by other tasks (a watch another session fired, a deferred answer) is
+written at once too. Only while the socket does not take everything does a
+second task, a writer, run beside the reader to flush the rest. A connection
+with nothing to read, write or wait for has no task at all: it is parked in
+:class:`~dispatcher.zk.server.idle.IdleConnections` until its socket is
+readable, or until the server must write to it or close it. Queues are bounded: a reader
 stops reading while its connection's unsent output is above a high-water mark
 (so one connection's outstanding requests are bounded), and a connection whose
 unsent output passes a hard cap (a watcher that never reads) is closed.
@@ -24,6 +27,7 @@ import functools
 import hmac
 import logging
 import os
+import select
 import ssl
 import sys
 from collections.abc import Mapping
@@ -54,6 +58,7 @@ from dispatcher.zk.codec.records import Id
 from dispatcher.zk.server.durability import GroupCommit
 from dispatcher.zk.server.engine import Client, Engine
 from dispatcher.zk.server.fourletter import answer
+from dispatcher.zk.server.idle import IdleConnections
 from dispatcher.zk.server.pending import Pending
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,9 @@ class ServerLimits:
     output_hard_cap: int = 64 * 1024 * 1024
     #: How long a closing connection may take to take its last bytes.
     close_flush_timeout: float = 5.0
+    #: Seconds a connection waits for its next request with a task of its own
+    #: before it is parked without one (see dispatcher/zk/server/idle.py).
+    park_after: float = 0.1
     #: Connections allowed from one client IP, as ZooKeeper's maxClientCnxns (0: no limit).
     max_client_cnxns: int = 60
     #: Unsent output across all connections above which every connection stops
@@ -110,18 +118,37 @@ class OutputBudget:
         await self._below.wait()
 
 
+@attrs.frozen(eq=False)
+class Shared:
+    """What every connection of one server refers to, held once."""
+
+    limits: ServerLimits
+    budget: OutputBudget
+    idle: IdleConnections[StreamPeer]
+
+
+@attrs.define
+class _Address:
+    """The connections from one client address, and the identity they share."""
+
+    auth: tuple[Id, ...]
+    connections: int = 0
+
+
 class StreamPeer:
     """One socket as the engine sees it: a bounded output queue and a close.
 
     Output is written straight to the socket by whichever task produced it;
     only what the socket does not take at once is queued (``_out``), and a
     writer task runs beside the connection's reader only while such a backlog
-    exists. An idle connection is thus one task waiting for its socket to be
-    readable and a few small objects, which is what lets a server hold tens of
-    thousands of sessions.
+    exists. An idle connection has no task: it is parked until its socket is
+    readable, so it costs this object, its codec and its session, which is
+    what lets a server hold tens of thousands of sessions.
 
-    It also carries the reader's state (``client``, ``pending``) so that the
-    reader can be interrupted, to start or stop the writer task, or to close,
+    It owns its file descriptor (the accepting task's socket object is
+    detached from it, as the connection outlives that task) and carries the
+    reader's state (``conn``, ``client``, ``pending``), so that the reader can
+    be interrupted, to start or stop the writer task, to close, or to park,
     without losing its place.
     """
 
@@ -131,34 +158,33 @@ class StreamPeer:
         "_out",
         "_port",
         "_scope",
-        "budget",
+        "auth",
         "client",
         "closing",
+        "conn",
         "fd",
         "fresh",
-        "identities",
         "in_batch",
-        "limits",
         "pending",
         "remote_ip",
+        "shared",
         "writing",
     )
 
     def __init__(
         self,
-        sock: trio.socket.SocketType,
-        limits: ServerLimits,
-        budget: OutputBudget,
-        address: tuple[str, int] | None = None,
-        identities: tuple[Id, ...] = (),
+        fd: int,
+        ip: str,
+        port: int,
+        shared: Shared,
+        auth: tuple[Id, ...],
     ) -> None:
-        self.limits = limits
-        self.budget = budget
-        host, port, *_ = address or sock.getpeername()
-        # One string per client address, however many connections it has.
-        self.remote_ip: str = sys.intern(host)
-        self._port: int = port
-        self.fd: int = sock.fileno()
+        self.shared = shared
+        #: One string per client address, however many connections it has.
+        self.remote_ip = ip
+        self._port = port
+        self.fd = fd
+        self.conn = ServerConnection(shared.limits.max_buffer)
         #: Output the socket has not taken yet; None (not an empty buffer) when
         #: there is none, which is nearly always.
         self._out: bytearray | None = None
@@ -173,13 +199,14 @@ class StreamPeer:
         #: created only when the reader waits for that.
         self._drained: trio.Event | None = None
         #: The reader's current cancel scope: cancelled to close, or to have
-        #: the reader start a writer task.
+        #: the reader start a writer task; None while the connection is parked.
         self._scope: trio.CancelScope | None = None
         self.client: Client | None = None
         self.pending: Pending | None = None
-        #: Identities the transport proved (an ``x509`` id from a verified
-        #: client certificate), added to the session's auth on connect.
-        self.identities = identities
+        #: The identities the session starts with: its address's ``ip`` id
+        #: (shared by every connection from that address), and any the
+        #: transport proved (an ``x509`` id from a verified client certificate).
+        self.auth = auth
         #: True until the first bytes arrive (checked for a TLS handshake on
         #: the plain-text port).
         self.fresh = True
@@ -214,15 +241,15 @@ class StreamPeer:
             if sent == len(data) or self.closing:
                 return
             self._out = out = bytearray(memoryview(data)[sent:])
-            self.budget.add(len(out))
+            self.shared.budget.add(len(out))
             if not self.writing:
                 self._wake_reader()
         else:
             if out is None:
                 self._out = out = bytearray()
             out += data
-            self.budget.add(len(data))
-        if len(out) > self.limits.output_hard_cap:
+            self.shared.budget.add(len(data))
+        if len(out) > self.shared.limits.output_hard_cap:
             log.warning(
                 "closing a connection that is not reading",
                 extra={"peer": self.remote, "unsent": len(out)},
@@ -240,7 +267,7 @@ class StreamPeer:
             sent = self._write(out)
             if sent:
                 del out[:sent]
-                self.budget.release(sent)
+                self.shared.budget.release(sent)
             if not out and self._out is out:
                 self._out = None
 
@@ -257,12 +284,15 @@ class StreamPeer:
             return 0
 
     def _wake_reader(self) -> None:
+        """Interrupt the reader, or give a parked connection a task again."""
         if self._scope is not None:
             self._scope.cancel()
+        else:
+            self.shared.idle.wake(self.fd)
 
     def _discard_output(self) -> None:
         if self._out:
-            self.budget.release(len(self._out))
+            self.shared.budget.release(len(self._out))
         self._out = None
         self._set_drained()
 
@@ -275,7 +305,7 @@ class StreamPeer:
         if not self.closing:
             # A client that stopped reading could hold the last output back
             # forever: it gets close_flush_timeout to take it.
-            self._close_deadline = trio.current_time() + self.limits.close_flush_timeout
+            self._close_deadline = trio.current_time() + self.shared.limits.close_flush_timeout
         self.closing = True
         self._wake_reader()
 
@@ -286,7 +316,7 @@ class StreamPeer:
 
     @property
     def backlogged(self) -> bool:
-        return self._out is not None and len(self._out) > self.limits.output_high_water
+        return self._out is not None and len(self._out) > self.shared.limits.output_high_water
 
     async def wait_drained(self) -> None:
         if self._drained is None:
@@ -320,8 +350,8 @@ class StreamPeer:
             sent = self._write(out)
             if sent:
                 del out[:sent]
-                self.budget.release(sent)
-                if len(out) <= self.limits.output_high_water:
+                self.shared.budget.release(sent)
+                if len(out) <= self.shared.limits.output_high_water:
                     self._set_drained()
         self._out = None
 
@@ -335,6 +365,18 @@ class StreamPeer:
 
     def _end(self) -> None:
         """Say goodbye on the transport, if it has a way to (TLS: close_notify)."""
+
+    def park(self) -> None:
+        """Leave the connection without a task until it has work again."""
+        self._scope = None
+        self.shared.idle.park(self.fd, self)
+
+    def close_descriptor(self) -> None:
+        """Close the socket: the connection's last step, whichever task takes it."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
 
 
 class TlsPeer(StreamPeer):
@@ -351,14 +393,14 @@ class TlsPeer(StreamPeer):
 
     def __init__(
         self,
-        sock: trio.socket.SocketType,
+        fd: int,
+        ip: str,
+        port: int,
+        shared: Shared,
+        auth: tuple[Id, ...],
         session: TlsSession,
-        limits: ServerLimits,
-        budget: OutputBudget,
-        address: tuple[str, int],
-        identities: tuple[Id, ...] = (),
     ) -> None:
-        super().__init__(sock, limits, budget, address, identities)
+        super().__init__(fd, ip, port, shared, auth)
         self.fresh = False
         self._tls = session.tls
         self._incoming = session.incoming
@@ -465,7 +507,9 @@ class ZooKeeperServer:
         self.settings = dict(settings or {})
         self.budget = OutputBudget(self.limits.global_output_limit)
         self.internal_errors = InternalErrors("zookeeper")
-        self._connections_by_ip: dict[str, int] = {}
+        self._addresses: dict[str, _Address] = {}
+        self.idle: IdleConnections[StreamPeer] = IdleConnections(self._serve_peer, self._end)
+        self._shared = Shared(self.limits, self.budget, self.idle)
 
     async def serve(
         self,
@@ -490,6 +534,8 @@ class ZooKeeperServer:
                 nursery.start_soon(engine.durability.run)
                 nursery.start_soon(self._expire_sessions)
                 nursery.start_soon(self._reap_containers)
+                if hasattr(select, "epoll"):
+                    await nursery.start(self.idle.run)
                 task_status.started(bound)
                 if listeners:
                     await trio.serve_listeners(self._serve_connection, listeners)
@@ -525,49 +571,50 @@ class ZooKeeperServer:
         handshake, then serve the connection as the plain-text port does."""
         sock = stream.socket
         try:
-            try:
-                host, port, *_ = sock.getpeername()
-            except OSError:
-                return  # the client left before we could ask who it was
-            ip = sys.intern(host)
-            remote = f"/{host}:{port}"
-            if not self._admit(ip, remote):
-                return
-            try:
-                session = await tls.handshake(sock, remote)
-                if session is None:
-                    return
+            host, port, *_ = sock.getpeername()
+        except OSError:
+            return  # the client left before we could ask who it was
+        ip = sys.intern(host)
+        remote = f"/{host}:{port}"
+        address_auth = self._admit(ip, remote)
+        if address_auth is None:
+            return
+        identities: tuple[Id, ...] | None = None
+        try:
+            session = await tls.handshake(sock, remote)
+            if session is not None:
                 identities = _certificate_identities(session, tls, remote)
-                if identities is None:
-                    return
-                peer = TlsPeer(sock, session, self.limits, self.budget, (ip, port), identities)
-                await self._serve_peer(peer)
-            finally:
-                self._release(ip)
         finally:
-            # Closed here, synchronously, so that no write can reach the fd
-            # after it is closed (and perhaps reused) even if we are cancelled.
-            sock.close()
+            if identities is None:
+                self._release(ip)
+        if session is None or identities is None:
+            return
+        auth = (*address_auth, *identities) if identities else address_auth
+        # The connection owns its descriptor from here; the stream closes nothing.
+        peer = TlsPeer(sock.detach(), ip, port, self._shared, auth, session)
+        await self._serve_peer(peer)
 
-    def _admit(self, ip: str, remote: str) -> bool:
-        """Count a new connection from ``ip``, or refuse it (logged) at the limit;
-        an admitted one is given back with :meth:`_release`."""
+    def _admit(self, ip: str, remote: str) -> tuple[Id, ...] | None:
+        """Count a new connection from ``ip`` and give the identity its session
+        starts with, or refuse it (logged, None) at the limit; an admitted one
+        is given back with :meth:`_release`."""
+        address = self._addresses.get(ip)
+        if address is None:
+            address = self._addresses[ip] = _Address((Id("ip", ip),))
         limit = self.limits.max_client_cnxns
-        count = self._connections_by_ip.get(ip, 0)
-        if limit and count >= limit:
+        if limit and address.connections >= limit:
             log.warning(
                 "too many connections from one address", extra={"peer": remote, "max": limit}
             )
-            return False
-        self._connections_by_ip[ip] = count + 1
-        return True
+            return None
+        address.connections += 1
+        return address.auth
 
     def _release(self, ip: str) -> None:
-        remaining = self._connections_by_ip[ip] - 1
-        if remaining:
-            self._connections_by_ip[ip] = remaining
-        else:
-            del self._connections_by_ip[ip]
+        address = self._addresses[ip]
+        address.connections -= 1
+        if not address.connections:
+            del self._addresses[ip]
 
     async def _expire_sessions(self) -> None:
         # Expiry runs on ZooKeeper's tick; a session lapses between its timeout
@@ -588,24 +635,23 @@ class ZooKeeperServer:
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         sock = stream.socket
         try:
-            try:
-                peer = StreamPeer(sock, self.limits, self.budget)
-            except OSError:
-                return  # the client left before we could ask who it was
-            if not self._admit(peer.remote_ip, peer.remote):
-                return
-            try:
-                await self._serve_peer(peer)
-            finally:
-                self._release(peer.remote_ip)
-        finally:
-            # Closed here, synchronously, so that no write can reach the fd
-            # after it is closed (and perhaps reused) even if we are cancelled.
-            sock.close()
+            host, port, *_ = sock.getpeername()
+        except OSError:
+            return  # the client left before we could ask who it was
+        ip = sys.intern(host)
+        auth = self._admit(ip, f"/{host}:{port}")
+        if auth is None:
+            return
+        # The connection owns its descriptor from here: it outlives this task
+        # when it goes idle, and the stream closes nothing.
+        await self._serve_peer(StreamPeer(sock.detach(), ip, port, self._shared, auth))
 
     async def _serve_peer(self, peer: StreamPeer) -> None:
-        """Read, answer and write one admitted connection until it ends."""
-        conn = ServerConnection(self.limits.max_buffer)
+        """Read, answer and write one admitted connection until it ends, or
+        until it is idle: it is then parked, and this runs again, in a new
+        task, when it has work."""
+        conn = peer.conn
+        parked = False
         try:
             try:
                 while not peer.closing:
@@ -613,32 +659,52 @@ class ZooKeeperServer:
                     # beside the reader while some waits for the socket. Each
                     # switch cancels the scope, so the reader resumes from the
                     # state it keeps on the peer.
+                    idle = False
                     with peer.reader_scope():
                         if peer.unsent and not peer.writing:
                             async with trio.open_nursery() as nursery:
                                 peer.writing = True
                                 nursery.start_soon(peer.write_backlog)
-                                await self._read_loop(conn, peer)
+                                idle = await self._read_loop(conn, peer)
                         else:
-                            await self._read_loop(conn, peer)
+                            idle = await self._read_loop(conn, peer)
+                    if idle and not peer.closing and not peer.unsent and self.idle.running:
+                        peer.park()
+                        parked = True
+                        return
             finally:
-                if peer.client is not None:
-                    self.engine.disconnect(peer.client)
-                peer.close()
+                if not parked:
+                    if peer.client is not None:
+                        self.engine.disconnect(peer.client)
+                    peer.close()
             await peer.flush_before_close()
         except Exception as exc:
             # What _answer_batch did not catch (the connection's own bookkeeping).
             self.internal_errors.record(exc, peer=peer.remote)
         finally:
-            peer.closing = True
+            if not parked:
+                peer.closing = True
+                self._release(peer.remote_ip)
+                peer.close_descriptor()
 
-    async def _read_loop(self, conn: ServerConnection, peer: StreamPeer) -> None:
+    def _end(self, peer: StreamPeer) -> None:
+        """End a parked connection when the server stops."""
+        peer.close()
+        if peer.client is not None:
+            self.engine.disconnect(peer.client)
+        self._release(peer.remote_ip)
+        peer.close_descriptor()
+
+    async def _read_loop(self, conn: ServerConnection, peer: StreamPeer) -> bool:
         """Read and answer requests until the connection ends, or (with no
         writer task running) until output is left unsent: the caller then
-        starts a writer task and calls again."""
+        starts a writer task and calls again. True when it stopped because the
+        connection is idle (nothing to read, write or wait for): the caller
+        then parks it."""
         fd = peer.fd
         receive = peer.receive
         budget = self.budget
+        idle = self.idle
         waited = True
         while not peer.closing:
             pending = peer.pending
@@ -651,7 +717,7 @@ class ZooKeeperServer:
                 continue
             if peer.unsent:
                 if not peer.writing:
-                    return
+                    return False
                 if peer.backlogged:
                     await peer.wait_drained()
                     continue
@@ -666,18 +732,27 @@ class ZooKeeperServer:
                 continue
             data = receive()
             if data is None:
-                await trio.lowlevel.wait_readable(fd)
+                if not peer.writing and idle.running:
+                    # Parked only once quiet for a moment: parking and resuming
+                    # cost more than a wait, and a client that is between two
+                    # requests is not idle.
+                    with trio.move_on_after(self.limits.park_after) as quiet:
+                        await trio.lowlevel.wait_readable(fd)
+                    if quiet.cancelled_caught:
+                        return True
+                else:
+                    await trio.lowlevel.wait_readable(fd)
                 waited = True
                 continue
             if not data:
                 peer.close()
-                return
+                return False
             if peer.fresh:
                 peer.fresh = False
                 if looks_like_tls(data):
                     refuse_tls_on_plain_port("zookeeper", peer.remote)
                     peer.close()
-                    return
+                    return False
             if not waited:
                 # A read that did not wait is still a schedule point, as
                 # trio's own streams make it, or a client that never pauses
@@ -686,6 +761,7 @@ class ZooKeeperServer:
             waited = False
             conn.receive_data(data)
             self._answer(conn, peer)
+        return False
 
     def _answer(self, conn: ServerConnection, peer: StreamPeer) -> None:
         """Answer what is buffered, as one batch of output."""
@@ -732,9 +808,7 @@ class ZooKeeperServer:
                     if pending is not None and not pending.finished:
                         return client, pending
                 elif isinstance(event, ConnectRequested):
-                    client = engine.connect(peer, conn, event.request)
-                    if client is not None and peer.identities:
-                        client.auth.extend(peer.identities)
+                    client = engine.connect(peer, conn, event.request, peer.auth)
                 elif isinstance(event, FourLetterWord):
                     peer.send(conn.send(FourLetterReply(answer(engine, event.word, self.settings))))
                     peer.close()

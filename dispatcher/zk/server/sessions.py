@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 from collections.abc import Iterator
 
@@ -15,7 +17,6 @@ _BOOT_SHIFT = 32
 @attrs.define(eq=False)
 class Session:
     id: int
-    passwd: bytes
     timeout_ms: int
     deadline: float
     #: The connection currently attached, or None between a disconnect and expiry.
@@ -31,19 +32,35 @@ class SessionTable:
         self.min_timeout_ms = min_timeout_ms
         self.max_timeout_ms = max_timeout_ms
         self._sessions: dict[int, Session] = {}
+        #: Passwords are derived from the session id with this, as ZooKeeper
+        #: derives them from its own secret, so no session stores one.
+        self._secret = secrets.token_bytes(32)
 
     def negotiate(self, requested_ms: int) -> int:
         return max(self.min_timeout_ms, min(requested_ms, self.max_timeout_ms))
 
     def create(self, requested_timeout_ms: int, now: float) -> Session:
         timeout = self.negotiate(requested_timeout_ms)
-        session = Session(self._next, secrets.token_bytes(16), timeout, now + timeout / 1000)
+        session = Session(self._next, timeout, now + timeout / 1000)
         self._next += 1
         self._sessions[session.id] = session
         return session
 
     def get(self, session_id: int) -> Session | None:
         return self._sessions.get(session_id)
+
+    def password(self, session: Session) -> bytes:
+        """The password a client presents to resume ``session``."""
+        key = session.id.to_bytes(8, "big", signed=True)
+        return hmac.new(self._secret, key, hashlib.sha256).digest()[:16]
+
+    def resumable(self, session_id: int, passwd: bytes) -> Session | None:
+        """The live session ``session_id`` if ``passwd`` is its password
+        (compared in constant time), else None."""
+        session = self._sessions.get(session_id)
+        if session is None or session.closing:
+            return None
+        return session if hmac.compare_digest(self.password(session), passwd) else None
 
     def touch(self, session: Session, now: float) -> None:
         session.deadline = now + session.timeout_ms / 1000
