@@ -40,6 +40,8 @@ _NOISE = re.compile(
     r"^(SLF4J: .*|Connecting to .*|Welcome to ZooKeeper!|JLine support is disabled|WATCHER::|\s*)$"
 )
 _EVENT = re.compile(r"^WatchedEvent state:\S+ type:\S+ path:\S+$")
+#: The event a session's connection (or its failure) prints before any other.
+_SESSION_EVENT = re.compile(r"^WatchedEvent state:\S+ type:None path:null$")
 _ZXID_LINE = re.compile(r"^(cZxid|mZxid|pZxid) = (0x[0-9a-f]+)$")
 _TIME_LINE = re.compile(r"^(ctime|mtime) = .*$")
 _OWNER_LINE = re.compile(r"^ephemeralOwner = 0x(?!0$)[0-9a-f]+$")
@@ -131,10 +133,13 @@ def _run_session(target: Target, script: str) -> str:
     stdout = process.stdout
     lines: list[str] = []
     sentinel_seen = threading.Event()
+    session_event_seen = threading.Event()
 
     def pump() -> None:
         for line in stdout:
             lines.append(line.rstrip("\n"))
+            if _SESSION_EVENT.match(line.strip()):
+                session_event_seen.set()
             if line.strip() == marker:
                 sentinel_seen.set()
 
@@ -142,6 +147,11 @@ def _run_session(target: Target, script: str) -> str:
     reader.start()
     try:
         try:
+            # zkCli's event thread prints the connection's event while the
+            # first command may be printing its answer piece by piece (its
+            # ``ls`` prints "[" first), and the two interleave: the script
+            # starts once the event is out.
+            session_event_seen.wait(SESSION_TIMEOUT)
             process.stdin.write(f"{script}stat -w {sentinel}\ncreate {sentinel}\n")
             process.stdin.flush()
             finished = sentinel_seen.wait(SESSION_TIMEOUT)

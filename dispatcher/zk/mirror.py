@@ -25,7 +25,10 @@ Writes go upstream on a session carrying the writing client's credentials
 ``sync`` on the mirror's session, so the event of its own write has been
 applied and its next read shows the write. Ephemerals created through the
 mirror show the creating downstream session as ``ephemeralOwner`` and are
-deleted upstream when that session ends.
+deleted upstream when that session ends. A client's ``sync`` is answered
+after a ``sync`` on the mirror's session and, when its forwarded reads left
+watches on its credentials' write session, after one there too: their events
+come on that session, which nothing orders with the mirror's.
 
 While the upstream is away, cached reads go on (``mntr`` says
 ``zk_mirror_stale 1``); misses and writes get CONNECTIONLOSS, which ZooKeeper
@@ -218,15 +221,19 @@ class Mirror:
             # one attempt well before the session could lapse.
             connect_timeout=min(config.connect_timeout, 2.0),
         )  # fmt: skip
+        #: Watches of forwarded reads, held upstream on the client's session:
+        #: credentials → path → the clients waiting, and for which kind. Keyed
+        #: by credentials first so a sync finds at once whether the client's
+        #: write session has events it must wait for, and the pool keeps
+        #: such a session open.
+        self._forwarded: dict[Credentials, dict[str, set[tuple[Client, str]]]] = {}
         self._writers = UpstreamSessions(
             config.hosts, session_timeout_ms=config.session_timeout_ms,
             max_sessions=config.max_sessions, connect_timeout=config.connect_timeout,
             idle_timeout=config.idle_timeout, on_expired=self._writer_expired,
-            on_watch=self._forwarded_event, tls=tls, server_name=server_name, sasl=config.sasl,
+            on_watch=self._forwarded_event, watched=self._forwarded.__contains__,
+            tls=tls, server_name=server_name, sasl=config.sasl,
         )  # fmt: skip
-        #: Watches of forwarded reads, held upstream on the client's session:
-        #: (credentials, path) → the clients waiting, and for which kind.
-        self._forwarded: dict[tuple[Credentials, str], set[tuple[Client, str]]] = {}
         #: Events waiting for the loads their watchers will want, in order.
         self._announcements: deque[_Announcement] = deque()
         #: Ephemerals created through the mirror: path → (downstream session, upstream session).
@@ -513,8 +520,9 @@ class Mirror:
             trigger = Trigger(parent, EventType.NODE_CHILDREN_CHANGED, self._acl_of(parent))
             self._invalidate(parent)
             self._announce([trigger])
-        waiting = self._forwarded.get((session.credentials, path))
-        if not waiting:
+        watched = self._forwarded.get(session.credentials)
+        waiting = None if watched is None else watched.get(path)
+        if watched is None or not waiting:
             return
         # Data watches hear created/changed/deleted, child watches
         # children-changed/deleted, as ZooKeeper's two watch tables do.
@@ -525,7 +533,9 @@ class Mirror:
             waiting.discard((client, watch_kind))
             self.engine.notify(client, EventType(kind), path)
         if not waiting:
-            del self._forwarded[(session.credentials, path)]
+            del watched[path]
+            if not watched:
+                del self._forwarded[session.credentials]
 
     def _acl_of(self, path: str) -> tuple[ACL, ...] | None:
         """The cached ACL of ``path``, for telling only watchers that may read it."""
@@ -732,7 +742,8 @@ class Mirror:
             watched = reply.err == Err.OK or (reply.err == Err.NONODE and opcode == OpCode.EXISTS)
             if watch and watched:
                 kind = "child" if opcode in _CHILD_READS else "data"
-                self._forwarded.setdefault((credentials, path), set()).add((client, kind))
+                by_path = self._forwarded.setdefault(credentials, {})
+                by_path.setdefault(path, set()).add((client, kind))
             self._relay(client, xid, path, reply)
             pending.finish()
 
@@ -800,6 +811,13 @@ class Mirror:
         return pending
 
     def _sync(self, client: Client, xid: int, record: Record, pending: Pending) -> None:
+        """Answer a client's ``sync`` once every event it is owed has gone out.
+
+        Events come on the mirror's own session and, for the watches of the
+        client's forwarded reads, on its credentials' write session; nothing
+        orders two sessions, so where the latter holds such watches the
+        answer waits for a round trip on each.
+        """
         path = getattr(record, "path", self.root)
 
         def synced() -> None:
@@ -810,15 +828,34 @@ class Mirror:
             self.engine.reply(client, xid, Err.CONNECTIONLOSS)
             pending.finish()
             return
-        self._after_sync(synced)
+        credentials = tuple(client.credentials)
+        # Without forwarded watches nothing is owed on the write session: the
+        # common case costs the one round trip it always did.
+        writer = self._writers.sessions.get(credentials) if credentials in self._forwarded else None
+        self._after_sync(synced, writer)
 
-    def _after_sync(self, then: Callable[[], None]) -> None:
-        """Run ``then`` once every event the upstream produced so far has fired."""
+    def _after_sync(self, then: Callable[[], None], writer: UpstreamSession | None = None) -> None:
+        """Run ``then`` once every event the upstream produced so far has fired:
+        the mirror's session's and, given ``writer``, that write session's.
+
+        Each needs its own ``sync`` (ZooKeeper delivers a session's events
+        before a later reply on it, and orders nothing across sessions); both
+        go out at once, and ``then`` queues behind the announcements pending
+        when the later answer lands. A failed ``sync`` counts as answered, as
+        it always has: nothing more comes on that connection before it.
+        """
+        remaining = 1 if writer is None else 2
 
         def synced(_reply: Reply) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining:
+                return
             self._announcements.append(_Announcement([], 0, then))
             self._announce_ready()
 
+        if writer is not None:
+            writer.submit(OpCode.SYNC, PathRequest(self.root), synced)
         try:
             self._watcher.submit(OpCode.SYNC, PathRequest(self.root), synced)
         except ConnectionLost:
@@ -908,10 +945,13 @@ class Mirror:
         return sorted(self._owned.get(session_id, ()))
 
     def session_ended(self, session_id: int, done: Callable[[], None]) -> None:
-        for key, waiting in list(self._forwarded.items()):
-            waiting.difference_update({w for w in waiting if w[0].session.id == session_id})
-            if not waiting:
-                del self._forwarded[key]
+        for credentials, watched in list(self._forwarded.items()):
+            for path, waiting in list(watched.items()):
+                waiting.difference_update({w for w in waiting if w[0].session.id == session_id})
+                if not waiting:
+                    del watched[path]
+            if not watched:
+                del self._forwarded[credentials]
         paths = sorted(self._owned.get(session_id, ()), reverse=True)
         if not paths:
             done()

@@ -9,7 +9,8 @@ zkgate's ZooKeeper face (see :mod:`dispatcher.zk.mirror`)::
     max_sessions = 32               # upstream sessions for writes, one per client identity
     max_cached = 200000             # cached znodes; beyond this, unwatched ones are dropped
     connect_timeout = 5.0           # seconds; unreachable at start stops the start
-    idle_timeout = 60.0             # seconds a write session without ephemerals is kept
+    idle_timeout = 60.0             # seconds an unused write session is kept (one that
+                                    # holds ephemerals or watches stays)
     tls = { ca = "ca.pem", cert = "client.pem", key = "client-key.pem" }  # secure port
     sasl_username = "zkgate"        # DIGEST-MD5 on every upstream session, with
     sasl_password_file = "zk.pass"  # the password in this file (both or neither)

@@ -6,7 +6,8 @@ more. Clients that authenticated alike share one upstream session, so however
 many downstream clients connect, the ensemble sees few connections from zkgate
 (its ``maxClientCnxns``, 60 per address by default, caps connections, not
 zkgate's clients). Sessions are opened on first use, held while they carry
-ephemerals or requests, and closed after ``idle_timeout`` otherwise.
+ephemerals, requests or watches a downstream client waits on, and closed
+after ``idle_timeout`` otherwise.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class UpstreamSessions:
         idle_timeout: float,
         on_expired: Callable[[UpstreamSession], None],
         on_watch: Callable[[UpstreamSession, WatcherEvent], None],
+        watched: Callable[[Credentials], bool] = lambda _credentials: False,
         max_queued: int = 1000,
         tls: ssl.SSLContext | None = None,
         server_name: str | None = None,
@@ -126,6 +128,9 @@ class UpstreamSessions:
         self.idle_timeout = idle_timeout
         self.on_expired = on_expired
         self.on_watch = on_watch
+        #: Whether downstream clients wait on watches the session of these
+        #: credentials holds upstream: closing it would lose their events.
+        self.watched = watched
         self.max_queued = max_queued
         self.sessions: dict[Credentials, UpstreamSession] = {}
         self._nursery: trio.Nursery | None = None
@@ -193,17 +198,20 @@ class UpstreamSessions:
             log.warning("upstream refused a client's credentials", extra={"scheme": event.scheme})
             self._close(session)
 
+    def _unused(self, session: UpstreamSession) -> bool:
+        return session.idle and not self.watched(session.credentials)
+
     def _evict_one(self) -> bool:
-        idle = [s for s in self.sessions.values() if s.idle]
-        if not idle:
+        unused = [s for s in self.sessions.values() if self._unused(s)]
+        if not unused:
             return False
-        self._close(min(idle, key=lambda s: s.last_used))
+        self._close(min(unused, key=lambda s: s.last_used))
         return True
 
     def _close_idle(self) -> None:
         now = trio.current_time()
         for session in list(self.sessions.values()):
-            if session.idle and now - session.last_used > self.idle_timeout:
+            if self._unused(session) and now - session.last_used > self.idle_timeout:
                 self._close(session)
 
     def _close(self, session: UpstreamSession) -> None:
