@@ -62,10 +62,6 @@ SESSION_MS = 30000
 C = OPEN_ACL_UNSAFE
 
 
-#: Never created: deleting it through zkgate fails upstream (see SettlingClient).
-SETTLE_PATH = f"{MOUNT}/.settle"
-
-
 class SettlingClient(WireClient):
     """A client of the mirror's upstream whose every answer waits for the mirror.
 
@@ -73,17 +69,13 @@ class SettlingClient(WireClient):
     some time after the writer's answer, on two kinds of upstream session:
     the mirror's own (its recursive watch, for what it may read) and, for a
     znode it may not read, the write session of the credentials whose
-    forwarded read set the watch. ZooKeeper delivers a session's events
-    before any later reply on that session, and orders nothing across two
-    sessions, so a ``sync`` through zkgate (the mirror's session only) does
-    not wait for the second kind. After each request U's settler deletes a
-    znode that does not exist: with U's credentials (it repeats U's AUTH
-    packets), so upstream that delete fails on the write session of those
-    credentials after the events it had to deliver, and zkgate answers a
-    write only after a sync on the mirror's session. The downstream events
-    have then gone out, and the differential's pings collect them as they
-    would on the reference. (Forwarded watches of credentials U never uses
-    are not settled: no scenario changes such znodes from U.)
+    forwarded read set the watch. After each request U's settler, a zkgate
+    client with U's credentials (it repeats U's AUTH packets), sends a
+    ``sync``: zkgate answers it after a ``sync`` on its own session and on
+    the write session of those credentials, with the events of both gone
+    out before the answer. The differential's pings then collect them as
+    they would on the reference. (Forwarded watches of credentials U never
+    uses are not settled: no scenario changes such znodes from U.)
     """
 
     def __init__(self, host: str, port: int, settler: WireClient) -> None:
@@ -93,11 +85,11 @@ class SettlingClient(WireClient):
     def call(self, opcode: int, record: Record | None = None, xid: int | None = None) -> Reply:
         reply = super().call(opcode, record, xid)
         if opcode == OpCode.AUTH and reply.header.err == Err.OK:
-            # The settler's write session must be the one of U's credentials.
+            # The settler's sync must wait on the write session of U's credentials.
             assert self.settler.call(opcode, record).header.err == Err.OK
         if opcode != OpCode.PING:
-            settled = self.settler.call(OpCode.DELETE, DeleteRequest(SETTLE_PATH, -1))
-            assert settled.header.err == Err.NONODE, Err(settled.header.err).name
+            settled = self.settler.call(OpCode.SYNC, PathRequest(MOUNT))
+            assert settled.header.err == Err.OK, Err(settled.header.err).name
         return reply
 
 

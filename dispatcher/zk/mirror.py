@@ -736,7 +736,7 @@ class Mirror:
         The downstream watch is set when the reply arrives, which on that
         session comes before the event of any later change.
         """
-        credentials = tuple(client.credentials)
+        credentials = client.credentials
 
         def answered(reply: Reply) -> None:
             watched = reply.err == Err.OK or (reply.err == Err.NONODE and opcode == OpCode.EXISTS)
@@ -828,7 +828,7 @@ class Mirror:
             self.engine.reply(client, xid, Err.CONNECTIONLOSS)
             pending.finish()
             return
-        credentials = tuple(client.credentials)
+        credentials = client.credentials
         # Without forwarded watches nothing is owed on the write session: the
         # common case costs the one round trip it always did.
         writer = self._writers.sessions.get(credentials) if credentials in self._forwarded else None
@@ -864,7 +864,7 @@ class Mirror:
     def _writer_for(
         self, client: Client, on_reply: Callable[[Reply], None], opcode: int, record: Record
     ) -> None:
-        session = self._writers.get(tuple(client.credentials))
+        session = self._writers.get(client.credentials)
         if session is None:
             on_reply(_LOST)
             return
@@ -922,7 +922,7 @@ class Mirror:
                 continue
             path = getattr(result, "path", None)
             if ephemeral and path is not None:
-                session = self._writers.sessions.get(tuple(client.credentials))
+                session = self._writers.sessions.get(client.credentials)
                 if session is None:
                     continue
                 self._owners[path] = (client.session.id, session)

@@ -213,8 +213,10 @@ class Client:
     auth: tuple[Id, ...]
     connected_at: float
     #: The digest credentials the client authenticated with, as sent, so a
-    #: mirror can authenticate as the client upstream; see :attr:`credentials`.
-    _credentials: list[tuple[str, bytes]] | None = None
+    #: mirror can authenticate as the client upstream (and key its upstream
+    #: session by them); a tuple, replaced on change, and the one empty tuple
+    #: for the many clients that never authenticate.
+    credentials: tuple[tuple[str, bytes], ...] = ()
     received: int = 0
     sent: int = 0
     last_zxid: int = 0
@@ -229,15 +231,6 @@ class Client:
 
     def __hash__(self) -> int:
         return id(self)
-
-    @property
-    def credentials(self) -> list[tuple[str, bytes]]:
-        """The digest credentials, as sent; the list is created on first use,
-        as most clients never authenticate and an idle session should not pay
-        for an empty one."""
-        if self._credentials is None:
-            self._credentials = []
-        return self._credentials
 
 
 @attrs.define
@@ -1263,7 +1256,7 @@ class Engine:
             ident = acls.digest_id(req.auth.decode("utf-8", "replace"))
             new = [Id("digest", ident)]
             if (req.scheme, req.auth) not in client.credentials:
-                client.credentials.append((req.scheme, req.auth))
+                client.credentials = (*client.credentials, (req.scheme, req.auth))
             if self.config.super_digest is not None and ident == self.config.super_digest:
                 new.append(acls.SUPER)
         elif req.scheme == "ip":

@@ -674,26 +674,31 @@ class ZooKeeperServer:
                         return
             finally:
                 if not parked:
-                    if peer.client is not None:
-                        self.engine.disconnect(peer.client)
-                    peer.close()
+                    self._disconnect(peer)
             await peer.flush_before_close()
         except Exception as exc:
             # What _answer_batch did not catch (the connection's own bookkeeping).
             self.internal_errors.record(exc, peer=peer.remote)
         finally:
             if not parked:
-                peer.closing = True
-                self._release(peer.remote_ip)
-                peer.close_descriptor()
+                self._forget(peer)
 
-    def _end(self, peer: StreamPeer) -> None:
-        """End a parked connection when the server stops."""
-        peer.close()
+    def _disconnect(self, peer: StreamPeer) -> None:
+        """Detach the connection from its session and start closing it."""
         if peer.client is not None:
             self.engine.disconnect(peer.client)
+        peer.close()
+
+    def _forget(self, peer: StreamPeer) -> None:
+        """The connection's last step: give back its address's slot and its socket."""
+        peer.closing = True
         self._release(peer.remote_ip)
         peer.close_descriptor()
+
+    def _end(self, peer: StreamPeer) -> None:
+        """End a parked connection when the server stops (no last output)."""
+        self._disconnect(peer)
+        self._forget(peer)
 
     async def _read_loop(self, conn: ServerConnection, peer: StreamPeer) -> bool:
         """Read and answer requests until the connection ends, or (with no
